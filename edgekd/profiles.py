@@ -1,0 +1,320 @@
+"""Device profiles: schema, loading, and ``--set`` overrides.
+
+A profile describes one target device and deployment (hardware facts, runtime and
+weight format, budgets) plus compression defaults; the pipeline derives its plan
+from it. Profiles are YAML files validated by a strict pydantic schema: unknown
+keys and wrong types are rejected, and every problem is reported at once with its
+key path and a suggestion.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import EdgekdError
+
+
+# Cross-field rules, shared by the model validators and by the raw-data pass in
+# validate_profile (pydantic skips model validators once a field fails, but the
+# user should see every problem at once).
+def _power_problem(active: Any, idle: Any) -> str | None:
+    if isinstance(active, (int, float)) and isinstance(idle, (int, float)) and idle >= active:
+        return f"power_idle_w ({idle}) must be lower than power_active_w ({active})"
+    return None
+
+
+def _format_problem(runtime: Any, formats: Any) -> str | None:
+    need = RUNTIME_FORMAT.get(runtime) if isinstance(runtime, str) else None
+    if need and isinstance(formats, list) and need not in formats:
+        return f"runtime {runtime!r} loads {need!r} files: add {need!r} to formats"
+    return None
+
+
+def _cross_field_problems(data: dict[str, Any]) -> list[str]:
+    hw = data.get("hardware") if isinstance(data.get("hardware"), dict) else {}
+    dep = data.get("deployment") if isinstance(data.get("deployment"), dict) else {}
+    found = [("hardware", _power_problem(hw.get("power_active_w"), hw.get("power_idle_w"))),
+             ("deployment", _format_problem(dep.get("runtime"), dep.get("formats")))]
+    return [f"{where}: {p}" for where, p in found if p]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Hardware(_Strict):
+    cores: int = Field(gt=0, description="CPU cores available to the runtime")
+    isa: list[str] = Field(description="instruction-set features, e.g. neon, dotprod, avx2")
+    memory_gb: float = Field(gt=0)
+    memory_bandwidth_gbs: float = Field(gt=0, description="peak DRAM bandwidth, GB/s")
+    peak_gflops_fp32: float = Field(gt=0)
+    power_active_w: float = Field(gt=0, description="whole-device power under CPU load")
+    power_idle_w: float = Field(ge=0)
+    battery_wh: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _idle_below_active(self) -> Hardware:
+        problem = _power_problem(self.power_active_w, self.power_idle_w)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+Runtime = Literal["llama.cpp", "onnxruntime"]
+ExportFormat = Literal["gguf", "onnx"]
+# One weight format drives QAT and every export: q4_0 is GGUF Q4_0 and, for ONNX,
+# MatMulNBits int4 with block 32 on the same grid.
+WeightFormat = Literal["q4_0", "q8_0", "f16"]
+
+RUNTIME_FORMAT: dict[str, str] = {"llama.cpp": "gguf", "onnxruntime": "onnx"}
+
+
+class Deployment(_Strict):
+    runtime: Runtime
+    formats: list[ExportFormat] = Field(min_length=1)
+    weight_format: WeightFormat
+    threads: int = Field(gt=0)
+    context_length: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _runtime_needs_its_format(self) -> Deployment:
+        problem = _format_problem(self.runtime, self.formats)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+class Budgets(_Strict):
+    """Limits checked on measured (or clearly labelled projected) numbers; null disables one."""
+
+    max_model_mb: float | None = Field(default=None, gt=0)
+    min_decode_tokens_per_s: float | None = Field(default=None, gt=0)
+    max_ttft_ms: float | None = Field(default=None, gt=0, description="for a 128-token prompt")
+    max_peak_memory_mb: float | None = Field(default=None, gt=0)
+    max_energy_mj_per_token: float | None = Field(default=None, gt=0)
+
+
+class PruneSettings(_Strict):
+    method: Literal["block_influence", "angular", "loss_increase", "none"] = "block_influence"
+    # int: layers to keep; float in (0, 1]: fraction to keep; "auto": the planner picks
+    keep_layers: Union[Literal["auto"], int, float] = "auto"  # noqa: UP007
+    # fraction of MLP intermediate channels kept (width pruning); 1.0 disables it
+    mlp_keep_fraction: float = Field(default=1.0, gt=0, le=1)
+    calibration_blocks: int = Field(default=16, gt=0)
+
+
+class DistillSettings(_Strict):
+    steps: int = Field(default=400, ge=0)
+    batch_size: int = Field(default=4, gt=0)
+    grad_accum: int = Field(default=1, gt=0)
+    seq_len: int = Field(default=256, ge=16)
+    learning_rate: float = Field(default=1e-4, gt=0)
+    temperature: float = Field(default=2.0, gt=0)
+    alpha: float = Field(default=0.7, ge=0, le=1, description="weight of KD against cross-entropy")
+    kl: Literal["forward", "reverse", "skew", "jsd"] = "forward"
+    losses: dict[Literal["logit_kl", "hidden_mse", "hidden_cos", "attention_kl"], float] = Field(
+        default_factory=lambda: {"logit_kl": 1.0, "hidden_mse": 1.0, "attention_kl": 1.0}
+    )
+    logit_cache_top_k: int | None = Field(default=None, gt=0)
+    checkpoint_every: int = Field(default=50, gt=0)
+    seed: int = 0
+
+
+class QatSettings(_Strict):
+    steps: int = Field(default=200, ge=0)
+    learning_rate: float = Field(default=2e-5, gt=0)
+
+
+class EvaluationSettings(_Strict):
+    heldout_fraction: float = Field(default=0.1, gt=0, lt=1)
+    max_heldout_blocks: int = Field(default=24, gt=0)
+
+
+class Compression(_Strict):
+    prune: PruneSettings = Field(default_factory=PruneSettings)
+    distill: DistillSettings = Field(default_factory=DistillSettings)
+    qat: QatSettings = Field(default_factory=QatSettings)
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+
+
+class DeviceProfile(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    description: str
+    hardware: Hardware
+    deployment: Deployment
+    budgets: Budgets = Field(default_factory=Budgets)
+    compression: Compression = Field(default_factory=Compression)
+
+
+# ---------------------------------------------------------------- loading
+
+PROFILE_SUFFIXES = (".yaml", ".yml")
+
+
+def builtin_profile_dir() -> Path:
+    """The shipped profiles: ``profiles/`` in a checkout (or editable install), ``edgekd/builtin_profiles`` in a wheel."""
+    package_dir = Path(__file__).resolve().parent
+    for candidate in (package_dir.parent / "profiles", package_dir / "builtin_profiles"):
+        if candidate.is_dir() and any(candidate.glob("*.yaml")):
+            return candidate
+    raise EdgekdError("edgekd's built-in profiles are missing from this installation", fix="reinstall edgekd")
+
+
+def builtin_profile_names() -> list[str]:
+    return sorted(p.stem for p in builtin_profile_dir().glob("*.yaml"))
+
+
+def _resolve_profile_path(name_or_path: str | Path) -> Path:
+    text = str(name_or_path)
+    looks_like_path = text.endswith(PROFILE_SUFFIXES) or "/" in text or "\\" in text
+    if looks_like_path:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise EdgekdError(
+                f"profile file not found: {path}",
+                fix="check the path, or pass a built-in profile name "
+                f"({', '.join(builtin_profile_names())})",
+            )
+        return path
+    path = builtin_profile_dir() / f"{text}.yaml"
+    if not path.is_file():
+        names = builtin_profile_names()
+        close = difflib.get_close_matches(text, names, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise EdgekdError(
+            f"unknown profile {text!r}",
+            fix=f"{hint}built-in profiles: {', '.join(names)}; or pass a path to a YAML file "
+            "(edgekd profiles list shows them)",
+        )
+    return path
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise EdgekdError(
+            f"profile {path} is not valid YAML{where}: {problem}",
+            fix="fix the YAML syntax (indentation, a missing colon or quote)",
+        ) from None
+    except UnicodeDecodeError:
+        raise EdgekdError(f"profile {path} is not a UTF-8 text file", fix="pass a YAML profile") from None
+    if not isinstance(data, dict):
+        raise EdgekdError(
+            f"profile {path} must be a YAML mapping of keys to values, got {type(data).__name__}",
+            fix="start from a built-in profile: edgekd profiles show raspberry-pi-5 > my.yaml",
+        )
+    return data
+
+
+def parse_overrides(assignments: list[str] | None) -> list[tuple[list[str], Any]]:
+    """Parse ``key.path=value`` strings; values are read as YAML (``2`` -> int, ``[a, b]`` -> list)."""
+    parsed = []
+    for item in assignments or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise EdgekdError(
+                f"bad override {item!r}: expected KEY.PATH=VALUE",
+                fix="for example --set deployment.threads=2 or --set budgets.max_model_mb=120",
+            )
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.split("."), value))
+    return parsed
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[tuple[list[str], Any]]) -> dict[str, Any]:
+    for path, value in overrides:
+        node = data
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = value
+    return data
+
+
+def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Allowed keys at ``loc`` inside ``model`` (for did-you-mean suggestions)."""
+    current: Any = model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return []
+        current = field.annotation
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def describe_validation_errors(exc: ValidationError, model: type[BaseModel]) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        # pydantic puts union member names ('int', "literal['auto']") in loc; drop them
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in {"int", "float", "str"})))
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            allowed = _field_names(model, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"allowed keys here: {', '.join(allowed)}"
+            lines.append(f"{key}: unknown key; {hint}")
+        elif kind == "missing":
+            lines.append(f"{key}: required key is missing; add it")
+        else:
+            got = err.get("input")
+            got_text = f" (got {got!r})" if not isinstance(got, dict) and got is not None else ""
+            msg = err["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, ") :]
+            lines.append(f"{key}: {msg}{got_text}")
+    # union types report one error per member; keep each line once
+    return list(dict.fromkeys(lines))
+
+
+def validate_profile(data: dict[str, Any], source: str) -> DeviceProfile:
+    try:
+        return DeviceProfile.model_validate(data)
+    except ValidationError as exc:
+        details = describe_validation_errors(exc, DeviceProfile)
+        details += [p for p in _cross_field_problems(data) if p not in details]
+        raise EdgekdError(
+            f"profile {source} has {len(details)} problem{'s' if len(details) != 1 else ''}:",
+            details=details,
+            fix="edit the profile (or the --set value) at the key paths above; "
+            "`edgekd profiles show raspberry-pi-5` prints a valid example",
+        ) from None
+
+
+def load_profile(name_or_path: str | Path = "raspberry-pi-5", overrides: list[str] | dict[str, Any] | None = None) -> DeviceProfile:
+    """Load a built-in profile by name, or a YAML file by path, then apply ``overrides``.
+
+    ``overrides`` is a list of ``"key.path=value"`` strings (as on the CLI) or a dict
+    ``{"deployment.threads": 2}``.
+    """
+    path = _resolve_profile_path(name_or_path)
+    data = _read_yaml(path)
+    if isinstance(overrides, dict):
+        pairs = [(k.split("."), v) for k, v in overrides.items()]
+    else:
+        pairs = parse_overrides(overrides)
+    apply_overrides(data, pairs)
+    source = str(path) if pairs == [] else f"{path} (with --set {', '.join('.'.join(p) for p, _ in pairs)})"
+    return validate_profile(data, source)
+
+
+def profile_to_yaml(profile: DeviceProfile) -> str:
+    return yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False)

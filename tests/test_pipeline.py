@@ -1,0 +1,111 @@
+"""End-to-end runs on a tiny random model, and the user-facing errors of `edgekd compress`."""
+
+import json
+
+import pytest
+
+import edgekd
+from edgekd import EdgekdError
+from edgekd.cli import main
+
+
+def run(tmp_path, tiny_model_dir, small_corpus_file, overrides, **kw):
+    return edgekd.compress(
+        teacher=tiny_model_dir, profile="raspberry-pi-5", data=small_corpus_file,
+        output=tmp_path, run_name="tiny", overrides=overrides, quiet=True, **kw,
+    )
+
+
+def test_end_to_end_tiny(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides):
+    report = run(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides)
+    run_dir = tmp_path / "tiny"
+    data = json.loads((run_dir / "report.json").read_text())
+    assert data["status"] == "complete" and data["schema"] == "edgekd.report/1"
+    assert data["versions"]["torch"] and data["versions"]["transformers"]
+    teacher = data["evaluation"]["teacher (fp32)"]
+    assert teacher["perplexity"] > 1 and teacher["tokens"] == 4 * 63
+    assert [s["name"] for s in data["stages"]] == report.plan
+    assert all(s["wall_time_s"] >= 0 for s in data["stages"])
+    assert "teacher (fp32)" in (run_dir / "report.md").read_text()
+    # budgets are listed, none measured (no export stage yet), so none failed
+    assert report.passed and len(report.unchecked()) == 5
+    assert (run_dir / "corpus" / "heldout.npy").exists()
+
+
+def test_second_run_is_refused_then_resumed(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides):
+    first = run(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides)
+    with pytest.raises(EdgekdError, match="already holds a finished run"):
+        run(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides)
+    again = run(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides, resume=True)
+    # the evaluation stage was reused, not recomputed
+    assert again.stage("evaluate_teacher").metrics == first.stage("evaluate_teacher").metrics
+    assert again.stage("evaluate_teacher").wall_time_s == first.stage("evaluate_teacher").wall_time_s
+    fresh = run(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides, overwrite=True)
+    assert fresh.status == "complete"
+
+
+def test_cli_compress_and_report(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides, capsys):
+    sets = [a for o in tiny_profile_overrides for a in ("--set", o)]
+    code = main(["compress", "--teacher", str(tiny_model_dir), "--data", str(small_corpus_file),
+                 "--output", str(tmp_path), "--run-name", "cli", "--quiet", *sets])
+    assert code == 0
+    (tmp_path / "cli" / "report.md").unlink()
+    assert main(["report", str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / "report.md").exists()
+    assert "teacher (fp32)" in capsys.readouterr().out
+
+
+def test_cli_exit_1_when_a_budget_fails(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides, monkeypatch):
+    from edgekd import pipeline
+
+    def fake_bench_stage(ctx):  # a measured number that exceeds the budget
+        ctx.measured["model_mb"] = 1e6
+        return pipeline.StageRecord("bench_stub")
+
+    monkeypatch.setitem(pipeline.STAGES, "bench_stub", fake_bench_stage)
+    monkeypatch.setattr(pipeline, "plan_stages", lambda prof: ["load_teacher", "load_corpus", "bench_stub"])
+    sets = [a for o in tiny_profile_overrides for a in ("--set", o)]
+    code = main(["compress", "--teacher", str(tiny_model_dir), "--data", str(small_corpus_file),
+                 "--output", str(tmp_path), "--quiet", *sets])
+    assert code == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--profile", "nope"], "unknown profile 'nope'"),
+        (["--profile", "raspberry-pi-5", "--set", "deployment.threadz=2"], "did you mean 'threads'"),
+        (["--teacher", "/no/such/dir"], "model not found: /no/such/dir"),
+        (["--data", "/no/such/corpus.txt"], "corpus not found"),
+        (["--run-name", "bad name!"], "bad run name"),
+    ],
+)
+def test_cli_bad_input_exit_2_no_traceback_no_files(tmp_path, tiny_model_dir, capsys, args, message):
+    base = ["compress", "--output", str(tmp_path / "out"), "--quiet"]
+    if "--teacher" not in args:
+        base += ["--teacher", str(tiny_model_dir)]
+    assert main(base + args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "fix:" in err and "Traceback" not in err
+    # nothing half-written: no run directory with a report
+    assert not list((tmp_path / "out").glob("*/report.json"))
+
+
+def test_cli_refuses_finished_run(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides, capsys):
+    sets = [a for o in tiny_profile_overrides for a in ("--set", o)]
+    args = ["compress", "--teacher", str(tiny_model_dir), "--data", str(small_corpus_file),
+            "--output", str(tmp_path), "--run-name", "x", "--quiet", *sets]
+    assert main(args) == 0
+    before = (tmp_path / "x" / "report.json").read_bytes()
+    assert main(args) == 2
+    assert "already holds a finished run" in capsys.readouterr().err
+    assert (tmp_path / "x" / "report.json").read_bytes() == before
+
+
+def test_empty_corpus_error_leaves_no_run_directory(tmp_path, tiny_model_dir, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert main(["compress", "--teacher", str(tiny_model_dir), "--data", str(empty),
+                 "--output", str(tmp_path / "out"), "--quiet"]) == 2
+    assert "is empty" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
