@@ -30,9 +30,9 @@ compress.__doc__ = "Compress a teacher for a device profile; see edgekd.pipeline
 
 
 def bench(*args: Any, **kwargs: Any) -> Any:
-    from .bench import bench as _bench
+    from .benchmark import bench as _bench
 
     return _bench(*args, **kwargs)
 
 
-bench.__doc__ = "Benchmark an exported model against a profile's budgets; see edgekd.bench.bench."
+bench.__doc__ = "Benchmark an exported model against a profile's budgets; see edgekd.benchmark.bench."

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import EdgekdError
@@ -137,9 +138,9 @@ def _print_report_summary(report) -> None:
             table.add_row(name, fmt(m.get("params")), fmt(m.get("perplexity")), fmt(m.get("kl_to_teacher")), fmt(m.get("top1_agreement")))
         out.print(table)
     for line in report.failures():
-        out.print(f"[red]budget failed[/]: {line}")
+        out.print(f"[red]budget failed[/]: {escape(line)}")
     for line in report.unchecked():
-        out.print(f"[yellow]budget not measured[/]: {line}")
+        out.print(f"[yellow]budget not measured[/]: {escape(line)}")
     out.print(f"report: {Path(report.run_dir) / 'report.md'}")
 
 
@@ -171,7 +172,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import bench, print_bench, write_junit
+    from .benchmark import bench, print_bench, write_junit
 
     result = bench(args.model, profile=args.profile, overrides=args.overrides, threads=args.threads,
                    repeats=args.repeats, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens)
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except EdgekdError as exc:
-        err.print(f"[bold red]error:[/] {exc.render()}", markup=True, highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(exc.render())}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         err.print("interrupted; completed stages are kept, continue with --resume")

@@ -1,0 +1,359 @@
+"""On-device benchmark of an exported model, following llama-bench's conventions.
+
+- pp: prompt processing tokens/s for a ``prompt_tokens`` prompt of fixed random token ids
+  (llama-bench uses random tokens too), from an empty context;
+- tg: decode tokens/s generating ``gen_tokens`` tokens one at a time from an empty context;
+- TTFT: time from submitting the ``prompt_tokens`` prompt to the first token's logits;
+- one warm-up, then ``repeats`` timed repeats; medians with min/max;
+- peak resident memory of the benchmark process, the file size, the KV cache at the
+  profile's context length; CPU-seconds per token from the process's own accounting;
+- energy per token from a real counter when one exists, else the profile's power model.
+
+The measurement runs in a fresh subprocess (``python -m edgekd.benchmark``): peak memory is
+the runtime's and not the caller's (say, a training process), and a crash of the native
+runtime becomes a clear error instead of killing the caller. Needs no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .budgets import BudgetCheck, check_budgets
+from .errors import EdgekdError
+from .profiles import DeviceProfile, load_profile
+
+NOISE_WARN_FRACTION = 0.25  # of one core, used by other processes on average
+
+
+@dataclass
+class Stat:
+    median: float
+    min: float
+    max: float
+    n: int
+
+    @classmethod
+    def of(cls, values: list[float]) -> Stat:
+        return cls(statistics.median(values), min(values), max(values), len(values))
+
+
+@dataclass
+class BenchResult:
+    model: str
+    runtime: str
+    profile: str
+    threads: int
+    prompt_tokens: int
+    gen_tokens: int
+    file_mb: float
+    load_s: float
+    pp_tokens_per_s: Stat
+    tg_tokens_per_s: Stat
+    ttft_ms: Stat
+    peak_rss_mb: float
+    baseline_rss_mb: float
+    kv_cache_mb: float | None
+    context_length: int
+    cpu_s_per_token: float
+    energy: dict[str, Any]
+    host: dict[str, Any]
+    load: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+    budgets: list[BudgetCheck] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not any(c.passed is False for c in self.budgets)
+
+    @property
+    def failures(self) -> list[str]:
+        return [c.describe() for c in self.budgets if c.passed is False]
+
+    def measured(self) -> dict[str, float | None]:
+        return {
+            "model_mb": self.file_mb,
+            "decode_tokens_per_s": self.tg_tokens_per_s.median,
+            "ttft_ms": self.ttft_ms.median,
+            "peak_memory_mb": self.peak_rss_mb,
+            "energy_mj_per_token": self.energy.get("energy_mj_per_token"),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["passed"] = self.passed
+        d["failures"] = self.failures
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BenchResult:
+        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        for k in ("pp_tokens_per_s", "tg_tokens_per_s", "ttft_ms"):
+            d[k] = Stat(**d[k])
+        d["budgets"] = [BudgetCheck(**b) for b in d.get("budgets", [])]
+        return cls(**d)
+
+
+# ---------------------------------------------------------------- load sampling
+
+
+class CpuSampler:
+    """Samples system-wide and own CPU use in the background, to flag competing processes."""
+
+    def __init__(self, interval: float = 0.25):
+        import psutil
+
+        self.psutil = psutil
+        self.proc = psutil.Process()
+        self.interval = interval
+        self.samples: list[tuple[float, float]] = []  # (system busy cores, own busy cores)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        ncpu = os.cpu_count() or 1
+        self.psutil.cpu_percent(None)
+        self.proc.cpu_percent(None)
+        while not self._stop.wait(self.interval):
+            system = self.psutil.cpu_percent(None) / 100.0 * ncpu
+            own = self.proc.cpu_percent(None) / 100.0
+            self.samples.append((system, own))
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def other_cores(self) -> float:
+        if not self.samples:
+            return 0.0
+        return statistics.median(max(0.0, s - o) for s, o in self.samples)
+
+
+# ---------------------------------------------------------------- GGUF via llama.cpp
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 1e6
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # Linux reports KiB
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _measure_gguf(path: Path, threads: int, n_ctx: int, prompt_tokens: int, gen_tokens: int, repeats: int) -> dict[str, Any]:
+    import numpy as np
+
+    from . import llamacpp
+
+    baseline = _rss_mb()
+    t0 = time.perf_counter()
+    llm = llamacpp.load(path, n_ctx=max(n_ctx, prompt_tokens + gen_tokens + 8), threads=threads, n_batch=max(prompt_tokens, 32))
+    load_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    vocab = llm.n_vocab()
+    prompt = [int(t) for t in rng.integers(100, vocab, size=prompt_tokens)]
+    gen = [int(t) for t in rng.integers(100, vocab, size=gen_tokens)]
+    pp, tg, ttft = [], [], []
+    cpu_tokens = 0
+    cpu_total = 0.0
+    for i in range(repeats + 1):  # first repeat is the warm-up
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(prompt)
+        int(np.argmax(llm.scores[llm.n_tokens - 1]))  # first token available
+        dt_prompt = time.perf_counter() - t
+        llm.reset()
+        c0, t = _cpu_s(), time.perf_counter()
+        for tok in gen:
+            llm.eval([tok])
+        dt_gen = time.perf_counter() - t
+        if i == 0:
+            continue
+        cpu_total += _cpu_s() - c0
+        cpu_tokens += gen_tokens
+        pp.append(prompt_tokens / dt_prompt)
+        ttft.append(dt_prompt * 1e3)
+        tg.append(gen_tokens / dt_gen)
+    meta = dict(llm.metadata)
+    return {
+        "runtime": f"llama.cpp (llama-cpp-python {llamacpp.version()})",
+        "load_s": load_s, "pp": pp, "tg": tg, "ttft": ttft,
+        "baseline_rss_mb": baseline, "peak_rss_mb": _peak_rss_mb(),
+        "kv_cache_mb": llamacpp.kv_cache_mb(meta, n_ctx), "cpu_s_per_token": cpu_total / max(cpu_tokens, 1),
+    }
+
+
+# ---------------------------------------------------------------- driver
+
+
+def _run_in_process(model: Path, profile: DeviceProfile, threads: int, prompt_tokens: int, gen_tokens: int, repeats: int) -> BenchResult:
+    from .energy import power_model_estimate
+    from .versions import host_info
+
+    if model.suffix.lower() != ".gguf":
+        raise EdgekdError(
+            f"cannot benchmark {model.name}: only GGUF files (llama.cpp) are supported by this version of edgekd bench",
+            fix="pass a .gguf file",
+        )
+    load_before = os.getloadavg()[0]
+    with CpuSampler() as sampler:
+        m = _measure_gguf(model, threads, profile.deployment.context_length, prompt_tokens, gen_tokens, repeats)
+    tg = Stat.of(m["tg"])
+    energy = power_model_estimate(1.0 / tg.median, profile.hardware, threads)
+    other = sampler.other_cores()
+    warnings = []
+    if other > NOISE_WARN_FRACTION:
+        warnings.append(f"other processes used {other:.2f} cores on average during the run; "
+                        "timings are unreliable (on a 2-core machine a competing process can slow decode many times)")
+    host = host_info()
+    result = BenchResult(
+        model=str(model), runtime=m["runtime"], profile=profile.name, threads=threads,
+        prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, file_mb=model.stat().st_size / 1e6,
+        load_s=m["load_s"], pp_tokens_per_s=Stat.of(m["pp"]), tg_tokens_per_s=tg, ttft_ms=Stat.of(m["ttft"]),
+        peak_rss_mb=m["peak_rss_mb"], baseline_rss_mb=m["baseline_rss_mb"], kv_cache_mb=m["kv_cache_mb"],
+        context_length=profile.deployment.context_length, cpu_s_per_token=m["cpu_s_per_token"],
+        energy=energy.to_dict(), host=host,
+        load={"loadavg_1m_before": load_before, "other_process_cores_during": other}, warnings=warnings,
+    )
+    where = f"measured on this host ({host['cpu']}, {threads} threads), not projected to {profile.name}"
+    sources = {k: where for k in ("decode_tokens_per_s", "ttft_ms", "peak_memory_mb")}
+    sources["model_mb"] = "measured: file size"
+    sources["energy_mj_per_token"] = f"{energy.method}; host time"
+    result.budgets = check_budgets(profile.budgets, result.measured(), sources)
+    return result
+
+
+def bench(
+    model: str | os.PathLike,
+    profile: str | os.PathLike | DeviceProfile = "raspberry-pi-5",
+    *,
+    overrides: list[str] | dict[str, Any] | None = None,
+    threads: int | None = None,
+    repeats: int = 3,
+    prompt_tokens: int = 128,
+    gen_tokens: int = 64,
+    isolated: bool = True,
+) -> BenchResult:
+    """Benchmark ``model`` (a .gguf file) with the settings and budgets of ``profile``.
+
+    Returns a :class:`BenchResult`; ``result.passed`` is False when a measured number
+    breaks a budget, and ``result.failures`` says which. Usable inside a pytest test.
+    """
+    prof = profile if isinstance(profile, DeviceProfile) else load_profile(profile, overrides)
+    path = Path(model).expanduser()
+    if not path.is_file():
+        raise EdgekdError(f"model file not found: {path}", fix="pass the path of an exported .gguf file (export/<run>/model-q4_0.gguf)")
+    if repeats < 1 or prompt_tokens < 1 or gen_tokens < 1:
+        raise EdgekdError("repeats, prompt tokens and generated tokens must be at least 1", fix="pass positive values")
+    n_threads = threads or prof.deployment.threads
+    if not isolated:
+        return _run_in_process(path, prof, n_threads, prompt_tokens, gen_tokens, repeats)
+    job = {"model": str(path), "profile": prof.model_dump(mode="json"), "threads": n_threads,
+           "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "repeats": repeats}
+    proc = subprocess.run([sys.executable, "-m", "edgekd.benchmark"], input=json.dumps(job), capture_output=True, text=True)
+    if proc.returncode < 0 or (proc.returncode != 0 and not proc.stdout.strip()):
+        raise EdgekdError(
+            f"the runtime crashed while benchmarking {path} (exit {proc.returncode}): {proc.stderr.strip()[-400:]}",
+            fix="check the file with `edgekd bench --repeats 1`; if llama.cpp was built with -march=native on an "
+            "AMX-capable Xeon, rebuild it with CMAKE_ARGS=-DGGML_NATIVE=OFF (see README)",
+        )
+    reply = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "error" in reply:
+        raise EdgekdError(reply["error"]["problem"], fix=reply["error"].get("fix"), details=reply["error"].get("details"))
+    return BenchResult.from_dict(reply["result"])
+
+
+def _worker() -> int:
+    job = json.loads(sys.stdin.read())
+    prof = DeviceProfile.model_validate(job["profile"])
+    try:
+        result = _run_in_process(Path(job["model"]), prof, job["threads"], job["prompt_tokens"], job["gen_tokens"], job["repeats"])
+    except EdgekdError as exc:
+        print(json.dumps({"error": {"problem": exc.problem, "fix": exc.fix, "details": exc.details}}))
+        return 2
+    print(json.dumps({"result": result.to_dict()}))
+    return 0
+
+
+# ---------------------------------------------------------------- output
+
+
+def print_bench(result: BenchResult, console: Any) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    t = Table(title=f"{Path(result.model).name}  [{result.runtime}, {result.threads} threads, profile {result.profile}]")
+    t.add_column("metric")
+    t.add_column("median", justify="right")
+    t.add_column("min .. max", justify="right")
+
+    def row(name: str, s: Stat, fmt: str = "{:.1f}") -> None:
+        t.add_row(name, fmt.format(s.median), f"{fmt.format(s.min)} .. {fmt.format(s.max)}")
+
+    row(f"pp{result.prompt_tokens} tokens/s", result.pp_tokens_per_s)
+    row(f"tg{result.gen_tokens} tokens/s", result.tg_tokens_per_s)
+    row(f"TTFT ms ({result.prompt_tokens}-token prompt)", result.ttft_ms)
+    t.add_row("load s", f"{result.load_s:.2f}", "")
+    t.add_row("file MB", f"{result.file_mb:.1f}", "")
+    t.add_row("peak RSS MB", f"{result.peak_rss_mb:.0f}", f"baseline {result.baseline_rss_mb:.0f}")
+    if result.kv_cache_mb is not None:
+        t.add_row(f"KV cache MB @ {result.context_length} ctx", f"{result.kv_cache_mb:.1f}", "f16")
+    t.add_row("CPU-s / token", f"{result.cpu_s_per_token:.4f}", "")
+    e = result.energy
+    t.add_row("energy mJ / token", f"{e['energy_mj_per_token']:.1f}", e["method"])
+    if e.get("tokens_per_charge"):
+        t.add_row("tokens per full charge", f"{e['tokens_per_charge']:,.0f}", f"{e['battery_pct_per_1k_tokens']:.3f}% battery / 1k tokens")
+    console.print(t)
+    for w in result.warnings:
+        console.print(f"[yellow]warning[/]: {escape(w)}")
+    for c in result.budgets:
+        color = {True: "green", False: "red", None: "yellow"}[c.passed]
+        console.print(f"[{color}]{escape(c.describe())}[/]")
+
+
+def write_junit(result: BenchResult, path: str | os.PathLike) -> None:
+    """Each budget becomes one JUnit test case, so CI systems show them individually."""
+    from xml.sax.saxutils import quoteattr
+
+    from .fileio import atomic_write_text
+
+    cases = []
+    for c in result.budgets:
+        body = ""
+        if c.passed is False:
+            body = f"<failure message={quoteattr(c.describe())}/>"
+        elif c.passed is None:
+            body = f"<skipped message={quoteattr(c.describe())}/>"
+        cases.append(f'  <testcase classname="edgekd.bench.{result.profile}" name={quoteattr(c.budget)}>{body}</testcase>')
+    failures = sum(c.passed is False for c in result.budgets)
+    skipped = sum(c.passed is None for c in result.budgets)
+    xml = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f'<testsuite name={quoteattr("edgekd bench " + Path(result.model).name)} tests="{len(result.budgets)}" '
+        f'failures="{failures}" skipped="{skipped}">\n' + "\n".join(cases) + "\n</testsuite>\n"
+    )
+    atomic_write_text(path, xml)
+
+
+if __name__ == "__main__":
+    sys.exit(_worker())

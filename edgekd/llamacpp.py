@@ -1,0 +1,71 @@
+"""The one module that talks to llama.cpp (through llama-cpp-python).
+
+Loading a GGUF, logits for held-out evaluation, and the raw calls the benchmark times.
+No torch here: this runs on the device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import EdgekdError
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise EdgekdError(
+            "this needs llama-cpp-python",
+            fix='CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install llama-cpp-python  (or `make install`)',
+        ) from None
+    return llama_cpp
+
+
+def version() -> str:
+    return _llama_cpp().__version__
+
+
+def load(path: str | Path, n_ctx: int, threads: int, logits_all: bool = False, n_batch: int = 512) -> Any:
+    llama_cpp = _llama_cpp()
+    try:
+        return llama_cpp.Llama(
+            str(path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_ubatch=min(n_batch, n_ctx),
+            n_threads=threads, n_threads_batch=threads, logits_all=logits_all, verbose=False,
+        )
+    except Exception as exc:  # llama.cpp reports every bad file as a generic load failure
+        raise EdgekdError(
+            f"llama.cpp could not load {path} ({exc})",
+            fix="check that the file is a complete GGUF written by llama.cpp or edgekd",
+        ) from None
+
+
+def logits_fn(path: str | Path, block_len: int, threads: int):
+    """A LogitsFn (see edgekd.evaluate) backed by llama.cpp: all positions' logits per block."""
+    llm = load(path, n_ctx=block_len, threads=threads, logits_all=True, n_batch=block_len)
+
+    def fn(batch: np.ndarray) -> np.ndarray:
+        out = np.empty((len(batch), batch.shape[1], llm.n_vocab()), dtype=np.float32)
+        for i, row in enumerate(batch):
+            llm.reset()
+            llm.eval([int(t) for t in row])
+            out[i] = llm.scores[: len(row)]
+        return out
+
+    return fn
+
+
+def kv_cache_mb(meta: dict[str, str], n_ctx: int) -> float | None:
+    """f16 K and V cache size at ``n_ctx`` from GGUF metadata."""
+    try:
+        arch = meta["general.architecture"]
+        layers = int(meta[f"{arch}.block_count"])
+        heads = int(meta[f"{arch}.attention.head_count"])
+        kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
+        head_dim = int(meta.get(f"{arch}.attention.key_length", int(meta[f"{arch}.embedding_length"]) // heads))
+    except (KeyError, ValueError):
+        return None
+    return 2 * layers * n_ctx * kv_heads * head_dim * 2 / 1e6

