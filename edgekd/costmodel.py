@@ -1,0 +1,118 @@
+"""Analytic cost of a Llama-family model on a device: file size, bytes and FLOPs per token.
+
+Decode is bound by memory bandwidth (every weight and the KV cache are read once per token);
+prefill by compute. The roofline time of one decoded token is
+
+    t = max(bytes_per_token / (bandwidth * eff_mem), flops_per_token / (peak_flops * eff_compute))
+
+(Williams, Waterman & Patterson 2009, "Roofline"). The efficiencies are what fraction of the
+datasheet peak a runtime reaches; the defaults are assumptions, labelled as such wherever a
+projection is shown, and ``edgekd bench`` calibrates them against a measurement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .formats import EMBEDDING_FORMAT, tensor_bytes
+from .profiles import Hardware
+
+# Assumed fractions of peak reached by llama.cpp-class runtimes on small ARM/x86 boards.
+DEFAULT_MEMORY_EFFICIENCY = 0.6
+DEFAULT_COMPUTE_EFFICIENCY = 0.5
+
+
+@dataclass
+class ArchShape:
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied_embeddings: bool
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> ArchShape:
+        heads = cfg.num_attention_heads
+        return cls(
+            layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, intermediate=cfg.intermediate_size,
+            heads=heads, kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, vocab=cfg.vocab_size,
+            tied_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+        )
+
+    def with_layers(self, layers: int) -> ArchShape:
+        return ArchShape(**{**asdict(self), "layers": layers})
+
+    # parameters of the linear layers of one block (norms excluded)
+    def block_linear_params(self) -> int:
+        q = self.heads * self.head_dim
+        kv = self.kv_heads * self.head_dim
+        attn = self.hidden * (q + 2 * kv) + q * self.hidden
+        mlp = 3 * self.hidden * self.intermediate
+        return attn + mlp
+
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+
+def model_bytes(shape: ArchShape, fmt: str) -> float:
+    """File size of the exported model (tensor data; metadata and tokenizer add ~1-2 MB)."""
+    emb_fmt = EMBEDDING_FORMAT[fmt]
+    linear = shape.layers * tensor_bytes(shape.block_linear_params(), fmt)
+    emb = tensor_bytes(shape.embedding_params(), emb_fmt) * (1 if shape.tied_embeddings else 2)
+    norms = (2 * shape.layers + 1) * shape.hidden * 4
+    return linear + emb + norms
+
+
+def decode_bytes_per_token(shape: ArchShape, fmt: str, context: int) -> float:
+    """Bytes read to decode one token at ``context`` tokens of history (f16 KV cache)."""
+    linear = shape.layers * tensor_bytes(shape.block_linear_params(), fmt)
+    head = tensor_bytes(shape.embedding_params(), EMBEDDING_FORMAT[fmt])  # the output projection
+    kv = 2 * shape.layers * context * shape.kv_heads * shape.head_dim * 2
+    return linear + head + kv
+
+
+def decode_flops_per_token(shape: ArchShape, context: int) -> float:
+    linear = 2 * (shape.layers * shape.block_linear_params() + shape.embedding_params())
+    attention = shape.layers * 4 * context * shape.heads * shape.head_dim
+    return float(linear + attention)
+
+
+def prefill_flops(shape: ArchShape, tokens: int) -> float:
+    linear = 2 * tokens * (shape.layers * shape.block_linear_params() + shape.embedding_params())
+    attention = shape.layers * 2 * tokens * tokens * shape.heads * shape.head_dim  # causal: half of 4*T^2
+    return float(linear + attention)
+
+
+@dataclass
+class Projection:
+    model_mb: float
+    decode_tokens_per_s: float
+    ttft_ms: float
+    bound: str  # "memory" or "compute" for decode
+    memory_efficiency: float
+    compute_efficiency: float
+
+
+def project(shape: ArchShape, fmt: str, hw: Hardware, context: int, prompt_tokens: int = 128,
+            memory_efficiency: float = DEFAULT_MEMORY_EFFICIENCY,
+            compute_efficiency: float = DEFAULT_COMPUTE_EFFICIENCY) -> Projection:
+    """Roofline projection of size, decode speed and time to first token on ``hw``."""
+    bw = hw.memory_bandwidth_gbs * 1e9 * memory_efficiency
+    fl = hw.peak_gflops_fp32 * 1e9 * compute_efficiency
+    avg_ctx = prompt_tokens  # decode right after a prompt of this length
+    t_mem = decode_bytes_per_token(shape, fmt, avg_ctx) / bw
+    t_cmp = decode_flops_per_token(shape, avg_ctx) / fl
+    t_prefill = max(prefill_flops(shape, prompt_tokens) / fl, model_bytes(shape, fmt) / bw)
+    return Projection(
+        model_mb=model_bytes(shape, fmt) / 1e6,
+        decode_tokens_per_s=1.0 / max(t_mem, t_cmp),
+        ttft_ms=t_prefill * 1e3,
+        bound="memory" if t_mem >= t_cmp else "compute",
+        memory_efficiency=memory_efficiency,
+        compute_efficiency=compute_efficiency,
+    )
