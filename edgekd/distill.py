@@ -1,0 +1,347 @@
+"""The distillation loop: a student learns from a frozen teacher on packed token blocks.
+
+Built on Accelerate, so the same code runs on one CPU, one GPU, or several processes
+(``accelerate launch`` / ``torchrun``): each rank takes its own slice of every global batch
+and gradients are averaged across ranks.
+
+Determinism and resume: the data order is a pure function of (seed, step) - the sample
+stream is the concatenation of seeded permutations of the training blocks, one per epoch -
+and the learning rate a pure function of the step, and the loop has no other randomness
+(Llama has no dropout). A checkpoint (student weights, optimizer state, step, loss history)
+is written atomically every ``checkpoint_every`` steps; resuming from it replays exactly
+the batches an uninterrupted run would have seen, so the final weights are identical.
+
+Loss (weights from the profile, ``compression.distill.losses``):
+    L = w_logit * [(1 - a) CE + a T^2 D(teacher || student)]       (Hinton et al. 2015)
+      + w_hidden * hidden-state loss over mapped layers             (FitNets, TinyBERT)
+      + w_attn * KL between mapped attention distributions          (TinyBERT, MiniLM)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import EdgekdError
+from .fileio import atomic_path, atomic_write_json
+from .losses import attention_kl, hidden_state_loss, kd_loss
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest.json"
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass
+class DistillConfig:
+    steps: int
+    batch_size: int = 4  # per process
+    grad_accum: int = 1
+    learning_rate: float = 1e-4
+    warmup_steps: int | None = None
+    min_lr_fraction: float = 0.1
+    temperature: float = 2.0
+    alpha: float = 0.7
+    kl: str = "forward"
+    w_logit: float = 1.0
+    w_hidden: float = 0.0
+    w_attention: float = 0.0
+    hidden_kind: str = "mse"
+    checkpoint_every: int = 50
+    seed: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+    @classmethod
+    def from_settings(cls, s: Any, steps: int | None = None, learning_rate: float | None = None) -> DistillConfig:
+        """From the profile's ``compression.distill`` (``DistillSettings``)."""
+        losses = dict(s.losses)
+        hidden_kind = "cosine" if "hidden_cos" in losses and "hidden_mse" not in losses else "mse"
+        return cls(
+            steps=s.steps if steps is None else steps, batch_size=s.batch_size, grad_accum=s.grad_accum,
+            learning_rate=s.learning_rate if learning_rate is None else learning_rate,
+            temperature=s.temperature, alpha=s.alpha, kl=s.kl,
+            w_logit=losses.get("logit_kl", 0.0),
+            w_hidden=losses.get("hidden_mse", 0.0) + losses.get("hidden_cos", 0.0),
+            w_attention=losses.get("attention_kl", 0.0),
+            hidden_kind=hidden_kind, checkpoint_every=s.checkpoint_every, seed=s.seed,
+        )
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to ``min_lr_fraction`` of the peak."""
+        warm = self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 20)
+        if step < warm:
+            return self.learning_rate * (step + 1) / warm
+        progress = (step - warm) / max(1, self.steps - warm)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return self.learning_rate * (self.min_lr_fraction + (1 - self.min_lr_fraction) * cosine)
+
+
+@dataclass
+class DistillOutcome:
+    steps: int
+    tokens: int  # training tokens seen, all ranks
+    wall_time_s: float
+    resumed_from_step: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    seen_blocks: list[int] = field(default_factory=list)  # this rank's block indices, in order
+
+    def summary(self) -> dict[str, Any]:
+        last = self.history[-10:]
+        mean = lambda k: float(np.mean([h[k] for h in last])) if last and k in last[0] else None  # noqa: E731
+        return {
+            "steps": self.steps, "training_tokens": self.tokens, "train_wall_time_s": round(self.wall_time_s, 2),
+            "resumed_from_step": self.resumed_from_step,
+            "final_loss": mean("loss"), "final_ce": mean("ce"), "final_kd": mean("kd"),
+            "final_hidden": mean("hidden"), "final_attention": mean("attention"),
+            "tokens_per_s": mean("tokens_per_s"),
+        }
+
+
+def sample_indices(step: int, micro: int, cfg: DistillConfig, n_blocks: int, rank: int, world: int) -> np.ndarray:
+    """Block indices for (step, micro-batch) on ``rank``: a pure function, so resume replays the data."""
+    per_rank = cfg.batch_size
+    base = ((step * cfg.grad_accum + micro) * world + rank) * per_rank
+    positions = np.arange(base, base + per_rank)
+    out = np.empty(per_rank, dtype=np.int64)
+    for i, p in enumerate(positions):
+        epoch, offset = divmod(int(p), n_blocks)
+        perm = np.random.default_rng([cfg.seed, epoch]).permutation(n_blocks)
+        out[i] = perm[offset]
+    return out
+
+
+# ---------------------------------------------------------------- forward passes
+
+
+def _needs(cfg: DistillConfig) -> tuple[bool, bool, bool]:
+    logits = cfg.w_logit > 0 and cfg.alpha > 0
+    return logits, cfg.w_hidden > 0, cfg.w_attention > 0
+
+
+def _hidden_pairs(s_out: Any, t_out: Any, layer_map: list[int], teacher: Any) -> tuple[list, list]:
+    """Student block outputs and the outputs of the teacher blocks they map to.
+
+    ``hidden_states[i + 1]`` is block i's output, except the last entry, which transformers
+    returns after the final norm; the teacher target of the student's last block is normed
+    the same way so the two are comparable.
+    """
+    s_hs, t_hs = s_out.hidden_states, t_out.hidden_states
+    n_student, n_teacher = len(s_hs) - 1, len(t_hs) - 1
+    students, targets = [], []
+    for i, j in enumerate(layer_map):
+        students.append(s_hs[i + 1])
+        if i == n_student - 1 and j != n_teacher - 1:
+            targets.append(teacher.model.norm(t_hs[j + 1]))
+        elif i != n_student - 1 and j == n_teacher - 1:
+            continue  # a non-final student block mapped to the teacher's (normed) last output: skip
+        else:
+            targets.append(t_hs[j + 1])
+    return students[: len(targets)], targets
+
+
+def distill_step_losses(student: Any, teacher: Any, ids: torch.Tensor, cfg: DistillConfig, layer_map: list[int]) -> dict[str, torch.Tensor]:
+    want_logits, want_hidden, want_attn = _needs(cfg)
+    with torch.no_grad():
+        t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=want_hidden, output_attentions=want_attn) \
+            if (want_logits or want_hidden or want_attn) else None
+    s_out = student(input_ids=ids, use_cache=False, output_hidden_states=want_hidden, output_attentions=want_attn)
+    labels = ids[:, 1:]
+    s_logits = s_out.logits[:, :-1]
+    t_logits = t_out.logits[:, :-1] if t_out is not None else None
+    terms = kd_loss(s_logits, t_logits, labels, cfg.alpha if want_logits else 0.0, cfg.temperature, cfg.kl)
+    total = cfg.w_logit * terms["loss"] if cfg.w_logit > 0 else terms["ce"]
+    out = {"ce": terms["ce"], "kd": terms["kd"]}
+    if want_hidden:
+        s_h, t_h = _hidden_pairs(s_out, t_out, layer_map, teacher)
+        out["hidden"] = hidden_state_loss(s_h, t_h, cfg.hidden_kind)
+        total = total + cfg.w_hidden * out["hidden"]
+    if want_attn:
+        out["attention"] = attention_kl(list(s_out.attentions), [t_out.attentions[j] for j in layer_map])
+        total = total + cfg.w_attention * out["attention"]
+    out["loss"] = total
+    return out
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = run_dir / CHECKPOINTS / LATEST
+    if not pointer.exists():
+        return None
+    path = run_dir / CHECKPOINTS / json.loads(pointer.read_text())["dir"]
+    return path if (path / "trainer.json").exists() else None
+
+
+def _save_checkpoint(run_dir: Path, model: Any, optimizer: Any, step: int, tokens: int, history: list, cfg: DistillConfig) -> None:
+    from safetensors.torch import save_model
+
+    name = f"step-{step:06d}"
+    root = run_dir / CHECKPOINTS
+    with atomic_path(root / name) as tmp:
+        tmp.mkdir(parents=True)
+        save_model(model, str(tmp / "student.safetensors"))  # handles tied embeddings
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, "tokens": tokens, "history": history, "config": asdict(cfg)}))
+    atomic_write_json(root / LATEST, {"dir": name, "step": step})
+    old = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != name)
+    for p in old[: max(0, len(old) - (KEEP_CHECKPOINTS - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _load_checkpoint(path: Path, model: Any, optimizer: Any) -> tuple[int, int, list]:
+    from safetensors.torch import load_model
+
+    load_model(model, str(path / "student.safetensors"))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    state = json.loads((path / "trainer.json").read_text())
+    return int(state["step"]), int(state["tokens"]), list(state["history"])
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def distill(
+    student: Any,
+    teacher: Any,
+    train_blocks: np.ndarray,
+    cfg: DistillConfig,
+    layer_map: list[int],
+    run_dir: Path | None = None,
+    resume: bool = True,
+    progress: Callable[..., None] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> DistillOutcome:
+    """Train ``student`` in place for ``cfg.steps`` optimizer steps; checkpoints under ``run_dir``."""
+    from accelerate import Accelerator
+
+    if len(layer_map) != student.config.num_hidden_layers:
+        raise ValueError(f"layer map has {len(layer_map)} entries for {student.config.num_hidden_layers} student layers")
+    if len(train_blocks) < 1:
+        raise EdgekdError("no training blocks", fix="pass a larger corpus")
+    _, want_hidden, want_attn = _needs(cfg)
+    if want_attn:  # attention probabilities are only materialised by the eager implementation
+        student.set_attn_implementation("eager")
+        teacher.set_attn_implementation("eager")
+    # Accelerate forms a gloo process group on CPU only when told it runs on CPU, so that
+    # `accelerate launch --multi_gpu --num_processes N` (or torchrun) also works without a GPU.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    rank, world = accelerator.process_index, accelerator.num_processes
+    teacher.eval().requires_grad_(False)
+    student.train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+    start_step, tokens, history = 0, 0, []
+    ckpt = latest_checkpoint(run_dir) if (run_dir is not None and resume) else None
+    if ckpt is not None:
+        start_step, tokens, history = _load_checkpoint(ckpt, student, optimizer)
+    model, optimizer = accelerator.prepare(student, optimizer)
+    teacher = teacher.to(accelerator.device)
+    unwrapped = accelerator.unwrap_model(model)
+    seen: list[int] = []
+    block_len = train_blocks.shape[1]
+    t_start = time.perf_counter()
+    for step in range(start_step, cfg.steps):
+        t0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr_at(step)
+        sums: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            idx = sample_indices(step, micro, cfg, len(train_blocks), rank, world)
+            seen.extend(idx.tolist())
+            ids = torch.from_numpy(train_blocks[idx].astype(np.int64)).to(accelerator.device)
+            sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else _nullcontext()
+            with sync:
+                terms = distill_step_losses(model, teacher, ids, cfg, layer_map)
+                accelerator.backward(terms["loss"] / cfg.grad_accum)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+        if cfg.max_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_tokens = cfg.batch_size * cfg.grad_accum * world * block_len
+        tokens += step_tokens
+        dt = time.perf_counter() - t0
+        record = {"step": step + 1, "lr": cfg.lr_at(step), **sums, "tokens_per_s": step_tokens / dt, "step_s": dt}
+        history.append(record)
+        done = step + 1
+        if run_dir is not None and accelerator.is_main_process and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            _save_checkpoint(run_dir, unwrapped, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+                             done, tokens, history, cfg)
+        accelerator.wait_for_everyone()
+        if progress:
+            extra = " ".join(f"{k} {sums[k]:.3f}" for k in ("loss", "ce", "kd", "hidden", "attention") if k in sums)
+            progress(1, status=f"{extra} | {record['tokens_per_s']:.0f} tok/s")
+        if on_step:
+            on_step(done)
+    if want_attn:
+        unwrapped.set_attn_implementation("sdpa")
+        teacher.set_attn_implementation("sdpa")
+    unwrapped.eval()
+    return DistillOutcome(cfg.steps, tokens, time.perf_counter() - t_start, start_step, history, seen)
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+# ---------------------------------------------------------------- memory check
+
+
+def estimate_training_memory(teacher: Any, student: Any, batch_size: int, seq_len: int, attention_loss: bool, hidden_loss: bool) -> dict[str, float]:
+    """Rough peak memory (bytes) of one distillation step in fp32.
+
+    Weights: teacher 4 B/param; student 4 (weights) + 4 (grads) + 8 (AdamW moments).
+    Activations kept for backward: about 34 * h bytes per token per layer in 16-bit
+    (Korthikanti et al. 2022), doubled for fp32, plus 4 * heads * T bytes per token per layer
+    for eager attention probabilities; logits (B, T, V) in fp32 for teacher and student, times
+    about 4 for log-softmax, softmax and their gradients.
+    """
+    sc, tc = student.config, teacher.config
+    n_student = sum(p.numel() for p in student.parameters())
+    n_teacher = sum(p.numel() for p in teacher.parameters())
+    tokens = batch_size * seq_len
+    act_per_layer = tokens * sc.hidden_size * 34 * 2
+    if attention_loss:
+        act_per_layer += tokens * sc.num_attention_heads * seq_len * 4 * 2
+    activations = sc.num_hidden_layers * act_per_layer
+    teacher_kept = 0
+    if hidden_loss:
+        teacher_kept += (tc.num_hidden_layers + 1) * tokens * tc.hidden_size * 4
+    if attention_loss:
+        teacher_kept += tc.num_hidden_layers * tokens * tc.num_attention_heads * seq_len * 4
+    logits = tokens * sc.vocab_size * 4 * 4 * 2
+    est = {
+        "teacher_weights": n_teacher * 4, "student_weights_grads_adam": n_student * 16,
+        "student_activations": activations, "teacher_targets": teacher_kept, "logits": logits,
+    }
+    est["total"] = float(sum(est.values()))
+    return est
+
+
+def check_memory(estimate: dict[str, float], available_bytes: float | None = None, headroom: float = 0.85) -> None:
+    import psutil
+
+    available = available_bytes if available_bytes is not None else psutil.virtual_memory().available
+    if estimate["total"] > headroom * available:
+        parts = ", ".join(f"{k.replace('_', ' ')} {v / 1e9:.2f} GB" for k, v in estimate.items() if k != "total")
+        raise EdgekdError(
+            f"distillation needs about {estimate['total'] / 1e9:.1f} GB but only {available / 1e9:.1f} GB of memory is available ({parts})",
+            fix="lower compression.distill.batch_size (and raise grad_accum to keep the tokens per step), "
+            "shorten compression.distill.seq_len, drop the attention loss (its maps grow with seq_len^2), "
+            "or cache the teacher's logits (compression.distill.logit_cache_top_k)",
+        )
