@@ -237,7 +237,7 @@ def distill(
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes
     teacher.eval().requires_grad_(False)
-    student.train()
+    student.train().requires_grad_(True)  # a student copied from a frozen teacher inherits its flags
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
     start_step, tokens, history = 0, 0, []

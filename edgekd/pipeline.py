@@ -8,6 +8,7 @@ memory); everything expensive is a resumable stage.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable
@@ -36,6 +37,8 @@ class RunContext:
     trust_remote_code: bool = False
     teacher: Any = None  # models.LoadedModel
     corpus: Any = None  # data.Corpus
+    student: Any = None  # transformers model, once pruned (or distilled)
+    prune_plan: dict[str, Any] | None = None  # keep list, layer map, MLP channels
     # metric name -> value, for the budget check (filled by bench stages)
     measured: dict[str, float] = field(default_factory=dict)
     measured_sources: dict[str, str] = field(default_factory=dict)
@@ -99,28 +102,183 @@ def stage_evaluate_teacher(ctx: RunContext) -> StageRecord:
     )
 
 
+def _calibration_blocks(ctx: RunContext):
+    """Evenly spaced training blocks (never held-out ones) for the calibration pass."""
+    import numpy as np
+
+    train = ctx.corpus.train
+    n = min(ctx.profile.compression.prune.calibration_blocks, len(train))
+    return train[np.linspace(0, len(train) - 1, n).astype(int)]
+
+
+def stage_score_blocks(ctx: RunContext) -> StageRecord:
+    from .fileio import atomic_write_json
+    from .prune import loss_increase_scores, score_blocks
+
+    settings = ctx.profile.compression.prune
+    calib = _calibration_blocks(ctx)
+    model = ctx.teacher.model
+    with ctx.reporter.task("scoring blocks (calibration pass)", total=len(calib), unit="blocks") as advance:
+        scores = score_blocks(model, calib, progress=advance)
+    if settings.method == "loss_increase":
+        with ctx.reporter.task("measuring loss increase per dropped block", total=model.config.num_hidden_layers, unit="blocks") as advance:
+            scores.loss_increase = loss_increase_scores(model, calib, progress=advance)
+    atomic_write_json(ctx.run.path("prune", "scores.json"), scores.to_dict())
+    return StageRecord(
+        "score_blocks", settings={"method": settings.method, "calibration_blocks": len(calib)},
+        metrics={"calibration_tokens": scores.calibration_tokens}, artifacts={"block scores": "prune/scores.json"},
+    )
+
+
+def _rebuild_student(ctx: RunContext) -> Any:
+    """The pruned student from the stored plan (deterministic; used on resume)."""
+    from .prune import apply_mlp_channels, make_student
+
+    plan = ctx.prune_plan or json.loads(ctx.run.path("prune", "plan.json").read_text())
+    ctx.prune_plan = plan
+    student = make_student(ctx.teacher.model, plan["keep"])
+    if plan.get("mlp_channels"):
+        apply_mlp_channels(student, plan["mlp_channels"])
+    return student.eval()
+
+
+def stage_prune(ctx: RunContext) -> StageRecord:
+    from .costmodel import ArchShape
+    from .evaluate import evaluate, torch_logits_fn
+    from .fileio import atomic_write_json
+    from .planner import plan_depth
+    from .plots import block_scores_plot
+    from .prune import BlockScores, mlp_channel_importance, resolve_keep_layers, select_layers, select_mlp_channels
+
+    settings = ctx.profile.compression.prune
+    teacher = ctx.teacher.model
+    n_layers = teacher.config.num_hidden_layers
+    scores = BlockScores.from_dict(json.loads(ctx.run.path("prune", "scores.json").read_text()))
+    keep_n = resolve_keep_layers(settings.keep_layers, n_layers)
+    depth_plan: dict[str, Any] = {"reason": f"keep_layers={settings.keep_layers} from the profile"}
+    if keep_n is None:
+        keep_n, depth_plan = plan_depth(ctx.profile, ArchShape.from_config(teacher.config))
+    keep = select_layers(scores, keep_n, settings.method)
+    mlp_channels = None
+    if settings.mlp_keep_fraction < 1.0:
+        importance = mlp_channel_importance(teacher, _calibration_blocks(ctx))
+        mlp_channels = select_mlp_channels(importance, settings.mlp_keep_fraction)
+    ctx.prune_plan = {"keep": keep, "layer_map": keep, "mlp_channels": mlp_channels, "depth_plan": depth_plan}
+    atomic_write_json(ctx.run.path("prune", "plan.json"), ctx.prune_plan)
+    ctx.student = _rebuild_student(ctx)
+    removed = [i for i in range(n_layers) if i not in keep]
+    block_scores_plot(ctx.run.path("prune", "scores.png"),
+                      {"block_influence": scores.block_influence, "angular_distance": scores.angular_distance,
+                       "loss_increase": scores.loss_increase}, removed)
+    rows = [[i, "kept" if i in keep else "removed", round(scores.block_influence[i], 5), round(scores.angular_distance[i], 5),
+             None if scores.loss_increase is None else round(scores.loss_increase[i], 5)] for i in range(n_layers)]
+    blocks = heldout_eval_blocks(ctx)
+    with ctx.reporter.task("evaluating pruned student (no healing)", total=len(blocks), unit="blocks") as advance:
+        m = evaluate(torch_logits_fn(ctx.student), blocks, torch_logits_fn(teacher), progress=advance)
+    from .models import model_summary
+
+    return StageRecord(
+        "prune",
+        settings={"method": settings.method, "keep_layers": settings.keep_layers, "mlp_keep_fraction": settings.mlp_keep_fraction},
+        metrics={"kept_layers": len(keep), "removed_blocks": removed, "layer_map": keep,
+                 "intermediate_size": ctx.student.config.intermediate_size, "depth_plan": depth_plan,
+                 "student": model_summary(ctx.student), "heldout": m.to_dict(), "block_table": rows},
+        artifacts={"prune plan": "prune/plan.json", "block scores plot": "prune/scores.png"},
+    )
+
+
+def stage_distill(ctx: RunContext) -> StageRecord:
+    from .distill import DistillConfig, check_memory, distill, estimate_training_memory
+    from .fileio import atomic_path
+    from .plots import loss_curves_plot
+
+    if ctx.student is None:
+        ctx.student = _rebuild_student(ctx)
+    cfg = DistillConfig.from_settings(ctx.profile.compression.distill)
+    teacher_cfg = ctx.teacher.model.config
+    if ctx.student.config.num_hidden_layers == teacher_cfg.num_hidden_layers and \
+            ctx.student.config.intermediate_size == teacher_cfg.intermediate_size:
+        # nothing was pruned: the student is the teacher, and distilling it from itself changes nothing
+        with atomic_path(ctx.run.path("student")) as tmp:
+            ctx.student.save_pretrained(tmp)
+            ctx.teacher.tokenizer.save_pretrained(tmp)
+        return StageRecord("distill", settings={"steps": 0}, metrics={"skipped": "nothing was pruned; the student equals the teacher"},
+                           artifacts={"student (Hugging Face directory)": "student"})
+    estimate = estimate_training_memory(ctx.teacher.model, ctx.student, cfg.batch_size, ctx.corpus.block_len,
+                                        attention_loss=cfg.w_attention > 0, hidden_loss=cfg.w_hidden > 0)
+    check_memory(estimate)
+    with ctx.reporter.task("distilling", total=cfg.steps, unit="steps") as advance:
+        outcome = distill(ctx.student, ctx.teacher.model, ctx.corpus.train, cfg, ctx.prune_plan["layer_map"],
+                          run_dir=ctx.run.path("distill"), resume=True, progress=advance)
+    with atomic_path(ctx.run.path("student")) as tmp:
+        ctx.student.save_pretrained(tmp)
+        ctx.teacher.tokenizer.save_pretrained(tmp)
+    loss_curves_plot(ctx.run.path("distill", "loss.png"), outcome.history, "distillation losses")
+    from dataclasses import asdict
+
+    return StageRecord(
+        "distill", settings=asdict(cfg),
+        metrics={**outcome.summary(), "memory_estimate_gb": round(estimate["total"] / 1e9, 2)},
+        artifacts={"student (Hugging Face directory)": "student", "loss curves": "distill/loss.png"},
+    )
+
+
+def stage_evaluate_student(ctx: RunContext) -> StageRecord:
+    from .evaluate import evaluate, torch_logits_fn
+    from .models import model_summary
+
+    if ctx.student is None:
+        from transformers import AutoModelForCausalLM
+
+        ctx.student = AutoModelForCausalLM.from_pretrained(str(ctx.run.path("student"))).eval()
+    blocks = heldout_eval_blocks(ctx)
+    with ctx.reporter.task("evaluating student on held-out blocks", total=len(blocks), unit="blocks") as advance:
+        m = evaluate(torch_logits_fn(ctx.student), blocks, torch_logits_fn(ctx.teacher.model), progress=advance)
+    return StageRecord("evaluate_student", settings={"heldout_blocks": len(blocks)},
+                       metrics={**m.to_dict(), "student": model_summary(ctx.student)})
+
+
 STAGES: dict[str, Stage] = {
     "load_teacher": stage_load_teacher,
     "load_corpus": stage_load_corpus,
     "evaluate_teacher": stage_evaluate_teacher,
+    "score_blocks": stage_score_blocks,
+    "prune": stage_prune,
+    "distill": stage_distill,
+    "evaluate_student": stage_evaluate_student,
 }
 ALWAYS_RUN = {"load_teacher", "load_corpus"}
 
 
 def plan_stages(profile: DeviceProfile) -> list[str]:
     """The stages this version of edgekd runs for ``profile``, in order."""
-    return ["load_teacher", "load_corpus", "evaluate_teacher"]
+    stages = ["load_teacher", "load_corpus", "evaluate_teacher"]
+    comp = profile.compression
+    if comp.prune.method != "none":
+        stages += ["score_blocks", "prune"]
+    if comp.distill.steps > 0 and comp.prune.method != "none":
+        stages += ["distill", "evaluate_student"]
+    return stages
 
 
 def _collect_evaluation(ctx: RunContext) -> None:
+    """The held-out comparison table: teacher, pruned student, distilled student."""
+    def row(summary: dict[str, Any], m: dict[str, Any]) -> dict[str, Any]:
+        return {"params": summary.get("params"), "layers": summary.get("layers"), "perplexity": m["perplexity"],
+                "kl_to_teacher": m.get("kl_to_teacher"), "top1_agreement": m.get("top1_agreement"), "tokens": m["tokens"]}
+
     rec = ctx.report.stage("evaluate_teacher")
     if rec is not None:
-        info = ctx.report.teacher
-        ctx.report.evaluation["teacher (fp32)"] = {
-            "params": info.get("params"), "layers": info.get("layers"),
-            "perplexity": rec.metrics["perplexity"], "kl_to_teacher": None, "top1_agreement": None,
-            "tokens": rec.metrics["tokens"],
-        }
+        ctx.report.evaluation["teacher (fp32)"] = row(ctx.report.teacher, rec.metrics)
+    rec = ctx.report.stage("prune")
+    if rec is not None:
+        ctx.report.evaluation["pruned, no healing"] = row(rec.metrics["student"], rec.metrics["heldout"])
+        ctx.report.tables["Block importance (teacher)"] = {
+            "headers": ["block", "decision", "Block Influence", "angular distance (n=1)", "loss increase"],
+            "rows": rec.metrics["block_table"]}
+    rec = ctx.report.stage("evaluate_student")
+    if rec is not None:
+        ctx.report.evaluation["student, distilled"] = row(rec.metrics["student"], rec.metrics)
 
 
 # ---------------------------------------------------------------- driver

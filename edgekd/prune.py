@@ -231,27 +231,39 @@ def mlp_channel_importance(model: Any, blocks: np.ndarray, batch_size: int = 4) 
     return [s / max(count[0], 1) for s in sums]
 
 
-def prune_mlp_width(model: Any, importance: list[torch.Tensor], keep_fraction: float, multiple: int = 64) -> int:
-    """Keep the most important MLP channels in every block, in place; returns the new intermediate size.
+def select_mlp_channels(importance: list[torch.Tensor], keep_fraction: float, multiple: int = 64) -> list[list[int]]:
+    """The most important MLP channels of every block, the same count in each.
 
-    The size is rounded to a multiple of ``multiple`` so quantisation blocks of 32 along
+    The count is rounded to a multiple of ``multiple`` so quantisation blocks of 32 along
     down_proj's input dimension stay whole.
     """
-    old = model.config.intermediate_size
+    old = len(importance[0])
     new = max(multiple, int(round(old * keep_fraction / multiple)) * multiple)
     if new >= old:
-        return old
-    for layer, imp in zip(decoder_layers(model), importance):
-        keep = torch.sort(torch.topk(imp, new).indices).values
+        return [list(range(old)) for _ in importance]
+    return [torch.sort(torch.topk(imp, new).indices).values.tolist() for imp in importance]
+
+
+def apply_mlp_channels(model: Any, channels: list[list[int]]) -> int:
+    """Keep only ``channels[i]`` of block i's MLP, in place; returns the new intermediate size."""
+    new = len(channels[0])
+    if new == model.config.intermediate_size:
+        return new
+    for layer, keep_list in zip(decoder_layers(model), channels):
+        keep = torch.tensor(keep_list, dtype=torch.long)
         mlp = layer.mlp
-        for name in ("gate_proj", "up_proj"):
-            lin = getattr(mlp, name)
-            setattr(mlp, name, _slice_linear(lin, rows=keep))
+        mlp.gate_proj = _slice_linear(mlp.gate_proj, rows=keep)
+        mlp.up_proj = _slice_linear(mlp.up_proj, rows=keep)
         mlp.down_proj = _slice_linear(mlp.down_proj, cols=keep)
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = new
     model.config.intermediate_size = new
     return new
+
+
+def prune_mlp_width(model: Any, importance: list[torch.Tensor], keep_fraction: float, multiple: int = 64) -> int:
+    """Width pruning in one call (Minitron): select by importance, then slice, in place."""
+    return apply_mlp_channels(model, select_mlp_channels(importance, keep_fraction, multiple))
 
 
 def _slice_linear(lin: torch.nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> torch.nn.Linear:

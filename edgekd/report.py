@@ -48,6 +48,8 @@ class Report:
     # model label -> held-out metrics (perplexity, kl_to_teacher, top1_agreement, ...)
     evaluation: dict[str, dict[str, Any]] = field(default_factory=dict)
     budgets: list[BudgetCheck] = field(default_factory=list)
+    # title -> {"headers": [...], "rows": [[...], ...]}: extra tables for report.md
+    tables: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     # ------------------------------------------------------------ verdict
@@ -172,6 +174,8 @@ def render_markdown(report: Report, run_dir: Path | None = None) -> str:
             for label, rel in s.artifacts.items():
                 if rel.endswith(".png") and (run_dir / rel).exists():
                     lines += [f"![{label}]({rel})", ""]
+    for title, table in report.tables.items():
+        lines += [f"## {title}", ""] + _table(table["headers"], table["rows"]) + [""]
     if report.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in report.notes] + [""]
     lines += ["## Environment", ""]

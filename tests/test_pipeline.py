@@ -30,6 +30,21 @@ def test_end_to_end_tiny(tmp_path, tiny_model_dir, small_corpus_file, tiny_profi
     # budgets are listed, none measured (no export stage yet), so none failed
     assert report.passed and len(report.unchecked()) == 5
     assert (run_dir / "corpus" / "heldout.npy").exists()
+    # pruning and distillation produced a loadable, smaller Hugging Face student
+    assert report.plan == ["load_teacher", "load_corpus", "evaluate_teacher", "score_blocks", "prune", "distill", "evaluate_student"]
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(run_dir / "student")
+    assert student.config.num_hidden_layers == 3
+    assert set(data["evaluation"]) == {"teacher (fp32)", "pruned, no healing", "student, distilled"}
+    distilled = data["evaluation"]["student, distilled"]
+    assert distilled["kl_to_teacher"] > 0 and 0 <= distilled["top1_agreement"] <= 1
+    prune = next(s for s in data["stages"] if s["name"] == "prune")
+    assert len(prune["metrics"]["layer_map"]) == 3 and len(prune["metrics"]["removed_blocks"]) == 1
+    md = (run_dir / "report.md").read_text()
+    assert "Block importance (teacher)" in md and "![loss curves](distill/loss.png)" in md
+    assert (run_dir / "prune" / "scores.png").stat().st_size > 1000 and (run_dir / "distill" / "loss.png").exists()
+    assert json.loads((run_dir / "distill" / "checkpoints" / "latest.json").read_text())["step"] == 4
 
 
 def test_second_run_is_refused_then_resumed(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides):
@@ -109,3 +124,27 @@ def test_empty_corpus_error_leaves_no_run_directory(tmp_path, tiny_model_dir, ca
                  "--output", str(tmp_path / "out"), "--quiet"]) == 2
     assert "is empty" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_width_pruning_through_the_pipeline(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides):
+    report = run(tmp_path, tiny_model_dir, small_corpus_file,
+                 tiny_profile_overrides + ["compression.prune.mlp_keep_fraction=0.5"])
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny" / "student")
+    assert student.config.intermediate_size == 64 and student.config.num_hidden_layers == 3
+    assert report.stage("prune").metrics["intermediate_size"] == 64
+
+
+def test_resume_after_prune_rebuilds_the_student(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides, monkeypatch):
+    from edgekd import pipeline
+
+    def crash(ctx):
+        raise RuntimeError("killed during distillation")
+
+    monkeypatch.setitem(pipeline.STAGES, "distill", crash)
+    with pytest.raises(RuntimeError):
+        run(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides)
+    monkeypatch.undo()
+    report = run(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides, resume=True)
+    assert report.status == "complete" and "student, distilled" in report.evaluation
