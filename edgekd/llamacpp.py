@@ -6,6 +6,7 @@ No torch here: this runs on the device.
 
 from __future__ import annotations
 
+import atexit
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,28 @@ def version() -> str:
     return _llama_cpp().__version__
 
 
+_OPEN: list[Any] = []
+
+
+@atexit.register
+def _close_all() -> None:
+    # llama-cpp-python's finalizers fail when they run during interpreter shutdown
+    while _OPEN:
+        try:
+            _OPEN.pop().close()
+        except Exception:
+            pass
+
+
 def load(path: str | Path, n_ctx: int, threads: int, logits_all: bool = False, n_batch: int = 512) -> Any:
     llama_cpp = _llama_cpp()
     try:
-        return llama_cpp.Llama(
+        llm = llama_cpp.Llama(
             str(path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_ubatch=min(n_batch, n_ctx),
             n_threads=threads, n_threads_batch=threads, logits_all=logits_all, verbose=False,
         )
+        _OPEN.append(llm)
+        return llm
     except Exception as exc:  # llama.cpp reports every bad file as a generic load failure
         raise EdgekdError(
             f"llama.cpp could not load {path} ({exc})",

@@ -1,0 +1,130 @@
+"""Pruning and healing the default teacher: the table of issue "pruning and distillation".
+
+Rows, all on the held-out split of the default corpus, the same token budget for every
+healing run (``--steps`` x batch 4 x 256 tokens), the same seed and data order:
+  1. teacher (30 layers)
+  2. depth-pruned to 24 layers by Block Influence, no healing
+  3. pruned, healed with cross-entropy only
+  4. pruned, healed with logit KD (forward KL, T=2, alpha=0.7)
+  5. pruned, healed with logit + hidden-state + attention KD
+Also: Block Influence and angular distance against the measured loss increase of dropping
+each block (Spearman rank correlation, and which blocks each would remove).
+
+    .venv/bin/python benchmarks/distill_table.py              # about 1 hour on 2 cores
+    .venv/bin/python benchmarks/distill_table.py --steps 2    # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--keep", type=int, default=24)
+    ap.add_argument("--out", default=str(HERE / "results" / "distill_table.json"))
+    args = ap.parse_args()
+
+    import edgekd
+    from edgekd.data import load_corpus
+    from edgekd.distill import DistillConfig, distill
+    from edgekd.evaluate import evaluate, torch_logits_fn
+    from edgekd.models import load_causal_lm, model_summary, resolve_model_source
+    from edgekd.prune import calibration_loss, loss_increase_scores, make_student, score_blocks, select_layers, spearman
+    from edgekd.versions import host_info, library_versions
+
+    torch.manual_seed(0)
+    prof = edgekd.load_profile("raspberry-pi-5")
+    ds = prof.compression.distill
+    teacher = load_causal_lm(resolve_model_source(None))
+    t_model = teacher.model
+    corpus = load_corpus(None, teacher.tokenizer, ds.seq_len, prof.compression.evaluation.heldout_fraction)
+    held = corpus.heldout[: prof.compression.evaluation.max_heldout_blocks]
+    train = corpus.train
+    calib = train[np.linspace(0, len(train) - 1, prof.compression.prune.calibration_blocks).astype(int)]
+    t_fn = torch_logits_fn(t_model)
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+
+    # ---- pruning scores
+    t0 = time.perf_counter()
+    scores = score_blocks(t_model, calib)
+    score_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scores.loss_increase = loss_increase_scores(t_model, calib[:8])
+    li_calib_s = time.perf_counter() - t0
+    heldout_li = loss_increase_scores(t_model, held[:12])  # analysis only: never used to choose blocks
+    log("scores done", score_s, li_calib_s)
+    drop = t_model.config.num_hidden_layers - args.keep
+    removed = {m: sorted(set(range(30)) - set(select_layers(scores, args.keep, m))) for m in ("block_influence", "angular", "loss_increase")}
+    ranking = {
+        "spearman_bi_vs_heldout_loss_increase": spearman(scores.block_influence, heldout_li),
+        "spearman_angular_vs_heldout_loss_increase": spearman(scores.angular_distance, heldout_li),
+        "spearman_calib_vs_heldout_loss_increase": spearman(scores.loss_increase, heldout_li),
+        "removed_blocks": removed,
+        "removed_by_heldout_loss_increase": sorted(np.argsort(heldout_li, kind="stable")[:drop].tolist()),
+    }
+
+    # ---- rows
+    rows = []
+
+    def add_row(name: str, model, tokens: int, wall: float) -> None:
+        m = evaluate(torch_logits_fn(model), held, t_fn)
+        info = model_summary(model)
+        rows.append({"row": name, "params": info["params"], "layers": info["layers"], "perplexity": m.perplexity,
+                     "kl_to_teacher": m.kl_to_teacher, "top1_agreement": m.top1_agreement,
+                     "training_tokens": tokens, "wall_time_s": wall})
+        log(rows[-1])
+
+    add_row("teacher (30 layers)", t_model, 0, 0.0)
+    keep = select_layers(scores, args.keep, "block_influence")
+    add_row(f"pruned to {args.keep}, no healing", make_student(t_model, keep), 0, 0.0)
+    variants = [
+        ("pruned + CE only", dict(alpha=0.0, w_logit=1.0)),
+        ("pruned + logit KD", dict(alpha=ds.alpha, temperature=ds.temperature)),
+        ("pruned + logit + hidden + attention KD", dict(alpha=ds.alpha, temperature=ds.temperature, w_hidden=1.0, w_attention=1.0)),
+    ]
+    for name, kw in variants:
+        student = make_student(t_model, keep)
+        cfg = DistillConfig(steps=args.steps, batch_size=ds.batch_size, learning_rate=ds.learning_rate, seed=ds.seed, **kw)
+        out = distill(student, t_model, train, cfg, keep)
+        add_row(name, student, out.tokens, out.wall_time_s)
+        rows[-1]["final_train_losses"] = out.summary()
+        rows[-1]["config"] = asdict(cfg)
+
+    result = {"rows": rows, "pruning_scores": {**scores.to_dict(), "heldout_loss_increase": heldout_li},
+              "ranking": ranking, "score_seconds": score_s, "loss_increase_seconds_8_blocks": li_calib_s,
+              "steps": args.steps, "keep": args.keep, "heldout_blocks": int(len(held)), "block_len": ds.seq_len,
+              "host": host_info(), "versions": library_versions(),
+              "baseline_calibration_loss": calibration_loss(t_model, calib[:8])}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+    print("| row | params | layers | held-out perplexity | KL to teacher | top-1 agreement | training tokens | wall time (s) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['row']} | {r['params'] / 1e6:.1f} M | {r['layers']} | {r['perplexity']:.3f} | "
+              f"{0 if r['row'].startswith('teacher') else r['kl_to_teacher']:.4f} | {r['top1_agreement']:.4f} | "
+              f"{r['training_tokens']:,} | {r['wall_time_s']:.0f} |")
+    print()
+    print(f"Spearman vs held-out loss increase: BI {ranking['spearman_bi_vs_heldout_loss_increase']:.3f}, "
+          f"angular {ranking['spearman_angular_vs_heldout_loss_increase']:.3f}, "
+          f"calibration loss increase {ranking['spearman_calib_vs_heldout_loss_increase']:.3f}")
+    for m, r in removed.items():
+        print(f"removed by {m}: {r}")
+    print(f"removed by held-out loss increase: {ranking['removed_by_heldout_loss_increase']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
