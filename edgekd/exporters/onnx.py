@@ -1,0 +1,260 @@
+"""Export a Llama-family model as an ONNX decoder with a KV cache, in fp32 or int4.
+
+The only module that drives the ONNX exporter (``torch.onnx.export``, dynamo) and writes ONNX.
+
+Interface (what onnxruntime-genai-style runners expect):
+  inputs  ``input_ids`` [batch, seq], ``attention_mask`` [batch, past+seq], ``position_ids``
+          [batch, seq], ``past_key_values.N.key`` / ``.value`` [batch, kv_heads, past, head_dim]
+  outputs ``logits`` [batch, seq, vocab], ``present.N.key`` / ``.value``
+The first step feeds a past of length 0.
+
+Quantized variants are not re-quantized from fp32 by onnxruntime's tools: every linear weight
+becomes a ``MatMulNBits`` (com.microsoft) whose 4-bit codes and scales are exactly the Q4_0
+codes and fp16-rounded scales of :mod:`edgekd.formats` (default zero point 8), the embedding
+a ``GatherBlockQuantized`` and the tied output head an 8-bit ``MatMulNBits``, both from the
+Q8_0 codes (stored +128, default zero point 128). Weights are found in the exported graph by
+content (the exporter folds ``W^T`` into anonymous initializers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import EdgekdError
+from ..fileio import atomic_path
+from ..formats import EMBEDDING_FORMAT, quantize_q4_0, quantize_q8_0
+from ..quant import LINEAR_NAMES
+
+ONNX_FORMATS = ("f32", "q4_0")
+IR_VERSION = 10  # onnxruntime 1.20+ reads IR <= 10 everywhere; newer exporters write higher
+EXTERNAL_DATA_THRESHOLD = 512 * 1024 * 1024
+
+
+def _digest(a: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(a, dtype=np.float32).tobytes()).hexdigest()
+
+
+def _decoder_wrapper(model: Any):
+    import torch
+    from transformers import DynamicCache
+
+    n_layers = model.config.num_hidden_layers
+
+    class DecoderWithCache(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            cache = DynamicCache(config=self.model.config)
+            for i in range(n_layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=cache, use_cache=True)
+            presents = []
+            for i in range(n_layers):
+                layer = out.past_key_values.layers[i]
+                presents += [layer.keys, layer.values]
+            return (out.logits, *presents)
+
+    return DecoderWithCache().eval()
+
+
+def io_names(n_layers: int) -> tuple[list[str], list[str]]:
+    past = [f"past_key_values.{i}.{k}" for i in range(n_layers) for k in ("key", "value")]
+    present = [f"present.{i}.{k}" for i in range(n_layers) for k in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+def export_fp32_proto(model: Any) -> Any:
+    """Trace the decoder with torch.export and return the fp32 ONNX ModelProto."""
+    import torch
+
+    cfg = model.config
+    n_layers, kv_heads = cfg.num_hidden_layers, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    # batch >= 2 and lengths >= 2 in the example, or torch.export specialises those axes to 1
+    b, s, p = 2, 3, 4
+    ids = torch.randint(0, cfg.vocab_size, (b, s))
+    mask = torch.ones(b, p + s, dtype=torch.int64)
+    pos = torch.arange(p, p + s).unsqueeze(0).expand(b, s).contiguous()
+    past = tuple(torch.zeros(b, kv_heads, p, head_dim) for _ in range(2 * n_layers))
+    batch, seq, past_len, total = (torch.export.Dim(n) for n in ("batch", "seq", "past_len", "total"))
+    dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
+               "position_ids": {0: batch, 1: seq}, "past": tuple({0: batch, 2: past_len} for _ in past)}
+    inputs, outputs = io_names(n_layers)
+    try:
+        program = torch.onnx.export(
+            _decoder_wrapper(model), (ids, mask, pos, *past), None, input_names=inputs, output_names=outputs,
+            dynamic_shapes=dynamic, dynamo=True, opset_version=18, verbose=False,
+        )
+    except Exception as exc:
+        raise EdgekdError(f"torch.onnx.export failed for this model ({type(exc).__name__}: {str(exc)[:300]})",
+                          fix="export to GGUF instead, or report the model architecture") from None
+    proto = program.model_proto
+    proto.ir_version = min(proto.ir_version, IR_VERSION)
+    for node in proto.graph.node:  # the exporter's per-node provenance: ~2 kB a node, unused at run time
+        del node.metadata_props[:]
+        node.doc_string = ""
+    return proto
+
+
+def _quantize_graph(proto: Any, model: Any, weight_format: str) -> Any:
+    """Replace fp32 linear/embedding weights by MatMulNBits / GatherBlockQuantized on our codes."""
+    from onnx import helper, numpy_helper
+
+    if weight_format != "q4_0":
+        raise EdgekdError(f"int ONNX export supports q4_0, not {weight_format!r}", fix="use weight_format q4_0 or f32")
+    graph = proto.graph
+    state = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+    emb_fmt = EMBEDDING_FORMAT[weight_format]
+    linear_by_digest = {}  # digest of W^T -> (W, format)
+    for name, w in state.items():
+        if name.endswith(".weight") and any(f".{n}." in name for n in LINEAR_NAMES):
+            linear_by_digest[_digest(w.T)] = (w, weight_format)
+    if not getattr(model.config, "tie_word_embeddings", False):
+        linear_by_digest[_digest(state["lm_head.weight"].T)] = (state["lm_head.weight"], emb_fmt)
+    emb = state["model.embed_tokens.weight"]
+    emb_digest = _digest(emb)
+
+    inits = {i.name: i for i in graph.initializer}
+    consumers = defaultdict(list)
+    producers = {}
+    for node in graph.node:
+        for x in node.input:
+            consumers[x].append(node)
+        for y in node.output:
+            producers[y] = node
+    new_inits = []
+    replaced = 0
+
+    def packed_4bit(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scales, codes = quantize_q4_0(w)
+        n, k = codes.shape
+        return (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8).reshape(n, k // 32, 16), scales.astype(np.float32).reshape(-1)
+
+    def packed_8bit(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scales, codes = quantize_q8_0(w)
+        return (codes.astype(np.int16) + 128).astype(np.uint8), scales.astype(np.float32)
+
+    def matmul_nbits(node: Any, a: str, w: np.ndarray, fmt: str, tag: str, shared: str | None = None) -> Any:
+        n, k = w.shape
+        if fmt == "q4_0":
+            data, scales, bits = *packed_4bit(w), 4
+        else:
+            data, scales, bits = *packed_8bit(w), 8
+            data, scales = data.reshape(n, k // 32, 32), scales.reshape(-1)
+        weight_name = shared or f"{tag}.qweight"
+        if shared is None:
+            new_inits.append(numpy_helper.from_array(data, weight_name))
+        new_inits.append(numpy_helper.from_array(scales, f"{tag}.scales"))
+        return helper.make_node("MatMulNBits", [a, weight_name, f"{tag}.scales"], list(node.output), name=f"{tag}.MatMulNBits",
+                                domain="com.microsoft", K=k, N=n, bits=bits, block_size=32, accuracy_level=0)
+
+    # The tied table is stored once, as [vocab, hidden/32, 32] uint8 Q8_0 codes (+128): the layout
+    # MatMulNBits reads, and a 3-D input GatherBlockQuantized accepts (quantize_axis=2).
+    emb_data, emb_scales = packed_8bit(emb)
+    vocab, hidden = emb.shape
+    emb_name = "embed_tokens.qweight"
+    emb_used = False
+
+    def gather_block_quantized(node: Any) -> list[Any]:
+        new_inits.append(numpy_helper.from_array(emb_scales.reshape(vocab, hidden // 32, 1), "embed_tokens.scales"))
+        new_inits.append(numpy_helper.from_array(np.array([hidden], np.int64), "embed_tokens.hidden"))
+        out = node.output[0]
+        return [
+            helper.make_node("GatherBlockQuantized", [emb_name, node.input[1], "embed_tokens.scales"], [f"{out}.blocks"],
+                             name="embed_tokens.GatherBlockQuantized", domain="com.microsoft",
+                             gather_axis=0, quantize_axis=2, block_size=32, bits=8),
+            helper.make_node("Shape", [node.input[1]], [f"{out}.ids_shape"], name="embed_tokens.Shape"),
+            helper.make_node("Concat", [f"{out}.ids_shape", "embed_tokens.hidden"], [f"{out}.shape"], name="embed_tokens.Concat", axis=0),
+            helper.make_node("Reshape", [f"{out}.blocks", f"{out}.shape"], [out], name="embed_tokens.Reshape"),
+        ]
+
+    nodes = []
+    for idx, node in enumerate(graph.node):
+        if node.op_type == "MatMul" and node.input[1] in inits:
+            w_t = numpy_helper.to_array(inits[node.input[1]])
+            hit = linear_by_digest.get(_digest(w_t)) if w_t.ndim == 2 else None
+            if hit is not None:
+                nodes.append(matmul_nbits(node, node.input[0], hit[0], hit[1], f"linear{idx}"))
+                replaced += 1
+                continue
+        if node.op_type == "MatMul" and node.input[1] in producers and producers[node.input[1]].op_type == "Transpose":
+            src = producers[node.input[1]].input[0]
+            if src in inits and _digest(numpy_helper.to_array(inits[src])) == emb_digest:
+                nodes.append(matmul_nbits(node, node.input[0], emb, emb_fmt, "lm_head", shared=emb_name))
+                emb_used = True
+                replaced += 1
+                continue
+        if node.op_type == "Gather" and node.input[0] in inits and _digest(numpy_helper.to_array(inits[node.input[0]])) == emb_digest:
+            nodes.extend(gather_block_quantized(node))
+            emb_used = True
+            replaced += 1
+            continue
+        nodes.append(node)
+    if emb_used:
+        new_inits.append(numpy_helper.from_array(emb_data.reshape(vocab, hidden // 32, 32), emb_name))
+    expected = len(linear_by_digest) and sum(1 for k in state if k.endswith(".weight") and any(f".{n}." in k for n in LINEAR_NAMES))
+    if replaced < expected + 1:
+        raise EdgekdError(f"int4 ONNX: found {replaced} of {expected + 2} weight uses to quantize in the exported graph",
+                          fix="this model's graph is not supported for int4 ONNX export; export fp32 ONNX or GGUF")
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+    graph.initializer.extend(new_inits)
+    # drop fp32 weights (and Transposes) that nothing reads any more
+    _prune_unused(graph)
+    if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return proto
+
+
+def _prune_unused(graph: Any) -> None:
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {x for n in graph.node for x in n.input} | outputs
+        dead = [n for n in graph.node if not (set(n.output) & used)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    used = {x for n in graph.node for x in n.input}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def export_onnx(model: Any, path: str | Path, weight_format: str = "f32") -> Path:
+    """Write ``model`` to ``path`` (``.onnx``; large weights go to ``<name>.data`` beside it)."""
+    import onnx
+
+    if weight_format not in ONNX_FORMATS:
+        raise EdgekdError(f"ONNX export of {weight_format!r} is not supported", fix=f"choose one of {ONNX_FORMATS}")
+    model = model.eval()
+    proto = export_fp32_proto(model)
+    if weight_format != "f32":
+        proto = _quantize_graph(proto, model, weight_format)
+    path = Path(path)
+    data_name = f"{path.name}.data"
+    size = sum(i.ByteSize() for i in proto.graph.initializer)
+    external = size > EXTERNAL_DATA_THRESHOLD or weight_format == "f32"
+    with atomic_path(path.parent / f"{path.stem}.onnx-export") as tmp_dir:
+        tmp_dir.mkdir(parents=True)
+        onnx.save_model(proto, str(tmp_dir / path.name), save_as_external_data=external, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+    staged = path.parent / f"{path.stem}.onnx-export"
+    # move the data file first: the .onnx appears only when its weights are in place
+    if (staged / data_name).exists():
+        (staged / data_name).replace(path.parent / data_name)
+    elif (path.parent / data_name).exists():
+        (path.parent / data_name).unlink()
+    (staged / path.name).replace(path)
+    shutil.rmtree(staged, ignore_errors=True)
+    return path
