@@ -152,7 +152,21 @@ def _rss_mb() -> float:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # Linux reports KiB
+    """Peak resident memory of this process.
+
+    On Linux, VmHWM of the current address space. Not ru_maxrss: the kernel carries the
+    maximum across execve, so a benchmark started from a large process (a training run,
+    pytest with torch loaded) would report its parent's peak.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e6
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6  # bytes on macOS, KiB elsewhere
 
 
 def _cpu_s() -> float:
@@ -203,6 +217,55 @@ def _measure_gguf(path: Path, threads: int, n_ctx: int, prompt_tokens: int, gen_
     }
 
 
+def _measure_onnx(path: Path, threads: int, n_ctx: int, prompt_tokens: int, gen_tokens: int, repeats: int) -> dict[str, Any]:
+    """The same protocol as for GGUF, through onnxruntime and the exported KV-cache decoder."""
+    import numpy as np
+
+    from . import onnxrt
+
+    baseline = _rss_mb()
+    t0 = time.perf_counter()
+    dec = onnxrt.Decoder(path, threads)
+    load_s = time.perf_counter() - t0
+    vocab = int(dec.session.get_outputs()[0].shape[-1]) if isinstance(dec.session.get_outputs()[0].shape[-1], int) else 1000
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(100, max(vocab, 101), size=(1, prompt_tokens))
+    gen = rng.integers(100, max(vocab, 101), size=gen_tokens)
+    pp, tg, ttft = [], [], []
+    cpu_total, cpu_tokens = 0.0, 0
+    for i in range(repeats + 1):
+        t = time.perf_counter()
+        logits, _ = dec.step(prompt, dec.empty_past(1), 0)
+        int(logits[0, -1].argmax())
+        dt_prompt = time.perf_counter() - t
+        past, length = dec.empty_past(1), 0
+        c0, t = _cpu_s(), time.perf_counter()
+        for tok in gen:
+            _, past = dec.step(np.array([[tok]]), past, length)
+            length += 1
+        dt_gen = time.perf_counter() - t
+        if i == 0:
+            continue
+        cpu_total += _cpu_s() - c0
+        cpu_tokens += gen_tokens
+        pp.append(prompt_tokens / dt_prompt)
+        ttft.append(dt_prompt * 1e3)
+        tg.append(gen_tokens / dt_gen)
+    kv = len(dec.past_names) * n_ctx * dec.kv_heads * dec.head_dim * 4 / 1e6  # K and V per layer, fp32 cache
+    return {"runtime": f"onnxruntime {onnxrt.version()}", "load_s": load_s, "pp": pp, "tg": tg, "ttft": ttft,
+            "baseline_rss_mb": baseline, "peak_rss_mb": _peak_rss_mb(), "kv_cache_mb": kv,
+            "cpu_s_per_token": cpu_total / max(cpu_tokens, 1)}
+
+
+def model_file_mb(path: Path) -> float:
+    """Size on disk, counting an ONNX file's external data."""
+    size = path.stat().st_size
+    data = path.parent / f"{path.name}.data"
+    if path.suffix == ".onnx" and data.exists():
+        size += data.stat().st_size
+    return size / 1e6
+
+
 # ---------------------------------------------------------------- driver
 
 
@@ -210,14 +273,13 @@ def _run_in_process(model: Path, profile: DeviceProfile, threads: int, prompt_to
     from .energy import power_model_estimate
     from .versions import host_info
 
-    if model.suffix.lower() != ".gguf":
-        raise EdgekdError(
-            f"cannot benchmark {model.name}: only GGUF files (llama.cpp) are supported by this version of edgekd bench",
-            fix="pass a .gguf file",
-        )
+    measure = {".gguf": _measure_gguf, ".onnx": _measure_onnx}.get(model.suffix.lower())
+    if measure is None:
+        raise EdgekdError(f"cannot benchmark {model.name}: edgekd bench runs .gguf (llama.cpp) and .onnx (onnxruntime) files",
+                          fix="pass a file exported by edgekd compress")
     load_before = os.getloadavg()[0]
     with CpuSampler() as sampler:
-        m = _measure_gguf(model, threads, profile.deployment.context_length, prompt_tokens, gen_tokens, repeats)
+        m = measure(model, threads, profile.deployment.context_length, prompt_tokens, gen_tokens, repeats)
     tg = Stat.of(m["tg"])
     energy = power_model_estimate(1.0 / tg.median, profile.hardware, threads)
     other = sampler.other_cores()
@@ -228,7 +290,7 @@ def _run_in_process(model: Path, profile: DeviceProfile, threads: int, prompt_to
     host = host_info()
     result = BenchResult(
         model=str(model), runtime=m["runtime"], profile=profile.name, threads=threads,
-        prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, file_mb=model.stat().st_size / 1e6,
+        prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, file_mb=model_file_mb(model),
         load_s=m["load_s"], pp_tokens_per_s=Stat.of(m["pp"]), tg_tokens_per_s=tg, ttft_ms=Stat.of(m["ttft"]),
         peak_rss_mb=m["peak_rss_mb"], baseline_rss_mb=m["baseline_rss_mb"], kv_cache_mb=m["kv_cache_mb"],
         context_length=profile.deployment.context_length, cpu_s_per_token=m["cpu_s_per_token"],
@@ -237,7 +299,7 @@ def _run_in_process(model: Path, profile: DeviceProfile, threads: int, prompt_to
     )
     where = f"measured on this host ({host['cpu']}, {threads} threads), not projected to {profile.name}"
     sources = {k: where for k in ("decode_tokens_per_s", "ttft_ms", "peak_memory_mb")}
-    sources["model_mb"] = "measured: file size"
+    sources["model_mb"] = "measured: file size" + (" (with external data)" if model.suffix == ".onnx" else "")
     sources["energy_mj_per_token"] = f"{energy.method}; host time"
     result.budgets = check_budgets(profile.budgets, result.measured(), sources)
     return result
@@ -254,7 +316,7 @@ def bench(
     gen_tokens: int = 64,
     isolated: bool = True,
 ) -> BenchResult:
-    """Benchmark ``model`` (a .gguf file) with the settings and budgets of ``profile``.
+    """Benchmark ``model`` (a .gguf or an edgekd .onnx file) with the settings and budgets of ``profile``.
 
     Returns a :class:`BenchResult`; ``result.passed`` is False when a measured number
     breaks a budget, and ``result.failures`` says which. Usable inside a pytest test.
@@ -262,7 +324,7 @@ def bench(
     prof = profile if isinstance(profile, DeviceProfile) else load_profile(profile, overrides)
     path = Path(model).expanduser()
     if not path.is_file():
-        raise EdgekdError(f"model file not found: {path}", fix="pass the path of an exported .gguf file (export/<run>/model-q4_0.gguf)")
+        raise EdgekdError(f"model file not found: {path}", fix="pass the path of an exported model (export/<run>/model-q4_0.gguf or model-q4_0.onnx)")
     if repeats < 1 or prompt_tokens < 1 or gen_tokens < 1:
         raise EdgekdError("repeats, prompt tokens and generated tokens must be at least 1", fix="pass positive values")
     n_threads = threads or prof.deployment.threads

@@ -9,6 +9,7 @@ memory); everything expensive is a resumable stage.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections.abc import Callable
@@ -39,6 +40,7 @@ class RunContext:
     corpus: Any = None  # data.Corpus
     student: Any = None  # transformers model, once pruned (or distilled)
     prune_plan: dict[str, Any] | None = None  # keep list, layer map, MLP channels
+    quantized: Any = None  # the QAT (or round-to-nearest) student, weights on the shipped grid
     # metric name -> value, for the budget check (filled by bench stages)
     measured: dict[str, float] = field(default_factory=dict)
     measured_sources: dict[str, str] = field(default_factory=dict)
@@ -238,6 +240,162 @@ def stage_evaluate_student(ctx: RunContext) -> StageRecord:
                        metrics={**m.to_dict(), "student": model_summary(ctx.student)})
 
 
+def _student_for_qat(ctx: RunContext) -> Any:
+    """The distilled student if there is one, else a copy of the teacher (full-depth QAT)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    if ctx.run.path("student", "config.json").exists():
+        return AutoModelForCausalLM.from_pretrained(str(ctx.run.path("student"))).eval()
+    return copy.deepcopy(ctx.teacher.model)
+
+
+def stage_qat(ctx: RunContext) -> StageRecord:
+    """QAT-KD on the exact grid of the shipped format (or round-to-nearest when qat.steps is 0)."""
+    from dataclasses import asdict
+
+    from .distill import DistillConfig, check_memory, distill, estimate_training_memory
+    from .evaluate import evaluate, torch_logits_fn
+    from .fileio import atomic_path
+    from .models import model_summary
+    from .plots import loss_curves_plot
+    from .quant import materialize, prepare_qat
+
+    fmt = ctx.profile.deployment.weight_format
+    qs = ctx.profile.compression.qat
+    student = _student_for_qat(ctx)
+    layer_map = ctx.prune_plan["layer_map"] if ctx.prune_plan else list(range(student.config.num_hidden_layers))
+    settings: dict[str, Any] = {"weight_format": fmt, "steps": qs.steps, "learning_rate": qs.learning_rate}
+    metrics: dict[str, Any] = {}
+    artifacts = {"QAT student (weights on the shipped grid)": "student-qat"}
+    if qs.steps > 0 and fmt != "f16":
+        # QAT distils from the unquantized teacher with the logit loss only: hidden-state and
+        # attention targets cost a second (eager) teacher pass for little gain at this stage.
+        base = ctx.profile.compression.distill
+        cfg = DistillConfig.from_settings(base, steps=qs.steps, learning_rate=qs.learning_rate)
+        cfg.w_hidden, cfg.w_attention, cfg.w_logit = 0.0, 0.0, 1.0
+        prepare_qat(student, fmt)
+        estimate = estimate_training_memory(ctx.teacher.model, student, cfg.batch_size, ctx.corpus.block_len, False, False)
+        check_memory(estimate)
+        with ctx.reporter.task(f"QAT-KD to {fmt}", total=cfg.steps, unit="steps") as advance:
+            outcome = distill(student, ctx.teacher.model, ctx.corpus.train, cfg, layer_map,
+                              run_dir=ctx.run.path("qat"), resume=True, progress=advance)
+        loss_curves_plot(ctx.run.path("qat", "loss.png"), outcome.history, f"QAT-KD losses ({fmt})")
+        artifacts["QAT loss curves"] = "qat/loss.png"
+        settings.update(asdict(cfg))
+        metrics.update(outcome.summary())
+    else:
+        settings["method"] = "round-to-nearest (no QAT steps)" if fmt != "f16" else "f16 (no quantization)"
+    materialize(student, fmt)
+    with atomic_path(ctx.run.path("student-qat")) as tmp:
+        student.save_pretrained(tmp)
+        ctx.teacher.tokenizer.save_pretrained(tmp)
+    ctx.quantized = student.eval()
+    blocks = heldout_eval_blocks(ctx)
+    with ctx.reporter.task("evaluating the quantized student (torch)", total=len(blocks), unit="blocks") as advance:
+        m = evaluate(torch_logits_fn(ctx.quantized), blocks, torch_logits_fn(ctx.teacher.model), progress=advance)
+    return StageRecord("qat", settings=settings, metrics={**metrics, "heldout": m.to_dict(), "student": model_summary(ctx.student)},
+                       artifacts=artifacts)
+
+
+def _qat_student(ctx: RunContext) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    if ctx.quantized is None:  # resumed after the qat stage
+        ctx.quantized = AutoModelForCausalLM.from_pretrained(str(ctx.run.path("student-qat"))).eval()
+    return ctx.quantized
+
+
+def _parity_blocks(ctx: RunContext):
+    return heldout_eval_blocks(ctx)[:8]
+
+
+def stage_export(ctx: RunContext) -> StageRecord:
+    """Write every format the profile names, then prove each file reproduces the torch model."""
+    from .evaluate import torch_logits_fn
+    from .exporters.checks import check_parity, require
+
+    fmt = ctx.profile.deployment.weight_format
+    student = _qat_student(ctx)
+    torch_fn = torch_logits_fn(student)
+    blocks = _parity_blocks(ctx)
+    source = ctx.teacher.source
+    artifacts, checks = {}, []
+    threads = min(ctx.profile.deployment.threads, os.cpu_count() or 1)
+    for export_format in ctx.profile.deployment.formats:
+        if export_format == "gguf":
+            from . import llamacpp
+            from .exporters.gguf import export_gguf
+
+            name = f"model-{fmt}.gguf"
+            with ctx.reporter.task(f"writing {name}"):
+                path = export_gguf(student, ctx.teacher.tokenizer, ctx.run.path(name), fmt,
+                                   source_gguf=source.path if source.kind in ("gguf", "default") else None,
+                                   source_name=source.name, extra_metadata={"profile": ctx.profile.name})
+            with ctx.reporter.task(f"parity check {name} (llama.cpp)"):
+                result = check_parity(path, "llama.cpp", fmt, llamacpp.logits_fn(path, blocks.shape[1], threads), torch_fn, blocks)
+        else:
+            from .exporters.onnx import export_onnx
+            from .onnxrt import Decoder
+
+            onnx_fmt = "q4_0" if fmt == "q4_0" else "f32"
+            name = f"model-{onnx_fmt}.onnx"
+            with ctx.reporter.task(f"writing {name}"):
+                path = export_onnx(student, ctx.run.path(name), onnx_fmt)
+            with ctx.reporter.task(f"parity check {name} (onnxruntime, incl. KV-cache greedy decoding)"):
+                dec = Decoder(path, threads)
+                prompt = blocks[0, :32]
+                import torch
+
+                with torch.no_grad():
+                    ref = student.generate(torch.from_numpy(prompt[None].astype("int64")), max_new_tokens=16, do_sample=False,
+                                           pad_token_id=ctx.teacher.tokenizer.pad_token_id)[0, len(prompt):].tolist()
+                result = check_parity(path, "onnxruntime", onnx_fmt, dec.logits, torch_fn, blocks, greedy=(dec.greedy(prompt, 16), ref))
+        checks.append(result.to_dict())
+        artifacts[name] = name
+        require(result)
+    floor = _llamacpp_floor(ctx, blocks) if "gguf" in ctx.profile.deployment.formats else None
+    return StageRecord("export", settings={"formats": ctx.profile.deployment.formats, "weight_format": fmt,
+                                           "parity_blocks": int(len(blocks))},
+                       metrics={"parity": checks, "llamacpp_floor": floor}, artifacts=artifacts)
+
+
+def _llamacpp_floor(ctx: RunContext, blocks) -> dict[str, Any] | None:
+    """llama.cpp's own noise floor: the teacher's GGUF (weights equal to the fp32 teacher) against the fp32 teacher."""
+    from . import llamacpp
+    from .evaluate import evaluate, torch_logits_fn
+
+    source = ctx.teacher.source
+    if source.kind not in ("gguf", "default"):
+        return None
+    m = evaluate(llamacpp.logits_fn(source.path, blocks.shape[1], min(ctx.profile.deployment.threads, os.cpu_count() or 1)),
+                 blocks, torch_logits_fn(ctx.teacher.model))
+    return {"file": source.path.name, "kl": m.kl_to_teacher, "top1_agreement": m.top1_agreement, "tokens": m.tokens}
+
+
+def stage_bench(ctx: RunContext) -> StageRecord:
+    """Benchmark the file the profile's runtime loads; its numbers are checked against the budgets."""
+    from .benchmark import bench
+    from .profiles import RUNTIME_FORMAT
+
+    fmt = ctx.profile.deployment.weight_format
+    ext = RUNTIME_FORMAT[ctx.profile.deployment.runtime]
+    name = f"model-{fmt}.gguf" if ext == "gguf" else f"model-{'q4_0' if fmt == 'q4_0' else 'f32'}.onnx"
+    threads = min(ctx.profile.deployment.threads, os.cpu_count() or 1)
+    with ctx.reporter.task(f"benchmarking {name} ({ctx.profile.deployment.runtime}, {threads} threads)"):
+        result = bench(ctx.run.path(name), ctx.profile, threads=threads)
+    measured = result.measured()
+    ctx.measured.update({k: v for k, v in measured.items() if v is not None})
+    for check in result.budgets:
+        from .budgets import BUDGET_METRICS
+
+        ctx.measured_sources[BUDGET_METRICS[check.budget][0]] = check.source
+    return StageRecord("bench", settings={"file": name, "threads": threads, "prompt_tokens": result.prompt_tokens,
+                                          "gen_tokens": result.gen_tokens},
+                       metrics={"bench": result.to_dict()})
+
+
 STAGES: dict[str, Stage] = {
     "load_teacher": stage_load_teacher,
     "load_corpus": stage_load_corpus,
@@ -246,19 +404,22 @@ STAGES: dict[str, Stage] = {
     "prune": stage_prune,
     "distill": stage_distill,
     "evaluate_student": stage_evaluate_student,
+    "qat": stage_qat,
+    "export": stage_export,
+    "bench": stage_bench,
 }
 ALWAYS_RUN = {"load_teacher", "load_corpus"}
 
 
 def plan_stages(profile: DeviceProfile) -> list[str]:
-    """The stages this version of edgekd runs for ``profile``, in order."""
+    """The stages edgekd runs for ``profile``, in order."""
     stages = ["load_teacher", "load_corpus", "evaluate_teacher"]
     comp = profile.compression
     if comp.prune.method != "none":
         stages += ["score_blocks", "prune"]
     if comp.distill.steps > 0 and comp.prune.method != "none":
         stages += ["distill", "evaluate_student"]
-    return stages
+    return stages + ["qat", "export", "bench"]
 
 
 def _collect_evaluation(ctx: RunContext) -> None:
@@ -279,6 +440,30 @@ def _collect_evaluation(ctx: RunContext) -> None:
     rec = ctx.report.stage("evaluate_student")
     if rec is not None:
         ctx.report.evaluation["student, distilled"] = row(rec.metrics["student"], rec.metrics)
+    rec = ctx.report.stage("qat")
+    if rec is not None:
+        fmt = rec.settings.get("weight_format")
+        label = f"student, {fmt} QAT-KD (torch)" if rec.settings.get("steps") else f"student, {fmt} round-to-nearest (torch)"
+        ctx.report.evaluation[label] = row(rec.metrics["student"], rec.metrics["heldout"])
+    rec = ctx.report.stage("export")
+    if rec is not None:
+        rows = [[Path(c["file"]).name, c["runtime"], round(c["kl"], 6), round(c["top1_agreement"], 4), c["max_kl"], c["min_top1"],
+                 {True: "yes", False: "NO", None: "n/a"}[c["greedy_match"]], "pass" if c["passed"] else "FAIL"] for c in rec.metrics["parity"]]
+        floor = rec.metrics.get("llamacpp_floor")
+        if floor:
+            rows.append([f"{floor['file']} (teacher, reference floor)", "llama.cpp", round(floor["kl"], 6),
+                         round(floor["top1_agreement"], 4), None, None, "n/a", "reference"])
+        ctx.report.tables["Export parity (runtime vs torch, held-out blocks)"] = {
+            "headers": ["file", "runtime", "KL per token", "top-1 agreement", "KL limit", "top-1 limit", "greedy match", "verdict"],
+            "rows": rows}
+    rec = ctx.report.stage("bench")
+    if rec is not None:
+        b = rec.metrics["bench"]
+        ctx.report.tables["On-device benchmark (this host)"] = {
+            "headers": ["file", "runtime", "threads", "pp tokens/s", "tg tokens/s", "TTFT ms", "peak RSS MB", "file MB", "energy mJ/token"],
+            "rows": [[Path(b["model"]).name, b["runtime"], b["threads"], round(b["pp_tokens_per_s"]["median"], 1),
+                      round(b["tg_tokens_per_s"]["median"], 1), round(b["ttft_ms"]["median"], 1), round(b["peak_rss_mb"]),
+                      round(b["file_mb"], 1), round(b["energy"]["energy_mj_per_token"], 1)]]}
 
 
 # ---------------------------------------------------------------- driver

@@ -105,3 +105,14 @@ def test_bench_real_gguf_budgets_and_outputs(teacher_gguf, tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["passed"] is False and any("max_model_mb" in f for f in data["failures"])
     assert ET.parse(junit).getroot().get("failures") == "1"
+
+
+def test_peak_memory_is_not_inherited_from_a_large_parent(teacher_gguf):
+    """ru_maxrss survives execve on Linux; the bench must report its own process's peak."""
+    import numpy as np
+
+    ballast = np.ones(400_000_000 // 8)  # make this (parent) process large
+    ballast[::4096] = 2.0
+    r = edgekd.bench(teacher_gguf, "raspberry-pi-5", threads=1, repeats=1, prompt_tokens=8, gen_tokens=4)
+    assert r.peak_rss_mb < 380, r.peak_rss_mb  # the 98 MB model + runtime, not the parent's 400+ MB
+    del ballast

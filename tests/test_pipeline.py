@@ -27,16 +27,23 @@ def test_end_to_end_tiny(tmp_path, tiny_model_dir, small_corpus_file, tiny_profi
     assert [s["name"] for s in data["stages"]] == report.plan
     assert all(s["wall_time_s"] >= 0 for s in data["stages"])
     assert "teacher (fp32)" in (run_dir / "report.md").read_text()
-    # budgets are listed, none measured (no export stage yet), so none failed
-    assert report.passed and len(report.unchecked()) == 5
+    # every budget of the profile was checked on the benchmark of the exported file
+    assert len(report.budgets) == 5 and not report.unchecked()
+    assert all(c.measured is not None for c in report.budgets)
     assert (run_dir / "corpus" / "heldout.npy").exists()
     # pruning and distillation produced a loadable, smaller Hugging Face student
-    assert report.plan == ["load_teacher", "load_corpus", "evaluate_teacher", "score_blocks", "prune", "distill", "evaluate_student"]
+    assert report.plan == ["load_teacher", "load_corpus", "evaluate_teacher", "score_blocks", "prune", "distill",
+                           "evaluate_student", "qat", "export", "bench"]
     from transformers import AutoModelForCausalLM
 
     student = AutoModelForCausalLM.from_pretrained(run_dir / "student")
     assert student.config.num_hidden_layers == 3
-    assert set(data["evaluation"]) == {"teacher (fp32)", "pruned, no healing", "student, distilled"}
+    assert set(data["evaluation"]) == {"teacher (fp32)", "pruned, no healing", "student, distilled", "student, q4_0 QAT-KD (torch)"}
+    # the exported Q4_0 GGUF passed its llama.cpp parity check against the QAT torch model
+    export = next(s for s in data["stages"] if s["name"] == "export")
+    parity = export["metrics"]["parity"][0]
+    assert parity["passed"] and parity["kl"] <= 0.01 and (run_dir / "model-q4_0.gguf").exists()
+    assert "Export parity" in (run_dir / "report.md").read_text()
     distilled = data["evaluation"]["student, distilled"]
     assert distilled["kl_to_teacher"] > 0 and 0 <= distilled["top1_agreement"] <= 1
     prune = next(s for s in data["stages"] if s["name"] == "prune")

@@ -1,0 +1,73 @@
+"""Parity checks: an export counts only once its runtime reproduces the torch model.
+
+Each exported file is reloaded in its runtime and compared with the torch model it was written
+from, on held-out blocks: KL(torch || runtime) per token and top-1 agreement. The limits are
+the runtimes' numerical floors, not tolerances for exporter bugs:
+
+- llama.cpp quantizes activations to 8 bits inside its Q4/Q8 matrix products; the teacher's own
+  Q4_1 file, whose weights equal the fp32 teacher's, sits at KL ~0.003-0.004 and ~96-97% top-1
+  on held-out prose. A Q4_0/Q8_0 export must stay within KL 0.01 and 94% top-1.
+- F16 GGUF and onnxruntime (fp32 activations, exact weights) must be near-identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import EdgekdError
+from ..evaluate import evaluate
+
+LIMITS = {  # (runtime, weight format) -> (max KL, min top-1 agreement)
+    ("llama.cpp", "q4_0"): (0.01, 0.94),
+    ("llama.cpp", "q8_0"): (0.01, 0.94),
+    ("llama.cpp", "f16"): (0.001, 0.98),
+    ("onnxruntime", "q4_0"): (0.002, 0.99),
+    ("onnxruntime", "f32"): (0.0005, 0.995),
+}
+
+
+@dataclass
+class ParityResult:
+    file: str
+    runtime: str
+    weight_format: str
+    kl: float
+    top1_agreement: float
+    max_kl: float
+    min_top1: float
+    tokens: int
+    passed: bool
+    greedy_match: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_parity(path: Path, runtime: str, weight_format: str, runtime_fn: Any, torch_fn: Any, blocks: np.ndarray,
+                 greedy: tuple[list[int], list[int]] | None = None, limits: tuple[float, float] | None = None) -> ParityResult:
+    max_kl, min_top1 = limits or LIMITS[(runtime, weight_format)]
+    m = evaluate(runtime_fn, blocks, teacher_fn=torch_fn)
+    greedy_match = None if greedy is None else greedy[0] == greedy[1]
+    ok = m.kl_to_teacher <= max_kl and m.top1_agreement >= min_top1 and greedy_match is not False
+    return ParityResult(str(path), runtime, weight_format, m.kl_to_teacher, m.top1_agreement, max_kl, min_top1,
+                        m.tokens, bool(ok), greedy_match)
+
+
+def require(result: ParityResult) -> None:
+    """A failed parity check stops the run: the file does not compute what was trained."""
+    if result.passed:
+        return
+    details = [f"KL(torch || {result.runtime}) = {result.kl:.5f} per token (limit {result.max_kl})",
+               f"top-1 agreement = {result.top1_agreement:.4f} (limit {result.min_top1})"]
+    if result.greedy_match is False:
+        details.append("greedy decoding with the KV cache diverged from torch")
+    raise EdgekdError(
+        f"parity check failed for {Path(result.file).name}: {result.runtime} does not reproduce the torch model",
+        details=details,
+        fix="the file was kept for inspection but is not a valid export; check the runtime version "
+        "(llama-cpp-python, onnxruntime) against the README, then re-run with --resume",
+    )
