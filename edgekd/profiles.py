@@ -109,7 +109,7 @@ class PruneSettings(_Strict):
 
 
 class DistillSettings(_Strict):
-    steps: int = Field(default=400, ge=0)
+    steps: int = Field(default=120, ge=0)
     batch_size: int = Field(default=4, gt=0)
     grad_accum: int = Field(default=1, gt=0)
     seq_len: int = Field(default=256, ge=16)
@@ -126,8 +126,8 @@ class DistillSettings(_Strict):
 
 
 class QatSettings(_Strict):
-    steps: int = Field(default=200, ge=0)
-    learning_rate: float = Field(default=2e-5, gt=0)
+    steps: int = Field(default=100, ge=0)
+    learning_rate: float = Field(default=1e-4, gt=0)
 
 
 class EvaluationSettings(_Strict):
