@@ -148,16 +148,20 @@ def _hidden_pairs(s_out: Any, t_out: Any, layer_map: list[int], teacher: Any) ->
     return students[: len(targets)], targets
 
 
-def distill_step_losses(student: Any, teacher: Any, ids: torch.Tensor, cfg: DistillConfig, layer_map: list[int]) -> dict[str, torch.Tensor]:
+def distill_step_losses(student: Any, teacher: Any, ids: torch.Tensor, cfg: DistillConfig, layer_map: list[int],
+                        cached: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Loss terms of one micro-batch. ``cached``: the teacher's top-k (indices, log-probs) for it."""
     want_logits, want_hidden, want_attn = _needs(cfg)
+    live_logits = want_logits and cached is None
     with torch.no_grad():
         t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=want_hidden, output_attentions=want_attn) \
-            if (want_logits or want_hidden or want_attn) else None
+            if (live_logits or want_hidden or want_attn) else None
     s_out = student(input_ids=ids, use_cache=False, output_hidden_states=want_hidden, output_attentions=want_attn)
     labels = ids[:, 1:]
     s_logits = s_out.logits[:, :-1]
-    t_logits = t_out.logits[:, :-1] if t_out is not None else None
-    terms = kd_loss(s_logits, t_logits, labels, cfg.alpha if want_logits else 0.0, cfg.temperature, cfg.kl)
+    t_logits = t_out.logits[:, :-1] if (t_out is not None and live_logits) else None
+    terms = kd_loss(s_logits, t_logits, labels, cfg.alpha if want_logits else 0.0, cfg.temperature, cfg.kl,
+                    teacher_topk=cached if (want_logits and cached is not None) else None)
     total = cfg.w_logit * terms["loss"] if cfg.w_logit > 0 else terms["ce"]
     out = {"ce": terms["ce"], "kd": terms["kd"]}
     if want_hidden:
@@ -220,8 +224,15 @@ def distill(
     resume: bool = True,
     progress: Callable[..., None] | None = None,
     on_step: Callable[[int], None] | None = None,
+    logit_cache: Any = None,
 ) -> DistillOutcome:
-    """Train ``student`` in place for ``cfg.steps`` optimizer steps; checkpoints under ``run_dir``."""
+    """Train ``student`` in place for ``cfg.steps`` optimizer steps; checkpoints under ``run_dir``.
+
+    ``logit_cache`` (edgekd.logit_cache.LogitCache over ``train_blocks``) replaces the teacher's
+    live logits; it must have been built at ``cfg.temperature``.
+    """
+    if logit_cache is not None and abs(logit_cache.temperature - cfg.temperature) > 1e-9:
+        raise ValueError("the logit cache was built at another temperature")
     from accelerate import Accelerator
 
     if len(layer_map) != student.config.num_hidden_layers:
@@ -260,8 +271,11 @@ def distill(
             seen.extend(idx.tolist())
             ids = torch.from_numpy(train_blocks[idx].astype(np.int64)).to(accelerator.device)
             sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else _nullcontext()
+            cached = None
+            if logit_cache is not None:
+                cached = tuple(t.to(accelerator.device) for t in logit_cache.batch(idx))
             with sync:
-                terms = distill_step_losses(model, teacher, ids, cfg, layer_map)
+                terms = distill_step_losses(model, teacher, ids, cfg, layer_map, cached)
                 accelerator.backward(terms["loss"] / cfg.grad_accum)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum

@@ -189,9 +189,34 @@ def stage_prune(ctx: RunContext) -> StageRecord:
     )
 
 
+def stage_teacher_logits(ctx: RunContext) -> StageRecord:
+    from . import logit_cache
+
+    ds = ctx.profile.compression.distill
+    train = ctx.corpus.train
+    with ctx.reporter.task(f"caching the teacher's top-{ds.logit_cache_top_k} logits", total=len(train), unit="blocks") as advance:
+        cache = logit_cache.build(ctx.teacher.model, train, ds.logit_cache_top_k, ds.temperature,
+                                  ctx.run.path("teacher-logits"), batch_size=ds.batch_size, progress=advance)
+    tokens = int(cache.indices.shape[0] * cache.indices.shape[1])
+    return StageRecord("teacher_logits", settings={"top_k": cache.k, "temperature": ds.temperature},
+                       metrics={"tokens": tokens, "size_mb": logit_cache.cache_size_bytes(tokens, cache.k) / 1e6,
+                                "mb_per_million_tokens": cache.bytes_per_million_tokens() / 1e6},
+                       artifacts={"teacher logit cache": "teacher-logits"})
+
+
+def _logit_cache(ctx: RunContext) -> Any:
+    from . import logit_cache
+
+    ds = ctx.profile.compression.distill
+    if ds.logit_cache_top_k is None:
+        return None
+    return logit_cache.load(ctx.run.path("teacher-logits"), ds.logit_cache_top_k, ds.temperature, ctx.corpus.train)
+
+
 def stage_distill(ctx: RunContext) -> StageRecord:
     from .distill import DistillConfig, check_memory, distill, estimate_training_memory
     from .fileio import atomic_path
+    from .logit_cache import live_target_bytes_per_token
     from .plots import loss_curves_plot
 
     if ctx.student is None:
@@ -211,7 +236,7 @@ def stage_distill(ctx: RunContext) -> StageRecord:
     check_memory(estimate)
     with ctx.reporter.task("distilling", total=cfg.steps, unit="steps") as advance:
         outcome = distill(ctx.student, ctx.teacher.model, ctx.corpus.train, cfg, ctx.prune_plan["layer_map"],
-                          run_dir=ctx.run.path("distill"), resume=True, progress=advance)
+                          run_dir=ctx.run.path("distill"), resume=True, progress=advance, logit_cache=_logit_cache(ctx))
     with atomic_path(ctx.run.path("student")) as tmp:
         ctx.student.save_pretrained(tmp)
         ctx.teacher.tokenizer.save_pretrained(tmp)
@@ -220,7 +245,10 @@ def stage_distill(ctx: RunContext) -> StageRecord:
 
     return StageRecord(
         "distill", settings=asdict(cfg),
-        metrics={**outcome.summary(), "memory_estimate_gb": round(estimate["total"] / 1e9, 2)},
+        metrics={**outcome.summary(), "memory_estimate_gb": round(estimate["total"] / 1e9, 2),
+                 "logit_cache": ctx.profile.compression.distill.logit_cache_top_k is not None,
+                 "live_targets_if_cached_bytes_per_token": live_target_bytes_per_token(
+                     ctx.teacher.model.config, ctx.corpus.block_len)},
         artifacts={"student (Hugging Face directory)": "student", "loss curves": "distill/loss.png"},
     )
 
@@ -280,7 +308,7 @@ def stage_qat(ctx: RunContext) -> StageRecord:
         check_memory(estimate)
         with ctx.reporter.task(f"QAT-KD to {fmt}", total=cfg.steps, unit="steps") as advance:
             outcome = distill(student, ctx.teacher.model, ctx.corpus.train, cfg, layer_map,
-                              run_dir=ctx.run.path("qat"), resume=True, progress=advance)
+                              run_dir=ctx.run.path("qat"), resume=True, progress=advance, logit_cache=_logit_cache(ctx))
         loss_curves_plot(ctx.run.path("qat", "loss.png"), outcome.history, f"QAT-KD losses ({fmt})")
         artifacts["QAT loss curves"] = "qat/loss.png"
         settings.update(asdict(cfg))
@@ -402,6 +430,7 @@ STAGES: dict[str, Stage] = {
     "evaluate_teacher": stage_evaluate_teacher,
     "score_blocks": stage_score_blocks,
     "prune": stage_prune,
+    "teacher_logits": stage_teacher_logits,
     "distill": stage_distill,
     "evaluate_student": stage_evaluate_student,
     "qat": stage_qat,
@@ -417,6 +446,9 @@ def plan_stages(profile: DeviceProfile) -> list[str]:
     comp = profile.compression
     if comp.prune.method != "none":
         stages += ["score_blocks", "prune"]
+    training = (comp.distill.steps > 0 and comp.prune.method != "none") or comp.qat.steps > 0
+    if comp.distill.logit_cache_top_k is not None and training:
+        stages += ["teacher_logits"]
     if comp.distill.steps > 0 and comp.prune.method != "none":
         stages += ["distill", "evaluate_student"]
     return stages + ["qat", "export", "bench"]

@@ -105,3 +105,28 @@ def test_memory_estimate_grows_with_batch_and_attention():
     big = estimate_training_memory(t, t, 8, 64, False, False)["total"]
     attn = estimate_training_memory(t, t, 8, 64, True, False)["total"]
     assert small < big < attn
+
+
+def test_logit_cache_matches_live_teacher_at_full_k_and_skips_the_teacher(tmp_path):
+    from conftest import make_tiny_llama
+
+    from edgekd import logit_cache
+
+    teacher = make_tiny_llama(64, layers=2, seed=4)
+    blocks = np.random.default_rng(0).integers(0, 64, size=(6, 16)).astype(np.int32)
+    cache = logit_cache.build(teacher, blocks, top_k=64, temperature=2.0, directory=tmp_path / "c")
+    assert cache.indices.shape == (6, 15, 64) and cache.logprobs.dtype == np.float32
+    again = logit_cache.load(tmp_path / "c", 64, 2.0, blocks)
+    assert again is not None and np.array_equal(again.indices, cache.indices)
+    assert logit_cache.load(tmp_path / "c", 32, 2.0, blocks) is None  # other settings: rebuilt
+    cfg = DistillConfig(steps=3, batch_size=2, alpha=1.0, temperature=2.0, learning_rate=1e-3)
+    live = make_student(teacher, [0])
+    cached = make_student(teacher, [0])
+    out_live = distill(live, teacher, blocks, cfg, [0])
+    calls = []
+    handle = teacher.register_forward_hook(lambda *a: calls.append(1))
+    out_cached = distill(cached, teacher, blocks, cfg, [0], logit_cache=cache)
+    handle.remove()
+    assert calls == []  # no teacher forward with a cache and only logit losses
+    for a, b in zip(out_live.history, out_cached.history):
+        assert a["kd"] == pytest.approx(b["kd"], rel=1e-3)  # full k: the same loss

@@ -155,3 +155,11 @@ def test_resume_after_prune_rebuilds_the_student(tmp_path, tiny_model_dir, small
     monkeypatch.undo()
     report = run(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides, resume=True)
     assert report.status == "complete" and "student, distilled" in report.evaluation
+
+
+def test_logit_cache_through_the_pipeline(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides):
+    report = run(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides + ["compression.distill.logit_cache_top_k=8"])
+    assert "teacher_logits" in report.plan and report.plan.index("teacher_logits") < report.plan.index("distill")
+    rec = report.stage("teacher_logits")
+    assert rec.metrics["mb_per_million_tokens"] == 64.0  # 8 bytes x k=8
+    assert report.stage("distill").metrics["logit_cache"] is True

@@ -1,0 +1,86 @@
+"""Teacher-logit cache: the teacher's top-k log-probabilities per training position, computed once.
+
+As in DistillKit: for every position of every training block, keep the k largest teacher
+log-probabilities at the distillation temperature T (fp32: fp16 shifts a small KL by ~1e-3) and their token ids (int32); the
+remaining probability mass is folded into one bucket by the loss (see
+:func:`edgekd.losses.topk_forward_kl`). With the cache, a distillation or QAT step that uses
+only logit losses needs no teacher forward pass. Size on disk: 8 * k bytes per token.
+
+Hidden-state and attention targets are not cached: per token they cost 4 * hidden * layers
+bytes (hidden) and 4 * heads * seq * layers bytes (attention), hundreds of kB per token for a
+135M model; the report states that cost, and those losses run the teacher live.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .fileio import atomic_path, atomic_write_json
+
+
+@dataclass
+class LogitCache:
+    indices: np.ndarray  # (n_blocks, block_len - 1, k) int32
+    logprobs: np.ndarray  # (n_blocks, block_len - 1, k) float32, log-softmax(z / T)
+    temperature: float
+
+    @property
+    def k(self) -> int:
+        return int(self.indices.shape[-1])
+
+    def batch(self, block_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.from_numpy(np.asarray(self.indices[block_ids], dtype=np.int64)),
+                torch.from_numpy(np.asarray(self.logprobs[block_ids], dtype=np.float32)))
+
+    def bytes_per_million_tokens(self) -> float:
+        return 1e6 * self.k * (4 + 4)
+
+
+def cache_size_bytes(n_tokens: int, k: int) -> int:
+    return n_tokens * k * 8
+
+
+def live_target_bytes_per_token(config: Any, seq_len: int) -> dict[str, float]:
+    """What caching hidden-state or attention targets would cost per token (they are computed live)."""
+    return {"hidden_states": 4.0 * config.hidden_size * (config.num_hidden_layers + 1),
+            "attention_maps": 4.0 * config.num_attention_heads * seq_len * config.num_hidden_layers}
+
+
+@torch.no_grad()
+def build(teacher: Any, blocks: np.ndarray, top_k: int, temperature: float, directory: Path,
+          batch_size: int = 4, progress: Callable[[int], None] | None = None) -> LogitCache:
+    n, length = blocks.shape
+    idx = np.empty((n, length - 1, top_k), dtype=np.int32)
+    lp = np.empty((n, length - 1, top_k), dtype=np.float32)
+    for b0 in range(0, n, batch_size):
+        ids = torch.from_numpy(blocks[b0 : b0 + batch_size].astype(np.int64))
+        logits = teacher(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        top = torch.log_softmax(logits / temperature, dim=-1).topk(top_k, dim=-1)
+        idx[b0 : b0 + len(ids)] = top.indices.numpy()
+        lp[b0 : b0 + len(ids)] = top.values.numpy()
+        if progress:
+            progress(len(ids))
+    with atomic_path(directory) as tmp:
+        tmp.mkdir(parents=True)
+        np.save(tmp / "indices.npy", idx)
+        np.save(tmp / "logprobs.npy", lp)
+        atomic_write_json(tmp / "meta.json", {"top_k": top_k, "temperature": temperature, "blocks": n, "block_len": length})
+    return LogitCache(idx, lp, temperature)
+
+
+def load(directory: Path, top_k: int, temperature: float, blocks: np.ndarray) -> LogitCache | None:
+    """The cache in ``directory`` if it matches these settings and blocks, else None."""
+    meta_path = directory / "meta.json"
+    if not meta_path.exists():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if (meta["top_k"], meta["temperature"], meta["blocks"], meta["block_len"]) != (top_k, temperature, *blocks.shape):
+        return None
+    return LogitCache(np.load(directory / "indices.npy", mmap_mode="r"), np.load(directory / "logprobs.npy", mmap_mode="r"), temperature)
