@@ -60,7 +60,7 @@ def main() -> int:
     }
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "baseline_teacher.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(f"| model | file MB | perplexity | KL to fp32 teacher | top-1 agreement | tg128 tok/s 1 thr | tg128 tok/s 2 thr | pp128 tok/s 2 thr |")
+    print("| model | file MB | perplexity | KL to fp32 teacher | top-1 agreement | tg128 tok/s 1 thr | tg128 tok/s 2 thr | pp128 tok/s 2 thr |")
     print("|---|---|---|---|---|---|---|---|")
     print(f"| teacher fp32 (torch) | {teacher.info['fp32_mb']:.0f} | {fp32.perplexity:.3f} | 0 (reference) | 1 (reference) | n/a | n/a | n/a |")
     print(f"| teacher Q4_1 GGUF (llama.cpp) | {out['q4_1_gguf_llamacpp']['file_mb']:.1f} | {q41.perplexity:.3f} | {q41.kl_to_teacher:.4f} | "

@@ -41,7 +41,14 @@ def main() -> int:
     from edgekd.distill import DistillConfig, distill
     from edgekd.evaluate import evaluate, torch_logits_fn
     from edgekd.models import load_causal_lm, model_summary, resolve_model_source
-    from edgekd.prune import calibration_loss, loss_increase_scores, make_student, score_blocks, select_layers, spearman
+    from edgekd.prune import (
+        calibration_loss,
+        loss_increase_scores,
+        make_student,
+        score_blocks,
+        select_layers,
+        spearman,
+    )
     from edgekd.versions import host_info, library_versions
 
     torch.manual_seed(0)

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,36 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _timed_repeats(prefill: Callable[[], None], decode: Callable[[], None], prompt_tokens: int, gen_tokens: int,
+                   repeats: int) -> dict[str, Any]:
+    """llama-bench's protocol: one warm-up, then ``repeats`` timed prefills and decodes from an empty context."""
+    pp, tg, ttft = [], [], []
+    cpu_total = 0.0
+    for i in range(repeats + 1):
+        t = time.perf_counter()
+        prefill()
+        dt_prompt = time.perf_counter() - t
+        c0, t = _cpu_s(), time.perf_counter()
+        decode()
+        dt_gen = time.perf_counter() - t
+        if i == 0:
+            continue
+        cpu_total += _cpu_s() - c0
+        pp.append(prompt_tokens / dt_prompt)
+        ttft.append(dt_prompt * 1e3)
+        tg.append(gen_tokens / dt_gen)
+    return {"pp": pp, "tg": tg, "ttft": ttft, "cpu_s_per_token": cpu_total / (repeats * gen_tokens)}
+
+
+def _random_tokens(vocab: int, prompt_tokens: int, gen_tokens: int) -> tuple[list[int], list[int]]:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    low = min(100, vocab - 1)
+    return ([int(t) for t in rng.integers(low, vocab, size=prompt_tokens)],
+            [int(t) for t in rng.integers(low, vocab, size=gen_tokens)])
+
+
 def _measure_gguf(path: Path, threads: int, n_ctx: int, prompt_tokens: int, gen_tokens: int, repeats: int) -> dict[str, Any]:
     import numpy as np
 
@@ -183,38 +214,21 @@ def _measure_gguf(path: Path, threads: int, n_ctx: int, prompt_tokens: int, gen_
     t0 = time.perf_counter()
     llm = llamacpp.load(path, n_ctx=max(n_ctx, prompt_tokens + gen_tokens + 8), threads=threads, n_batch=max(prompt_tokens, 32))
     load_s = time.perf_counter() - t0
-    rng = np.random.default_rng(0)
-    vocab = llm.n_vocab()
-    prompt = [int(t) for t in rng.integers(100, vocab, size=prompt_tokens)]
-    gen = [int(t) for t in rng.integers(100, vocab, size=gen_tokens)]
-    pp, tg, ttft = [], [], []
-    cpu_tokens = 0
-    cpu_total = 0.0
-    for i in range(repeats + 1):  # first repeat is the warm-up
+    prompt, gen = _random_tokens(llm.n_vocab(), prompt_tokens, gen_tokens)
+
+    def prefill() -> None:
         llm.reset()
-        t = time.perf_counter()
         llm.eval(prompt)
-        int(np.argmax(llm.scores[llm.n_tokens - 1]))  # first token available
-        dt_prompt = time.perf_counter() - t
+        int(np.argmax(llm.scores[llm.n_tokens - 1]))  # the first token is available
+
+    def decode() -> None:
         llm.reset()
-        c0, t = _cpu_s(), time.perf_counter()
         for tok in gen:
             llm.eval([tok])
-        dt_gen = time.perf_counter() - t
-        if i == 0:
-            continue
-        cpu_total += _cpu_s() - c0
-        cpu_tokens += gen_tokens
-        pp.append(prompt_tokens / dt_prompt)
-        ttft.append(dt_prompt * 1e3)
-        tg.append(gen_tokens / dt_gen)
-    meta = dict(llm.metadata)
-    return {
-        "runtime": f"llama.cpp (llama-cpp-python {llamacpp.version()})",
-        "load_s": load_s, "pp": pp, "tg": tg, "ttft": ttft,
-        "baseline_rss_mb": baseline, "peak_rss_mb": _peak_rss_mb(),
-        "kv_cache_mb": llamacpp.kv_cache_mb(meta, n_ctx), "cpu_s_per_token": cpu_total / max(cpu_tokens, 1),
-    }
+
+    timed = _timed_repeats(prefill, decode, prompt_tokens, gen_tokens, repeats)
+    return {"runtime": f"llama.cpp (llama-cpp-python {llamacpp.version()})", "load_s": load_s, **timed,
+            "baseline_rss_mb": baseline, "peak_rss_mb": _peak_rss_mb(), "kv_cache_mb": llamacpp.kv_cache_mb(dict(llm.metadata), n_ctx)}
 
 
 def _measure_onnx(path: Path, threads: int, n_ctx: int, prompt_tokens: int, gen_tokens: int, repeats: int) -> dict[str, Any]:
@@ -227,34 +241,23 @@ def _measure_onnx(path: Path, threads: int, n_ctx: int, prompt_tokens: int, gen_
     t0 = time.perf_counter()
     dec = onnxrt.Decoder(path, threads)
     load_s = time.perf_counter() - t0
-    vocab = int(dec.session.get_outputs()[0].shape[-1]) if isinstance(dec.session.get_outputs()[0].shape[-1], int) else 1000
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(100, max(vocab, 101), size=(1, prompt_tokens))
-    gen = rng.integers(100, max(vocab, 101), size=gen_tokens)
-    pp, tg, ttft = [], [], []
-    cpu_total, cpu_tokens = 0.0, 0
-    for i in range(repeats + 1):
-        t = time.perf_counter()
-        logits, _ = dec.step(prompt, dec.empty_past(1), 0)
+    vocab_dim = dec.session.get_outputs()[0].shape[-1]
+    prompt, gen = _random_tokens(vocab_dim if isinstance(vocab_dim, int) else 1000, prompt_tokens, gen_tokens)
+    prompt_ids = np.array([prompt])
+
+    def prefill() -> None:
+        logits, _ = dec.step(prompt_ids, dec.empty_past(1), 0)
         int(logits[0, -1].argmax())
-        dt_prompt = time.perf_counter() - t
-        past, length = dec.empty_past(1), 0
-        c0, t = _cpu_s(), time.perf_counter()
-        for tok in gen:
+
+    def decode() -> None:
+        past = dec.empty_past(1)
+        for length, tok in enumerate(gen):
             _, past = dec.step(np.array([[tok]]), past, length)
-            length += 1
-        dt_gen = time.perf_counter() - t
-        if i == 0:
-            continue
-        cpu_total += _cpu_s() - c0
-        cpu_tokens += gen_tokens
-        pp.append(prompt_tokens / dt_prompt)
-        ttft.append(dt_prompt * 1e3)
-        tg.append(gen_tokens / dt_gen)
+
+    timed = _timed_repeats(prefill, decode, prompt_tokens, gen_tokens, repeats)
     kv = len(dec.past_names) * n_ctx * dec.kv_heads * dec.head_dim * 4 / 1e6  # K and V per layer, fp32 cache
-    return {"runtime": f"onnxruntime {onnxrt.version()}", "load_s": load_s, "pp": pp, "tg": tg, "ttft": ttft,
-            "baseline_rss_mb": baseline, "peak_rss_mb": _peak_rss_mb(), "kv_cache_mb": kv,
-            "cpu_s_per_token": cpu_total / max(cpu_tokens, 1)}
+    return {"runtime": f"onnxruntime {onnxrt.version()}", "load_s": load_s, **timed,
+            "baseline_rss_mb": baseline, "peak_rss_mb": _peak_rss_mb(), "kv_cache_mb": kv}
 
 
 def model_file_mb(path: Path) -> float:

@@ -150,7 +150,13 @@ def stage_prune(ctx: RunContext) -> StageRecord:
     from .fileio import atomic_write_json
     from .planner import plan_depth
     from .plots import block_scores_plot
-    from .prune import BlockScores, mlp_channel_importance, resolve_keep_layers, select_layers, select_mlp_channels
+    from .prune import (
+        BlockScores,
+        mlp_channel_importance,
+        resolve_keep_layers,
+        select_layers,
+        select_mlp_channels,
+    )
 
     settings = ctx.profile.compression.prune
     teacher = ctx.teacher.model

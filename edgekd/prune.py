@@ -98,9 +98,9 @@ def score_blocks(
             model(input_ids=ids, use_cache=False)
             flat = [a.reshape(-1, a.shape[-1]) for a in acts]
             unit = [torch.nn.functional.normalize(a, dim=-1) for a in flat]
-            for l in range(n_layers):
-                for n in range(1, min(max_window, n_layers - l) + 1):
-                    cos_sums[l, n] += (unit[l] * unit[l + n]).sum(-1).clamp(-1, 1).sum().item()
+            for start in range(n_layers):
+                for n in range(1, min(max_window, n_layers - start) + 1):
+                    cos_sums[start, n] += (unit[start] * unit[start + n]).sum(-1).clamp(-1, 1).sum().item()
             tokens += flat[0].shape[0]
             if progress:
                 progress(len(ids))
@@ -108,10 +108,10 @@ def score_blocks(
         for h in handles:
             h.remove()
     mean_cos = cos_sums / max(tokens, 1)
-    bi = [float(1 - mean_cos[l, 1]) for l in range(n_layers)]
+    bi = [float(1 - mean_cos[i, 1]) for i in range(n_layers)]
     ang = lambda c: float(math.acos(max(-1.0, min(1.0, c))) / math.pi)  # noqa: E731
     windows = {
-        n: [ang(mean_cos[l, n]) for l in range(n_layers - n + 1)]
+        n: [ang(mean_cos[start, n]) for start in range(n_layers - n + 1)]
         for n in range(1, max_window + 1)
     }
     return BlockScores(bi, windows[1], windows, None, tokens)

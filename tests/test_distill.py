@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from edgekd import EdgekdError
-from edgekd.distill import DistillConfig, check_memory, distill, estimate_training_memory, sample_indices
+from edgekd.distill import (
+    DistillConfig,
+    check_memory,
+    distill,
+    estimate_training_memory,
+    sample_indices,
+)
 from edgekd.prune import make_student
 
 WORKER = Path(__file__).parent / "helpers" / "distill_worker.py"

@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from edgekd.formats import (
-    dequantize_q4_0, dequantize_q8_0, pack_q4_0, pack_q8_0, quantize_q4_0, quantize_q8_0, round_trip, torch_round_trip,
+    dequantize_q4_0,
+    dequantize_q8_0,
+    pack_q4_0,
+    pack_q8_0,
+    quantize_q4_0,
+    quantize_q8_0,
+    round_trip,
+    torch_round_trip,
 )
 
 gguf = pytest.importorskip("gguf")

@@ -6,7 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edgekd.losses import attention_kl, hidden_state_loss, kd_loss, logit_divergence, topk_forward_kl
+from edgekd.losses import (
+    attention_kl,
+    hidden_state_loss,
+    kd_loss,
+    logit_divergence,
+    topk_forward_kl,
+)
 
 
 @pytest.fixture

@@ -4,8 +4,15 @@ import torch
 
 from edgekd import EdgekdError
 from edgekd.prune import (
-    BlockScores, loss_increase_scores, mlp_channel_importance, prune_mlp_width, resolve_keep_layers,
-    score_blocks, select_layers, make_student, spearman,
+    BlockScores,
+    loss_increase_scores,
+    make_student,
+    mlp_channel_importance,
+    prune_mlp_width,
+    resolve_keep_layers,
+    score_blocks,
+    select_layers,
+    spearman,
 )
 
 
