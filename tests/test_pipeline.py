@@ -163,3 +163,18 @@ def test_logit_cache_through_the_pipeline(tmp_path, tiny_model_dir, small_corpus
     rec = report.stage("teacher_logits")
     assert rec.metrics["mb_per_million_tokens"] == 64.0  # 8 bytes x k=8
     assert report.stage("distill").metrics["logit_cache"] is True
+
+
+def test_failed_parity_check_stops_the_run_with_exit_2(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides, monkeypatch, capsys):
+    from edgekd.exporters import checks
+
+    monkeypatch.setitem(checks.LIMITS, ("llama.cpp", "q4_0"), (0.0, 1.01))  # impossible limits
+    sets = [a for o in tiny_profile_overrides for a in ("--set", o)]
+    code = main(["compress", "--teacher", str(tiny_model_dir), "--data", str(small_corpus_file),
+                 "--output", str(tmp_path), "--run-name", "p", "--quiet", *sets])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "parity check failed for model-q4_0.gguf" in err and "top-1 agreement" in err and "Traceback" not in err
+    state = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert state["status"] == "running"  # never marked complete
+    assert "export" not in [s["name"] for s in state["stages"]]

@@ -45,3 +45,29 @@ def test_default_compress_end_to_end(tmp_path):
     assert 8 < ppl < 40
     assert data["corpus"]["name"].startswith("python-docs")
     assert data["corpus"]["heldout_blocks"] >= 24
+
+
+def test_teacher_exports_reproduce_in_both_runtimes(teacher, tmp_path):
+    """F16 GGUF equals the teacher; Q4_0 round-to-nearest sits at llama.cpp's floor against the
+    torch model holding the same weights; the int4 ONNX reproduces it to float rounding."""
+    import copy
+
+    from edgekd import llamacpp, onnxrt
+    from edgekd.data import load_corpus
+    from edgekd.evaluate import evaluate, torch_logits_fn
+    from edgekd.exporters.gguf import export_gguf
+    from edgekd.exporters.onnx import export_onnx
+    from edgekd.quant import materialize
+
+    blocks = load_corpus(None, teacher.tokenizer, 256).heldout[:4]
+    f16 = export_gguf(teacher.model, teacher.tokenizer, tmp_path / "t-f16.gguf", "f16", source_gguf=teacher.source.path)
+    m = evaluate(llamacpp.logits_fn(f16, 256, 2), blocks, torch_logits_fn(teacher.model))
+    assert m.kl_to_teacher < 1e-3 and m.top1_agreement > 0.99
+    shipped = materialize(copy.deepcopy(teacher.model), "q4_0")
+    q4 = export_gguf(teacher.model, teacher.tokenizer, tmp_path / "t-q4_0.gguf", "q4_0", source_gguf=teacher.source.path)
+    assert 85 < q4.stat().st_size / 1e6 < 95
+    m = evaluate(llamacpp.logits_fn(q4, 256, 2), blocks, torch_logits_fn(shipped))
+    assert m.kl_to_teacher < 0.01 and m.top1_agreement > 0.94
+    onnx_path = export_onnx(shipped, tmp_path / "t-q4_0.onnx", "q4_0")
+    m = evaluate(onnxrt.logits_fn(onnx_path, 2), blocks, torch_logits_fn(shipped))
+    assert m.kl_to_teacher < 0.002 and m.top1_agreement > 0.99
