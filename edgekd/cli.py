@@ -137,6 +137,10 @@ def _print_report_summary(report) -> None:
             fmt = lambda v, d=4: "n/a" if v is None else (f"{v:.{d}g}" if isinstance(v, float) else f"{v:,}")  # noqa: E731
             table.add_row(name, fmt(m.get("params")), fmt(m.get("perplexity")), fmt(m.get("kl_to_teacher")), fmt(m.get("top1_agreement")))
         out.print(table)
+    checked = [b for b in report.budgets if b.passed is not None]
+    if checked:
+        verdict = "[green]all pass[/]" if report.passed else f"[red]{len(report.failures())} failed[/]"
+        out.print(f"budgets: {len(checked)} checked on measured numbers, {verdict}")
     for line in report.failures():
         out.print(f"[red]budget failed[/]: {escape(line)}")
     for line in report.unchecked():

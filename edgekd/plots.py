@@ -25,6 +25,9 @@ def block_scores_plot(path: Path, scores: dict[str, list[float] | None], removed
         colors = ["tab:red" if i in removed else "tab:blue" for i in range(len(values))]
         ax.bar(range(len(values)), values, color=colors)
         ax.set_ylabel(name.replace("_", " "), fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
+    axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[-1, 0].set_xlabel("block (red: removed)")
     fig.suptitle("block importance from the calibration pass")
     fig.tight_layout()

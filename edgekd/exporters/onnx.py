@@ -19,7 +19,9 @@ content (the exporter folds ``W^T`` into anonymous initializers).
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -90,10 +92,13 @@ def export_fp32_proto(model: Any) -> Any:
                "position_ids": {0: batch, 1: seq}, "past": tuple({0: batch, 2: past_len} for _ in past)}
     inputs, outputs = io_names(n_layers)
     try:
-        program = torch.onnx.export(
-            _decoder_wrapper(model), (ids, mask, pos, *past), None, input_names=inputs, output_names=outputs,
-            dynamic_shapes=dynamic, dynamo=True, opset_version=18, verbose=False,
-        )
+        with warnings.catch_warnings():  # the exporter's notes on axis names and torchvision ops are not ours to act on
+            warnings.simplefilter("ignore")
+            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+            program = torch.onnx.export(
+                _decoder_wrapper(model), (ids, mask, pos, *past), None, input_names=inputs, output_names=outputs,
+                dynamic_shapes=dynamic, dynamo=True, opset_version=18, verbose=False,
+            )
     except Exception as exc:
         raise EdgekdError(f"torch.onnx.export failed for this model ({type(exc).__name__}: {str(exc)[:300]})",
                           fix="export to GGUF instead, or report the model architecture") from None
