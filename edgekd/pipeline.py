@@ -329,7 +329,7 @@ def stage_qat(ctx: RunContext) -> StageRecord:
     blocks = heldout_eval_blocks(ctx)
     with ctx.reporter.task("evaluating the quantized student (torch)", total=len(blocks), unit="blocks") as advance:
         m = evaluate(torch_logits_fn(ctx.quantized), blocks, torch_logits_fn(ctx.teacher.model), progress=advance)
-    return StageRecord("qat", settings=settings, metrics={**metrics, "heldout": m.to_dict(), "student": model_summary(ctx.student)},
+    return StageRecord("qat", settings=settings, metrics={**metrics, "heldout": m.to_dict(), "student": model_summary(ctx.quantized)},
                        artifacts=artifacts)
 
 

@@ -178,3 +178,18 @@ def test_failed_parity_check_stops_the_run_with_exit_2(tmp_path, tiny_model_dir,
     state = json.loads((tmp_path / "p" / "report.json").read_text())
     assert state["status"] == "running"  # never marked complete
     assert "export" not in [s["name"] for s in state["stages"]]
+
+
+def test_full_depth_profile_runs_qat_and_onnx_export(tmp_path, tiny_model_dir, small_corpus_file):
+    """The phone profile keeps every layer (budgets hold at full depth) and ships an int4 ONNX."""
+    report = edgekd.compress(
+        teacher=tiny_model_dir, profile="phone", data=small_corpus_file, output=tmp_path, run_name="phone", quiet=True,
+        overrides=["compression.distill.seq_len=64", "compression.evaluation.max_heldout_blocks=4",
+                   "compression.prune.calibration_blocks=4", "compression.qat.steps=2", "compression.distill.batch_size=2"],
+    )
+    assert report.stage("prune").metrics["kept_layers"] == 4
+    assert report.stage("distill").metrics.get("skipped")
+    parity = report.stage("export").metrics["parity"]
+    assert [p["runtime"] for p in parity] == ["onnxruntime"] and parity[0]["greedy_match"] is True
+    assert (tmp_path / "phone" / "model-q4_0.onnx").exists()
+    assert report.stage("bench").metrics["bench"]["runtime"].startswith("onnxruntime")
