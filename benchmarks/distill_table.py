@@ -34,6 +34,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--keep", type=int, default=24)
     ap.add_argument("--out", default=str(HERE / "results" / "distill_table.json"))
+    ap.add_argument("--skip-loss-increase", action="store_true", help="skip the slow per-block loss-increase analysis")
     args = ap.parse_args()
 
     import edgekd
@@ -62,15 +63,20 @@ def main() -> int:
     calib = train[np.linspace(0, len(train) - 1, prof.compression.prune.calibration_blocks).astype(int)]
     t_fn = torch_logits_fn(t_model)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    ood = out_of_domain_sets(teacher, ds.seq_len)
 
     # ---- pruning scores
     t0 = time.perf_counter()
     scores = score_blocks(t_model, calib)
     score_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    scores.loss_increase = loss_increase_scores(t_model, calib[:8])
+    if args.skip_loss_increase:
+        scores.loss_increase = scores.block_influence
+        heldout_li = scores.block_influence
+    else:
+        scores.loss_increase = loss_increase_scores(t_model, calib[:8])
+        heldout_li = loss_increase_scores(t_model, held[:12])  # analysis only: never used to choose blocks
     li_calib_s = time.perf_counter() - t0
-    heldout_li = loss_increase_scores(t_model, held[:12])  # analysis only: never used to choose blocks
     log("scores done", score_s, li_calib_s)
     drop = t_model.config.num_hidden_layers - args.keep
     removed = {m: sorted(set(range(30)) - set(select_layers(scores, args.keep, m))) for m in ("block_influence", "angular", "loss_increase")}
@@ -88,9 +94,10 @@ def main() -> int:
     def add_row(name: str, model, tokens: int, wall: float) -> None:
         m = evaluate(torch_logits_fn(model), held, t_fn)
         info = model_summary(model)
+        extra = {f"perplexity_{k}": evaluate(torch_logits_fn(model), v).perplexity for k, v in ood.items()}
         rows.append({"row": name, "params": info["params"], "layers": info["layers"], "perplexity": m.perplexity,
                      "kl_to_teacher": m.kl_to_teacher, "top1_agreement": m.top1_agreement,
-                     "training_tokens": tokens, "wall_time_s": wall})
+                     "training_tokens": tokens, "wall_time_s": wall, **extra})
         log(rows[-1])
 
     add_row("teacher (30 layers)", t_model, 0, 0.0)
@@ -117,11 +124,13 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
-    print("| row | params | layers | held-out perplexity | KL to teacher | top-1 agreement | training tokens | wall time (s) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| row | params | layers | held-out perplexity | KL to teacher | top-1 agreement | perplexity, out-of-domain text | "
+          "perplexity, teacher samples | training tokens | wall time (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['row']} | {r['params'] / 1e6:.1f} M | {r['layers']} | {r['perplexity']:.3f} | "
               f"{0 if r['row'].startswith('teacher') else r['kl_to_teacher']:.4f} | {r['top1_agreement']:.4f} | "
+              f"{r['perplexity_license']:.3f} | {r['perplexity_teacher_samples']:.3f} | "
               f"{r['training_tokens']:,} | {r['wall_time_s']:.0f} |")
     print()
     print(f"Spearman vs held-out loss increase: BI {ranking['spearman_bi_vs_heldout_loss_increase']:.3f}, "
@@ -131,6 +140,33 @@ def main() -> int:
         print(f"removed by {m}: {r}")
     print(f"removed by held-out loss increase: {ranking['removed_by_heldout_loss_increase']}")
     return 0
+
+
+def out_of_domain_sets(teacher, block_len: int) -> dict[str, np.ndarray]:
+    """Two evaluation sets outside the training domain (Python documentation):
+
+    - ``license``: CPython's LICENSE.txt (legal English prose; ships with every Python);
+    - ``teacher_samples``: text sampled from the teacher at temperature 1 (seeded). A student's
+      perplexity here is its cross-entropy against the teacher's own distribution, so it
+      rewards being close to the teacher rather than to the training corpus.
+    """
+    import sysconfig
+
+    from edgekd.data import Document, pack, tokenize_documents
+
+    text = (Path(sysconfig.get_path("stdlib")) / "LICENSE.txt").read_text(encoding="utf-8")
+    license_blocks = pack(tokenize_documents([Document("license", text)], teacher.tokenizer), block_len)
+    torch.manual_seed(0)
+    prompts = ["The", "In", "A", "When", "Python", "It", "We", "This"]
+    samples = []
+    for p in prompts:
+        ids = teacher.tokenizer(p, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = teacher.model.generate(ids, max_new_tokens=block_len - ids.shape[1], do_sample=True, temperature=1.0,
+                                         top_k=0, top_p=1.0, min_new_tokens=block_len - ids.shape[1],
+                                         pad_token_id=teacher.tokenizer.pad_token_id)
+        samples.append(out[0, :block_len].numpy().astype(np.int32))
+    return {"license": license_blocks, "teacher_samples": np.stack(samples)}
 
 
 if __name__ == "__main__":
