@@ -20,6 +20,9 @@ from .profiles import Hardware
 
 # Assumed fractions of peak reached by llama.cpp-class runtimes on small ARM/x86 boards.
 DEFAULT_MEMORY_EFFICIENCY = 0.6
+# A GGUF also stores the tokenizer (token strings, types, BPE merges) and metadata: measured
+# 1.78 MB for SmolLM2's 49,152-entry vocabulary (36.3 bytes per entry) beyond the tensor data.
+TOKENIZER_BYTES_PER_VOCAB_ENTRY = 37
 DEFAULT_COMPUTE_EFFICIENCY = 0.5
 
 
@@ -59,13 +62,17 @@ class ArchShape:
         return self.vocab * self.hidden
 
 
-def model_bytes(shape: ArchShape, fmt: str) -> float:
-    """File size of the exported model (tensor data; metadata and tokenizer add ~1-2 MB)."""
+def tensor_data_bytes(shape: ArchShape, fmt: str) -> float:
     emb_fmt = EMBEDDING_FORMAT[fmt]
     linear = shape.layers * tensor_bytes(shape.block_linear_params(), fmt)
     emb = tensor_bytes(shape.embedding_params(), emb_fmt) * (1 if shape.tied_embeddings else 2)
     norms = (2 * shape.layers + 1) * shape.hidden * 4
     return linear + emb + norms
+
+
+def model_bytes(shape: ArchShape, fmt: str) -> float:
+    """File size of the exported model: tensor data plus the embedded tokenizer and metadata."""
+    return tensor_data_bytes(shape, fmt) + TOKENIZER_BYTES_PER_VOCAB_ENTRY * shape.vocab
 
 
 def decode_bytes_per_token(shape: ArchShape, fmt: str, context: int) -> float:

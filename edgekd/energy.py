@@ -7,14 +7,12 @@ Without a power meter, the energy a token costs is estimated as
 i.e. the extra power of the busy cores times how long they were busy. Battery figures
 use the whole-device draw while generating, t_token * (P_idle + (P_active - P_idle) *
 threads / cores), because the battery also pays for idle power during generation.
-A real counter (Linux powercap/RAPL, or a meter's log the user points to) replaces
-the proxy when available, and the method is always reported.
+:func:`measured_estimate` turns a real energy reading (a meter's log) into the same figures;
+the method is always reported, and "not measured" is never shown as zero.
 """
 
 from __future__ import annotations
 
-import glob
-import os
 from dataclasses import asdict, dataclass
 
 from .profiles import Hardware
@@ -54,22 +52,3 @@ def measured_estimate(joules: float, tokens: int, hw: Hardware, counter: str) ->
     """From a real counter: the counter covers the whole package, so it is used for both figures."""
     per_token = joules / tokens
     return _with_battery(per_token, per_token, hw, f"measured: {counter}")
-
-
-class RaplCounter:
-    """Linux powercap energy counter (package domains); None-like when unreadable."""
-
-    def __init__(self) -> None:
-        self.files = [f for f in glob.glob("/sys/class/powercap/intel-rapl:*/energy_uj") if os.access(f, os.R_OK)]
-        self.files = [f for f in self.files if f.count(":") == 1]  # packages, not sub-domains
-
-    @property
-    def available(self) -> bool:
-        return bool(self.files)
-
-    def read_j(self) -> float:
-        total = 0.0
-        for f in self.files:
-            with open(f) as fh:
-                total += int(fh.read().strip()) / 1e6
-        return total

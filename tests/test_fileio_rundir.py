@@ -71,3 +71,12 @@ def test_completed_stage_requires_its_artifacts(tmp_path):
     assert run.completed("s") is not None
     (run.root / "x.npy").unlink()
     assert run.completed("s") is None
+
+
+def test_atomic_files_get_the_usual_mode(tmp_path):
+    import os
+
+    atomic_write_text(tmp_path / "r.json", "{}")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o666 & ~mask
