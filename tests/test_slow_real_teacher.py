@@ -38,13 +38,18 @@ def test_dequantized_weights_equal_the_gguf_q4_1_values(teacher):
 
 
 def test_default_compress_end_to_end(tmp_path):
-    report = edgekd.compress(profile="raspberry-pi-5", output=tmp_path, quiet=True)
+    """Every stage on the real teacher, with few optimizer steps (the defaults take ~45 min)."""
+    report = edgekd.compress(profile="raspberry-pi-5", output=tmp_path, quiet=True,
+                             overrides=["compression.distill.steps=2", "compression.qat.steps=2"])
     data = json.loads((tmp_path / report.run_name / "report.json").read_text())
     ppl = data["evaluation"]["teacher (fp32)"]["perplexity"]
     # SmolLM2-135M on held-out Python documentation: measured 15.8 on 6,120 tokens
     assert 8 < ppl < 40
     assert data["corpus"]["name"].startswith("python-docs")
     assert data["corpus"]["heldout_blocks"] >= 24
+    assert report.stage("prune").metrics["kept_layers"] == 24  # auto: the deepest student under 80 MB
+    parity = report.stage("export").metrics["parity"][0]
+    assert parity["passed"] and parity["kl"] <= 0.01
 
 
 def test_teacher_exports_reproduce_in_both_runtimes(teacher, tmp_path):
