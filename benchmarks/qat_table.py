@@ -38,6 +38,7 @@ def main() -> int:
 
     import edgekd
     from edgekd import llamacpp, onnxrt
+    from edgekd.benchmark import model_file_mb
     from edgekd.data import load_corpus
     from edgekd.evaluate import evaluate, torch_logits_fn
     from edgekd.exporters.gguf import export_gguf, quantize_with_llamacpp
@@ -66,11 +67,6 @@ def main() -> int:
         print(row, file=sys.stderr, flush=True)
         return row
 
-    def onnx_size(p: Path) -> float:
-        from edgekd.benchmark import model_file_mb
-
-        return model_file_mb(p)
-
     add("teacher fp32 (torch)", t_fn, teacher.info["fp32_mb"], None)
     f16 = export_gguf(teacher.model, teacher.tokenizer, work / "teacher-f16.gguf", "f16", source_gguf=src.path, source_name=src.name)
     for ftype in ("q8_0", "q4_k_m", "q4_0"):
@@ -93,7 +89,7 @@ def main() -> int:
         g_fn = llamacpp.logits_fn(gguf_path, blocks.shape[1], args.threads)
         o_fn = onnxrt.logits_fn(onnx_path, args.threads)
         add(f"edgekd {label} QAT-KD Q4_0 GGUF ({qat_model.config.num_hidden_layers} layers)", g_fn, gguf_path.stat().st_size / 1e6, gguf_path)
-        add(f"edgekd {label} QAT-KD int4 ONNX ({qat_model.config.num_hidden_layers} layers)", o_fn, onnx_size(onnx_path), onnx_path)
+        add(f"edgekd {label} QAT-KD int4 ONNX ({qat_model.config.num_hidden_layers} layers)", o_fn, model_file_mb(onnx_path), onnx_path)
         for runtime, fn, path in (("llama.cpp", g_fn, gguf_path), ("onnxruntime", o_fn, onnx_path)):
             m = evaluate(fn, blocks, q_fn)
             exactness.append({"model": label, "runtime": runtime, "file": path.name, "kl_to_qat_torch": m.kl_to_teacher,

@@ -19,6 +19,8 @@ Loss (weights from the profile, ``compression.distill.losses``):
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import shutil
@@ -114,9 +116,13 @@ def sample_indices(step: int, micro: int, cfg: DistillConfig, n_blocks: int, ran
     out = np.empty(per_rank, dtype=np.int64)
     for i, p in enumerate(positions):
         epoch, offset = divmod(int(p), n_blocks)
-        perm = np.random.default_rng([cfg.seed, epoch]).permutation(n_blocks)
-        out[i] = perm[offset]
+        out[i] = _epoch_permutation(cfg.seed, epoch, n_blocks)[offset]
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(seed: int, epoch: int, n_blocks: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n_blocks)
 
 
 # ---------------------------------------------------------------- forward passes
@@ -138,14 +144,12 @@ def _hidden_pairs(s_out: Any, t_out: Any, layer_map: list[int], teacher: Any) ->
     n_student, n_teacher = len(s_hs) - 1, len(t_hs) - 1
     students, targets = [], []
     for i, j in enumerate(layer_map):
-        students.append(s_hs[i + 1])
-        if i == n_student - 1 and j != n_teacher - 1:
-            targets.append(teacher.model.norm(t_hs[j + 1]))
-        elif i != n_student - 1 and j == n_teacher - 1:
+        last_student, last_teacher = i == n_student - 1, j == n_teacher - 1
+        if last_teacher and not last_student:
             continue  # a non-final student block mapped to the teacher's (normed) last output: skip
-        else:
-            targets.append(t_hs[j + 1])
-    return students[: len(targets)], targets
+        students.append(s_hs[i + 1])
+        targets.append(teacher.model.norm(t_hs[j + 1]) if last_student and not last_teacher else t_hs[j + 1])
+    return students, targets
 
 
 def distill_step_losses(student: Any, teacher: Any, ids: torch.Tensor, cfg: DistillConfig, layer_map: list[int],
@@ -270,7 +274,7 @@ def distill(
             idx = sample_indices(step, micro, cfg, len(train_blocks), rank, world)
             seen.extend(idx.tolist())
             ids = torch.from_numpy(train_blocks[idx].astype(np.int64)).to(accelerator.device)
-            sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else _nullcontext()
+            sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else contextlib.nullcontext()
             cached = None
             if logit_cache is not None:
                 cached = tuple(t.to(accelerator.device) for t in logit_cache.batch(idx))
@@ -303,14 +307,6 @@ def distill(
         teacher.set_attn_implementation("sdpa")
     unwrapped.eval()
     return DistillOutcome(cfg.steps, tokens, time.perf_counter() - t_start, start_step, history, seen)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 # ---------------------------------------------------------------- memory check

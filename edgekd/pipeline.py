@@ -341,6 +341,14 @@ def _qat_student(ctx: RunContext) -> Any:
     return ctx.quantized
 
 
+def exported_file_name(profile: DeviceProfile, export_format: str) -> str:
+    """The file name the export stage writes for ``export_format`` ("gguf" or "onnx")."""
+    fmt = profile.deployment.weight_format
+    if export_format == "gguf":
+        return f"model-{fmt}.gguf"
+    return f"model-{'q4_0' if fmt == 'q4_0' else 'f32'}.onnx"  # int4 ONNX for q4_0, else fp32
+
+
 def _parity_blocks(ctx: RunContext):
     return heldout_eval_blocks(ctx)[:8]
 
@@ -362,7 +370,7 @@ def stage_export(ctx: RunContext) -> StageRecord:
             from . import llamacpp
             from .exporters.gguf import export_gguf
 
-            name = f"model-{fmt}.gguf"
+            name = exported_file_name(ctx.profile, "gguf")
             with ctx.reporter.task(f"writing {name}"):
                 path = export_gguf(student, ctx.teacher.tokenizer, ctx.run.path(name), fmt,
                                    source_gguf=source.path if source.kind in ("gguf", "default") else None,
@@ -373,8 +381,8 @@ def stage_export(ctx: RunContext) -> StageRecord:
             from .exporters.onnx import export_onnx
             from .onnxrt import Decoder
 
-            onnx_fmt = "q4_0" if fmt == "q4_0" else "f32"
-            name = f"model-{onnx_fmt}.onnx"
+            name = exported_file_name(ctx.profile, "onnx")
+            onnx_fmt = name[len("model-"):-len(".onnx")]
             with ctx.reporter.task(f"writing {name}"):
                 path = export_onnx(student, ctx.run.path(name), onnx_fmt)
             with ctx.reporter.task(f"parity check {name} (onnxruntime, incl. KV-cache greedy decoding)"):
@@ -413,17 +421,14 @@ def stage_bench(ctx: RunContext) -> StageRecord:
     from .benchmark import bench
     from .profiles import RUNTIME_FORMAT
 
-    fmt = ctx.profile.deployment.weight_format
-    ext = RUNTIME_FORMAT[ctx.profile.deployment.runtime]
-    name = f"model-{fmt}.gguf" if ext == "gguf" else f"model-{'q4_0' if fmt == 'q4_0' else 'f32'}.onnx"
+    name = exported_file_name(ctx.profile, RUNTIME_FORMAT[ctx.profile.deployment.runtime])
     threads = min(ctx.profile.deployment.threads, os.cpu_count() or 1)
     with ctx.reporter.task(f"benchmarking {name} ({ctx.profile.deployment.runtime}, {threads} threads)"):
         result = bench(ctx.run.path(name), ctx.profile, threads=threads)
-    measured = result.measured()
-    ctx.measured.update({k: v for k, v in measured.items() if v is not None})
-    for check in result.budgets:
-        from .budgets import BUDGET_METRICS
+    from .budgets import BUDGET_METRICS
 
+    ctx.measured.update({k: v for k, v in result.measured().items() if v is not None})
+    for check in result.budgets:
         ctx.measured_sources[BUDGET_METRICS[check.budget][0]] = check.source
     return StageRecord("bench", settings={"file": name, "threads": threads, "prompt_tokens": result.prompt_tokens,
                                           "gen_tokens": result.gen_tokens},

@@ -89,11 +89,6 @@ def materialize(model: Any, weight_format: str) -> Any:
     return model
 
 
-def ptq_round_to_nearest(model: Any, weight_format: str) -> Any:
-    """Post-training quantization on the same grid, no training: the round-to-nearest baseline."""
-    return materialize(model, weight_format)
-
-
 def torchao_int4_ptq(model: Any, group_size: int = 32) -> Any:
     """torchao's int4 weight-only PTQ (symmetric, groups of 32) on CPU, as a baseline row.
 
