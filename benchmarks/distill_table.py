@@ -12,6 +12,11 @@ each block (Spearman rank correlation, and which blocks each would remove).
 
     .venv/bin/python benchmarks/distill_table.py              # about 1 hour on 2 cores
     .venv/bin/python benchmarks/distill_table.py --steps 2    # smoke test
+    .venv/bin/python benchmarks/distill_table.py --evaluate-student export/default-pi5/student
+
+``--evaluate-student DIR`` scores one already distilled student (a Hugging Face directory,
+such as the ``student/`` of an ``edgekd compress`` run) with the same held-out and
+out-of-domain sets, and prints its row; no pruning analysis, no training.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ def main() -> int:
     ap.add_argument("--keep", type=int, default=24)
     ap.add_argument("--out", default=str(HERE / "results" / "distill_table.json"))
     ap.add_argument("--skip-loss-increase", action="store_true", help="skip the slow per-block loss-increase analysis")
+    ap.add_argument("--evaluate-student", metavar="DIR", help="only score this distilled student (Hugging Face directory)")
     args = ap.parse_args()
 
     import edgekd
@@ -64,6 +70,27 @@ def main() -> int:
     t_fn = torch_logits_fn(t_model)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     ood = out_of_domain_sets(teacher, ds.seq_len)
+    rows = []
+
+    def add_row(name: str, model, tokens: int, wall: float) -> None:
+        m = evaluate(torch_logits_fn(model), held, t_fn)
+        info = model_summary(model)
+        extra = {f"perplexity_{k}": evaluate(torch_logits_fn(model), v).perplexity for k, v in ood.items()}
+        rows.append({"row": name, "params": info["params"], "layers": info["layers"], "perplexity": m.perplexity,
+                     "kl_to_teacher": m.kl_to_teacher, "top1_agreement": m.top1_agreement,
+                     "training_tokens": tokens, "wall_time_s": wall, **extra})
+        log(rows[-1])
+
+    if args.evaluate_student:
+        from transformers import AutoModelForCausalLM
+
+        student = AutoModelForCausalLM.from_pretrained(args.evaluate_student).eval()
+        add_row(f"student from {args.evaluate_student}", student, 0, 0.0)
+        out = Path(args.out).with_name(Path(args.out).stem + "_student.json")
+        out.write_text(json.dumps({"rows": rows, "student": args.evaluate_student, "host": host_info(),
+                                   "versions": library_versions()}, indent=2) + "\n")
+        print_rows(rows)
+        return 0
 
     # ---- pruning scores
     t0 = time.perf_counter()
@@ -89,17 +116,6 @@ def main() -> int:
     }
 
     # ---- rows
-    rows = []
-
-    def add_row(name: str, model, tokens: int, wall: float) -> None:
-        m = evaluate(torch_logits_fn(model), held, t_fn)
-        info = model_summary(model)
-        extra = {f"perplexity_{k}": evaluate(torch_logits_fn(model), v).perplexity for k, v in ood.items()}
-        rows.append({"row": name, "params": info["params"], "layers": info["layers"], "perplexity": m.perplexity,
-                     "kl_to_teacher": m.kl_to_teacher, "top1_agreement": m.top1_agreement,
-                     "training_tokens": tokens, "wall_time_s": wall, **extra})
-        log(rows[-1])
-
     add_row("teacher (30 layers)", t_model, 0, 0.0)
     keep = select_layers(scores, args.keep, "block_influence")
     add_row(f"pruned to {args.keep}, no healing", make_student(t_model, keep), 0, 0.0)
@@ -124,6 +140,17 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
+    print_rows(rows)
+    print(f"Spearman vs held-out loss increase: BI {ranking['spearman_bi_vs_heldout_loss_increase']:.3f}, "
+          f"angular {ranking['spearman_angular_vs_heldout_loss_increase']:.3f}, "
+          f"calibration loss increase {ranking['spearman_calib_vs_heldout_loss_increase']:.3f}")
+    for m, r in removed.items():
+        print(f"removed by {m}: {r}")
+    print(f"removed by held-out loss increase: {ranking['removed_by_heldout_loss_increase']}")
+    return 0
+
+
+def print_rows(rows: list[dict]) -> None:
     print("| row | params | layers | held-out perplexity | KL to teacher | top-1 agreement | perplexity, out-of-domain text | "
           "perplexity, teacher samples | training tokens | wall time (s) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -133,13 +160,6 @@ def main() -> int:
               f"{r['perplexity_license']:.3f} | {r['perplexity_teacher_samples']:.3f} | "
               f"{r['training_tokens']:,} | {r['wall_time_s']:.0f} |")
     print()
-    print(f"Spearman vs held-out loss increase: BI {ranking['spearman_bi_vs_heldout_loss_increase']:.3f}, "
-          f"angular {ranking['spearman_angular_vs_heldout_loss_increase']:.3f}, "
-          f"calibration loss increase {ranking['spearman_calib_vs_heldout_loss_increase']:.3f}")
-    for m, r in removed.items():
-        print(f"removed by {m}: {r}")
-    print(f"removed by held-out loss increase: {ranking['removed_by_heldout_loss_increase']}")
-    return 0
 
 
 def out_of_domain_sets(teacher, block_len: int) -> dict[str, np.ndarray]:

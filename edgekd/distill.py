@@ -61,6 +61,7 @@ class DistillConfig:
     seed: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast forward passes); see resolve_precision
 
     @classmethod
     def from_settings(cls, s: Any, steps: int | None = None, learning_rate: float | None = None) -> DistillConfig:
@@ -75,6 +76,7 @@ class DistillConfig:
             w_hidden=losses.get("hidden_mse", 0.0) + losses.get("hidden_cos", 0.0),
             w_attention=losses.get("attention_kl", 0.0),
             hidden_kind=hidden_kind, checkpoint_every=s.checkpoint_every, seed=s.seed,
+            precision=resolve_precision(s.precision),
         )
 
     def lr_at(self, step: int) -> float:
@@ -85,6 +87,34 @@ class DistillConfig:
         progress = (step - warm) / max(1, self.steps - warm)
         cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return self.learning_rate * (self.min_lr_fraction + (1 - self.min_lr_fraction) * cosine)
+
+
+def bf16_supported() -> bool:
+    """Native bf16 arithmetic: AVX512-BF16/AMX on x86 (oneDNN's own check), or a bf16-capable GPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(setting: str) -> str:
+    """``auto`` -> ``bf16`` where the hardware computes it natively, else ``fp32``.
+
+    Without native support, bf16 is emulated and slower than fp32, so ``auto`` never picks it there.
+    """
+    if setting == "auto":
+        return "bf16" if bf16_supported() else "fp32"
+    return setting
+
+
+def forward_precision(precision: str, device_type: str) -> Any:
+    """Autocast context for the forward passes: bf16 matmuls, fp32 master weights (mixed precision,
+    Micikevicius et al. 2018; bf16 needs no loss scaling). The losses upcast to fp32 themselves."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -157,10 +187,12 @@ def distill_step_losses(student: Any, teacher: Any, ids: torch.Tensor, cfg: Dist
     """Loss terms of one micro-batch. ``cached``: the teacher's top-k (indices, log-probs) for it."""
     want_logits, want_hidden, want_attn = _needs(cfg)
     live_logits = want_logits and cached is None
-    with torch.no_grad():
+    autocast = functools.partial(forward_precision, cfg.precision, ids.device.type)
+    with torch.no_grad(), autocast():
         t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=want_hidden, output_attentions=want_attn) \
             if (live_logits or want_hidden or want_attn) else None
-    s_out = student(input_ids=ids, use_cache=False, output_hidden_states=want_hidden, output_attentions=want_attn)
+    with autocast():
+        s_out = student(input_ids=ids, use_cache=False, output_hidden_states=want_hidden, output_attentions=want_attn)
     labels = ids[:, 1:]
     s_logits = s_out.logits[:, :-1]
     t_logits = t_out.logits[:, :-1] if (t_out is not None and live_logits) else None

@@ -136,3 +136,27 @@ def test_logit_cache_matches_live_teacher_at_full_k_and_skips_the_teacher(tmp_pa
     assert calls == []  # no teacher forward with a cache and only logit losses
     for a, b in zip(out_live.history, out_cached.history):
         assert a["kd"] == pytest.approx(b["kd"], rel=1e-3)  # full k: the same loss
+
+
+def test_bf16_autocast_runs_the_forward_in_bf16_with_fp32_master_weights():
+    from conftest import make_tiny_llama
+
+    from edgekd.distill import distill_step_losses, resolve_precision
+
+    teacher = make_tiny_llama(120, layers=3, seed=2)
+    student = make_student(teacher, [0, 2])
+    ids = torch.from_numpy(np.random.default_rng(1).integers(0, 120, size=(2, 32)))
+    seen = []
+    handle = student.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    fp32 = distill_step_losses(student, teacher, ids, DistillConfig(steps=1, w_hidden=1.0, w_attention=0.0), [0, 2])
+    bf16 = distill_step_losses(student, teacher, ids, DistillConfig(steps=1, w_hidden=1.0, precision="bf16"), [0, 2])
+    handle.remove()
+    assert seen == [torch.float32, torch.bfloat16]
+    assert bf16["loss"].dtype == torch.float32  # losses are computed in fp32 on upcast logits
+    assert bf16["loss"].item() == pytest.approx(fp32["loss"].item(), rel=0.05)
+    assert bf16["loss"].item() != fp32["loss"].item()
+    bf16["loss"].backward()
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in student.parameters())
+    assert student.model.layers[0].mlp.up_proj.weight.grad is not None
+    assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
+    assert resolve_precision("auto") in ("fp32", "bf16")
