@@ -71,6 +71,8 @@ class BenchResult:
     load: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
     budgets: list[BudgetCheck] = field(default_factory=list)
+    projection: dict[str, Any] | None = None  # PROJECTION to the profile's device (see costmodel.project_from_host)
+    host_perf: dict[str, Any] | None = None  # this host's measured copy bandwidth and GEMM throughput
 
     @property
     def passed(self) -> bool:
@@ -177,23 +179,36 @@ def _cpu_s() -> float:
 
 def _timed_repeats(prefill: Callable[[], None], decode: Callable[[], None], prompt_tokens: int, gen_tokens: int,
                    repeats: int) -> dict[str, Any]:
-    """llama-bench's protocol: one warm-up, then ``repeats`` timed prefills and decodes from an empty context."""
-    pp, tg, ttft = [], [], []
-    cpu_total = 0.0
+    """llama-bench's protocol: one warm-up, then ``repeats`` timed prefills and decodes from an empty context.
+
+    The wall-clock windows of the timed decodes are kept for a power meter's log, and the
+    RAPL package counters (where readable) are read around them.
+    """
+    from .energy import rapl_counters
+
+    counters = rapl_counters()
+    pp, tg, ttft, windows = [], [], [], []
+    cpu_total, rapl_j = 0.0, 0.0
     for i in range(repeats + 1):
         t = time.perf_counter()
         prefill()
         dt_prompt = time.perf_counter() - t
-        c0, t = _cpu_s(), time.perf_counter()
+        before = [c.read() for c in counters]
+        c0, w0, t = _cpu_s(), time.time(), time.perf_counter()
         decode()
         dt_gen = time.perf_counter() - t
+        w1, after = time.time(), [c.read() for c in counters]
         if i == 0:
             continue
         cpu_total += _cpu_s() - c0
+        rapl_j += sum(c.delta_j(a, b) for c, a, b in zip(counters, before, after))
+        windows.append((w0, w1))
         pp.append(prompt_tokens / dt_prompt)
         ttft.append(dt_prompt * 1e3)
         tg.append(gen_tokens / dt_gen)
-    return {"pp": pp, "tg": tg, "ttft": ttft, "cpu_s_per_token": cpu_total / (repeats * gen_tokens)}
+    return {"pp": pp, "tg": tg, "ttft": ttft, "cpu_s_per_token": cpu_total / (repeats * gen_tokens),
+            "decode_windows": windows, "rapl_joules": rapl_j if counters else None,
+            "rapl_counters": [c.name for c in counters]}
 
 
 def _random_tokens(vocab: int, prompt_tokens: int, gen_tokens: int) -> tuple[list[int], list[int]]:
@@ -228,7 +243,8 @@ def _measure_gguf(path: Path, threads: int, n_ctx: int, prompt_tokens: int, gen_
 
     timed = _timed_repeats(prefill, decode, prompt_tokens, gen_tokens, repeats)
     return {"runtime": f"llama.cpp (llama-cpp-python {llamacpp.version()})", "load_s": load_s, **timed,
-            "baseline_rss_mb": baseline, "peak_rss_mb": _peak_rss_mb(), "kv_cache_mb": llamacpp.kv_cache_mb(dict(llm.metadata), n_ctx)}
+            "baseline_rss_mb": baseline, "peak_rss_mb": _peak_rss_mb(), "kv_cache_mb": llamacpp.kv_cache_mb(dict(llm.metadata), n_ctx),
+            "facts": llamacpp.model_facts(llm)}
 
 
 def _measure_onnx(path: Path, threads: int, n_ctx: int, prompt_tokens: int, gen_tokens: int, repeats: int) -> dict[str, Any]:
@@ -257,7 +273,8 @@ def _measure_onnx(path: Path, threads: int, n_ctx: int, prompt_tokens: int, gen_
     timed = _timed_repeats(prefill, decode, prompt_tokens, gen_tokens, repeats)
     kv = len(dec.past_names) * n_ctx * dec.kv_heads * dec.head_dim * 4 / 1e6  # K and V per layer, fp32 cache
     return {"runtime": f"onnxruntime {onnxrt.version()}", "load_s": load_s, **timed,
-            "baseline_rss_mb": baseline, "peak_rss_mb": _peak_rss_mb(), "kv_cache_mb": kv}
+            "baseline_rss_mb": baseline, "peak_rss_mb": _peak_rss_mb(), "kv_cache_mb": kv,
+            "facts": dec.model_facts(model_file_mb(path) * 1e6)}
 
 
 def model_file_mb(path: Path) -> float:
@@ -272,8 +289,40 @@ def model_file_mb(path: Path) -> float:
 # ---------------------------------------------------------------- driver
 
 
-def _run_in_process(model: Path, profile: DeviceProfile, threads: int, prompt_tokens: int, gen_tokens: int, repeats: int) -> BenchResult:
-    from .energy import power_model_estimate
+def _energy(m: dict[str, Any], tg: Stat, hw: Any, threads: int, tokens: int, energy_log: str | None) -> Any:
+    """A real reading where there is one (the user's power-meter log, then RAPL), else the power model."""
+    from .energy import from_power_log, measured_estimate, power_model_estimate
+
+    if energy_log:
+        try:
+            return from_power_log(energy_log, m["decode_windows"], tokens, hw)
+        except OSError as exc:
+            raise EdgekdError(f"cannot read the power log {energy_log}: {exc.strerror}", fix="pass the meter's CSV (unix_time_s,watts)") from None
+        except ValueError as exc:
+            raise EdgekdError(f"the power log {energy_log} does not fit this run: {exc}",
+                              fix="keep the meter logging during the whole benchmark; rows are unix_time_s,watts") from None
+    if m.get("rapl_joules") is not None:
+        return measured_estimate(m["rapl_joules"], tokens, hw, f"RAPL package counters ({', '.join(m['rapl_counters'])}), "
+                                 "whole package incl. other processes")
+    return power_model_estimate(1.0 / tg.median, hw, threads)
+
+
+def _projection(facts: dict[str, Any] | None, profile: DeviceProfile, threads: int, tg: Stat, pp: Stat,
+                prompt_tokens: int) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    from . import hostperf
+    from .costmodel import ModelFacts, project_from_host
+
+    if facts is None:
+        return None, None
+    host = hostperf.measure(threads)
+    proj = project_from_host(ModelFacts(**facts), profile.hardware, host.copy_bandwidth_gbs, host.gemm_gflops_fp32,
+                             tg.median, pp.median, prompt_tokens)
+    proj["device"] = profile.name
+    return proj, host.to_dict()
+
+
+def _run_in_process(model: Path, profile: DeviceProfile, threads: int, prompt_tokens: int, gen_tokens: int, repeats: int,
+                    energy_log: str | None = None, projection: bool = True, budgets_on: str = "measured") -> BenchResult:
     from .versions import host_info
 
     measure = {".gguf": _measure_gguf, ".onnx": _measure_onnx}.get(model.suffix.lower())
@@ -283,28 +332,40 @@ def _run_in_process(model: Path, profile: DeviceProfile, threads: int, prompt_to
     load_before = os.getloadavg()[0]
     with CpuSampler() as sampler:
         m = measure(model, threads, profile.deployment.context_length, prompt_tokens, gen_tokens, repeats)
-    tg = Stat.of(m["tg"])
-    energy = power_model_estimate(1.0 / tg.median, profile.hardware, threads)
+    tg, pp = Stat.of(m["tg"]), Stat.of(m["pp"])
+    energy = _energy(m, tg, profile.hardware, threads, repeats * gen_tokens, energy_log)
     other = sampler.other_cores()
     warnings = []
     if other > NOISE_WARN_FRACTION:
         warnings.append(f"other processes used {other:.2f} cores on average during the run; "
                         "timings are unreliable (on a 2-core machine a competing process can slow decode many times)")
+    proj, host_perf = _projection(m["facts"], profile, threads, tg, pp, prompt_tokens) if projection else (None, None)
+    if projection and proj is None:
+        warnings.append("no projection to the device: the file does not say its parameter count (export it with edgekd)")
     host = host_info()
     result = BenchResult(
         model=str(model), runtime=m["runtime"], profile=profile.name, threads=threads,
         prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, file_mb=model_file_mb(model),
-        load_s=m["load_s"], pp_tokens_per_s=Stat.of(m["pp"]), tg_tokens_per_s=tg, ttft_ms=Stat.of(m["ttft"]),
+        load_s=m["load_s"], pp_tokens_per_s=pp, tg_tokens_per_s=tg, ttft_ms=Stat.of(m["ttft"]),
         peak_rss_mb=m["peak_rss_mb"], baseline_rss_mb=m["baseline_rss_mb"], kv_cache_mb=m["kv_cache_mb"],
         context_length=profile.deployment.context_length, cpu_s_per_token=m["cpu_s_per_token"],
         energy=energy.to_dict(), host=host,
         load={"loadavg_1m_before": load_before, "other_process_cores_during": other}, warnings=warnings,
+        projection=proj, host_perf=host_perf,
     )
     where = f"measured on this host ({host['cpu']}, {threads} threads), not projected to {profile.name}"
     sources = {k: where for k in ("decode_tokens_per_s", "ttft_ms", "peak_memory_mb")}
     sources["model_mb"] = "measured: file size" + (" (with external data)" if model.suffix == ".onnx" else "")
-    sources["energy_mj_per_token"] = f"{energy.method}; host time"
-    result.budgets = check_budgets(profile.budgets, result.measured(), sources)
+    sources["energy_mj_per_token"] = energy.method + ("; host time" if energy.method.startswith("proxy") else "")
+    values = result.measured()
+    if budgets_on == "projected":
+        if proj is None:
+            raise EdgekdError("--budgets-on projected needs a projection, and this file has none",
+                              fix="bench a file exported by edgekd, or check the budgets on the measured numbers")
+        values["decode_tokens_per_s"], values["ttft_ms"] = proj["decode_tokens_per_s"], proj["ttft_ms"]
+        for k in ("decode_tokens_per_s", "ttft_ms"):
+            sources[k] = f"PROJECTION to {profile.name} (host-calibrated roofline), not measured on the device"
+    result.budgets = check_budgets(profile.budgets, values, sources)
     return result
 
 
@@ -318,23 +379,39 @@ def bench(
     prompt_tokens: int = 128,
     gen_tokens: int = 64,
     isolated: bool = True,
+    energy_log: str | os.PathLike | None = None,
+    projection: bool = True,
+    budgets_on: str = "measured",
 ) -> BenchResult:
     """Benchmark ``model`` (a .gguf or an edgekd .onnx file) with the settings and budgets of ``profile``.
 
     Returns a :class:`BenchResult`; ``result.passed`` is False when a measured number
     breaks a budget, and ``result.failures`` says which. Usable inside a pytest test.
+
+    ``threads`` defaults to the profile's, capped at this machine's cores (more threads than
+    cores makes llama.cpp's decode several times slower). ``energy_log``: a power meter's CSV
+    (``unix_time_s,watts``) covering the run. ``projection``: also project decode speed and
+    TTFT to the profile's device (host-calibrated roofline); ``budgets_on="projected"`` checks
+    the speed budgets on that projection instead of on this host's measurement.
     """
+    from .versions import usable_threads
+
     prof = profile if isinstance(profile, DeviceProfile) else load_profile(profile, overrides)
     path = Path(model).expanduser()
     if not path.is_file():
         raise EdgekdError(f"model file not found: {path}", fix="pass the path of an exported model (export/<run>/model-q4_0.gguf or model-q4_0.onnx)")
     if repeats < 1 or prompt_tokens < 1 or gen_tokens < 1:
         raise EdgekdError("repeats, prompt tokens and generated tokens must be at least 1", fix="pass positive values")
-    n_threads = threads or prof.deployment.threads
+    if budgets_on not in ("measured", "projected"):
+        raise EdgekdError(f"budgets_on must be 'measured' or 'projected', not {budgets_on!r}", fix="pass one of the two")
+    if energy_log is not None and not Path(energy_log).is_file():
+        raise EdgekdError(f"power log not found: {energy_log}", fix="pass the CSV your meter wrote (unix_time_s,watts)")
+    n_threads = threads or usable_threads(prof.deployment.threads)
+    options = {"energy_log": None if energy_log is None else str(energy_log), "projection": projection, "budgets_on": budgets_on}
     if not isolated:
-        return _run_in_process(path, prof, n_threads, prompt_tokens, gen_tokens, repeats)
+        return _run_in_process(path, prof, n_threads, prompt_tokens, gen_tokens, repeats, **options)
     job = {"model": str(path), "profile": prof.model_dump(mode="json"), "threads": n_threads,
-           "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "repeats": repeats}
+           "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "repeats": repeats, **options}
     proc = subprocess.run([sys.executable, "-m", "edgekd.benchmark"], input=json.dumps(job), capture_output=True, text=True)
     if proc.returncode < 0 or (proc.returncode != 0 and not proc.stdout.strip()):
         raise EdgekdError(
@@ -352,7 +429,8 @@ def _worker() -> int:
     job = json.loads(sys.stdin.read())
     prof = DeviceProfile.model_validate(job["profile"])
     try:
-        result = _run_in_process(Path(job["model"]), prof, job["threads"], job["prompt_tokens"], job["gen_tokens"], job["repeats"])
+        result = _run_in_process(Path(job["model"]), prof, job["threads"], job["prompt_tokens"], job["gen_tokens"], job["repeats"],
+                                 job["energy_log"], job["projection"], job["budgets_on"])
     except EdgekdError as exc:
         print(json.dumps({"error": {"problem": exc.problem, "fix": exc.fix, "details": exc.details}}))
         return 2
@@ -389,6 +467,13 @@ def print_bench(result: BenchResult, console: Any) -> None:
     if e.get("tokens_per_charge"):
         t.add_row("tokens per full charge", f"{e['tokens_per_charge']:,.0f}", f"{e['battery_pct_per_1k_tokens']:.3f}% battery / 1k tokens")
     console.print(t)
+    if result.projection:
+        p = result.projection
+        console.print(f"[bold]{p['label']}[/] for {p['device']}: decode {p['decode_tokens_per_s']:.1f} tokens/s, "
+                      f"TTFT {p['ttft_ms']:.0f} ms (roofline alone: {p['roofline_decode_tokens_per_s']:.1f} tokens/s, "
+                      f"{p['roofline_ttft_ms']:.0f} ms; this host reaches {100 * p['host_efficiency_decode']:.0f}% of its "
+                      f"decode roofline, {result.host_perf['copy_bandwidth_gbs']:.1f} GB/s copy, "
+                      f"{result.host_perf['gemm_gflops_fp32']:.0f} GFLOP/s fp32)")
     for w in result.warnings:
         console.print(f"[yellow]warning[/]: {escape(w)}")
     for c in result.budgets:

@@ -71,19 +71,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress output")
 
     b = sub.add_parser(
-        "bench", help="benchmark an exported model (GGUF) against a profile's budgets",
+        "bench", help="benchmark an exported model (GGUF or ONNX) against a profile's budgets",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  edgekd bench model-q4_0.gguf --profile raspberry-pi-5\n"
-        "  edgekd bench model-q4_0.gguf --profile raspberry-pi-5 --json --junit bench.xml\n",
+        "  edgekd bench model-q4_0.gguf --profile raspberry-pi-5 --json --junit bench.xml\n"
+        "  edgekd bench model-q4_0.onnx --profile phone --energy-log meter.csv\n",
     )
-    b.add_argument("model", help="path to a .gguf file")
+    b.add_argument("model", help="path to a .gguf (llama.cpp) or edgekd .onnx (onnxruntime) file")
     _add_profile_args(b)
-    b.add_argument("--threads", type=int, default=None, help="override deployment.threads")
+    b.add_argument("--threads", type=int, default=None,
+                   help="threads (default: deployment.threads, capped at this machine's cores)")
     b.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up (default: %(default)s)")
     b.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for prefill/TTFT (default: %(default)s)")
     b.add_argument("--gen-tokens", type=int, default=64, help="decoded tokens per repeat (default: %(default)s)")
     b.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     b.add_argument("--junit", default=None, metavar="FILE", help="write budgets as JUnit test cases")
+    b.add_argument("--energy-log", default=None, metavar="CSV",
+                   help="a power meter's log (unix_time_s,watts) covering the run: measured energy instead of the proxy")
+    b.add_argument("--no-projection", dest="projection", action="store_false",
+                   help="skip the roofline projection to the profile's device")
+    b.add_argument("--budgets-on", choices=["measured", "projected"], default="measured",
+                   help="check the speed budgets on this host's measurement (default) or on the projection to the device")
 
     p = sub.add_parser("profiles", help="list, show or check device profiles")
     psub = p.add_subparsers(dest="profiles_command", metavar="ACTION")
@@ -179,7 +187,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .benchmark import bench, print_bench, write_junit
 
     result = bench(args.model, profile=args.profile, overrides=args.overrides, threads=args.threads,
-                   repeats=args.repeats, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens)
+                   repeats=args.repeats, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
+                   energy_log=args.energy_log, projection=args.projection, budgets_on=args.budgets_on)
     if args.junit:
         write_junit(result, args.junit)
     if args.json:

@@ -123,3 +123,74 @@ def project(shape: ArchShape, fmt: str, hw: Hardware, context: int, prompt_token
         memory_efficiency=memory_efficiency,
         compute_efficiency=compute_efficiency,
     )
+
+
+# ---------------------------------------------------------------- host-calibrated projection
+
+
+@dataclass
+class ModelFacts:
+    """What a roofline needs to know about an exported file, read from the file itself."""
+
+    tensor_bytes: float  # weights; all of them are read for every decoded token (tied head included)
+    params: float
+    layers: int
+    kv_heads: int
+    head_dim: int
+    heads: int
+
+    def kv_bytes(self, context: int, bytes_per_value: int = 2) -> float:
+        return 2.0 * self.layers * context * self.kv_heads * self.head_dim * bytes_per_value
+
+    def decode_flops(self, context: int) -> float:
+        return 2.0 * self.params + 4.0 * self.layers * context * self.heads * self.head_dim
+
+    def prefill_flops(self, tokens: int) -> float:
+        return 2.0 * self.params * tokens + 2.0 * self.layers * tokens * tokens * self.heads * self.head_dim
+
+
+def roofline_rates(facts: ModelFacts, bandwidth_bps: float, flops_ps: float, prompt_tokens: int) -> dict[str, float]:
+    """Decode tokens/s and prefill tokens/s at the roofline (Williams et al. 2009).
+
+    Decode right after a ``prompt_tokens`` prompt: the weights and that much KV cache are
+    read once per token, and about 2 FLOPs per parameter are spent. Prefill of the prompt:
+    its FLOPs against peak compute, or one read of the weights if that is slower.
+    """
+    t_mem = (facts.tensor_bytes + facts.kv_bytes(prompt_tokens)) / bandwidth_bps
+    t_cmp = facts.decode_flops(prompt_tokens) / flops_ps
+    t_prefill = max(facts.prefill_flops(prompt_tokens) / flops_ps, facts.tensor_bytes / bandwidth_bps)
+    return {"decode_tokens_per_s": 1.0 / max(t_mem, t_cmp), "prefill_tokens_per_s": prompt_tokens / t_prefill,
+            "decode_bound": "memory" if t_mem >= t_cmp else "compute"}
+
+
+def project_from_host(facts: ModelFacts, hw: Hardware, host_bandwidth_gbs: float, host_gflops: float,
+                      measured_decode_tps: float, measured_prefill_tps: float, prompt_tokens: int = 128,
+                      memory_efficiency: float = DEFAULT_MEMORY_EFFICIENCY,
+                      compute_efficiency: float = DEFAULT_COMPUTE_EFFICIENCY) -> dict[str, Any]:
+    """PROJECTION of decode speed and time to first token on the device ``hw``.
+
+    The runtime's efficiency on this host is measured: its decode (prefill) rate divided by
+    the host's roofline from the host's measured copy bandwidth and GEMM throughput. That
+    efficiency is carried over to the device's roofline (datasheet peaks times the assumed
+    achievable fractions). The device roofline alone is returned beside it: the calibrated
+    figure is lower wherever this host's runtime is held back by fixed costs or its kernels
+    rather than by the ceilings, and both are projections, never measurements.
+    """
+    host = roofline_rates(facts, host_bandwidth_gbs * 1e9, host_gflops * 1e9, prompt_tokens)
+    device = roofline_rates(facts, hw.memory_bandwidth_gbs * 1e9 * memory_efficiency,
+                            hw.peak_gflops_fp32 * 1e9 * compute_efficiency, prompt_tokens)
+    eff_decode = measured_decode_tps / host["decode_tokens_per_s"]
+    eff_prefill = measured_prefill_tps / host["prefill_tokens_per_s"]
+    decode = eff_decode * device["decode_tokens_per_s"]
+    prefill = eff_prefill * device["prefill_tokens_per_s"]
+    return {
+        "label": "PROJECTION (host-calibrated roofline), not a measurement",
+        "decode_tokens_per_s": decode, "ttft_ms": 1e3 * prompt_tokens / prefill,
+        "roofline_decode_tokens_per_s": device["decode_tokens_per_s"],
+        "roofline_ttft_ms": 1e3 * prompt_tokens / device["prefill_tokens_per_s"],
+        "device_decode_bound": device["decode_bound"],
+        "host_efficiency_decode": eff_decode, "host_efficiency_prefill": eff_prefill,
+        "host_roofline_decode_tokens_per_s": host["decode_tokens_per_s"],
+        "host_roofline_prefill_tokens_per_s": host["prefill_tokens_per_s"],
+        "assumed_device_efficiency": {"memory": memory_efficiency, "compute": compute_efficiency},
+    }

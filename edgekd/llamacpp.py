@@ -74,8 +74,8 @@ def logits_fn(path: str | Path, block_len: int, threads: int):
     return fn
 
 
-def kv_cache_mb(meta: dict[str, str], n_ctx: int) -> float | None:
-    """f16 K and V cache size at ``n_ctx`` from GGUF metadata."""
+def _attention_shape(meta: dict[str, str]) -> tuple[int, int, int, int] | None:
+    """(layers, heads, kv_heads, head_dim) from GGUF metadata."""
     try:
         arch = meta["general.architecture"]
         layers = int(meta[f"{arch}.block_count"])
@@ -84,4 +84,23 @@ def kv_cache_mb(meta: dict[str, str], n_ctx: int) -> float | None:
         head_dim = int(meta.get(f"{arch}.attention.key_length", int(meta[f"{arch}.embedding_length"]) // heads))
     except (KeyError, ValueError):
         return None
+    return layers, heads, kv_heads, head_dim
+
+
+def kv_cache_mb(meta: dict[str, str], n_ctx: int) -> float | None:
+    """f16 K and V cache size at ``n_ctx`` from GGUF metadata."""
+    shape = _attention_shape(meta)
+    if shape is None:
+        return None
+    layers, _, kv_heads, head_dim = shape
     return 2 * layers * n_ctx * kv_heads * head_dim * 2 / 1e6
+
+
+def model_facts(llm: Any) -> dict[str, float] | None:
+    """Tensor bytes, parameter count and attention shape of a loaded model (for the roofline)."""
+    shape = _attention_shape(dict(llm.metadata))
+    if shape is None:
+        return None
+    layers, heads, kv_heads, head_dim = shape
+    return {"tensor_bytes": float(llm._model.size()), "params": float(llm._model.n_params()),
+            "layers": layers, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim}

@@ -51,6 +51,14 @@ class Decoder:
         self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
         self.output_names = [o.name for o in self.session.get_outputs()]
 
+    def model_facts(self, file_bytes: float) -> dict[str, float] | None:
+        """Parameter count and attention shape for the roofline, from the metadata edgekd writes on export."""
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "edgekd.params" not in meta:
+            return None
+        return {"tensor_bytes": file_bytes, "params": float(meta["edgekd.params"]), "layers": len(self.past_names) // 2,
+                "heads": int(meta["edgekd.attention_heads"]), "kv_heads": self.kv_heads, "head_dim": self.head_dim}
+
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         return {n: np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for n in self.past_names}
 

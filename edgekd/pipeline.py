@@ -9,7 +9,6 @@ memory); everything expensive is a resumable stage.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from .profiles import DeviceProfile, load_profile
 from .progress import Reporter
 from .report import Report, StageRecord
 from .rundir import RunDir, now_iso
-from .versions import edgekd_version, host_info, library_versions
+from .versions import edgekd_version, host_info, library_versions, usable_threads
 
 
 @dataclass
@@ -364,7 +363,7 @@ def stage_export(ctx: RunContext) -> StageRecord:
     blocks = _parity_blocks(ctx)
     source = ctx.teacher.source
     artifacts, checks = {}, []
-    threads = min(ctx.profile.deployment.threads, os.cpu_count() or 1)
+    threads = usable_threads(ctx.profile.deployment.threads)
     for export_format in ctx.profile.deployment.formats:
         if export_format == "gguf":
             from . import llamacpp
@@ -411,28 +410,46 @@ def _llamacpp_floor(ctx: RunContext, blocks) -> dict[str, Any] | None:
     source = ctx.teacher.source
     if source.kind not in ("gguf", "default"):
         return None
-    m = evaluate(llamacpp.logits_fn(source.path, blocks.shape[1], min(ctx.profile.deployment.threads, os.cpu_count() or 1)),
+    m = evaluate(llamacpp.logits_fn(source.path, blocks.shape[1], usable_threads(ctx.profile.deployment.threads)),
                  blocks, torch_logits_fn(ctx.teacher.model))
     return {"file": source.path.name, "kl": m.kl_to_teacher, "top1_agreement": m.top1_agreement, "tokens": m.tokens}
 
 
 def stage_bench(ctx: RunContext) -> StageRecord:
-    """Benchmark the file the profile's runtime loads; its numbers are checked against the budgets."""
+    """Benchmark every exported file; the runtime's own file is the one checked against the budgets."""
     from .benchmark import bench
+    from .budgets import BUDGET_METRICS
+    from .plots import tradeoff_plot
     from .profiles import RUNTIME_FORMAT
 
-    name = exported_file_name(ctx.profile, RUNTIME_FORMAT[ctx.profile.deployment.runtime])
-    threads = min(ctx.profile.deployment.threads, os.cpu_count() or 1)
-    with ctx.reporter.task(f"benchmarking {name} ({ctx.profile.deployment.runtime}, {threads} threads)"):
-        result = bench(ctx.run.path(name), ctx.profile, threads=threads)
-    from .budgets import BUDGET_METRICS
-
-    ctx.measured.update({k: v for k, v in result.measured().items() if v is not None})
-    for check in result.budgets:
+    runtime_file = exported_file_name(ctx.profile, RUNTIME_FORMAT[ctx.profile.deployment.runtime])
+    names = [runtime_file] + [exported_file_name(ctx.profile, f) for f in ctx.profile.deployment.formats
+                              if exported_file_name(ctx.profile, f) != runtime_file]
+    threads = usable_threads(ctx.profile.deployment.threads)
+    results = {}
+    for name in names:
+        with ctx.reporter.task(f"benchmarking {name} ({threads} threads)"):
+            results[name] = bench(ctx.run.path(name), ctx.profile, threads=threads)
+    main = results[runtime_file]
+    ctx.measured.update({k: v for k, v in main.measured().items() if v is not None})
+    for check in main.budgets:
         ctx.measured_sources[BUDGET_METRICS[check.budget][0]] = check.source
-    return StageRecord("bench", settings={"file": name, "threads": threads, "prompt_tokens": result.prompt_tokens,
-                                          "gen_tokens": result.gen_tokens},
-                       metrics={"bench": result.to_dict()})
+    kl = _exported_kl(ctx)
+    points = [{"label": name, "file_mb": r.file_mb, "host_tps": r.tg_tokens_per_s.median,
+               "projected_tps": r.projection["decode_tokens_per_s"] if r.projection else None, "kl": kl}
+              for name, r in results.items()]
+    b = ctx.profile.budgets
+    tradeoff_plot(ctx.run.path("bench", "tradeoff.png"), points, b.max_model_mb, b.min_decode_tokens_per_s, ctx.profile.name)
+    return StageRecord("bench", settings={"files": names, "budgets_checked_on": runtime_file, "threads": threads,
+                                          "prompt_tokens": main.prompt_tokens, "gen_tokens": main.gen_tokens},
+                       metrics={"bench": main.to_dict(), "all": {n: r.to_dict() for n, r in results.items()}},
+                       artifacts={"size vs speed vs KL": "bench/tradeoff.png"})
+
+
+def _exported_kl(ctx: RunContext) -> float | None:
+    """KL to the teacher of the shipped weights (held-out, torch), shared by every exported file."""
+    rec = ctx.report.stage("qat")
+    return rec.metrics["heldout"].get("kl_to_teacher") if rec is not None else None
 
 
 STAGES: dict[str, Stage] = {
@@ -501,12 +518,23 @@ def _collect_evaluation(ctx: RunContext) -> None:
             "rows": rows}
     rec = ctx.report.stage("bench")
     if rec is not None:
-        b = rec.metrics["bench"]
-        ctx.report.tables["On-device benchmark (this host)"] = {
+        results = rec.metrics.get("all") or {Path(rec.metrics["bench"]["model"]).name: rec.metrics["bench"]}
+        rows, proj_rows = [], []
+        for name, b in results.items():
+            rows.append([name, b["runtime"], b["threads"], round(b["pp_tokens_per_s"]["median"], 1),
+                         round(b["tg_tokens_per_s"]["median"], 1), round(b["ttft_ms"]["median"], 1), round(b["peak_rss_mb"]),
+                         round(b["file_mb"], 1), round(b["energy"]["energy_mj_per_token"], 1)])
+            p = b.get("projection")
+            if p:
+                proj_rows.append([name, round(p["decode_tokens_per_s"], 1), round(p["ttft_ms"]), round(p["roofline_decode_tokens_per_s"], 1),
+                                  round(p["roofline_ttft_ms"]), f"{100 * p['host_efficiency_decode']:.0f}%", p["device_decode_bound"]])
+        ctx.report.tables["On-device benchmark (measured on this host)"] = {
             "headers": ["file", "runtime", "threads", "pp tokens/s", "tg tokens/s", "TTFT ms", "peak RSS MB", "file MB", "energy mJ/token"],
-            "rows": [[Path(b["model"]).name, b["runtime"], b["threads"], round(b["pp_tokens_per_s"]["median"], 1),
-                      round(b["tg_tokens_per_s"]["median"], 1), round(b["ttft_ms"]["median"], 1), round(b["peak_rss_mb"]),
-                      round(b["file_mb"], 1), round(b["energy"]["energy_mj_per_token"], 1)]]}
+            "rows": rows}
+        if proj_rows:
+            ctx.report.tables[f"PROJECTION to {ctx.profile.name} (host-calibrated roofline; not measured on the device)"] = {
+                "headers": ["file", "decode tokens/s", "TTFT ms", "roofline alone tokens/s", "roofline alone TTFT ms",
+                            "host efficiency (decode)", "device decode bound"], "rows": proj_rows}
 
 
 # ---------------------------------------------------------------- driver

@@ -53,3 +53,31 @@ def loss_curves_plot(path: Path, history: list[dict[str, Any]], title: str) -> P
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
+
+
+def tradeoff_plot(path: Path, points: list[dict[str, Any]], max_mb: float | None, min_tps: float | None, device: str) -> Path:
+    """File size against decode speed for every exported file: measured on this host (filled)
+    and projected to the device (hollow), annotated with KL to the teacher; budget lines dashed."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for p in points:
+        ax.scatter(p["file_mb"], p["host_tps"], s=50, label=f"{p['label']} (this host)")
+        if p.get("projected_tps"):
+            ax.scatter(p["file_mb"], p["projected_tps"], s=50, facecolors="none", edgecolors="black",
+                       label=f"{p['label']} (PROJECTION, {device})")
+        if p.get("kl") is not None:
+            ax.annotate(f"KL {p['kl']:.3f}", (p["file_mb"], p["host_tps"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    if max_mb:
+        ax.axvline(max_mb, color="tab:red", linestyle="--", linewidth=1, label=f"max_model_mb {max_mb:g}")
+    if min_tps:
+        ax.axhline(min_tps, color="tab:orange", linestyle="--", linewidth=1, label=f"min_decode_tokens_per_s {min_tps:g}")
+    ax.set_xlabel("file size (MB)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    ax.set_title("exported files: size, decode speed, KL to the teacher")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path

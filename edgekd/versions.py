@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata as md
+import os
 import platform
 
 TRACKED = [
@@ -29,8 +30,6 @@ def library_versions() -> dict[str, str | None]:
 
 
 def host_info() -> dict[str, object]:
-    import os
-
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -41,3 +40,13 @@ def host_info() -> dict[str, object]:
     except OSError:
         pass
     return {"machine": platform.machine(), "cpu": cpu, "logical_cpus": os.cpu_count(), "system": platform.system()}
+
+
+def usable_threads(wanted: int) -> int:
+    """``wanted`` threads capped at the cores this process may run on: more threads than cores
+    makes llama.cpp's and onnxruntime's decode several times slower (threads spin-wait on each other)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(wanted, cores))

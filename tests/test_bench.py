@@ -116,3 +116,88 @@ def test_peak_memory_is_not_inherited_from_a_large_parent(teacher_gguf):
     r = edgekd.bench(teacher_gguf, "raspberry-pi-5", threads=1, repeats=1, prompt_tokens=8, gen_tokens=4)
     assert r.peak_rss_mb < 380, r.peak_rss_mb  # the 98 MB model + runtime, not the parent's 400+ MB
     del ballast
+
+
+def test_roofline_projection_carries_the_host_efficiency_to_the_device():
+    from edgekd.costmodel import ModelFacts, project_from_host, roofline_rates
+
+    facts = ModelFacts(tensor_bytes=80e6, params=110e6, layers=24, kv_heads=3, head_dim=64, heads=9)
+    kv = 2 * 24 * 128 * 3 * 64 * 2
+    host = roofline_rates(facts, 20e9, 100e9, 128)
+    assert host["decode_tokens_per_s"] == pytest.approx(20e9 / (80e6 + kv))  # memory-bound
+    assert host["decode_bound"] == "memory"
+    prefill_flops = 2 * 110e6 * 128 + 2 * 24 * 128 * 128 * 9 * 64
+    assert host["prefill_tokens_per_s"] == pytest.approx(128 / (prefill_flops / 100e9))
+    hw = load_profile("raspberry-pi-5").hardware  # 17.1 GB/s, 153.6 GFLOP/s
+    p = project_from_host(facts, hw, 20.0, 100.0, measured_decode_tps=host["decode_tokens_per_s"] / 2,
+                          measured_prefill_tps=host["prefill_tokens_per_s"] / 4, prompt_tokens=128)
+    device_decode = 17.1e9 * 0.6 / (80e6 + kv)
+    assert p["host_efficiency_decode"] == pytest.approx(0.5) and p["host_efficiency_prefill"] == pytest.approx(0.25)
+    assert p["roofline_decode_tokens_per_s"] == pytest.approx(device_decode)
+    assert p["decode_tokens_per_s"] == pytest.approx(0.5 * device_decode)
+    assert p["ttft_ms"] == pytest.approx(4 * 1e3 * prefill_flops / (153.6e9 * 0.5))
+    assert p["label"].startswith("PROJECTION")
+
+
+def test_power_log_integration_trapezoid_and_interpolated_edges():
+    from edgekd.energy import integrate_power_log
+
+    flat = [(100.0, 5.0), (110.0, 5.0), (120.0, 5.0)]
+    assert integrate_power_log(flat, [(102.0, 112.0)]) == pytest.approx(50.0)
+    ramp = [(0.0, 0.0), (10.0, 10.0)]  # P(t) = t: the integral from 2 to 6 is (36 - 4) / 2
+    assert integrate_power_log(ramp, [(2.0, 6.0)]) == pytest.approx(16.0)
+    assert integrate_power_log(ramp, [(2.0, 4.0), (6.0, 8.0)]) == pytest.approx(6.0 + 14.0)
+    with pytest.raises(ValueError, match="covers"):
+        integrate_power_log(ramp, [(5.0, 11.0)])
+
+
+def test_rapl_discovery_skips_subdomains_and_handles_wraparound(tmp_path):
+    from edgekd.energy import rapl_counters
+
+    for d, name in (("intel-rapl:0", "package-0"), ("intel-rapl:0:0", "core")):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "name").write_text(name + "\n")
+        (tmp_path / d / "energy_uj").write_text("999000000\n")
+        (tmp_path / d / "max_energy_range_uj").write_text("1000000000\n")
+    (tmp_path / "intel-rapl:1").mkdir()  # unreadable package: no files, skipped
+    counters = rapl_counters(str(tmp_path))
+    assert [c.name for c in counters] == ["package-0"]
+    assert counters[0].read() == 999_000_000
+    assert counters[0].delta_j(999_000_000, 1_000_000) == pytest.approx(2.0)  # wrapped once
+    assert counters[0].delta_j(1_000_000, 4_000_000) == pytest.approx(3.0)
+
+
+def test_bench_projection_energy_log_and_projected_budgets(teacher_gguf, tmp_path, capsys):
+    import time
+
+    now = time.time()
+    log = tmp_path / "meter.csv"
+    log.write_text("unix_time_s,watts\n" + "".join(f"{now - 60 + i},5.0\n" for i in range(0, 1200, 5)))
+    code = main(["bench", str(teacher_gguf), "--profile", "raspberry-pi-5", "--threads", "1", "--repeats", "1",
+                 "--prompt-tokens", "16", "--gen-tokens", "8", "--energy-log", str(log), "--budgets-on", "projected",
+                 "--set", "budgets.min_decode_tokens_per_s=100000", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 1
+    p = data["projection"]
+    assert p["label"].startswith("PROJECTION") and p["device"] == "raspberry-pi-5"
+    assert 0 < p["decode_tokens_per_s"] <= p["roofline_decode_tokens_per_s"] * max(1.0, p["host_efficiency_decode"])
+    decode = next(c for c in data["budgets"] if c["budget"] == "min_decode_tokens_per_s")
+    assert decode["measured"] == pytest.approx(p["decode_tokens_per_s"]) and "PROJECTION" in decode["source"]
+    e = data["energy"]
+    assert e["method"].startswith("measured: power meter log")
+    assert e["device_mj_per_token"] == pytest.approx(5.0 * 1e3 / data["tg_tokens_per_s"]["median"], rel=0.05)
+
+
+def test_bench_missing_energy_log_exit_2(teacher_gguf, capsys):
+    assert main(["bench", str(teacher_gguf), "--energy-log", "/no/such/meter.csv"]) == 2
+    err = capsys.readouterr().err
+    assert "power log not found" in err and "Traceback" not in err
+
+
+def test_threads_are_capped_at_the_usable_cores():
+    import os
+
+    from edgekd.versions import usable_threads
+
+    cores = len(os.sched_getaffinity(0))
+    assert usable_threads(10_000) == cores and usable_threads(1) == 1

@@ -25,7 +25,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def exported(tiny, tmp_path_factory):
     d = tmp_path_factory.mktemp("onnx")
-    return {fmt: export_onnx(tiny, d / f"model-{fmt}.onnx", fmt) for fmt in ("f32", "q4_0")}
+    return {**{fmt: export_onnx(tiny, d / f"model-{fmt}.onnx", fmt) for fmt in ("f32", "q4_0")}, "model": tiny}
 
 
 def torch_greedy(model, prompt, n):
@@ -46,6 +46,10 @@ def test_files_and_interface(exported):
 
     ops = {n.op_type for n in onnx.load(str(q4)).graph.node}
     assert {"MatMulNBits", "GatherBlockQuantized"} <= ops and "Gather" not in ops
+    # the facts edgekd bench's projection reads through onnxruntime alone
+    facts = dec.model_facts(1e6)
+    assert facts["params"] == sum(p.numel() for p in exported["model"].parameters())
+    assert (facts["layers"], facts["heads"], facts["kv_heads"], facts["head_dim"]) == (3, 4, 2, 16)
 
 
 @pytest.mark.parametrize("fmt", ["f32", "q4_0"])

@@ -246,6 +246,12 @@ def export_onnx(model: Any, path: str | Path, weight_format: str = "f32") -> Pat
     proto = export_fp32_proto(model)
     if weight_format != "f32":
         proto = _quantize_graph(proto, model, weight_format)
+    # what `edgekd bench` needs for its roofline projection, readable through onnxruntime alone
+    onnx.helper.set_model_props(proto, {
+        "edgekd.params": str(sum(p.numel() for p in model.parameters())),
+        "edgekd.attention_heads": str(model.config.num_attention_heads),
+        "edgekd.weight_format": weight_format,
+    })
     path = Path(path)
     data_name = f"{path.name}.data"
     size = sum(i.ByteSize() for i in proto.graph.initializer)
