@@ -2,7 +2,8 @@
 
 Rows (all on the same held-out blocks of the default corpus, KL and top-1 against the fp32 teacher):
   teacher fp32 (torch); Q8_0, Q4_K_M, Q4_0 (llama.cpp's quantizer, from an F16 GGUF of the teacher);
-  torchao int4 PTQ (weight-only, groups of 32, torch); edgekd QAT-KD Q4_0 full depth (GGUF and int4 ONNX);
+  torchao int4 PTQ (weight-only, groups of 32, torch); edgekd Q4_0 with searched clip factors and no
+  training (GGUF); edgekd QAT-KD Q4_0 full depth (GGUF and int4 ONNX);
   edgekd pruned + KD + QAT-KD Q4_0 (GGUF and int4 ONNX).
 Columns: file size, perplexity, KL to teacher, top-1 agreement, decode tokens/s on 2 threads.
 Also: exactness of each export against its own QAT torch model, beside llama.cpp's floor
@@ -22,6 +23,8 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 
@@ -44,7 +47,7 @@ def main() -> int:
     from edgekd.exporters.gguf import export_gguf, quantize_with_llamacpp
     from edgekd.exporters.onnx import export_onnx
     from edgekd.models import load_causal_lm, resolve_model_source
-    from edgekd.quant import torchao_int4_ptq
+    from edgekd.quant import clip_factors, materialize, torchao_int4_ptq
     from edgekd.versions import host_info, library_versions
 
     prof = edgekd.load_profile("raspberry-pi-5")
@@ -75,6 +78,15 @@ def main() -> int:
             path.stat().st_size / 1e6, path)
     ao = torchao_int4_ptq(copy.deepcopy(teacher.model))
     add("teacher torchao int4 PTQ (weight-only, group 32, torch)", torch_logits_fn(ao), None, None)
+    train = corpus.train
+    calib = train[np.linspace(0, len(train) - 1, prof.compression.prune.calibration_blocks).astype(int)]
+    clipped = copy.deepcopy(teacher.model)
+    clips, clip_stats = clip_factors(clipped, "q4_0", calib)
+    materialize(clipped, "q4_0", clips)
+    path = export_gguf(clipped, teacher.tokenizer, work / "teacher-q4_0-clipped.gguf", "q4_0", source_gguf=src.path, source_name=src.name)
+    add("teacher Q4_0, edgekd clip search, no training (GGUF)", llamacpp.logits_fn(path, blocks.shape[1], args.threads),
+        path.stat().st_size / 1e6, path)
+    rows[-1]["clip_search"] = clip_stats
 
     floor = evaluate(llamacpp.logits_fn(src.path, blocks.shape[1], args.threads), blocks, t_fn)
     for label, run in (("full depth", Path(args.full_run)), ("pruned + KD", Path(args.pruned_run))):

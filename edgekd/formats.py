@@ -105,8 +105,18 @@ def round_trip(w: np.ndarray, fmt: str) -> np.ndarray:
 # ---------------------------------------------------------------- torch (fake-quant)
 
 
-def torch_round_trip(w, fmt: str):
-    """Torch twin of :func:`round_trip`, bit-identical, differentiable only through an STE wrapper."""
+def torch_round_trip(w, fmt: str, clip=None):
+    """Torch twin of :func:`round_trip`, bit-identical, differentiable only through an STE wrapper.
+
+    ``clip`` (Q4_0 only): a per-block factor in (0, 1], shape (rows, cols/32, 1), that shrinks
+    the block's scale to ``d = clip * m / -8``; values beyond the shrunk range saturate at the
+    extreme codes. The result is still a block the reference quantizer reproduces exactly:
+    the extreme element ``m`` lands at ``m / d + 8.5 = 8.5 - 8 / clip <= 0.5``, code 0, value
+    ``-8 * fp16(d)``, the block's largest magnitude (other codes give at most 7 * |fp16(d)|).
+    Re-quantizing finds ``d' = -8 * fp16(d) / -8 = fp16(d)`` exactly (scaling by 8 is exact)
+    and every element back at its code. With clip > 1 no element would reach code 0 and the
+    reference would pick another scale, so clip factors never exceed 1.
+    """
     import torch
 
     if fmt == "f32":
@@ -118,6 +128,8 @@ def torch_round_trip(w, fmt: str):
     if fmt == "q4_0":
         imax = b.abs().argmax(dim=-1, keepdim=True)
         d = torch.gather(b, -1, imax) / -8.0
+        if clip is not None:
+            d = d * clip
         inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
         q = torch.trunc(b * inv + 8.5).clamp(0, 15)
         return (d.half().float() * (q - 8.0)).reshape(rows, cols)
@@ -128,3 +140,4 @@ def torch_round_trip(w, fmt: str):
         q = torch.sign(x) * torch.floor(x.abs() + 0.5)
         return (d.half().float() * q).reshape(rows, cols)
     raise ValueError(f"unknown weight format {fmt!r}")
+

@@ -293,22 +293,28 @@ def stage_qat(ctx: RunContext) -> StageRecord:
     from .fileio import atomic_path
     from .models import model_summary
     from .plots import loss_curves_plot
-    from .quant import materialize, prepare_qat
+    from .quant import clip_factors, materialize, prepare_qat
 
     fmt = ctx.profile.deployment.weight_format
     qs = ctx.profile.compression.qat
     student = _student_for_qat(ctx)
     layer_map = ctx.prune_plan["layer_map"] if ctx.prune_plan else list(range(student.config.num_hidden_layers))
-    settings: dict[str, Any] = {"weight_format": fmt, "steps": qs.steps, "learning_rate": qs.learning_rate}
+    settings: dict[str, Any] = {"weight_format": fmt, "steps": qs.steps, "learning_rate": qs.learning_rate,
+                                "clip_search": qs.clip_search and fmt == "q4_0"}
     metrics: dict[str, Any] = {}
     artifacts = {"QAT student (weights on the shipped grid)": "student-qat"}
+    clips: dict[Any, Any] = {}
+    if settings["clip_search"]:
+        with ctx.reporter.task("searching Q4_0 scale clip factors (calibration pass)"):
+            clips, clip_stats = clip_factors(student, fmt, _calibration_blocks(ctx))
+        metrics.update(clip_stats)
     if qs.steps > 0 and fmt != "f16":
         # QAT distils from the unquantized teacher with the logit loss only: hidden-state and
         # attention targets cost a second (eager) teacher pass for little gain at this stage.
         base = ctx.profile.compression.distill
         cfg = DistillConfig.from_settings(base, steps=qs.steps, learning_rate=qs.learning_rate)
         cfg.w_hidden, cfg.w_attention, cfg.w_logit = 0.0, 0.0, 1.0
-        prepare_qat(student, fmt)
+        prepare_qat(student, fmt, clips)
         estimate = estimate_training_memory(ctx.teacher.model, student, cfg.batch_size, ctx.corpus.block_len, False, False)
         check_memory(estimate)
         with ctx.reporter.task(f"QAT-KD to {fmt}", total=cfg.steps, unit="steps") as advance:
@@ -319,8 +325,9 @@ def stage_qat(ctx: RunContext) -> StageRecord:
         settings.update(asdict(cfg))
         metrics.update(outcome.summary())
     else:
-        settings["method"] = "round-to-nearest (no QAT steps)" if fmt != "f16" else "f16 (no quantization)"
-    materialize(student, fmt)
+        settings["method"] = ("clipped scales, no QAT steps" if clips else "round-to-nearest (no QAT steps)") \
+            if fmt != "f16" else "f16 (no quantization)"
+    materialize(student, fmt, clips)
     with atomic_path(ctx.run.path("student-qat")) as tmp:
         student.save_pretrained(tmp)
         ctx.teacher.tokenizer.save_pretrained(tmp)
@@ -503,7 +510,8 @@ def _collect_evaluation(ctx: RunContext) -> None:
     rec = ctx.report.stage("qat")
     if rec is not None:
         fmt = rec.settings.get("weight_format")
-        label = f"student, {fmt} QAT-KD (torch)" if rec.settings.get("steps") else f"student, {fmt} round-to-nearest (torch)"
+        method = "QAT-KD" if rec.settings.get("steps") else ("clipped scales" if rec.settings.get("clip_search") else "round-to-nearest")
+        label = f"student, {fmt} {method} (torch)"
         ctx.report.evaluation[label] = row(rec.metrics["student"], rec.metrics["heldout"])
     rec = ctx.report.stage("export")
     if rec is not None:

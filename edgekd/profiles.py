@@ -131,6 +131,9 @@ class DistillSettings(_Strict):
 class QatSettings(_Strict):
     steps: int = Field(default=100, ge=0)
     learning_rate: float = Field(default=1e-4, gt=0)
+    # Q4_0: search a per-block scale clip factor (importance-weighted error) before QAT;
+    # the exported file stays exactly what the QAT model computes (see formats.torch_round_trip)
+    clip_search: bool = True
 
 
 class EvaluationSettings(_Strict):

@@ -28,23 +28,28 @@ LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 class _RoundTripSTE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, w: torch.Tensor, fmt: str) -> torch.Tensor:
-        return torch_round_trip(w, fmt)
+    def forward(ctx: Any, w: torch.Tensor, fmt: str, clip: torch.Tensor | None) -> torch.Tensor:
+        return torch_round_trip(w, fmt, clip)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return grad, None, None
 
 
 class FakeQuant(torch.nn.Module):
-    """Parametrization: weight -> its exact round trip through ``fmt`` (STE gradient)."""
+    """Parametrization: weight -> its exact round trip through ``fmt`` (STE gradient).
 
-    def __init__(self, fmt: str):
+    ``clip``: per-block scale factors for Q4_0 (see :func:`search_clip`), kept as a buffer so
+    checkpoints carry them.
+    """
+
+    def __init__(self, fmt: str, clip: torch.Tensor | None = None):
         super().__init__()
         self.fmt = fmt
+        self.register_buffer("clip", clip)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return _RoundTripSTE.apply(w, self.fmt)
+        return _RoundTripSTE.apply(w, self.fmt, self.clip)
 
 
 def quantized_modules(model: Any, weight_format: str) -> list[tuple[Any, str]]:
@@ -61,20 +66,95 @@ def quantized_modules(model: Any, weight_format: str) -> list[tuple[Any, str]]:
     return out
 
 
-def prepare_qat(model: Any, weight_format: str) -> Any:
-    """Register fake-quant parametrizations in place; returns the model."""
+def prepare_qat(model: Any, weight_format: str, clips: dict[Any, torch.Tensor] | None = None) -> Any:
+    """Register fake-quant parametrizations in place (with per-block clip factors where given)."""
     for mod, fmt in quantized_modules(model, weight_format):
         if fmt in ("f32",):
             continue
-        parametrize.register_parametrization(mod, "weight", FakeQuant(fmt), unsafe=True)
+        clip = (clips or {}).get(mod)
+        parametrize.register_parametrization(mod, "weight", FakeQuant(fmt, clip), unsafe=True)
     return model
+
+
+# ---------------------------------------------------------------- scale clipping
+
+
+CLIP_GRID = tuple(round(1.0 - 0.02 * i, 2) for i in range(21))  # 1.00, 0.98, ..., 0.60
+
+
+@torch.no_grad()
+def input_importance(model: Any, blocks: Any, weight_format: str) -> dict[Any, torch.Tensor]:
+    """Mean squared input activation per input channel of every quantized linear layer.
+
+    The output error of a linear layer from a weight error ``e`` is ``sum_j a_j e_j``, whose
+    expected square over inputs is about ``sum_j E[a_j^2] e_j^2`` when channels are weakly
+    correlated: so ``E[a_j^2]`` weighs the squared weight error of channel j (the importance
+    matrix of llama.cpp's imatrix quantization; GPTQ/AWQ use the same second moment).
+    """
+    targets = {mod for mod, fmt in quantized_modules(model, weight_format) if fmt == "q4_0" and isinstance(mod, torch.nn.Linear)}
+    sums: dict[Any, torch.Tensor] = {}
+    counts: dict[Any, int] = {}
+
+    def hook(mod: Any, args: tuple) -> None:
+        x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+        sums[mod] = sums.get(mod, 0) + (x * x).sum(dim=0)
+        counts[mod] = counts.get(mod, 0) + x.shape[0]
+
+    handles = [m.register_forward_pre_hook(hook) for m in targets]
+    try:
+        for row in blocks:
+            model(input_ids=torch.as_tensor(row[None].astype("int64")), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {m: sums[m] / counts[m] for m in sums}
+
+
+@torch.no_grad()
+def search_clip(w: torch.Tensor, importance: torch.Tensor | None, grid: tuple[float, ...] = CLIP_GRID) -> tuple[torch.Tensor, float]:
+    """Per-block clip factor minimising the importance-weighted squared error of Q4_0.
+
+    A Q4_0 file may store any fp16 scale; llama.cpp's reference picks ``max / -8``, which
+    spends a whole code level on one outlier. Shrinking the scale trades a larger error on
+    the few largest weights for a finer grid on all others (clipping, as in llama.cpp's
+    ``make_qx_quants`` search and OmniQuant's learnable weight clipping). Returns the factors,
+    shape (rows, cols/32, 1), and the weighted error relative to round-to-nearest (1.0 = none gained).
+    """
+    rows, cols = w.shape
+    b = w.float().reshape(rows, cols // 32, 32)
+    imp = torch.ones(cols) if importance is None else importance.float().clamp_min(1e-12)
+    imp = imp.reshape(1, cols // 32, 32)
+    best_err = best = None
+    for c in grid:
+        clip = torch.full((rows, cols // 32, 1), c)
+        err = (imp * (b - torch_round_trip(w, "q4_0", clip).reshape(b.shape)) ** 2).sum(-1, keepdim=True)
+        if best_err is None:
+            best_err, best, rtn_err = err, clip, err
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, clip, best)
+    return best, float(best_err.sum() / rtn_err.sum().clamp_min(1e-30))
+
+
+def clip_factors(model: Any, weight_format: str, calibration_blocks: Any) -> tuple[dict[Any, torch.Tensor], dict[str, float]]:
+    """Clip factors for every Q4_0 linear layer of ``model``, from a calibration pass."""
+    if weight_format != "q4_0":
+        return {}, {}
+    importance = input_importance(model, calibration_blocks, weight_format)
+    clips, ratios = {}, []
+    for mod, imp in importance.items():
+        clips[mod], ratio = search_clip(mod.weight.detach(), imp)
+        ratios.append(ratio)
+    mean_clip = float(torch.cat([c.flatten() for c in clips.values()]).mean()) if clips else 1.0
+    return clips, {"mean_clip": mean_clip, "weighted_error_vs_round_to_nearest": float(sum(ratios) / max(1, len(ratios)))}
 
 
 def is_prepared(model: Any) -> bool:
     return parametrize.is_parametrized(model.model.layers[0].self_attn.q_proj)
 
 
-def materialize(model: Any, weight_format: str) -> Any:
+def materialize(model: Any, weight_format: str, clips: dict[Any, torch.Tensor] | None = None) -> Any:
     """Remove QAT parametrizations, leaving the exactly round-tripped weights (what ships)."""
     tied = model.lm_head.weight is model.model.embed_tokens.weight if not is_prepared(model) else \
         model.lm_head.parametrizations.weight.original is model.model.embed_tokens.parametrizations.weight.original
@@ -83,7 +163,7 @@ def materialize(model: Any, weight_format: str) -> Any:
             parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
         else:
             with torch.no_grad():
-                mod.weight.data = torch_round_trip(mod.weight.data, fmt)
+                mod.weight.data = torch_round_trip(mod.weight.data, fmt, (clips or {}).get(mod))
     if tied:  # removal leaves two tensors; tie them again so the model saves and exports as tied
         model.lm_head.weight = model.model.embed_tokens.weight
     return model

@@ -53,3 +53,38 @@ def test_qat_training_step_changes_master_weights(tiny):
     tiny(input_ids=torch.randint(0, 128, (2, 8))).logits.logsumexp(-1).mean().backward()
     opt.step()
     assert not torch.equal(before, tiny.model.layers[0].mlp.up_proj.parametrizations.weight.original)
+
+
+def test_clipped_q4_0_weights_export_exactly_and_cut_the_weighted_error(tiny):
+    """Clip search gives smaller importance-weighted error than round-to-nearest, and the
+    materialized weights are a fixed point of llama.cpp's reference quantizer (exact export)."""
+    from edgekd.formats import quantize_q4_0
+    from edgekd.quant import clip_factors, search_clip
+
+    with torch.no_grad():  # heavy-tailed rows, where clipping matters
+        for mod, fmt in quantized_modules(tiny, "q4_0"):
+            if fmt == "q4_0":
+                mod.weight.copy_(torch.from_numpy(np.random.default_rng(1).standard_t(3, size=tuple(mod.weight.shape)).astype(np.float32) * 0.02))
+    blocks = np.random.default_rng(0).integers(0, 128, size=(3, 16))
+    clips, stats = clip_factors(tiny, "q4_0", blocks)
+    assert len(clips) == 2 * 7 and 0.6 <= stats["mean_clip"] < 1.0
+    assert stats["weighted_error_vs_round_to_nearest"] < 0.95  # measured 0.92 here
+    w = tiny.model.layers[0].mlp.down_proj.weight.detach()
+    c, ratio = search_clip(w, None)
+    assert c.shape == (w.shape[0], w.shape[1] // 32, 1) and float(c.max()) <= 1.0 and ratio < 1.0
+    ids = torch.randint(0, 128, (2, 8))
+    prepared = prepare_qat(copy.deepcopy(tiny), "q4_0", {})  # deepcopy maps modules: re-key the clips
+    for (m_src, _), (m_dst, _) in zip(quantized_modules(tiny, "q4_0"), quantized_modules(prepared, "q4_0")):
+        if m_src in clips:
+            m_dst.parametrizations.weight[0].clip = clips[m_src]
+    out = prepared(input_ids=ids).logits
+    materialize(prepared, "q4_0")
+    assert torch.equal(out, prepared(input_ids=ids).logits)  # QAT forward == shipped weights
+    for mod, fmt in quantized_modules(prepared, "q4_0"):
+        w = mod.weight.detach().numpy()
+        assert np.array_equal(round_trip(w, fmt), w)  # the reference reproduces them
+    # the scales the reference finds are the clipped ones, smaller than round-to-nearest's
+    down = prepared.model.layers[0].mlp.down_proj.weight.detach().numpy()
+    rtn_scales, _ = quantize_q4_0(tiny.model.layers[0].mlp.down_proj.weight.detach().numpy())
+    got_scales, _ = quantize_q4_0(down)
+    assert np.mean(np.abs(got_scales.astype(np.float32))) < np.mean(np.abs(rtn_scales.astype(np.float32)))

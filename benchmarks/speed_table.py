@@ -1,0 +1,262 @@
+"""Speed of the toolkit itself, each figure a ratio measured side by side in one run.
+
+    .venv/bin/python benchmarks/speed_table.py loop   [--steps 5 --rounds 3]   # edgekd step vs a bare PyTorch loop
+    .venv/bin/python benchmarks/speed_table.py cache  [--steps 40]             # top-k logit cache vs live teacher
+    .venv/bin/python benchmarks/speed_table.py bf16   [--steps 20 --qat-steps 5]  # bf16 autocast vs fp32
+    .venv/bin/python benchmarks/speed_table.py decode --gguf F [--onnx F]      # decode vs the bandwidth roofline
+
+All runs use the default teacher (SmolLM2-135M-Instruct), the default profile's batch (4 x 256
+tokens), and a 24-layer student pruned by Block Influence, as the default run makes it. Each
+subcommand writes ``results/speed_<name>.json`` and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def setup():
+    import edgekd
+    from edgekd.data import load_corpus
+    from edgekd.models import load_causal_lm, resolve_model_source
+    from edgekd.prune import make_student, score_blocks, select_layers
+
+    torch.manual_seed(0)
+    prof = edgekd.load_profile("raspberry-pi-5")
+    teacher = load_causal_lm(resolve_model_source(None))
+    ds = prof.compression.distill
+    corpus = load_corpus(None, teacher.tokenizer, ds.seq_len, prof.compression.evaluation.heldout_fraction)
+    train = corpus.train
+    calib = train[np.linspace(0, len(train) - 1, prof.compression.prune.calibration_blocks).astype(int)]
+    keep = select_layers(score_blocks(teacher.model, calib), 24, "block_influence")
+    return prof, teacher, corpus, keep, lambda: make_student(teacher.model, keep)
+
+
+def held_metrics(model, teacher, corpus, prof) -> dict:
+    from edgekd.evaluate import evaluate, torch_logits_fn
+
+    held = corpus.heldout[: prof.compression.evaluation.max_heldout_blocks]
+    m = evaluate(torch_logits_fn(model), held, torch_logits_fn(teacher.model))
+    return {"perplexity": m.perplexity, "kl_to_teacher": m.kl_to_teacher, "top1_agreement": m.top1_agreement}
+
+
+def write(name: str, result: dict) -> None:
+    from edgekd.versions import host_info, library_versions
+
+    out = HERE / "results" / f"speed_{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**result, "host": host_info(), "versions": library_versions()}, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------- 1. loop overhead
+
+
+def bare_steps(student, teacher, train, cfg, layer_map, steps: int, start: int) -> list[float]:
+    """The same work as one edgekd step, written as a plain PyTorch loop: no Accelerate, no
+    checkpoints, no history; same data, losses, precision, clipping and optimizer."""
+    from edgekd.distill import forward_precision, sample_indices
+    from edgekd.losses import attention_kl, hidden_state_loss, kd_loss
+
+    student.train().requires_grad_(True)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    times = []
+    for step in range(start, start + steps):
+        t0 = time.perf_counter()
+        ids = torch.from_numpy(train[sample_indices(step, 0, cfg, len(train), 0, 1)].astype(np.int64))
+        with torch.no_grad(), forward_precision(cfg.precision, "cpu"):
+            t = teacher(input_ids=ids, use_cache=False, output_hidden_states=True, output_attentions=True)
+        with forward_precision(cfg.precision, "cpu"):
+            s = student(input_ids=ids, use_cache=False, output_hidden_states=True, output_attentions=True)
+        terms = kd_loss(s.logits[:, :-1], t.logits[:, :-1], ids[:, 1:], cfg.alpha, cfg.temperature)
+        last = len(layer_map) - 1
+        s_h = [s.hidden_states[i + 1] for i in range(len(layer_map))]
+        t_h = [t.hidden_states[j + 1] if i < last else teacher.model.norm(t.hidden_states[j + 1]) for i, j in enumerate(layer_map)]
+        loss = terms["loss"] + cfg.w_hidden * hidden_state_loss(s_h, t_h) + \
+            cfg.w_attention * attention_kl(list(s.attentions), [t.attentions[j] for j in layer_map])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def cmd_loop(args) -> None:
+    from edgekd.distill import DistillConfig, distill
+
+    prof, teacher, corpus, keep, new_student = setup()
+    cfg = DistillConfig.from_settings(prof.compression.distill, steps=args.steps)
+    teacher.model.set_attn_implementation("eager")
+    edgekd_times, bare_times, ratios = [], [], []
+    for r in range(args.rounds):  # interleaved, so drifting machine load hits both alike
+        student = new_student()
+        student.set_attn_implementation("eager")
+        out = distill(student, teacher.model, corpus.train, cfg, keep)
+        e = [h["step_s"] for h in out.history][1:]  # the first step of each run warms up allocators
+        student = new_student()
+        student.set_attn_implementation("eager")
+        b = bare_steps(student, teacher.model, corpus.train, cfg, keep, args.steps, 0)[1:]
+        edgekd_times += e
+        bare_times += b
+        ratios.append(statistics.median(e) / statistics.median(b))
+        print(f"round {r}: edgekd {statistics.median(e):.2f} s, bare {statistics.median(b):.2f} s", file=sys.stderr, flush=True)
+    result = {"steps_per_round": args.steps, "rounds": args.rounds, "precision": cfg.precision,
+              "edgekd_median_s": statistics.median(edgekd_times), "bare_median_s": statistics.median(bare_times),
+              "ratio_of_medians": statistics.median(edgekd_times) / statistics.median(bare_times), "per_round_ratios": ratios,
+              "edgekd_all": edgekd_times, "bare_all": bare_times}
+    write("loop", result)
+    print("| loop | median step (s) | steps timed |\n|---|---|---|")
+    print(f"| edgekd distill() | {result['edgekd_median_s']:.2f} | {len(edgekd_times)} |")
+    print(f"| bare PyTorch | {result['bare_median_s']:.2f} | {len(bare_times)} |")
+    print(f"\nratio {result['ratio_of_medians']:.3f}; per round {', '.join(f'{x:.3f}' for x in ratios)} ({cfg.precision})")
+
+
+# ---------------------------------------------------------------- 2. logit cache
+
+
+def cmd_cache(args) -> None:
+    import tempfile
+
+    from edgekd import logit_cache
+    from edgekd.distill import DistillConfig, distill
+
+    prof, teacher, corpus, keep, new_student = setup()
+    ds = prof.compression.distill
+    cfg = DistillConfig.from_settings(ds, steps=args.steps)
+    cfg.w_hidden = cfg.w_attention = 0.0  # logit-only KD: the case the cache serves
+    t0 = time.perf_counter()
+    full = logit_cache.build(teacher.model, corpus.train, max(args.ks), ds.temperature, Path(tempfile.mkdtemp()) / "c")
+    build_s = time.perf_counter() - t0
+    rows = []
+    for k in [None, *args.ks]:
+        cache = None if k is None else logit_cache.LogitCache(np.ascontiguousarray(full.indices[..., :k]),
+                                                               np.ascontiguousarray(full.logprobs[..., :k]), ds.temperature)
+        student = new_student()
+        out = distill(student, teacher.model, corpus.train, cfg, keep, logit_cache=cache)
+        step = statistics.median(h["step_s"] for h in out.history[1:])
+        rows.append({"k": k, "median_step_s": step, "mb_per_million_tokens": None if k is None else 8 * k,
+                     **held_metrics(student, teacher, corpus, prof)})
+        print(rows[-1], file=sys.stderr, flush=True)
+    live = rows[0]["median_step_s"]
+    for r in rows:
+        r["speedup_vs_live"] = live / r["median_step_s"]
+    write("cache", {"steps": args.steps, "precision": cfg.precision, "build_s": build_s,
+                    "train_tokens": int(corpus.train.size), "rows": rows})
+    print(f"cache built once at k={max(args.ks)} in {build_s:.0f} s over {corpus.train.size:,} training tokens; "
+          f"{args.steps} steps per row, {cfg.precision}\n")
+    print("| teacher targets | median step (s) | speed-up | MB per 1M tokens | KL to teacher | perplexity | top-1 |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        name = "live teacher" if r["k"] is None else f"cache, top-{r['k']}"
+        mb = "n/a" if r["k"] is None else f"{r['mb_per_million_tokens']}"
+        print(f"| {name} | {r['median_step_s']:.2f} | {r['speedup_vs_live']:.2f}x | {mb} | {r['kl_to_teacher']:.4f} | "
+              f"{r['perplexity']:.3f} | {r['top1_agreement']:.4f} |")
+
+
+# ---------------------------------------------------------------- 3. bf16
+
+
+def cmd_bf16(args) -> None:
+    from edgekd.distill import DistillConfig, bf16_supported, distill
+    from edgekd.quant import prepare_qat
+
+    prof, teacher, corpus, keep, new_student = setup()
+    rows = []
+    for precision in ("fp32", "bf16"):
+        cfg = DistillConfig.from_settings(prof.compression.distill, steps=args.steps)
+        cfg.precision = precision
+        student = new_student()
+        out = distill(student, teacher.model, corpus.train, cfg, keep)
+        qat_cfg = copy.deepcopy(cfg)
+        qat_cfg.steps, qat_cfg.w_hidden, qat_cfg.w_attention = args.qat_steps, 0.0, 0.0
+        qat_student = prepare_qat(copy.deepcopy(student), "q4_0")
+        q_out = distill(qat_student, teacher.model, corpus.train, qat_cfg, keep)
+        rows.append({"precision": precision, "distill_median_step_s": statistics.median(h["step_s"] for h in out.history[1:]),
+                     "qat_median_step_s": statistics.median(h["step_s"] for h in q_out.history[1:]),
+                     **held_metrics(student, teacher, corpus, prof)})
+        print(rows[-1], file=sys.stderr, flush=True)
+    fp32, bf16 = rows
+    write("bf16", {"steps": args.steps, "qat_steps": args.qat_steps, "bf16_supported": bf16_supported(), "rows": rows,
+                   "distill_speedup": fp32["distill_median_step_s"] / bf16["distill_median_step_s"],
+                   "qat_speedup": fp32["qat_median_step_s"] / bf16["qat_median_step_s"]})
+    print("| precision | distill step (s) | QAT step (s) | KL to teacher | perplexity | top-1 |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['precision']} | {r['distill_median_step_s']:.2f} | {r['qat_median_step_s']:.2f} | {r['kl_to_teacher']:.4f} | "
+              f"{r['perplexity']:.3f} | {r['top1_agreement']:.4f} |")
+    print(f"\nbf16 speed-up: distillation {fp32['distill_median_step_s'] / bf16['distill_median_step_s']:.2f}x, "
+          f"QAT {fp32['qat_median_step_s'] / bf16['qat_median_step_s']:.2f}x (after {args.steps} distillation steps)")
+
+
+# ---------------------------------------------------------------- 4. decode vs roofline
+
+
+def cmd_decode(args) -> None:
+    import edgekd
+    from edgekd import hostperf
+
+    rows = []
+    for threads in (1, 2):
+        host = hostperf.measure(threads)
+        for path in [p for p in (args.gguf, args.onnx) if p]:
+            r = edgekd.bench(path, "raspberry-pi-5", threads=threads, repeats=5, prompt_tokens=128, gen_tokens=64, projection=False)
+            facts = _facts(path)
+            # decode from an empty context to 64 tokens: on average 32 tokens of KV cache are read
+            bytes_per_token = facts.tensor_bytes + facts.kv_bytes(32, 2 if path.endswith(".gguf") else 4)
+            roofline = host.copy_bandwidth_gbs * 1e9 / bytes_per_token
+            rows.append({"file": Path(path).name, "runtime": r.runtime, "threads": threads, "copy_gbs": host.copy_bandwidth_gbs,
+                         "bytes_per_token_mb": bytes_per_token / 1e6, "roofline_tokens_per_s": roofline,
+                         "decode_tokens_per_s": r.tg_tokens_per_s.median, "fraction": r.tg_tokens_per_s.median / roofline})
+            print(rows[-1], file=sys.stderr, flush=True)
+    write("decode", {"rows": rows})
+    print("| file | runtime | threads | copy GB/s | MB read per token | roofline tok/s | decode tok/s | fraction |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['file']} | {r['runtime']} | {r['threads']} | {r['copy_gbs']:.1f} | {r['bytes_per_token_mb']:.1f} | "
+              f"{r['roofline_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} | {100 * r['fraction']:.0f}% |")
+
+
+def _facts(path: str):
+    """Bytes the runtime reads per decoded token: the weights (every one, the tied head reads the table)."""
+    from edgekd import llamacpp, onnxrt
+    from edgekd.benchmark import model_file_mb
+    from edgekd.costmodel import ModelFacts
+
+    if path.endswith(".gguf"):
+        llm = llamacpp.load(path, n_ctx=64, threads=1)
+        return ModelFacts(**llamacpp.model_facts(llm))
+    return ModelFacts(**onnxrt.Decoder(path, 1).model_facts(model_file_mb(Path(path)) * 1e6))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("loop")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3)
+    p = sub.add_parser("cache")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--ks", type=int, nargs="+", default=[8, 32, 128])
+    p = sub.add_parser("bf16")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--qat-steps", type=int, default=5)
+    p = sub.add_parser("decode")
+    p.add_argument("--gguf", required=True)
+    p.add_argument("--onnx", default=None)
+    args = ap.parse_args()
+    {"loop": cmd_loop, "cache": cmd_cache, "bf16": cmd_bf16, "decode": cmd_decode}[args.cmd](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
