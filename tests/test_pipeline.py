@@ -181,15 +181,26 @@ def test_failed_parity_check_stops_the_run_with_exit_2(tmp_path, tiny_model_dir,
 
 
 def test_full_depth_profile_runs_qat_and_onnx_export(tmp_path, tiny_model_dir, small_corpus_file):
-    """The phone profile keeps every layer (budgets hold at full depth) and ships an int4 ONNX."""
+    """The phone profile keeps every layer (budgets hold at full depth) and ships an int4 ONNX;
+    with a GGUF asked for too, both files are benchmarked and the ONNX one gates the budgets."""
     report = edgekd.compress(
         teacher=tiny_model_dir, profile="phone", data=small_corpus_file, output=tmp_path, run_name="phone", quiet=True,
         overrides=["compression.distill.seq_len=64", "compression.evaluation.max_heldout_blocks=4",
-                   "compression.prune.calibration_blocks=4", "compression.qat.steps=2", "compression.distill.batch_size=2"],
+                   "compression.prune.calibration_blocks=4", "compression.qat.steps=2", "compression.distill.batch_size=2",
+                   "deployment.formats=[onnx, gguf]"],
     )
+    bench = report.stage("bench")
+    assert set(bench.metrics["all"]) == {"model-q4_0.onnx", "model-q4_0.gguf"}
+    assert bench.settings["budgets_checked_on"] == "model-q4_0.onnx"
+    assert all(b["projection"]["label"].startswith("PROJECTION") for b in bench.metrics["all"].values())
+    assert (tmp_path / "phone" / "bench" / "tradeoff.png").stat().st_size > 1000
+    md = (tmp_path / "phone" / "report.md").read_text()
+    assert "PROJECTION to phone" in md and "![size vs speed vs KL](bench/tradeoff.png)" in md
+    qat = report.stage("qat")
+    assert qat.settings["clip_search"] is True and 0.6 <= qat.metrics["mean_clip"] <= 1.0
     assert report.stage("prune").metrics["kept_layers"] == 4
     assert report.stage("distill").metrics.get("skipped")
     parity = report.stage("export").metrics["parity"]
-    assert [p["runtime"] for p in parity] == ["onnxruntime"] and parity[0]["greedy_match"] is True
+    assert [p["runtime"] for p in parity] == ["onnxruntime", "llama.cpp"] and parity[0]["greedy_match"] is True
     assert (tmp_path / "phone" / "model-q4_0.onnx").exists()
     assert report.stage("bench").metrics["bench"]["runtime"].startswith("onnxruntime")
