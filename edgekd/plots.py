@@ -17,6 +17,14 @@ def _pyplot():
     return plt
 
 
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
 def block_scores_plot(path: Path, scores: dict[str, list[float] | None], removed: list[int]) -> Path:
     plt = _pyplot()
     series = {k: v for k, v in scores.items() if v}
@@ -30,11 +38,7 @@ def block_scores_plot(path: Path, scores: dict[str, list[float] | None], removed
     axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[-1, 0].set_xlabel("block (red: removed)")
     fig.suptitle("block importance from the calibration pass")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def loss_curves_plot(path: Path, history: list[dict[str, Any]], title: str) -> Path:
@@ -48,11 +52,7 @@ def loss_curves_plot(path: Path, history: list[dict[str, Any]], title: str) -> P
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     ax.set_title(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def tradeoff_plot(path: Path, points: list[dict[str, Any]], max_mb: float | None, min_tps: float | None, device: str) -> Path:
@@ -76,8 +76,4 @@ def tradeoff_plot(path: Path, points: list[dict[str, Any]], max_mb: float | None
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=7)
     ax.set_title("exported files: size, decode speed, KL to the teacher")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
