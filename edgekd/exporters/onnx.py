@@ -11,9 +11,15 @@ The first step feeds a past of length 0.
 Quantized variants are not re-quantized from fp32 by onnxruntime's tools: every linear weight
 becomes a ``MatMulNBits`` (com.microsoft) whose 4-bit codes and scales are exactly the Q4_0
 codes and fp16-rounded scales of :mod:`edgekd.formats` (default zero point 8), the embedding
-a ``GatherBlockQuantized`` and the tied output head an 8-bit ``MatMulNBits``, both from the
-Q8_0 codes (stored +128, default zero point 128). Weights are found in the exported graph by
-content (the exporter folds ``W^T`` into anonymous initializers).
+a ``GatherBlockQuantized`` over the Q8_0 codes (stored +128), and the tied output head reads
+the same codes through ``Cast -> Sub 128 -> Mul scale -> MatMul``. onnxruntime folds that
+dequantization once, at session start, into an fp32 matrix whose every entry is exactly
+``fp16(d) * q`` (an 11-bit mantissa times a small integer is exact in fp32): an 8-bit
+``MatMulNBits`` has no fp32-activation kernel in onnxruntime and dequantized the whole
+49,152 x 576 head on every call (most of each decoded token's time), while its int8-activation
+mode (``accuracy_level=4``) changes the top-1 token too often. The cost is the folded fp32 head
+in memory. Weights are found in the exported graph by content (the exporter folds ``W^T`` into
+anonymous initializers).
 """
 
 from __future__ import annotations
@@ -112,7 +118,7 @@ def export_fp32_proto(model: Any) -> Any:
 
 def _quantize_graph(proto: Any, model: Any, weight_format: str) -> Any:
     """Replace fp32 linear/embedding weights by MatMulNBits / GatherBlockQuantized on our codes."""
-    from onnx import helper, numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
 
     if weight_format != "q4_0":
         raise EdgekdError(f"int ONNX export supports q4_0, not {weight_format!r}", fix="use weight_format q4_0 or f32")
@@ -148,16 +154,15 @@ def _quantize_graph(proto: Any, model: Any, weight_format: str) -> Any:
         scales, codes = quantize_q8_0(w)
         return (codes.astype(np.int16) + 128).astype(np.uint8), scales.astype(np.float32)
 
-    def matmul_nbits(node: Any, a: str, w: np.ndarray, fmt: str, tag: str, shared: str | None = None) -> Any:
+    def matmul_nbits(node: Any, a: str, w: np.ndarray, fmt: str, tag: str) -> Any:
         n, k = w.shape
         if fmt == "q4_0":
             data, scales, bits = *packed_4bit(w), 4
         else:
             data, scales, bits = *packed_8bit(w), 8
             data, scales = data.reshape(n, k // 32, 32), scales.reshape(-1)
-        weight_name = shared or f"{tag}.qweight"
-        if shared is None:
-            new_inits.append(numpy_helper.from_array(data, weight_name))
+        weight_name = f"{tag}.qweight"
+        new_inits.append(numpy_helper.from_array(data, weight_name))
         new_inits.append(numpy_helper.from_array(scales, f"{tag}.scales"))
         return helper.make_node("MatMulNBits", [a, weight_name, f"{tag}.scales"], list(node.output), name=f"{tag}.MatMulNBits",
                                 domain="com.microsoft", K=k, N=n, bits=bits, block_size=32, accuracy_level=0)
@@ -170,7 +175,6 @@ def _quantize_graph(proto: Any, model: Any, weight_format: str) -> Any:
     emb_used = False
 
     def gather_block_quantized(node: Any) -> list[Any]:
-        new_inits.append(numpy_helper.from_array(emb_scales.reshape(vocab, hidden // 32, 1), "embed_tokens.scales"))
         new_inits.append(numpy_helper.from_array(np.array([hidden], np.int64), "embed_tokens.hidden"))
         out = node.output[0]
         return [
@@ -180,6 +184,19 @@ def _quantize_graph(proto: Any, model: Any, weight_format: str) -> Any:
             helper.make_node("Shape", [node.input[1]], [f"{out}.ids_shape"], name="embed_tokens.Shape"),
             helper.make_node("Concat", [f"{out}.ids_shape", "embed_tokens.hidden"], [f"{out}.shape"], name="embed_tokens.Concat", axis=0),
             helper.make_node("Reshape", [f"{out}.blocks", f"{out}.shape"], [out], name="embed_tokens.Reshape"),
+        ]
+
+    def dequantized_head(node: Any) -> list[Any]:
+        new_inits.append(numpy_helper.from_array(np.array([vocab, hidden], np.int64), "lm_head.shape"))
+        new_inits.append(numpy_helper.from_array(np.array(128.0, np.float32), "lm_head.zero_point"))
+        w = "lm_head.weight"
+        return [
+            helper.make_node("Cast", [emb_name], [f"{w}.codes"], name="lm_head.Cast", to=TensorProto.FLOAT),
+            helper.make_node("Sub", [f"{w}.codes", "lm_head.zero_point"], [f"{w}.centered"], name="lm_head.Sub"),
+            helper.make_node("Mul", [f"{w}.centered", "embed_tokens.scales"], [f"{w}.blocks"], name="lm_head.Mul"),
+            helper.make_node("Reshape", [f"{w}.blocks", "lm_head.shape"], [f"{w}.rows"], name="lm_head.Reshape"),
+            helper.make_node("Transpose", [f"{w}.rows"], [f"{w}.t"], name="lm_head.Transpose", perm=[1, 0]),
+            helper.make_node("MatMul", [node.input[0], f"{w}.t"], list(node.output), name="lm_head.MatMul"),
         ]
 
     nodes = []
@@ -194,7 +211,7 @@ def _quantize_graph(proto: Any, model: Any, weight_format: str) -> Any:
         if node.op_type == "MatMul" and node.input[1] in producers and producers[node.input[1]].op_type == "Transpose":
             src = producers[node.input[1]].input[0]
             if src in inits and _digest(numpy_helper.to_array(inits[src])) == emb_digest:
-                nodes.append(matmul_nbits(node, node.input[0], emb, emb_fmt, "lm_head", shared=emb_name))
+                nodes.extend(dequantized_head(node))
                 emb_used = True
                 replaced += 1
                 continue
@@ -206,6 +223,7 @@ def _quantize_graph(proto: Any, model: Any, weight_format: str) -> Any:
         nodes.append(node)
     if emb_used:
         new_inits.append(numpy_helper.from_array(emb_data.reshape(vocab, hidden // 32, 32), emb_name))
+        new_inits.append(numpy_helper.from_array(emb_scales.reshape(vocab, hidden // 32, 1), "embed_tokens.scales"))
     expected = len(linear_by_digest) and sum(1 for k in state if k.endswith(".weight") and any(f".{n}." in k for n in LINEAR_NAMES))
     if replaced < expected + 1:
         raise EdgekdError(f"int4 ONNX: found {replaced} of {expected + 2} weight uses to quantize in the exported graph",
