@@ -499,13 +499,15 @@ def _collect_evaluation(ctx: RunContext) -> None:
     if rec is not None:
         ctx.report.evaluation["teacher (fp32)"] = row(ctx.report.teacher, rec.metrics)
     rec = ctx.report.stage("prune")
-    if rec is not None:
+    pruned = rec is not None and rec.metrics["student"].get("params") != ctx.report.teacher.get("params")
+    if pruned:  # a full-depth "student" is the teacher itself: no rows that only repeat it
         ctx.report.evaluation["pruned, no healing"] = row(rec.metrics["student"], rec.metrics["heldout"])
+    if rec is not None:
         ctx.report.tables["Block importance (teacher)"] = {
             "headers": ["block", "decision", "Block Influence", "angular distance (n=1)", "loss increase"],
             "rows": rec.metrics["block_table"]}
     rec = ctx.report.stage("evaluate_student")
-    if rec is not None:
+    if rec is not None and pruned:
         ctx.report.evaluation["student, distilled"] = row(rec.metrics["student"], rec.metrics)
     rec = ctx.report.stage("qat")
     if rec is not None:
