@@ -69,6 +69,8 @@ def bare_steps(student, teacher, train, cfg, layer_map, steps: int, start: int) 
     from edgekd.losses import attention_kl, hidden_state_loss, kd_loss
 
     student.train().requires_grad_(True)
+    for m in (student, teacher):  # attention maps exist only in the eager implementation
+        m.set_attn_implementation("eager")
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
     times = []
     for step in range(start, start + steps):
