@@ -61,6 +61,14 @@ class ArchShape:
     def embedding_params(self) -> int:
         return self.vocab * self.hidden
 
+    def facts(self, fmt: str) -> ModelFacts:
+        """What a decoded token reads and computes: every block's linear weights and the output
+        head (the token table is read one row at a time and not counted)."""
+        linear = self.layers * tensor_bytes(self.block_linear_params(), fmt)
+        head = tensor_bytes(self.embedding_params(), EMBEDDING_FORMAT[fmt])
+        return ModelFacts(tensor_bytes=linear + head, params=self.layers * self.block_linear_params() + self.embedding_params(),
+                          layers=self.layers, kv_heads=self.kv_heads, head_dim=self.head_dim, heads=self.heads)
+
 
 def tensor_data_bytes(shape: ArchShape, fmt: str) -> float:
     emb_fmt = EMBEDDING_FORMAT[fmt]
@@ -73,59 +81,6 @@ def tensor_data_bytes(shape: ArchShape, fmt: str) -> float:
 def model_bytes(shape: ArchShape, fmt: str) -> float:
     """File size of the exported model: tensor data plus the embedded tokenizer and metadata."""
     return tensor_data_bytes(shape, fmt) + TOKENIZER_BYTES_PER_VOCAB_ENTRY * shape.vocab
-
-
-def decode_bytes_per_token(shape: ArchShape, fmt: str, context: int) -> float:
-    """Bytes read to decode one token at ``context`` tokens of history (f16 KV cache)."""
-    linear = shape.layers * tensor_bytes(shape.block_linear_params(), fmt)
-    head = tensor_bytes(shape.embedding_params(), EMBEDDING_FORMAT[fmt])  # the output projection
-    kv = 2 * shape.layers * context * shape.kv_heads * shape.head_dim * 2
-    return linear + head + kv
-
-
-def decode_flops_per_token(shape: ArchShape, context: int) -> float:
-    linear = 2 * (shape.layers * shape.block_linear_params() + shape.embedding_params())
-    attention = shape.layers * 4 * context * shape.heads * shape.head_dim
-    return float(linear + attention)
-
-
-def prefill_flops(shape: ArchShape, tokens: int) -> float:
-    linear = 2 * tokens * (shape.layers * shape.block_linear_params() + shape.embedding_params())
-    attention = shape.layers * 2 * tokens * tokens * shape.heads * shape.head_dim  # causal: half of 4*T^2
-    return float(linear + attention)
-
-
-@dataclass
-class Projection:
-    model_mb: float
-    decode_tokens_per_s: float
-    ttft_ms: float
-    bound: str  # "memory" or "compute" for decode
-    memory_efficiency: float
-    compute_efficiency: float
-
-
-def project(shape: ArchShape, fmt: str, hw: Hardware, context: int, prompt_tokens: int = 128,
-            memory_efficiency: float = DEFAULT_MEMORY_EFFICIENCY,
-            compute_efficiency: float = DEFAULT_COMPUTE_EFFICIENCY) -> Projection:
-    """Roofline projection of size, decode speed and time to first token on ``hw``."""
-    bw = hw.memory_bandwidth_gbs * 1e9 * memory_efficiency
-    fl = hw.peak_gflops_fp32 * 1e9 * compute_efficiency
-    avg_ctx = prompt_tokens  # decode right after a prompt of this length
-    t_mem = decode_bytes_per_token(shape, fmt, avg_ctx) / bw
-    t_cmp = decode_flops_per_token(shape, avg_ctx) / fl
-    t_prefill = max(prefill_flops(shape, prompt_tokens) / fl, model_bytes(shape, fmt) / bw)
-    return Projection(
-        model_mb=model_bytes(shape, fmt) / 1e6,
-        decode_tokens_per_s=1.0 / max(t_mem, t_cmp),
-        ttft_ms=t_prefill * 1e3,
-        bound="memory" if t_mem >= t_cmp else "compute",
-        memory_efficiency=memory_efficiency,
-        compute_efficiency=compute_efficiency,
-    )
-
-
-# ---------------------------------------------------------------- host-calibrated projection
 
 
 @dataclass
@@ -161,6 +116,35 @@ def roofline_rates(facts: ModelFacts, bandwidth_bps: float, flops_ps: float, pro
     t_prefill = max(facts.prefill_flops(prompt_tokens) / flops_ps, facts.tensor_bytes / bandwidth_bps)
     return {"decode_tokens_per_s": 1.0 / max(t_mem, t_cmp), "prefill_tokens_per_s": prompt_tokens / t_prefill,
             "decode_bound": "memory" if t_mem >= t_cmp else "compute"}
+
+
+@dataclass
+class Projection:
+    model_mb: float
+    decode_tokens_per_s: float
+    ttft_ms: float
+    bound: str  # "memory" or "compute" for decode
+    memory_efficiency: float
+    compute_efficiency: float
+
+
+def project(shape: ArchShape, fmt: str, hw: Hardware, context: int, prompt_tokens: int = 128,
+            memory_efficiency: float = DEFAULT_MEMORY_EFFICIENCY,
+            compute_efficiency: float = DEFAULT_COMPUTE_EFFICIENCY) -> Projection:
+    """Roofline projection of size, decode speed and time to first token on ``hw``."""
+    rates = roofline_rates(shape.facts(fmt), hw.memory_bandwidth_gbs * 1e9 * memory_efficiency,
+                           hw.peak_gflops_fp32 * 1e9 * compute_efficiency, prompt_tokens)
+    return Projection(
+        model_mb=model_bytes(shape, fmt) / 1e6,
+        decode_tokens_per_s=rates["decode_tokens_per_s"],
+        ttft_ms=1e3 * prompt_tokens / rates["prefill_tokens_per_s"],
+        bound=rates["decode_bound"],
+        memory_efficiency=memory_efficiency,
+        compute_efficiency=compute_efficiency,
+    )
+
+
+# ---------------------------------------------------------------- host-calibrated projection
 
 
 def project_from_host(facts: ModelFacts, hw: Hardware, host_bandwidth_gbs: float, host_gflops: float,

@@ -140,4 +140,3 @@ def torch_round_trip(w, fmt: str, clip=None):
         q = torch.sign(x) * torch.floor(x.abs() + 0.5)
         return (d.half().float() * q).reshape(rows, cols)
     raise ValueError(f"unknown weight format {fmt!r}")
-
