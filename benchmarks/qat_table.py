@@ -60,7 +60,8 @@ def main() -> int:
     rows, exactness = [], []
 
     def decode_speed(path: Path) -> float:
-        return edgekd.bench(path, prof, threads=args.threads, repeats=3, prompt_tokens=128, gen_tokens=64).tg_tokens_per_s.median
+        return edgekd.bench(path, prof, threads=args.threads, repeats=3, prompt_tokens=128, gen_tokens=64,
+                            projection=False).tg_tokens_per_s.median
 
     def add(name: str, fn, size_mb, path: Path | None) -> dict:
         m = evaluate(fn, blocks, t_fn)

@@ -206,13 +206,14 @@ def cmd_bf16(args) -> None:
 def cmd_decode(args) -> None:
     import edgekd
     from edgekd import hostperf
+    from edgekd.costmodel import ModelFacts
 
     rows = []
     for threads in (1, 2):
         host = hostperf.measure(threads)
         for path in [p for p in (args.gguf, args.onnx) if p]:
             r = edgekd.bench(path, "raspberry-pi-5", threads=threads, repeats=5, prompt_tokens=128, gen_tokens=64, projection=False)
-            facts = _facts(path)
+            facts = ModelFacts(**r.model_facts)
             # decode from an empty context to 64 tokens: on average 32 tokens of KV cache are read
             bytes_per_token = facts.tensor_bytes + facts.kv_bytes(32, 2 if path.endswith(".gguf") else 4)
             roofline = host.copy_bandwidth_gbs * 1e9 / bytes_per_token
@@ -226,18 +227,6 @@ def cmd_decode(args) -> None:
     for r in rows:
         print(f"| {r['file']} | {r['runtime']} | {r['threads']} | {r['copy_gbs']:.1f} | {r['bytes_per_token_mb']:.1f} | "
               f"{r['roofline_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} | {100 * r['fraction']:.0f}% |")
-
-
-def _facts(path: str):
-    """Bytes the runtime reads per decoded token: the weights (every one, the tied head reads the table)."""
-    from edgekd import llamacpp, onnxrt
-    from edgekd.benchmark import model_file_mb
-    from edgekd.costmodel import ModelFacts
-
-    if path.endswith(".gguf"):
-        llm = llamacpp.load(path, n_ctx=64, threads=1)
-        return ModelFacts(**llamacpp.model_facts(llm))
-    return ModelFacts(**onnxrt.Decoder(path, 1).model_facts(model_file_mb(Path(path)) * 1e6))
 
 
 def main() -> int:

@@ -71,6 +71,7 @@ class BenchResult:
     load: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
     budgets: list[BudgetCheck] = field(default_factory=list)
+    model_facts: dict[str, Any] | None = None  # bytes, params and attention shape read from the file (costmodel.ModelFacts)
     projection: dict[str, Any] | None = None  # PROJECTION to the profile's device (see costmodel.project_from_host)
     host_perf: dict[str, Any] | None = None  # this host's measured copy bandwidth and GEMM throughput
 
@@ -242,9 +243,10 @@ def _measure_gguf(path: Path, threads: int, n_ctx: int, prompt_tokens: int, gen_
             llm.eval([tok])
 
     timed = _timed_repeats(prefill, decode, prompt_tokens, gen_tokens, repeats)
+    facts = llamacpp.model_facts(llm)
     return {"runtime": f"llama.cpp (llama-cpp-python {llamacpp.version()})", "load_s": load_s, **timed,
-            "baseline_rss_mb": baseline, "peak_rss_mb": _peak_rss_mb(), "kv_cache_mb": llamacpp.kv_cache_mb(dict(llm.metadata), n_ctx),
-            "facts": llamacpp.model_facts(llm)}
+            "baseline_rss_mb": baseline, "peak_rss_mb": _peak_rss_mb(), "kv_cache_mb": _kv_cache_mb(facts, n_ctx, 2),
+            "facts": facts}
 
 
 def _measure_onnx(path: Path, threads: int, n_ctx: int, prompt_tokens: int, gen_tokens: int, repeats: int) -> dict[str, Any]:
@@ -275,6 +277,12 @@ def _measure_onnx(path: Path, threads: int, n_ctx: int, prompt_tokens: int, gen_
     return {"runtime": f"onnxruntime {onnxrt.version()}", "load_s": load_s, **timed,
             "baseline_rss_mb": baseline, "peak_rss_mb": _peak_rss_mb(), "kv_cache_mb": kv,
             "facts": dec.model_facts(model_file_mb(path) * 1e6)}
+
+
+def _kv_cache_mb(facts: dict[str, Any] | None, n_ctx: int, bytes_per_value: int) -> float | None:
+    from .costmodel import ModelFacts
+
+    return None if facts is None else ModelFacts(**facts).kv_bytes(n_ctx, bytes_per_value) / 1e6
 
 
 def model_file_mb(path: Path) -> float:
@@ -351,7 +359,7 @@ def _run_in_process(model: Path, profile: DeviceProfile, threads: int, prompt_to
         context_length=profile.deployment.context_length, cpu_s_per_token=m["cpu_s_per_token"],
         energy=energy.to_dict(), host=host,
         load={"loadavg_1m_before": load_before, "other_process_cores_during": other}, warnings=warnings,
-        projection=proj, host_perf=host_perf,
+        model_facts=m["facts"], projection=proj, host_perf=host_perf,
     )
     where = f"measured on this host ({host['cpu']}, {threads} threads), not projected to {profile.name}"
     sources = {k: where for k in ("decode_tokens_per_s", "ttft_ms", "peak_memory_mb")}

@@ -87,15 +87,6 @@ def _attention_shape(meta: dict[str, str]) -> tuple[int, int, int, int] | None:
     return layers, heads, kv_heads, head_dim
 
 
-def kv_cache_mb(meta: dict[str, str], n_ctx: int) -> float | None:
-    """f16 K and V cache size at ``n_ctx`` from GGUF metadata."""
-    shape = _attention_shape(meta)
-    if shape is None:
-        return None
-    layers, _, kv_heads, head_dim = shape
-    return 2 * layers * n_ctx * kv_heads * head_dim * 2 / 1e6
-
-
 def model_facts(llm: Any) -> dict[str, float] | None:
     """Tensor bytes, parameter count and attention shape of a loaded model (for the roofline)."""
     shape = _attention_shape(dict(llm.metadata))

@@ -430,8 +430,7 @@ def stage_bench(ctx: RunContext) -> StageRecord:
     from .profiles import RUNTIME_FORMAT
 
     runtime_file = exported_file_name(ctx.profile, RUNTIME_FORMAT[ctx.profile.deployment.runtime])
-    names = [runtime_file] + [exported_file_name(ctx.profile, f) for f in ctx.profile.deployment.formats
-                              if exported_file_name(ctx.profile, f) != runtime_file]
+    names = list(dict.fromkeys([runtime_file] + [exported_file_name(ctx.profile, f) for f in ctx.profile.deployment.formats]))
     threads = usable_threads(ctx.profile.deployment.threads)
     results = {}
     for name in names:
