@@ -61,6 +61,7 @@ class DistillConfig:
     seed: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    clip_lr_scale: float = 1.0  # learning-rate multiplier for learned Q4_0 clip factors (parameters named *.clip)
     precision: str = "fp32"  # "fp32" or "bf16" (autocast forward passes); see resolve_precision
 
     @classmethod
@@ -285,7 +286,16 @@ def distill(
     rank, world = accelerator.process_index, accelerator.num_processes
     teacher.eval().requires_grad_(False)
     student.train().requires_grad_(True)  # a student copied from a frozen teacher inherits its flags
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    # Learned Q4_0 clip factors (edgekd.quant) live on a scale ~1 where weights live on ~1e-2:
+    # they get their own learning-rate multiplier, no weight decay, and stay in [CLIP_MIN, 1].
+    from .quant import CLIP_MIN
+
+    named = list(student.named_parameters())
+    clip_params = [p for n, p in named if n.endswith(".clip")]
+    groups = [{"params": [p for n, p in named if not n.endswith(".clip")], "lr_scale": 1.0}]
+    if clip_params:
+        groups.append({"params": clip_params, "lr_scale": cfg.clip_lr_scale, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
     start_step, tokens, history = 0, 0, []
     ckpt = latest_checkpoint(run_dir) if (run_dir is not None and resume) else None
@@ -300,7 +310,7 @@ def distill(
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr_at(step)
+            group["lr"] = cfg.lr_at(step) * group.get("lr_scale", 1.0)
         sums: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
             idx = sample_indices(step, micro, cfg, len(train_blocks), rank, world)
@@ -319,6 +329,10 @@ def distill(
             accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if clip_params:
+            with torch.no_grad():
+                for p in clip_params:
+                    p.clamp_(CLIP_MIN, 1.0)
         step_tokens = cfg.batch_size * cfg.grad_accum * world * block_len
         tokens += step_tokens
         dt = time.perf_counter() - t0

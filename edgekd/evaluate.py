@@ -100,8 +100,8 @@ def torch_logits_fn(model: Any) -> LogitsFn:
 
     def fn(batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            ids = torch.from_numpy(batch.astype(np.int64))
+            ids = torch.from_numpy(batch.astype(np.int64)).to(model.device)
             out = model(input_ids=ids, use_cache=False)
-            return out.logits.float().numpy()
+            return out.logits.float().cpu().numpy()
 
     return fn

@@ -293,14 +293,14 @@ def stage_qat(ctx: RunContext) -> StageRecord:
     from .fileio import atomic_path
     from .models import model_summary
     from .plots import loss_curves_plot
-    from .quant import clip_factors, materialize, prepare_qat
+    from .quant import clip_factors, learned_clip_stats, materialize, prepare_qat
 
     fmt = ctx.profile.deployment.weight_format
     qs = ctx.profile.compression.qat
     student = _student_for_qat(ctx)
     layer_map = ctx.prune_plan["layer_map"] if ctx.prune_plan else list(range(student.config.num_hidden_layers))
     settings: dict[str, Any] = {"weight_format": fmt, "steps": qs.steps, "learning_rate": qs.learning_rate,
-                                "clip_search": qs.clip_search and fmt == "q4_0"}
+                                "clip_search": qs.clip_search and fmt == "q4_0", "learn_clip": qs.learn_clip and fmt == "q4_0"}
     metrics: dict[str, Any] = {}
     artifacts = {"QAT student (weights on the shipped grid)": "student-qat"}
     clips: dict[Any, Any] = {}
@@ -314,7 +314,8 @@ def stage_qat(ctx: RunContext) -> StageRecord:
         base = ctx.profile.compression.distill
         cfg = DistillConfig.from_settings(base, steps=qs.steps, learning_rate=qs.learning_rate)
         cfg.w_hidden, cfg.w_attention, cfg.w_logit = 0.0, 0.0, 1.0
-        prepare_qat(student, fmt, clips)
+        cfg.alpha, cfg.clip_lr_scale = qs.alpha, 20.0  # clip factors ~1 vs weights ~1e-2: a larger step
+        prepare_qat(student, fmt, clips, learn_clip=settings["learn_clip"])
         estimate = estimate_training_memory(ctx.teacher.model, student, cfg.batch_size, ctx.corpus.block_len, False, False)
         check_memory(estimate)
         with ctx.reporter.task(f"QAT-KD to {fmt}", total=cfg.steps, unit="steps") as advance:
@@ -324,6 +325,7 @@ def stage_qat(ctx: RunContext) -> StageRecord:
         artifacts["QAT loss curves"] = "qat/loss.png"
         settings.update(asdict(cfg))
         metrics.update(outcome.summary())
+        metrics.update(learned_clip_stats(student))
     else:
         settings["method"] = ("clipped scales, no QAT steps" if clips else "round-to-nearest (no QAT steps)") \
             if fmt != "f16" else "f16 (no quantization)"

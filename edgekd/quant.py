@@ -36,19 +36,59 @@ class _RoundTripSTE(torch.autograd.Function):
         return grad, None, None
 
 
+CLIP_MIN = 0.5  # learned clip factors stay in [CLIP_MIN, 1]; <= 1 keeps the export exact (formats.torch_round_trip)
+
+
+class _Q4_0LearnedClip(torch.autograd.Function):
+    """Q4_0 round trip with a trainable per-block clip factor.
+
+    Forward: exactly :func:`torch_round_trip` (the shipped grid). Backward: straight-through
+    for the weight; for the clip factor ``c`` of a block with reference scale ``d0 = max / -8``
+    and step ``s = c d0``, the LSQ gradient (Esser et al. 2020, "Learned Step Size
+    Quantization"): d out / d s = q - w / s inside the grid and q at a saturated code,
+    so d out / d c = d0 (q - w / s) there. Factors outside [CLIP_MIN, 1] get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(w, clip)
+        return torch_round_trip(w, "q4_0", clip.clamp(CLIP_MIN, 1.0))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w, clip = ctx.saved_tensors
+        rows, cols = w.shape
+        b = w.float().reshape(rows, cols // 32, 32)
+        d0 = torch.gather(b, -1, b.abs().argmax(dim=-1, keepdim=True)) / -8.0
+        s = d0 * clip.clamp(CLIP_MIN, 1.0)
+        x = torch.where(s == 0, torch.zeros_like(b), b / torch.where(s == 0, torch.ones_like(s), s))
+        shifted = x + 8.5
+        q = torch.trunc(shifted).clamp(0, 15) - 8.0
+        inside = (shifted >= 0) & (shifted < 16)
+        d_out_d_s = torch.where(inside, q - x, q)
+        g_clip = (grad.float().reshape(b.shape) * d_out_d_s * d0).sum(-1, keepdim=True)
+        g_clip = g_clip * ((clip >= CLIP_MIN) & (clip <= 1.0))
+        return grad, g_clip.to(clip.dtype)
+
+
 class FakeQuant(torch.nn.Module):
     """Parametrization: weight -> its exact round trip through ``fmt`` (STE gradient).
 
     ``clip``: per-block scale factors for Q4_0 (see :func:`search_clip`), kept as a buffer so
-    checkpoints carry them.
+    checkpoints carry them, or as a trainable parameter with ``learn_clip`` (LSQ-style).
     """
 
-    def __init__(self, fmt: str, clip: torch.Tensor | None = None):
+    def __init__(self, fmt: str, clip: torch.Tensor | None = None, learn_clip: bool = False):
         super().__init__()
         self.fmt = fmt
-        self.register_buffer("clip", clip)
+        if learn_clip:
+            self.clip = torch.nn.Parameter(clip.clone().float())
+        else:
+            self.register_buffer("clip", clip)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.clip, torch.nn.Parameter):
+            return _Q4_0LearnedClip.apply(w, self.clip)
         return _RoundTripSTE.apply(w, self.fmt, self.clip)
 
 
@@ -66,14 +106,30 @@ def quantized_modules(model: Any, weight_format: str) -> list[tuple[Any, str]]:
     return out
 
 
-def prepare_qat(model: Any, weight_format: str, clips: dict[Any, torch.Tensor] | None = None) -> Any:
-    """Register fake-quant parametrizations in place (with per-block clip factors where given)."""
+def prepare_qat(model: Any, weight_format: str, clips: dict[Any, torch.Tensor] | None = None, learn_clip: bool = False) -> Any:
+    """Register fake-quant parametrizations in place (with per-block clip factors where given).
+
+    ``learn_clip``: Q4_0 linear layers train their clip factors (starting from ``clips``, or 1.0).
+    """
     for mod, fmt in quantized_modules(model, weight_format):
         if fmt in ("f32",):
             continue
         clip = (clips or {}).get(mod)
-        parametrize.register_parametrization(mod, "weight", FakeQuant(fmt, clip), unsafe=True)
+        learn = learn_clip and fmt == "q4_0" and isinstance(mod, torch.nn.Linear)
+        if learn and clip is None:
+            rows, cols = mod.weight.shape
+            clip = torch.ones(rows, cols // 32, 1, device=mod.weight.device)
+        parametrize.register_parametrization(mod, "weight", FakeQuant(fmt, clip, learn), unsafe=True)
     return model
+
+
+def learned_clip_stats(model: Any) -> dict[str, float]:
+    """Mean and range of the trained clip factors (empty when none are trained)."""
+    vals = [p.detach().clamp(CLIP_MIN, 1.0).flatten() for n, p in model.named_parameters() if n.endswith(".clip")]
+    if not vals:
+        return {}
+    v = torch.cat(vals)
+    return {"learned_clip_mean": float(v.mean()), "learned_clip_min": float(v.min()), "learned_clip_at_1": float((v >= 1.0).float().mean())}
 
 
 # ---------------------------------------------------------------- scale clipping
@@ -103,7 +159,7 @@ def input_importance(model: Any, blocks: Any, weight_format: str) -> dict[Any, t
     handles = [m.register_forward_pre_hook(hook) for m in targets]
     try:
         for row in blocks:
-            model(input_ids=torch.as_tensor(row[None].astype("int64")), use_cache=False)
+            model(input_ids=torch.as_tensor(row[None].astype("int64")).to(model.device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -122,11 +178,11 @@ def search_clip(w: torch.Tensor, importance: torch.Tensor | None, grid: tuple[fl
     """
     rows, cols = w.shape
     b = w.float().reshape(rows, cols // 32, 32)
-    imp = torch.ones(cols) if importance is None else importance.float().clamp_min(1e-12)
+    imp = torch.ones(cols, device=w.device) if importance is None else importance.float().clamp_min(1e-12)
     imp = imp.reshape(1, cols // 32, 32)
     best_err = best = None
     for c in grid:
-        clip = torch.full((rows, cols // 32, 1), c)
+        clip = torch.full((rows, cols // 32, 1), c, device=w.device)
         err = (imp * (b - torch_round_trip(w, "q4_0", clip).reshape(b.shape)) ** 2).sum(-1, keepdim=True)
         if best_err is None:
             best_err, best, rtn_err = err, clip, err

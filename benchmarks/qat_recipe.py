@@ -1,0 +1,118 @@
+"""QAT-KD recipe sweep on the full-depth default teacher: which settings bring Q4_0 closest to it.
+
+Every variant starts from the same fp32 teacher, optionally searches Q4_0 clip factors
+(edgekd.quant.clip_factors), trains on the exact Q4_0 grid with edgekd.distill (same seed and
+data order), writes the grid weights (materialize) and scores them in torch against the fp32
+teacher on the held-out blocks: KL per token, top-1 agreement, perplexity. The shipped GGUF
+computes these weights up to llama.cpp's activation-quantization floor (see qat_table.py).
+
+    .venv/bin/python benchmarks/qat_recipe.py                                  # default variants
+    .venv/bin/python benchmarks/qat_recipe.py --variant 'a1:alpha=1,temperature=1,steps=100'
+    .venv/bin/python benchmarks/qat_recipe.py --write-blocks blocks.npz        # corpus blocks only
+
+Runs on CPU or, much faster, on a CUDA GPU (``--teacher`` a GGUF or HF directory,
+``--blocks`` the npz written here with ``--write-blocks``, so both machines score the same tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+DEFAULT_VARIANTS = [
+    "current:alpha=0.7,temperature=2,steps=100",
+    "kd_only:alpha=1,temperature=2,steps=100",
+    "kd_t1:alpha=1,temperature=1,steps=100",
+    "kd_t1_learn:alpha=1,temperature=1,steps=100,learn_clip=1,clip_lr_scale=20",
+]
+FIELDS = {"alpha": float, "temperature": float, "steps": int, "learning_rate": float, "clip_search": int,
+          "learn_clip": int, "clip_lr_scale": float, "batch_size": int}
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    name, _, spec = text.partition(":")
+    out = {"alpha": 0.7, "temperature": 2.0, "steps": 100, "learning_rate": 1e-4, "clip_search": 1,
+           "learn_clip": 0, "clip_lr_scale": 1.0, "batch_size": 4}
+    for item in filter(None, spec.split(",")):
+        key, _, val = item.partition("=")
+        out[key] = FIELDS[key](val)
+    return name, out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--teacher", default=None, help="GGUF or HF directory (default: the embedded teacher)")
+    ap.add_argument("--blocks", default=None, help="npz with train/heldout/calibration token blocks")
+    ap.add_argument("--write-blocks", default=None, help="write the default corpus blocks to this npz and stop")
+    ap.add_argument("--variant", action="append", default=None, help="name:key=value,... (repeatable)")
+    ap.add_argument("--out", default=str(HERE / "results" / "qat_recipe.json"))
+    args = ap.parse_args()
+
+    import torch
+
+    import edgekd
+    from edgekd.distill import DistillConfig, distill, resolve_precision
+    from edgekd.evaluate import evaluate, torch_logits_fn
+    from edgekd.models import load_causal_lm, resolve_model_source
+    from edgekd.quant import clip_factors, learned_clip_stats, materialize, prepare_qat
+
+    prof = edgekd.load_profile("raspberry-pi-5")
+    teacher = load_causal_lm(resolve_model_source(args.teacher))
+    if args.blocks:
+        data = np.load(args.blocks)
+        train, heldout, calib = data["train"], data["heldout"], data["calibration"]
+    else:
+        from edgekd.data import load_corpus
+
+        corpus = load_corpus(None, teacher.tokenizer, prof.compression.distill.seq_len, prof.compression.evaluation.heldout_fraction)
+        train = corpus.train
+        heldout = corpus.heldout[: prof.compression.evaluation.max_heldout_blocks]
+        n_cal = prof.compression.prune.calibration_blocks
+        calib = train[np.linspace(0, len(train) - 1, n_cal).round().astype(int)]
+        if args.write_blocks:
+            np.savez(args.write_blocks, train=train, heldout=heldout, calibration=calib)
+            print(f"wrote {args.write_blocks}: {train.shape} train, {heldout.shape} held-out, {calib.shape} calibration")
+            return 0
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t_model = teacher.model.to(device)
+    t_fn = torch_logits_fn(t_model)
+    layer_map = list(range(t_model.config.num_hidden_layers))
+    base = prof.compression.distill
+    results = []
+    for text in args.variant or DEFAULT_VARIANTS:
+        name, v = parse_variant(text)
+        t0 = time.perf_counter()
+        student = copy.deepcopy(t_model)
+        clips, stats = clip_factors(student, "q4_0", calib) if v["clip_search"] else ({}, {})
+        prepare_qat(student, "q4_0", clips, learn_clip=bool(v["learn_clip"]))
+        cfg = DistillConfig.from_settings(base, steps=v["steps"], learning_rate=v["learning_rate"])
+        cfg.w_hidden, cfg.w_attention, cfg.w_logit = 0.0, 0.0, 1.0
+        cfg.alpha, cfg.temperature, cfg.batch_size = v["alpha"], v["temperature"], v["batch_size"]
+        cfg.clip_lr_scale, cfg.precision = v["clip_lr_scale"], resolve_precision("auto")
+        outcome = distill(student, t_model, train, cfg, layer_map, run_dir=None) if v["steps"] else None
+        stats.update(learned_clip_stats(student))
+        materialize(student, "q4_0", clips)
+        m = evaluate(torch_logits_fn(student.eval()), heldout, t_fn)
+        row = {"variant": name, **v, **stats, "kl_to_teacher": m.kl_to_teacher, "top1_agreement": m.top1_agreement,
+               "perplexity": m.perplexity, "median_step_s": float(np.median([h["step_s"] for h in outcome.history])) if outcome else None,
+               "wall_s": time.perf_counter() - t0, "device": device, "precision": cfg.precision}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        del student
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"heldout_tokens": int(heldout.shape[0] * (heldout.shape[1] - 1)),
+                                          "torch": torch.__version__, "rows": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
