@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/speed_table.py cache  [--steps 40]             # top-k logit cache vs live teacher
     .venv/bin/python benchmarks/speed_table.py bf16   [--steps 20 --qat-steps 5]  # bf16 autocast vs fp32
     .venv/bin/python benchmarks/speed_table.py decode --gguf F [--onnx F]      # decode vs the bandwidth roofline
+    .venv/bin/python benchmarks/speed_table.py profile --gguf F                # where llama.cpp's decode time goes (py-spy)
 
 All runs use the default teacher (SmolLM2-135M-Instruct), the default profile's batch (4 x 256
 tokens), and a 24-layer student pruned by Block Influence, as the default run makes it. Each
@@ -26,7 +27,12 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
+SOURCES = {"teacher": None, "blocks": None}  # --teacher / --blocks: the same model and tokens on another machine
+
+
 def setup():
+    import types
+
     import edgekd
     from edgekd.data import load_corpus
     from edgekd.models import load_causal_lm, resolve_model_source
@@ -34,12 +40,18 @@ def setup():
 
     torch.manual_seed(0)
     prof = edgekd.load_profile("raspberry-pi-5")
-    teacher = load_causal_lm(resolve_model_source(None))
+    teacher = load_causal_lm(resolve_model_source(SOURCES["teacher"]))
     ds = prof.compression.distill
-    corpus = load_corpus(None, teacher.tokenizer, ds.seq_len, prof.compression.evaluation.heldout_fraction)
+    if SOURCES["blocks"]:  # written by qat_recipe.py --write-blocks
+        data = np.load(SOURCES["blocks"])
+        corpus = types.SimpleNamespace(train=data["train"], heldout=data["heldout"])
+    else:
+        corpus = load_corpus(None, teacher.tokenizer, ds.seq_len, prof.compression.evaluation.heldout_fraction)
     train = corpus.train
     calib = train[np.linspace(0, len(train) - 1, prof.compression.prune.calibration_blocks).astype(int)]
     keep = select_layers(score_blocks(teacher.model, calib), 24, "block_influence")
+    if torch.cuda.is_available():
+        teacher.model.to("cuda")
     return prof, teacher, corpus, keep, lambda: make_student(teacher.model, keep)
 
 
@@ -141,26 +153,29 @@ def cmd_cache(args) -> None:
     full = logit_cache.build(teacher.model, corpus.train, max(args.ks), ds.temperature, Path(tempfile.mkdtemp()) / "c")
     build_s = time.perf_counter() - t0
     rows = []
-    for k in [None, *args.ks]:
+    # live-teacher runs at other seeds (other data orders) measure the noise the cache is compared with
+    for k, seed in [(None, 0), *[(k, 0) for k in args.ks], *[(None, s) for s in args.noise_seeds]]:
         cache = None if k is None else logit_cache.LogitCache(np.ascontiguousarray(full.indices[..., :k]),
                                                                np.ascontiguousarray(full.logprobs[..., :k]), ds.temperature)
         student = new_student()
-        out = distill(student, teacher.model, corpus.train, cfg, keep, logit_cache=cache)
+        run_cfg = copy.deepcopy(cfg)
+        run_cfg.seed = seed
+        out = distill(student, teacher.model, corpus.train, run_cfg, keep, logit_cache=cache)
         step = statistics.median(h["step_s"] for h in out.history[1:])
-        rows.append({"k": k, "median_step_s": step, "mb_per_million_tokens": None if k is None else 8 * k,
+        rows.append({"k": k, "seed": seed, "median_step_s": step, "mb_per_million_tokens": None if k is None else 8 * k,
                      **held_metrics(student, teacher, corpus, prof)})
         print(rows[-1], file=sys.stderr, flush=True)
     live = rows[0]["median_step_s"]
     for r in rows:
         r["speedup_vs_live"] = live / r["median_step_s"]
-    write("cache", {"steps": args.steps, "precision": cfg.precision, "build_s": build_s,
+    write("cache", {"steps": args.steps, "precision": cfg.precision, "build_s": build_s, "device": str(teacher.model.device),
                     "train_tokens": int(corpus.train.size), "rows": rows})
     print(f"cache built once at k={max(args.ks)} in {build_s:.0f} s over {corpus.train.size:,} training tokens; "
           f"{args.steps} steps per row, {cfg.precision}\n")
     print("| teacher targets | median step (s) | speed-up | MB per 1M tokens | KL to teacher | perplexity | top-1 |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        name = "live teacher" if r["k"] is None else f"cache, top-{r['k']}"
+        name = (f"live teacher, seed {r['seed']}" if r["k"] is None else f"cache, top-{r['k']}, seed {r['seed']}")
         mb = "n/a" if r["k"] is None else f"{r['mb_per_million_tokens']}"
         print(f"| {name} | {r['median_step_s']:.2f} | {r['speedup_vs_live']:.2f}x | {mb} | {r['kl_to_teacher']:.4f} | "
               f"{r['perplexity']:.3f} | {r['top1_agreement']:.4f} |")
@@ -229,8 +244,107 @@ def cmd_decode(args) -> None:
               f"{r['roofline_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} | {100 * r['fraction']:.0f}% |")
 
 
+# ---------------------------------------------------------------- 4b. where decode time goes
+
+DECODE_LOOP = """
+import sys, time
+from edgekd import llamacpp
+llm = llamacpp.load(sys.argv[1], n_ctx=256, threads=1, n_batch=32)
+toks = [(i * 7919) % llm.n_vocab() for i in range(64)]
+end = time.time() + float(sys.argv[2])
+while time.time() < end:
+    llm.reset()
+    for t in toks:
+        llm.eval([t])
+open(sys.argv[3], "w").write(open("/proc/self/maps").read())  # to name frames py-spy leaves as addresses
+"""
+
+
+def _resolver(maps_text: str):
+    """Address -> 'nearest exported symbol below it (library)', for frames in stripped libraries."""
+    import bisect
+    import subprocess
+
+    maps, symbols = [], {}
+    for line in maps_text.splitlines():
+        parts = line.split()
+        if len(parts) >= 6 and "x" in parts[1]:
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            maps.append((lo, hi, int(parts[2], 16), parts[5]))
+
+    def lookup(addr: int) -> str:
+        for lo, hi, off, path in maps:
+            if lo <= addr < hi:
+                if path not in symbols:
+                    out = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True, text=True).stdout
+                    syms = sorted((int(a, 16), n) for a, _, n in (ln.split(" ", 2) for ln in out.splitlines() if ln.count(" ") >= 2))
+                    symbols[path] = syms
+                syms, rel = symbols[path], addr - lo + off
+                i = bisect.bisect_right([a for a, _ in syms], rel) - 1
+                below = syms[i][1] if i >= 0 else "?"
+                above = syms[i + 1][1] if i + 1 < len(syms) else "?"
+                return f"unexported code between {below} and {above} ({Path(path).name})"
+        return hex(addr)
+
+    return lookup
+
+# leaf-function name patterns -> what the time is spent on (ggml CPU backend names)
+PROFILE_CATEGORIES = (
+    # ggml's x86 repack.cpp keeps its Q4_0 8x8 GEMV kernel static, linked just before
+    # ggml_quantize_mat_q8_0_4x8: the only code in that gap of the stripped library
+    ("Q4_0 weight x Q8_0 activation products (repacked 8x8 GEMV)", ("vec_dot_q4_0", "gemv_q4_0", "and ggml_quantize_mat_q8_0_4x8")),
+    ("Q8_0 weight dot products (output head, embeddings)", ("vec_dot_q8_0",)),
+    ("activation quantization to Q8_0", ("quantize_row_q8", "quantize_q8")),
+    ("attention and KV cache (f16 dot products, softmax, copies)", ("vec_dot_f16", "soft_max", "flash_attn", "cpy_f32_f16", "set_rows")),
+    ("norms, rope, elementwise", ("rms_norm", "rope", "silu", "swiglu", "glu", "vec_mul", "add", "mul_f32", "get_rows")),
+    ("graph build, scheduling, allocation (llama.cpp host code)", ("graph", "sched", "alloc", "build", "llama_", "ggml_backend")),
+    ("Python and llama-cpp-python (per-token calls, logits copy)", ("<module>", ".py", "PyEval", "_Py", "numpy", "memcpy", "memmove")),
+)
+
+
+def cmd_profile(args) -> None:
+    """py-spy (--native) samples one thread decoding 64-token sequences for ``--seconds``; the
+    leaf frame of each sample says which code was running. One thread, so every ggml kernel
+    runs on the sampled thread."""
+    import collections
+    import shutil
+    import subprocess
+    import tempfile
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    work = Path(tempfile.mkdtemp())
+    raw, maps = work / "decode.txt", work / "maps.txt"
+    subprocess.run([spy, "record", "--native", "--rate", "200", "--format", "raw", "-o", str(raw), "--",
+                    sys.executable, "-c", DECODE_LOOP, args.gguf, str(args.seconds), str(maps)], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lookup = _resolver(maps.read_text())
+    leaves: collections.Counter = collections.Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if "Llama.eval (" in stack:  # decode calls only: not start-up, loading or imports
+            leaf = stack.split(";")[-1].split(" (")[0].strip()
+            leaves[lookup(int(leaf, 16)) if leaf.startswith("0x") else leaf] += int(count)
+    total = sum(leaves.values())
+    cats: collections.Counter = collections.Counter()
+    for name, n in leaves.items():
+        cat = next((c for c, pats in PROFILE_CATEGORIES if any(p in name for p in pats)), "other")
+        cats[cat] += n
+    out = {"file": Path(args.gguf).name, "samples": total, "seconds": args.seconds, "threads": 1,
+           "categories": {c: n / total for c, n in cats.most_common()},
+           "top_functions": [{"function": f, "share": n / total} for f, n in leaves.most_common(15)]}
+    write("profile", out)
+    print(f"| what (leaf frame of {total} samples, 1 thread) | share |\n|---|---|")
+    for c, share in out["categories"].items():
+        print(f"| {c} | {100 * share:.1f}% |")
+    print("\n| function | share |\n|---|---|")
+    for r in out["top_functions"]:
+        print(f"| `{r['function']}` | {100 * r['share']:.1f}% |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--teacher", default=None, help="GGUF or HF directory (default: the embedded teacher)")
+    ap.add_argument("--blocks", default=None, help="token blocks from qat_recipe.py --write-blocks (default: the default corpus)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("loop")
     p.add_argument("--steps", type=int, default=5)
@@ -238,14 +352,19 @@ def main() -> int:
     p = sub.add_parser("cache")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--ks", type=int, nargs="+", default=[8, 32, 128])
+    p.add_argument("--noise-seeds", type=int, nargs="*", default=[1, 2])
     p = sub.add_parser("bf16")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--qat-steps", type=int, default=5)
     p = sub.add_parser("decode")
     p.add_argument("--gguf", required=True)
     p.add_argument("--onnx", default=None)
+    p = sub.add_parser("profile")
+    p.add_argument("--gguf", required=True)
+    p.add_argument("--seconds", type=float, default=20.0)
     args = ap.parse_args()
-    {"loop": cmd_loop, "cache": cmd_cache, "bf16": cmd_bf16, "decode": cmd_decode}[args.cmd](args)
+    SOURCES.update(teacher=args.teacher, blocks=args.blocks)
+    {"loop": cmd_loop, "cache": cmd_cache, "bf16": cmd_bf16, "decode": cmd_decode, "profile": cmd_profile}[args.cmd](args)
     return 0
 
 

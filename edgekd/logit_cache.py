@@ -60,11 +60,11 @@ def build(teacher: Any, blocks: np.ndarray, top_k: int, temperature: float, dire
     idx = np.empty((n, length - 1, top_k), dtype=np.int32)
     lp = np.empty((n, length - 1, top_k), dtype=np.float32)
     for b0 in range(0, n, batch_size):
-        ids = torch.from_numpy(blocks[b0 : b0 + batch_size].astype(np.int64))
+        ids = torch.from_numpy(blocks[b0 : b0 + batch_size].astype(np.int64)).to(teacher.device)
         logits = teacher(input_ids=ids, use_cache=False).logits[:, :-1].float()
         top = torch.log_softmax(logits / temperature, dim=-1).topk(top_k, dim=-1)
-        idx[b0 : b0 + len(ids)] = top.indices.numpy()
-        lp[b0 : b0 + len(ids)] = top.values.numpy()
+        idx[b0 : b0 + len(ids)] = top.indices.cpu().numpy()
+        lp[b0 : b0 + len(ids)] = top.values.cpu().numpy()
         if progress:
             progress(len(ids))
     with atomic_path(directory) as tmp:
