@@ -150,13 +150,13 @@ def cmd_cache(args) -> None:
     cfg = DistillConfig.from_settings(ds, steps=args.steps)
     cfg.w_hidden = cfg.w_attention = 0.0  # logit-only KD: the case the cache serves
     t0 = time.perf_counter()
-    full = logit_cache.build(teacher.model, corpus.train, max(args.ks), ds.temperature, Path(tempfile.mkdtemp()) / "c")
+    full = logit_cache.build(teacher.model, corpus.train, max(args.ks), ds.temperature, Path(tempfile.mkdtemp()) / "c",
+                             kind=args.kind)
     build_s = time.perf_counter() - t0
     rows = []
     # live-teacher runs at other seeds (other data orders) measure the noise the cache is compared with
     for k, seed in [(None, 0), *[(k, 0) for k in args.ks], *[(None, s) for s in args.noise_seeds]]:
-        cache = None if k is None else logit_cache.LogitCache(np.ascontiguousarray(full.indices[..., :k]),
-                                                               np.ascontiguousarray(full.logprobs[..., :k]), ds.temperature)
+        cache = None if k is None else full.first(k)
         student = new_student()
         run_cfg = copy.deepcopy(cfg)
         run_cfg.seed = seed
@@ -168,14 +168,14 @@ def cmd_cache(args) -> None:
     live = rows[0]["median_step_s"]
     for r in rows:
         r["speedup_vs_live"] = live / r["median_step_s"]
-    write("cache", {"steps": args.steps, "precision": cfg.precision, "build_s": build_s, "device": str(teacher.model.device),
+    write(f"cache_{args.kind}", {"kind": args.kind, "steps": args.steps, "precision": cfg.precision, "build_s": build_s, "device": str(teacher.model.device),
                     "train_tokens": int(corpus.train.size), "rows": rows})
     print(f"cache built once at k={max(args.ks)} in {build_s:.0f} s over {corpus.train.size:,} training tokens; "
           f"{args.steps} steps per row, {cfg.precision}\n")
     print("| teacher targets | median step (s) | speed-up | MB per 1M tokens | KL to teacher | perplexity | top-1 |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        name = (f"live teacher, seed {r['seed']}" if r["k"] is None else f"cache, top-{r['k']}, seed {r['seed']}")
+        name = (f"live teacher, seed {r['seed']}" if r["k"] is None else f"cache, {args.kind} k={r['k']}, seed {r['seed']}")
         mb = "n/a" if r["k"] is None else f"{r['mb_per_million_tokens']}"
         print(f"| {name} | {r['median_step_s']:.2f} | {r['speedup_vs_live']:.2f}x | {mb} | {r['kl_to_teacher']:.4f} | "
               f"{r['perplexity']:.3f} | {r['top1_agreement']:.4f} |")
@@ -353,6 +353,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--ks", type=int, nargs="+", default=[8, 32, 128])
     p.add_argument("--noise-seeds", type=int, nargs="*", default=[1, 2])
+    p.add_argument("--kind", choices=["sample", "topk"], default="sample")
     p = sub.add_parser("bf16")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--qat-steps", type=int, default=5)

@@ -184,8 +184,8 @@ def _hidden_pairs(s_out: Any, t_out: Any, layer_map: list[int], teacher: Any) ->
 
 
 def distill_step_losses(student: Any, teacher: Any, ids: torch.Tensor, cfg: DistillConfig, layer_map: list[int],
-                        cached: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Loss terms of one micro-batch. ``cached``: the teacher's top-k (indices, log-probs) for it."""
+                        cached: tuple[torch.Tensor, torch.Tensor, str] | None = None) -> dict[str, torch.Tensor]:
+    """Loss terms of one micro-batch. ``cached``: the teacher's cached (indices, log-probs, kind) for it."""
     want_logits, want_hidden, want_attn = _needs(cfg)
     live_logits = want_logits and cached is None
     autocast = functools.partial(forward_precision, cfg.precision, ids.device.type)
@@ -319,7 +319,7 @@ def distill(
             sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else contextlib.nullcontext()
             cached = None
             if logit_cache is not None:
-                cached = tuple(t.to(accelerator.device) for t in logit_cache.batch(idx))
+                cached = (*(t.to(accelerator.device) for t in logit_cache.batch(idx)), logit_cache.kind)
             with sync:
                 terms = distill_step_losses(model, teacher, ids, cfg, layer_map, cached)
                 accelerator.backward(terms["loss"] / cfg.grad_accum)

@@ -1,4 +1,9 @@
-"""Teacher-logit cache: the teacher's top-k log-probabilities per training position, computed once.
+"""Teacher-logit cache: per training position, k teacher tokens and their log-probabilities, computed once.
+
+Two kinds. ``sample`` (recommended): k tokens drawn with replacement from the teacher's
+distribution at T, with their log-probabilities; the loss is then an unbiased estimate of the
+forward KL (random-sampling KD, Anshumann et al. 2025; :func:`edgekd.losses.sampled_forward_kl`).
+``topk``:
 
 As in DistillKit: for every position of every training block, keep the k largest teacher
 log-probabilities at the distillation temperature T (fp32: fp16 shifts a small KL by ~1e-3) and their token ids (int32); the
@@ -30,6 +35,7 @@ class LogitCache:
     indices: np.ndarray  # (n_blocks, block_len - 1, k) int32
     logprobs: np.ndarray  # (n_blocks, block_len - 1, k) float32, log-softmax(z / T)
     temperature: float
+    kind: str = "topk"  # "topk" or "sample"
 
     @property
     def k(self) -> int:
@@ -38,6 +44,11 @@ class LogitCache:
     def batch(self, block_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.from_numpy(np.asarray(self.indices[block_ids], dtype=np.int64)),
                 torch.from_numpy(np.asarray(self.logprobs[block_ids], dtype=np.float32)))
+
+    def first(self, k: int) -> LogitCache:
+        """The cache with k entries per position: the top-k of a sorted top-K, or the first k of K draws."""
+        return LogitCache(np.ascontiguousarray(self.indices[..., :k]), np.ascontiguousarray(self.logprobs[..., :k]),
+                          self.temperature, self.kind)
 
     def bytes_per_million_tokens(self) -> float:
         return 1e6 * self.k * (4 + 4)
@@ -55,32 +66,45 @@ def live_target_bytes_per_token(config: Any, seq_len: int) -> dict[str, float]:
 
 @torch.no_grad()
 def build(teacher: Any, blocks: np.ndarray, top_k: int, temperature: float, directory: Path,
-          batch_size: int = 4, progress: Callable[[int], None] | None = None) -> LogitCache:
+          batch_size: int = 4, progress: Callable[[int], None] | None = None, kind: str = "topk", seed: int = 0) -> LogitCache:
+    """``kind`` "topk": the k most likely tokens; "sample": k draws from the teacher (seeded)."""
+    if kind not in ("topk", "sample"):
+        raise ValueError(f"unknown logit cache kind {kind!r}")
+    generator = torch.Generator(device=teacher.device).manual_seed(seed)
     n, length = blocks.shape
     idx = np.empty((n, length - 1, top_k), dtype=np.int32)
     lp = np.empty((n, length - 1, top_k), dtype=np.float32)
     for b0 in range(0, n, batch_size):
         ids = torch.from_numpy(blocks[b0 : b0 + batch_size].astype(np.int64)).to(teacher.device)
         logits = teacher(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        top = torch.log_softmax(logits / temperature, dim=-1).topk(top_k, dim=-1)
-        idx[b0 : b0 + len(ids)] = top.indices.cpu().numpy()
-        lp[b0 : b0 + len(ids)] = top.values.cpu().numpy()
+        logp = torch.log_softmax(logits / temperature, dim=-1)
+        if kind == "topk":
+            values, chosen = logp.topk(top_k, dim=-1)
+        else:
+            flat = logp.reshape(-1, logp.shape[-1])
+            chosen = torch.multinomial(flat.exp(), top_k, replacement=True, generator=generator).reshape(*logp.shape[:-1], top_k)
+            values = logp.gather(-1, chosen)
+        idx[b0 : b0 + len(ids)] = chosen.cpu().numpy()
+        lp[b0 : b0 + len(ids)] = values.cpu().numpy()
         if progress:
             progress(len(ids))
     with atomic_path(directory) as tmp:
         tmp.mkdir(parents=True)
         np.save(tmp / "indices.npy", idx)
         np.save(tmp / "logprobs.npy", lp)
-        atomic_write_json(tmp / "meta.json", {"top_k": top_k, "temperature": temperature, "blocks": n, "block_len": length})
-    return LogitCache(idx, lp, temperature)
+        atomic_write_json(tmp / "meta.json", {"top_k": top_k, "temperature": temperature, "blocks": n, "block_len": length,
+                                              "kind": kind, "seed": seed})
+    return LogitCache(idx, lp, temperature, kind)
 
 
-def load(directory: Path, top_k: int, temperature: float, blocks: np.ndarray) -> LogitCache | None:
+def load(directory: Path, top_k: int, temperature: float, blocks: np.ndarray, kind: str = "topk") -> LogitCache | None:
     """The cache in ``directory`` if it matches these settings and blocks, else None."""
     meta_path = directory / "meta.json"
     if not meta_path.exists():
         return None
     meta = json.loads(meta_path.read_text())
-    if (meta["top_k"], meta["temperature"], meta["blocks"], meta["block_len"]) != (top_k, temperature, *blocks.shape):
+    found = (meta["top_k"], meta["temperature"], meta["blocks"], meta["block_len"], meta.get("kind", "topk"))
+    if found != (top_k, temperature, *blocks.shape, kind):
         return None
-    return LogitCache(np.load(directory / "indices.npy", mmap_mode="r"), np.load(directory / "logprobs.npy", mmap_mode="r"), temperature)
+    return LogitCache(np.load(directory / "indices.npy", mmap_mode="r"), np.load(directory / "logprobs.npy", mmap_mode="r"),
+                      temperature, kind)

@@ -86,6 +86,28 @@ def topk_forward_kl(
     return _masked_mean(per_pos, mask) * t * t
 
 
+def sampled_forward_kl(
+    student_logits: torch.Tensor,
+    sample_idx: torch.Tensor,
+    teacher_sample_logp: torch.Tensor,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """T^2 * KL(p_t || p_s) estimated from N tokens drawn from the teacher's p_t (at T).
+
+    KL(p_t || p_s) = E_{i ~ p_t}[log p_t(i) - log p_s(i)], so the mean over samples drawn from
+    p_t is an unbiased estimate of the KL and of its gradient, with the student's full softmax
+    (random-sampling KD: Anshumann et al. 2025, "Sparse Logit Sampling: Accelerating Knowledge
+    Distillation in LLMs"). Top-k caches are biased: the tail they fold away is what the
+    student then fails to match.
+    """
+    t = float(temperature)
+    logp_s = F.log_softmax(student_logits.float() / t, dim=-1)
+    s_at = logp_s.gather(-1, sample_idx.long())
+    per_pos = (teacher_sample_logp.float() - s_at).mean(-1)
+    return _masked_mean(per_pos, mask) * t * t
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | None,
@@ -93,13 +115,14 @@ def kd_loss(
     alpha: float,
     temperature: float,
     kind: str = "forward",
-    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    teacher_topk: tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """L = (1 - alpha) CE(student, labels) + alpha T^2 D(teacher || student)  (Hinton et al. 2015).
 
     ``labels`` are next-token ids aligned with the logits (position t predicts labels[t]);
-    -100 marks positions to ignore. Pass ``teacher_topk`` (indices, log-probs at T) instead of
-    full ``teacher_logits`` to use the cache (forward KL only).
+    -100 marks positions to ignore. Pass ``teacher_topk`` (indices, log-probs at T[, kind]) instead of
+    full ``teacher_logits`` to use the cache (forward KL only); kind "sample": the indices are
+    tokens drawn from the teacher (:func:`sampled_forward_kl`), else its top-k (:func:`topk_forward_kl`).
     """
     mask = labels != -100
     ce = F.cross_entropy(student_logits.float().flatten(0, -2), labels.flatten(), ignore_index=-100)
@@ -108,7 +131,8 @@ def kd_loss(
     elif teacher_topk is not None:
         if kind != "forward":
             raise ValueError("the top-k logit cache supports forward KL only")
-        kd = topk_forward_kl(student_logits, teacher_topk[0], teacher_topk[1], temperature, mask)
+        loss_fn = sampled_forward_kl if (len(teacher_topk) > 2 and teacher_topk[2] == "sample") else topk_forward_kl
+        kd = loss_fn(student_logits, teacher_topk[0], teacher_topk[1], temperature, mask)
     else:
         kd = logit_divergence(student_logits, teacher_logits, kind, temperature, mask=mask)
     return {"ce": ce, "kd": kd, "loss": (1 - alpha) * ce + alpha * kd}

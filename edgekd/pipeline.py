@@ -199,11 +199,13 @@ def stage_teacher_logits(ctx: RunContext) -> StageRecord:
 
     ds = ctx.profile.compression.distill
     train = ctx.corpus.train
-    with ctx.reporter.task(f"caching the teacher's top-{ds.logit_cache_top_k} logits", total=len(train), unit="blocks") as advance:
+    what = f"{ds.logit_cache_top_k} sampled tokens" if ds.logit_cache_kind == "sample" else f"top-{ds.logit_cache_top_k} logits"
+    with ctx.reporter.task(f"caching the teacher's {what} per position", total=len(train), unit="blocks") as advance:
         cache = logit_cache.build(ctx.teacher.model, train, ds.logit_cache_top_k, ds.temperature,
-                                  ctx.run.path("teacher-logits"), batch_size=ds.batch_size, progress=advance)
+                                  ctx.run.path("teacher-logits"), batch_size=ds.batch_size, progress=advance,
+                                  kind=ds.logit_cache_kind, seed=ds.seed)
     tokens = int(cache.indices.shape[0] * cache.indices.shape[1])
-    return StageRecord("teacher_logits", settings={"top_k": cache.k, "temperature": ds.temperature},
+    return StageRecord("teacher_logits", settings={"top_k": cache.k, "kind": cache.kind, "temperature": ds.temperature},
                        metrics={"tokens": tokens, "size_mb": logit_cache.cache_size_bytes(tokens, cache.k) / 1e6,
                                 "mb_per_million_tokens": cache.bytes_per_million_tokens() / 1e6},
                        artifacts={"teacher logit cache": "teacher-logits"})
@@ -215,7 +217,8 @@ def _logit_cache(ctx: RunContext) -> Any:
     ds = ctx.profile.compression.distill
     if ds.logit_cache_top_k is None:
         return None
-    return logit_cache.load(ctx.run.path("teacher-logits"), ds.logit_cache_top_k, ds.temperature, ctx.corpus.train)
+    return logit_cache.load(ctx.run.path("teacher-logits"), ds.logit_cache_top_k, ds.temperature, ctx.corpus.train,
+                            ds.logit_cache_kind)
 
 
 def stage_distill(ctx: RunContext) -> StageRecord:

@@ -120,7 +120,10 @@ class DistillSettings(_Strict):
     losses: dict[Literal["logit_kl", "hidden_mse", "hidden_cos", "attention_kl"], float] = Field(
         default_factory=lambda: {"logit_kl": 1.0, "hidden_mse": 1.0, "attention_kl": 1.0}
     )
+    # teacher-logit cache: entries per position (None: live teacher) and what they are:
+    # "sample" = k draws from the teacher (unbiased KL), "topk" = its k most likely tokens
     logit_cache_top_k: int | None = Field(default=None, gt=0)
+    logit_cache_kind: Literal["sample", "topk"] = "sample"
     checkpoint_every: int = Field(default=50, gt=0)
     seed: int = 0
     # arithmetic of the forward passes in distillation and QAT; master weights, gradients and

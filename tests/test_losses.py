@@ -11,6 +11,7 @@ from edgekd.losses import (
     hidden_state_loss,
     kd_loss,
     logit_divergence,
+    sampled_forward_kl,
     topk_forward_kl,
 )
 
@@ -101,6 +102,30 @@ def test_topk_cache_kl_equals_bucketed_reference_and_full_kl_at_full_k(logits):
     assert topk_forward_kl(s, full.indices, full.values, T).item() == pytest.approx(
         logit_divergence(s, t, "forward", T).item(), rel=1e-3)
 
+
+
+def test_sampled_cache_kl_and_its_gradient_are_unbiased(logits):
+    """Many draws from the teacher: the estimate and its gradient approach the full forward KL's."""
+    s, t = logits
+    T = 2.0
+    logq = F.log_softmax(t / T, -1)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.multinomial(logq.exp().reshape(-1, logq.shape[-1]), 20000, replacement=True, generator=g)
+    draws = draws.reshape(*logq.shape[:-1], -1)
+    s1 = s.clone().requires_grad_(True)
+    est = sampled_forward_kl(s1, draws, logq.gather(-1, draws), T)
+    est.backward()
+    s2 = s.clone().requires_grad_(True)
+    full = logit_divergence(s2, t, "forward", T)
+    full.backward()
+    assert est.item() == pytest.approx(full.item(), rel=0.03)
+    cos = F.cosine_similarity(s1.grad.flatten(), s2.grad.flatten(), dim=0)
+    assert cos > 0.99
+    # a top-k cache of the same size per position drops the tail from the gradient: biased
+    top = logq.topk(2, -1)
+    s3 = s.clone().requires_grad_(True)
+    topk_forward_kl(s3, top.indices, top.values, T).backward()
+    assert F.cosine_similarity(s3.grad.flatten(), s2.grad.flatten(), dim=0) < cos
 
 def test_hidden_mse_is_normalised_and_cosine():
     g = torch.Generator().manual_seed(2)
