@@ -102,7 +102,7 @@ def test_learned_clip_gradient_lowers_the_round_trip_error_and_stays_exportable(
     errors = []
     for _ in range(60):
         err = ((_Q4_0LearnedClip.apply(w, clip) - w) ** 2).sum()
-        errors.append(float(err))
+        errors.append(float(err.detach()))
         opt.zero_grad()
         err.backward()
         opt.step()
