@@ -44,7 +44,7 @@ def main() -> int:
     args = ap.parse_args()
 
     import edgekd
-    from edgekd.data import load_corpus
+    from edgekd.data import calibration_blocks, load_corpus
     from edgekd.distill import DistillConfig, distill
     from edgekd.evaluate import evaluate, torch_logits_fn
     from edgekd.models import load_causal_lm, model_summary, resolve_model_source
@@ -66,7 +66,7 @@ def main() -> int:
     corpus = load_corpus(None, teacher.tokenizer, ds.seq_len, prof.compression.evaluation.heldout_fraction)
     held = corpus.heldout[: prof.compression.evaluation.max_heldout_blocks]
     train = corpus.train
-    calib = train[np.linspace(0, len(train) - 1, prof.compression.prune.calibration_blocks).astype(int)]
+    calib = calibration_blocks(train, prof.compression.prune.calibration_blocks)
     t_fn = torch_logits_fn(t_model)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     ood = out_of_domain_sets(teacher, ds.seq_len)

@@ -38,9 +38,11 @@ FIELDS = {"alpha": float, "temperature": float, "steps": int, "learning_rate": f
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
+    from edgekd.quant import LEARNED_CLIP_LR_SCALE
+
     name, _, spec = text.partition(":")
     out = {"alpha": 0.7, "temperature": 2.0, "steps": 100, "learning_rate": 1e-4, "clip_search": 1,
-           "learn_clip": 0, "clip_lr_scale": 1.0, "batch_size": 4}
+           "learn_clip": 0, "clip_lr_scale": LEARNED_CLIP_LR_SCALE, "batch_size": 4}
     for item in filter(None, spec.split(",")):
         key, _, val = item.partition("=")
         out[key] = FIELDS[key](val)
@@ -59,7 +61,7 @@ def main() -> int:
     import torch
 
     import edgekd
-    from edgekd.distill import DistillConfig, distill, resolve_precision
+    from edgekd.distill import DistillConfig, distill
     from edgekd.evaluate import evaluate, torch_logits_fn
     from edgekd.models import load_causal_lm, resolve_model_source
     from edgekd.quant import clip_factors, learned_clip_stats, materialize, prepare_qat
@@ -70,13 +72,12 @@ def main() -> int:
         data = np.load(args.blocks)
         train, heldout, calib = data["train"], data["heldout"], data["calibration"]
     else:
-        from edgekd.data import load_corpus
+        from edgekd.data import calibration_blocks, load_corpus
 
         corpus = load_corpus(None, teacher.tokenizer, prof.compression.distill.seq_len, prof.compression.evaluation.heldout_fraction)
         train = corpus.train
         heldout = corpus.heldout[: prof.compression.evaluation.max_heldout_blocks]
-        n_cal = prof.compression.prune.calibration_blocks
-        calib = train[np.linspace(0, len(train) - 1, n_cal).round().astype(int)]
+        calib = calibration_blocks(train, prof.compression.prune.calibration_blocks)
         if args.write_blocks:
             np.savez(args.write_blocks, train=train, heldout=heldout, calibration=calib)
             print(f"wrote {args.write_blocks}: {train.shape} train, {heldout.shape} held-out, {calib.shape} calibration")
@@ -94,10 +95,8 @@ def main() -> int:
         student = copy.deepcopy(t_model)
         clips, stats = clip_factors(student, "q4_0", calib) if v["clip_search"] else ({}, {})
         prepare_qat(student, "q4_0", clips, learn_clip=bool(v["learn_clip"]))
-        cfg = DistillConfig.from_settings(base, steps=v["steps"], learning_rate=v["learning_rate"])
-        cfg.w_hidden, cfg.w_attention, cfg.w_logit = 0.0, 0.0, 1.0
-        cfg.alpha, cfg.temperature, cfg.batch_size = v["alpha"], v["temperature"], v["batch_size"]
-        cfg.clip_lr_scale, cfg.precision = v["clip_lr_scale"], resolve_precision("auto")
+        cfg = DistillConfig.for_qat(base, v["steps"], v["learning_rate"], v["alpha"], v["clip_lr_scale"])
+        cfg.temperature, cfg.batch_size = v["temperature"], v["batch_size"]
         outcome = distill(student, t_model, train, cfg, layer_map, run_dir=None) if v["steps"] else None
         stats.update(learned_clip_stats(student))
         materialize(student, "q4_0", clips)

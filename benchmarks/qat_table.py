@@ -24,8 +24,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 
 
@@ -42,7 +40,7 @@ def main() -> int:
     import edgekd
     from edgekd import llamacpp, onnxrt
     from edgekd.benchmark import model_file_mb
-    from edgekd.data import load_corpus
+    from edgekd.data import calibration_blocks, load_corpus
     from edgekd.evaluate import evaluate, torch_logits_fn
     from edgekd.exporters.gguf import export_gguf, quantize_with_llamacpp
     from edgekd.exporters.onnx import export_onnx
@@ -80,7 +78,7 @@ def main() -> int:
     ao = torchao_int4_ptq(copy.deepcopy(teacher.model))
     add("teacher torchao int4 PTQ (weight-only, group 32, torch)", torch_logits_fn(ao), None, None)
     train = corpus.train
-    calib = train[np.linspace(0, len(train) - 1, prof.compression.prune.calibration_blocks).astype(int)]
+    calib = calibration_blocks(train, prof.compression.prune.calibration_blocks)
     clipped = copy.deepcopy(teacher.model)
     clips, clip_stats = clip_factors(clipped, "q4_0", calib)
     materialize(clipped, "q4_0", clips)
@@ -95,7 +93,8 @@ def main() -> int:
         q_fn = torch_logits_fn(qat_model)
         gguf_path = run / "model-q4_0.gguf"
         if not gguf_path.exists():
-            gguf_path = export_gguf(qat_model, teacher.tokenizer, work / f"{label}.gguf", "q4_0", source_gguf=src.path, source_name=src.name)
+            gguf_path = export_gguf(qat_model, teacher.tokenizer, work / f"{label.replace(' ', '-')}.gguf", "q4_0",
+                                    source_gguf=src.path, source_name=src.name)
         onnx_path = run / "model-q4_0.onnx"
         if not onnx_path.exists():
             onnx_path = export_onnx(qat_model, work / f"{label.replace(' ', '-')}.onnx", "q4_0")

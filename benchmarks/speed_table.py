@@ -34,7 +34,7 @@ def setup():
     import types
 
     import edgekd
-    from edgekd.data import load_corpus
+    from edgekd.data import calibration_blocks, load_corpus
     from edgekd.models import load_causal_lm, resolve_model_source
     from edgekd.prune import make_student, score_blocks, select_layers
 
@@ -48,7 +48,7 @@ def setup():
     else:
         corpus = load_corpus(None, teacher.tokenizer, ds.seq_len, prof.compression.evaluation.heldout_fraction)
     train = corpus.train
-    calib = train[np.linspace(0, len(train) - 1, prof.compression.prune.calibration_blocks).astype(int)]
+    calib = calibration_blocks(train, prof.compression.prune.calibration_blocks)
     keep = select_layers(score_blocks(teacher.model, calib), 24, "block_influence")
     if torch.cuda.is_available():
         teacher.model.to("cuda")

@@ -208,6 +208,12 @@ def tokenize_documents(docs: list[Document], tokenizer: Any) -> np.ndarray:
     return np.asarray(stream, dtype=np.int32)
 
 
+def calibration_blocks(train: np.ndarray, n: int) -> np.ndarray:
+    """``n`` evenly spaced training blocks (never held-out ones) for a calibration pass."""
+    n = min(n, len(train))
+    return train[np.linspace(0, len(train) - 1, n).astype(int)]
+
+
 def pack(stream: np.ndarray, block_len: int) -> np.ndarray:
     n = len(stream) // block_len
     return stream[: n * block_len].reshape(n, block_len).copy()

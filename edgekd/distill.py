@@ -36,6 +36,7 @@ import torch
 from .errors import EdgekdError
 from .fileio import atomic_path, atomic_write_json
 from .losses import attention_kl, hidden_state_loss, kd_loss
+from .quant import CLIP_MIN, LEARNED_CLIP_LR_SCALE
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
@@ -79,6 +80,17 @@ class DistillConfig:
             hidden_kind=hidden_kind, checkpoint_every=s.checkpoint_every, seed=s.seed,
             precision=resolve_precision(s.precision),
         )
+
+    @classmethod
+    def for_qat(cls, s: Any, steps: int, learning_rate: float, alpha: float,
+                clip_lr_scale: float = LEARNED_CLIP_LR_SCALE) -> DistillConfig:
+        """QAT-KD from the distillation settings ``s``: the logit loss only (hidden-state and
+        attention targets cost a second, eager teacher pass for little gain at this stage), with
+        QAT's own steps, learning rate and KD weight."""
+        cfg = cls.from_settings(s, steps=steps, learning_rate=learning_rate)
+        cfg.w_hidden, cfg.w_attention, cfg.w_logit = 0.0, 0.0, 1.0
+        cfg.alpha, cfg.clip_lr_scale = alpha, clip_lr_scale
+        return cfg
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay to ``min_lr_fraction`` of the peak."""
@@ -198,7 +210,7 @@ def distill_step_losses(student: Any, teacher: Any, ids: torch.Tensor, cfg: Dist
     s_logits = s_out.logits[:, :-1]
     t_logits = t_out.logits[:, :-1] if (t_out is not None and live_logits) else None
     terms = kd_loss(s_logits, t_logits, labels, cfg.alpha if want_logits else 0.0, cfg.temperature, cfg.kl,
-                    teacher_topk=cached if (want_logits and cached is not None) else None)
+                    teacher_cached=cached if (want_logits and cached is not None) else None)
     total = cfg.w_logit * terms["loss"] if cfg.w_logit > 0 else terms["ce"]
     out = {"ce": terms["ce"], "kd": terms["kd"]}
     if want_hidden:
@@ -288,8 +300,6 @@ def distill(
     student.train().requires_grad_(True)  # a student copied from a frozen teacher inherits its flags
     # Learned Q4_0 clip factors (edgekd.quant) live on a scale ~1 where weights live on ~1e-2:
     # they get their own learning-rate multiplier, no weight decay, and stay in [CLIP_MIN, 1].
-    from .quant import CLIP_MIN
-
     named = list(student.named_parameters())
     clip_params = [p for n, p in named if n.endswith(".clip")]
     groups = [{"params": [p for n, p in named if not n.endswith(".clip")], "lr_scale": 1.0}]

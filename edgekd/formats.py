@@ -105,6 +105,18 @@ def round_trip(w: np.ndarray, fmt: str) -> np.ndarray:
 # ---------------------------------------------------------------- torch (fake-quant)
 
 
+def q4_0_grid(b, clip=None):
+    """Q4_0 of blocks ``b`` (rows, n_blocks, 32) in torch: (reference scale ``max / -8``, scale
+    used (times ``clip``), ``b / scale``, codes 0..15 before the -8 offset). Shared by the
+    forward round trip and the learned-clip gradient (edgekd.quant)."""
+    import torch
+
+    d_ref = torch.gather(b, -1, b.abs().argmax(dim=-1, keepdim=True)) / -8.0
+    d = d_ref if clip is None else d_ref * clip
+    scaled = b * torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+    return d_ref, d, scaled, torch.trunc(scaled + 8.5).clamp(0, 15)
+
+
 def torch_round_trip(w, fmt: str, clip=None):
     """Torch twin of :func:`round_trip`, bit-identical, differentiable only through an STE wrapper.
 
@@ -126,12 +138,7 @@ def torch_round_trip(w, fmt: str, clip=None):
     rows, cols = w.shape
     b = w.float().reshape(rows, cols // BLOCK, BLOCK)
     if fmt == "q4_0":
-        imax = b.abs().argmax(dim=-1, keepdim=True)
-        d = torch.gather(b, -1, imax) / -8.0
-        if clip is not None:
-            d = d * clip
-        inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-        q = torch.trunc(b * inv + 8.5).clamp(0, 15)
+        _, d, _, q = q4_0_grid(b, clip)
         return (d.half().float() * (q - 8.0)).reshape(rows, cols)
     if fmt == "q8_0":
         d = b.abs().amax(dim=-1, keepdim=True) / 127.0

@@ -115,24 +115,24 @@ def kd_loss(
     alpha: float,
     temperature: float,
     kind: str = "forward",
-    teacher_topk: tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, str] | None = None,
+    teacher_cached: tuple[torch.Tensor, torch.Tensor, str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """L = (1 - alpha) CE(student, labels) + alpha T^2 D(teacher || student)  (Hinton et al. 2015).
 
     ``labels`` are next-token ids aligned with the logits (position t predicts labels[t]);
-    -100 marks positions to ignore. Pass ``teacher_topk`` (indices, log-probs at T[, kind]) instead of
+    -100 marks positions to ignore. Pass ``teacher_cached`` (indices, log-probs at T, kind) instead of
     full ``teacher_logits`` to use the cache (forward KL only); kind "sample": the indices are
-    tokens drawn from the teacher (:func:`sampled_forward_kl`), else its top-k (:func:`topk_forward_kl`).
+    tokens drawn from the teacher (:func:`sampled_forward_kl`), "topk": its top-k (:func:`topk_forward_kl`).
     """
     mask = labels != -100
     ce = F.cross_entropy(student_logits.float().flatten(0, -2), labels.flatten(), ignore_index=-100)
     if alpha == 0:
         kd = torch.zeros((), device=ce.device)
-    elif teacher_topk is not None:
+    elif teacher_cached is not None:
         if kind != "forward":
-            raise ValueError("the top-k logit cache supports forward KL only")
-        loss_fn = sampled_forward_kl if (len(teacher_topk) > 2 and teacher_topk[2] == "sample") else topk_forward_kl
-        kd = loss_fn(student_logits, teacher_topk[0], teacher_topk[1], temperature, mask)
+            raise ValueError("the logit cache supports forward KL only")
+        idx, logp, cache_kind = teacher_cached
+        kd = (sampled_forward_kl if cache_kind == "sample" else topk_forward_kl)(student_logits, idx, logp, temperature, mask)
     else:
         kd = logit_divergence(student_logits, teacher_logits, kind, temperature, mask=mask)
     return {"ce": ce, "kd": kd, "loss": (1 - alpha) * ce + alpha * kd}

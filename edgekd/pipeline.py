@@ -104,12 +104,9 @@ def stage_evaluate_teacher(ctx: RunContext) -> StageRecord:
 
 
 def _calibration_blocks(ctx: RunContext):
-    """Evenly spaced training blocks (never held-out ones) for the calibration pass."""
-    import numpy as np
+    from .data import calibration_blocks
 
-    train = ctx.corpus.train
-    n = min(ctx.profile.compression.prune.calibration_blocks, len(train))
-    return train[np.linspace(0, len(train) - 1, n).astype(int)]
+    return calibration_blocks(ctx.corpus.train, ctx.profile.compression.prune.calibration_blocks)
 
 
 def stage_score_blocks(ctx: RunContext) -> StageRecord:
@@ -312,12 +309,7 @@ def stage_qat(ctx: RunContext) -> StageRecord:
             clips, clip_stats = clip_factors(student, fmt, _calibration_blocks(ctx))
         metrics.update(clip_stats)
     if qs.steps > 0 and fmt != "f16":
-        # QAT distils from the unquantized teacher with the logit loss only: hidden-state and
-        # attention targets cost a second (eager) teacher pass for little gain at this stage.
-        base = ctx.profile.compression.distill
-        cfg = DistillConfig.from_settings(base, steps=qs.steps, learning_rate=qs.learning_rate)
-        cfg.w_hidden, cfg.w_attention, cfg.w_logit = 0.0, 0.0, 1.0
-        cfg.alpha, cfg.clip_lr_scale = qs.alpha, 20.0  # clip factors ~1 vs weights ~1e-2: a larger step
+        cfg = DistillConfig.for_qat(ctx.profile.compression.distill, qs.steps, qs.learning_rate, qs.alpha)
         prepare_qat(student, fmt, clips, learn_clip=settings["learn_clip"])
         estimate = estimate_training_memory(ctx.teacher.model, student, cfg.batch_size, ctx.corpus.block_len, False, False)
         check_memory(estimate)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.nn.utils import parametrize
 
-from .formats import EMBEDDING_FORMAT, torch_round_trip
+from .formats import EMBEDDING_FORMAT, q4_0_grid, torch_round_trip
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -37,6 +37,7 @@ class _RoundTripSTE(torch.autograd.Function):
 
 
 CLIP_MIN = 0.5  # learned clip factors stay in [CLIP_MIN, 1]; <= 1 keeps the export exact (formats.torch_round_trip)
+LEARNED_CLIP_LR_SCALE = 20.0  # clip factors are ~1 where weights are ~1e-2: a larger Adam step
 
 
 class _Q4_0LearnedClip(torch.autograd.Function):
@@ -59,12 +60,9 @@ class _Q4_0LearnedClip(torch.autograd.Function):
         w, clip = ctx.saved_tensors
         rows, cols = w.shape
         b = w.float().reshape(rows, cols // 32, 32)
-        d0 = torch.gather(b, -1, b.abs().argmax(dim=-1, keepdim=True)) / -8.0
-        s = d0 * clip.clamp(CLIP_MIN, 1.0)
-        x = torch.where(s == 0, torch.zeros_like(b), b / torch.where(s == 0, torch.ones_like(s), s))
-        shifted = x + 8.5
-        q = torch.trunc(shifted).clamp(0, 15) - 8.0
-        inside = (shifted >= 0) & (shifted < 16)
+        d0, _, x, codes = q4_0_grid(b, clip.clamp(CLIP_MIN, 1.0))
+        q = codes - 8.0
+        inside = (x + 8.5 >= 0) & (x + 8.5 < 16)
         d_out_d_s = torch.where(inside, q - x, q)
         g_clip = (grad.float().reshape(b.shape) * d_out_d_s * d0).sum(-1, keepdim=True)
         g_clip = g_clip * ((clip >= CLIP_MIN) & (clip <= 1.0))
