@@ -8,15 +8,46 @@ STAMP       := $(VENV)/.edgekd-installed
 # The CPU build of torch; a looser spec pulls the newest CUDA build (several GB).
 TORCH_SPEC  ?= torch==2.13.0
 LLAMA_CPP_VERSION ?= 0.3.36
-# llama.cpp's default native build (-march=native) compiles ggml's AMX kernels on
-# AMX-capable Xeons, and its AMX matmul segfaults in decode (llama.cpp #20824).
-# GGML_NATIVE=OFF gives a portable AVX2/FMA/F16C build that runs on any x86-64-v3
-# CPU. The wheel is cached under a name that records these flags, so a wheel
-# built with other flags is never reused by mistake.
-LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
-LLAMA_WHEELS ?= $(HOME)/.cache/edgekd/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-portable
+# llama-cpp-python is compiled for the CPU of the machine that runs `make install`, the one
+# `edgekd bench` measures. On x86-64, ggml's instruction-set switches are set one by one
+# from /proc/cpuinfo with GGML_NATIVE=OFF, because a native build (-march=native) also
+# compiles ggml's AMX kernels on AMX-capable Xeons, and their matmul segfaults in decode
+# (llama.cpp #20824). The baseline is x86-64-v3 (AVX2/FMA/F16C/BMI2); AVX-512 kernels are
+# added where the CPU has them (10% faster decode, benchmarks/RESULTS.md). Other CPUs (the
+# Pi 5's Cortex-A76) get llama.cpp's native build: without it ARM builds lack the dot-product
+# instructions the Q4_0 kernels use. The wheel is cached under a name that records the
+# instruction sets, so a wheel built for another CPU is never reused.
+CPU_FLAGS   := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
+has_flags    = $(if $(strip $(foreach f,$(1),$(if $(filter $(f),$(CPU_FLAGS)),,missing))),,yes)
+ifeq ($(shell uname -m),x86_64)
+  LLAMA_ISA := x86-64-v3
+  LLAMA_ISA_ARGS := -DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+  ifeq ($(call has_flags,avx512f avx512cd avx512vl avx512dq avx512bw),yes)
+    LLAMA_ISA := $(LLAMA_ISA)-avx512
+    LLAMA_ISA_ARGS += -DGGML_AVX512=ON
+    ifeq ($(call has_flags,avx512vbmi),yes)
+      LLAMA_ISA := $(LLAMA_ISA)-vbmi
+      LLAMA_ISA_ARGS += -DGGML_AVX512_VBMI=ON
+    endif
+    ifeq ($(call has_flags,avx512_vnni),yes)
+      LLAMA_ISA := $(LLAMA_ISA)-vnni
+      LLAMA_ISA_ARGS += -DGGML_AVX512_VNNI=ON
+    endif
+    ifeq ($(call has_flags,avx512_bf16),yes)
+      LLAMA_ISA := $(LLAMA_ISA)-bf16
+      LLAMA_ISA_ARGS += -DGGML_AVX512_BF16=ON
+    endif
+  endif
+else
+  LLAMA_ISA := native-$(shell uname -m)
+  LLAMA_ISA_ARGS := -DGGML_NATIVE=ON
+endif
+LLAMA_CMAKE_ARGS ?= $(LLAMA_ISA_ARGS)
+# CMAKE arguments given by hand: the cache name carries a digest of them instead
+LLAMA_BUILD_TAG := $(if $(filter file,$(origin LLAMA_CMAKE_ARGS)),$(LLAMA_ISA),custom-$(shell echo '$(LLAMA_CMAKE_ARGS)' | md5sum | cut -c1-12))
+LLAMA_WHEELS ?= $(HOME)/.cache/edgekd/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(LLAMA_BUILD_TAG)
 
-.PHONY: install compress test test-slow lint clean
+.PHONY: install compress test test-slow lint clean llama-isa
 
 install: $(STAMP)
 
@@ -47,6 +78,9 @@ test-slow: install
 
 lint: install
 	$(BIN)/ruff check edgekd tests benchmarks
+
+llama-isa:  # what `make install` compiles llama.cpp for on this machine
+	@echo "$(LLAMA_BUILD_TAG): $(LLAMA_CMAKE_ARGS) -> $(LLAMA_WHEELS)"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

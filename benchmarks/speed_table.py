@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/speed_table.py cache  [--steps 40]             # top-k logit cache vs live teacher
     .venv/bin/python benchmarks/speed_table.py bf16   [--steps 20 --qat-steps 5]  # bf16 autocast vs fp32
     .venv/bin/python benchmarks/speed_table.py decode --gguf F [--onnx F]      # decode vs the bandwidth roofline
-    .venv/bin/python benchmarks/speed_table.py profile --gguf F                # where llama.cpp's decode time goes (py-spy)
+    .venv/bin/python benchmarks/speed_table.py profile --gguf F [--tool perf --threads 2]  # where decode time goes
+    .venv/bin/python benchmarks/speed_table.py builds --gguf F --build NAME=SITE_DIR ...  # llama.cpp builds side by side
 
 All runs use the default teacher (SmolLM2-135M-Instruct), the default profile's batch (4 x 256
 tokens), and a 24-layer student pruned by Block Influence, as the default run makes it. Each
@@ -244,12 +245,71 @@ def cmd_decode(args) -> None:
               f"{r['roofline_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} | {100 * r['fraction']:.0f}% |")
 
 
+# ---------------------------------------------------------------- 4a. llama.cpp builds side by side
+
+BUILD_DECODE = """
+import json, sys
+import llama_cpp
+import edgekd
+from edgekd.costmodel import ModelFacts
+r = edgekd.bench(sys.argv[1], "raspberry-pi-5", threads=int(sys.argv[2]), repeats=int(sys.argv[3]), prompt_tokens=128,
+                 gen_tokens=64, projection=False)
+facts = ModelFacts(**r.model_facts)
+print(json.dumps({"decode_tokens_per_s": r.tg_tokens_per_s.median, "bytes_per_token": facts.tensor_bytes + facts.kv_bytes(32, 2),
+                  "llama_cpp_file": llama_cpp.__file__, "system_info": llama_cpp.llama_print_system_info().decode()}))
+"""
+
+
+def cmd_builds(args) -> None:
+    """Decode of one GGUF under several llama-cpp-python builds, each installed in its own
+    directory (``pip install --target DIR wheel``) and put first on ``PYTHONPATH`` in a fresh
+    process; builds alternate within each round so drift on a shared machine hits all alike.
+    ``--build current=`` (empty directory) is the build installed in this environment."""
+    import os
+    import subprocess
+
+    from edgekd import hostperf
+
+    builds = dict(b.split("=", 1) for b in args.build)
+    samples: dict = {(n, t): [] for n in builds for t in args.threads}
+    copy: dict = {t: [] for t in args.threads}
+    info: dict = {}
+    for rnd in range(args.rounds):
+        for t in args.threads:
+            copy[t].append(hostperf.measure(t).copy_bandwidth_gbs)
+            for name, site in builds.items():
+                env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (site, os.environ.get("PYTHONPATH", "")) if p))
+                out = subprocess.run([sys.executable, "-c", BUILD_DECODE, args.gguf, str(t), str(args.repeats)], env=env,
+                                     capture_output=True, text=True, check=True).stdout
+                r = json.loads(out.strip().splitlines()[-1])
+                samples[(name, t)].append(r["decode_tokens_per_s"])
+                info[name] = {"llama_cpp_file": r["llama_cpp_file"], "system_info": r["system_info"]}
+                print(f"round {rnd + 1} {name} {t} thread(s): {r['decode_tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
+    bytes_per_token = r["bytes_per_token"]
+    rows = []
+    for (name, t), v in samples.items():
+        bw = statistics.median(copy[t])
+        tps = statistics.median(v)
+        rows.append({"build": name, "threads": t, "decode_tokens_per_s_rounds": v, "decode_tokens_per_s": tps,
+                     "copy_gbs_median": bw, "roofline_tokens_per_s": bw * 1e9 / bytes_per_token,
+                     "fraction": tps * bytes_per_token / (bw * 1e9)})
+    write("builds", {"file": Path(args.gguf).name, "bytes_per_token": bytes_per_token, "copy_gbs_rounds": copy,
+                     "builds": info, "rows": rows})
+    base = rows[0]["build"]
+    print(f"| build | threads | decode tok/s (median of {args.rounds} rounds) | vs {base} | copy GB/s | roofline tok/s | fraction |")
+    print("|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: r["threads"]):
+        ref = next(x for x in rows if x["build"] == base and x["threads"] == r["threads"])["decode_tokens_per_s"]
+        print(f"| {r['build']} | {r['threads']} | {r['decode_tokens_per_s']:.1f} | {r['decode_tokens_per_s'] / ref:.3f}x | "
+              f"{r['copy_gbs_median']:.1f} | {r['roofline_tokens_per_s']:.0f} | {100 * r['fraction']:.0f}% |")
+
+
 # ---------------------------------------------------------------- 4b. where decode time goes
 
 DECODE_LOOP = """
 import sys, time
 from edgekd import llamacpp
-llm = llamacpp.load(sys.argv[1], n_ctx=256, threads=1, n_batch=32)
+llm = llamacpp.load(sys.argv[1], n_ctx=256, threads=int(sys.argv[4]), n_batch=32)
 toks = [(i * 7919) % llm.n_vocab() for i in range(64)]
 end = time.time() + float(sys.argv[2])
 while time.time() < end:
@@ -260,30 +320,41 @@ open(sys.argv[3], "w").write(open("/proc/self/maps").read())  # to name frames p
 """
 
 
-def _resolver(maps_text: str):
-    """Address -> 'nearest exported symbol below it (library)', for frames in stripped libraries."""
+def _nearest_symbol():
+    """(library path, address in the file) -> 'nearest exported symbol below it (library)':
+    ggml's libraries are stripped of local symbols, so unexported kernels are named by neighbours."""
     import bisect
     import subprocess
 
-    maps, symbols = [], {}
+    symbols: dict = {}
+
+    def lookup(path: str, rel: int) -> str:
+        if path not in symbols:
+            out = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True, text=True).stdout
+            symbols[path] = sorted((int(a, 16), n) for a, _, n in (ln.split(" ", 2) for ln in out.splitlines() if ln.count(" ") >= 2))
+        syms = symbols[path]
+        i = bisect.bisect_right([a for a, _ in syms], rel) - 1
+        below = syms[i][1] if i >= 0 else "?"
+        above = syms[i + 1][1] if i + 1 < len(syms) else "?"
+        return f"unexported code between {below} and {above} ({Path(path).name})"
+
+    return lookup
+
+
+def _resolver(maps_text: str):
+    """Address in a process (from its /proc/self/maps) -> the name _nearest_symbol gives it."""
+    maps = []
     for line in maps_text.splitlines():
         parts = line.split()
         if len(parts) >= 6 and "x" in parts[1]:
             lo, hi = (int(x, 16) for x in parts[0].split("-"))
             maps.append((lo, hi, int(parts[2], 16), parts[5]))
+    nearest = _nearest_symbol()
 
     def lookup(addr: int) -> str:
         for lo, hi, off, path in maps:
             if lo <= addr < hi:
-                if path not in symbols:
-                    out = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True, text=True).stdout
-                    syms = sorted((int(a, 16), n) for a, _, n in (ln.split(" ", 2) for ln in out.splitlines() if ln.count(" ") >= 2))
-                    symbols[path] = syms
-                syms, rel = symbols[path], addr - lo + off
-                i = bisect.bisect_right([a for a, _ in syms], rel) - 1
-                below = syms[i][1] if i >= 0 else "?"
-                above = syms[i + 1][1] if i + 1 < len(syms) else "?"
-                return f"unexported code between {below} and {above} ({Path(path).name})"
+                return nearest(path, addr - lo + off)
         return hex(addr)
 
     return lookup
@@ -295,6 +366,8 @@ PROFILE_CATEGORIES = (
     ("Q4_0 weight x Q8_0 activation products (repacked 8x8 GEMV)", ("vec_dot_q4_0", "gemv_q4_0", "and ggml_quantize_mat_q8_0_4x8")),
     ("Q8_0 weight dot products (output head, embeddings)", ("vec_dot_q8_0",)),
     ("activation quantization to Q8_0", ("quantize_row_q8", "quantize_q8")),
+    # with 2+ threads: waiting at OpenMP barriers / for the other thread, and shared work counters
+    ("thread synchronisation (OpenMP barrier and idle spin, work-chunk counters)", ("libgomp", "ggml_barrier", "threadpool_chunk")),
     ("attention and KV cache (f16 dot products, softmax, copies)", ("vec_dot_f16", "soft_max", "flash_attn", "cpy_f32_f16", "set_rows")),
     ("norms, rope, elementwise", ("rms_norm", "rope", "silu", "swiglu", "glu", "vec_mul", "add", "mul_f32", "get_rows")),
     ("graph build, scheduling, allocation (llama.cpp host code)", ("graph", "sched", "alloc", "build", "llama_", "ggml_backend")),
@@ -302,38 +375,79 @@ PROFILE_CATEGORIES = (
 )
 
 
-def cmd_profile(args) -> None:
-    """py-spy (--native) samples one thread decoding 64-token sequences for ``--seconds``; the
-    leaf frame of each sample says which code was running. One thread, so every ggml kernel
-    runs on the sampled thread."""
+def _py_spy_leaves(args, work: Path):
+    """py-spy (--native) samples the Python thread; leaf frames inside ``Llama.eval`` only (not
+    start-up or loading). py-spy pauses the process for each sample, so only one thread."""
     import collections
     import shutil
     import subprocess
-    import tempfile
 
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    work = Path(tempfile.mkdtemp())
+    if not Path(spy).exists():
+        sys.exit("py-spy not found: install the dev extras (`pip install -e '.[dev]'`, part of `make install`)")
     raw, maps = work / "decode.txt", work / "maps.txt"
     subprocess.run([spy, "record", "--native", "--rate", "200", "--format", "raw", "-o", str(raw), "--",
-                    sys.executable, "-c", DECODE_LOOP, args.gguf, str(args.seconds), str(maps)], check=True,
+                    sys.executable, "-c", DECODE_LOOP, args.gguf, str(args.seconds), str(maps), str(args.threads)], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     lookup = _resolver(maps.read_text())
     leaves: collections.Counter = collections.Counter()
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if "Llama.eval (" in stack:  # decode calls only: not start-up, loading or imports
+        if "Llama.eval (" in stack:
             leaf = stack.split(";")[-1].split(" (")[0].strip()
             leaves[lookup(int(leaf, 16)) if leaf.startswith("0x") else leaf] += int(count)
+    return leaves
+
+
+def _perf_leaves(args, work: Path):
+    """Linux perf (software clock, so it works in VMs without hardware counters) samples every
+    thread without stopping the process: the way to see ggml's worker threads and their barriers.
+    Whole process, so the ~1 s model load is in the samples too."""
+    import collections
+    import re
+    import shutil
+    import subprocess
+
+    if not shutil.which("perf"):
+        sys.exit("perf not found: install Linux perf (Debian: apt install linux-perf) or use --tool py-spy")
+    data = work / "perf.data"
+    subprocess.run(["perf", "record", "-q", "-e", "cpu-clock", "-F", "1000", "-o", str(data), "--",
+                    sys.executable, "-c", DECODE_LOOP, args.gguf, str(args.seconds), str(work / "maps.txt"), str(args.threads)],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    report = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--sort", "dso,sym", "-F", "sample,dso,sym"],
+                            check=True, capture_output=True, text=True).stdout
+    # perf prints library names only: their paths from the decoding process's memory map
+    paths = {Path(ln.split()[5]).name: ln.split()[5] for ln in (work / "maps.txt").read_text().splitlines() if len(ln.split()) >= 6}
+    nearest = _nearest_symbol()
+    leaves: collections.Counter = collections.Counter()
+    for line in report.splitlines():
+        m = re.match(r"\s*(\d+)\s+(\S+)\s+\[.\]\s+(.+?)\s*$", line)
+        if m:
+            n, dso, sym = int(m[1]), m[2], m[3]
+            leaves[nearest(paths[dso], int(sym, 16)) if sym.startswith("0x") and dso in paths else sym] += n
+    return leaves
+
+
+def cmd_profile(args) -> None:
+    """Where decode time goes: a profiler samples a process decoding 64-token sequences for
+    ``--seconds`` with ``--threads`` threads; the leaf frame of each sample says which code ran."""
+    import collections
+    import tempfile
+
+    if args.tool == "py-spy" and args.threads != 1:
+        sys.exit("py-spy pauses the process for each sample, which distorts ggml's thread barriers: use --tool perf")
+    work = Path(tempfile.mkdtemp())
+    leaves = (_py_spy_leaves if args.tool == "py-spy" else _perf_leaves)(args, work)
     total = sum(leaves.values())
     cats: collections.Counter = collections.Counter()
     for name, n in leaves.items():
         cat = next((c for c, pats in PROFILE_CATEGORIES if any(p in name for p in pats)), "other")
         cats[cat] += n
-    out = {"file": Path(args.gguf).name, "samples": total, "seconds": args.seconds, "threads": 1,
+    out = {"file": Path(args.gguf).name, "tool": args.tool, "samples": total, "seconds": args.seconds, "threads": args.threads,
            "categories": {c: n / total for c, n in cats.most_common()},
            "top_functions": [{"function": f, "share": n / total} for f, n in leaves.most_common(15)]}
-    write("profile", out)
-    print(f"| what (leaf frame of {total} samples, 1 thread) | share |\n|---|---|")
+    write("profile" if (args.tool, args.threads) == ("py-spy", 1) else f"profile_{args.tool}_{args.threads}t", out)
+    print(f"| what (leaf frame of {total} {args.tool} samples, {args.threads} thread(s)) | share |\n|---|---|")
     for c, share in out["categories"].items():
         print(f"| {c} | {100 * share:.1f}% |")
     print("\n| function | share |\n|---|---|")
@@ -360,12 +474,21 @@ def main() -> int:
     p = sub.add_parser("decode")
     p.add_argument("--gguf", required=True)
     p.add_argument("--onnx", default=None)
+    p = sub.add_parser("builds")
+    p.add_argument("--gguf", required=True)
+    p.add_argument("--build", action="append", required=True, help="NAME=DIR with a llama-cpp-python build (empty DIR: this env's)")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=4)
     p = sub.add_parser("profile")
     p.add_argument("--gguf", required=True)
     p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tool", choices=["py-spy", "perf"], default="py-spy")
     args = ap.parse_args()
     SOURCES.update(teacher=args.teacher, blocks=args.blocks)
-    {"loop": cmd_loop, "cache": cmd_cache, "bf16": cmd_bf16, "decode": cmd_decode, "profile": cmd_profile}[args.cmd](args)
+    {"loop": cmd_loop, "cache": cmd_cache, "bf16": cmd_bf16, "decode": cmd_decode, "builds": cmd_builds,
+     "profile": cmd_profile}[args.cmd](args)
     return 0
 
 
