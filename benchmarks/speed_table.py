@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/speed_table.py loop   [--steps 5 --rounds 3]   # edgekd step vs a bare PyTorch loop
     .venv/bin/python benchmarks/speed_table.py cache  [--steps 40]             # top-k logit cache vs live teacher
     .venv/bin/python benchmarks/speed_table.py bf16   [--steps 20 --qat-steps 5]  # bf16 autocast vs fp32
-    .venv/bin/python benchmarks/speed_table.py decode --gguf F [--onnx F]      # decode vs the bandwidth roofline
-    .venv/bin/python benchmarks/speed_table.py profile --gguf F [--tool perf --threads 2]  # where decode time goes
-    .venv/bin/python benchmarks/speed_table.py builds --gguf F --build NAME=SITE_DIR ...  # llama.cpp builds side by side
+    .venv/bin/python benchmarks/speed_table.py decode [--gguf F --onnx F]      # decode vs the bandwidth roofline
+    .venv/bin/python benchmarks/speed_table.py profile [--tool perf --threads 2]  # where decode time goes
+    .venv/bin/python benchmarks/speed_table.py builds --build NAME=SITE_DIR ...  # llama.cpp builds side by side
 
 All runs use the default teacher (SmolLM2-135M-Instruct), the default profile's batch (4 x 256
 tokens), and a 24-layer student pruned by Block Influence, as the default run makes it. Each
@@ -217,6 +217,29 @@ def cmd_bf16(args) -> None:
 
 
 # ---------------------------------------------------------------- 4. decode vs roofline
+
+
+GGUF_HELP = "the Q4_0 GGUF to decode (default: the teacher written by edgekd's Q4_0 exporter)"
+
+
+def default_q4_0_gguf() -> str:
+    """The default teacher through edgekd's Q4_0 exporter, cached: the tensor types and shapes of
+    every full-depth edgekd Q4_0 file (Q4_0 blocks, Q8_0 tied embedding/head), so the same decode
+    speed as the phone run's QAT file without its 30-minute training; speed does not depend on
+    the weights' values."""
+    from edgekd.models import cache_dir, load_causal_lm, resolve_model_source
+
+    src = resolve_model_source(SOURCES["teacher"])
+    out = cache_dir() / "benchmarks" / f"{Path(str(src.path)).stem}-edgekd-q4_0.gguf"
+    if not out.exists():
+        from edgekd.exporters.gguf import export_gguf
+
+        teacher = load_causal_lm(src)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".partial.gguf")
+        export_gguf(teacher.model, teacher.tokenizer, tmp, "q4_0", source_gguf=src.path, source_name=src.name)
+        tmp.rename(out)
+    return str(out)
 
 
 def cmd_decode(args) -> None:
@@ -472,21 +495,23 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--qat-steps", type=int, default=5)
     p = sub.add_parser("decode")
-    p.add_argument("--gguf", required=True)
+    p.add_argument("--gguf", default=None, help=GGUF_HELP)
     p.add_argument("--onnx", default=None)
     p = sub.add_parser("builds")
-    p.add_argument("--gguf", required=True)
+    p.add_argument("--gguf", default=None, help=GGUF_HELP)
     p.add_argument("--build", action="append", required=True, help="NAME=DIR with a llama-cpp-python build (empty DIR: this env's)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=4)
     p = sub.add_parser("profile")
-    p.add_argument("--gguf", required=True)
+    p.add_argument("--gguf", default=None, help=GGUF_HELP)
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tool", choices=["py-spy", "perf"], default="py-spy")
     args = ap.parse_args()
     SOURCES.update(teacher=args.teacher, blocks=args.blocks)
+    if getattr(args, "gguf", "") is None:
+        args.gguf = default_q4_0_gguf()
     {"loop": cmd_loop, "cache": cmd_cache, "bf16": cmd_bf16, "decode": cmd_decode, "builds": cmd_builds,
      "profile": cmd_profile}[args.cmd](args)
     return 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -244,7 +245,7 @@ def _measure_gguf(path: Path, threads: int, n_ctx: int, prompt_tokens: int, gen_
 
     timed = _timed_repeats(prefill, decode, prompt_tokens, gen_tokens, repeats)
     facts = llamacpp.model_facts(llm)
-    return {"runtime": f"llama.cpp (llama-cpp-python {llamacpp.version()})", "load_s": load_s, **timed,
+    return {"runtime": f"llama.cpp (llama-cpp-python {llamacpp.version()}, {llamacpp.build_isa()})", "load_s": load_s, **timed,
             "baseline_rss_mb": baseline, "peak_rss_mb": _peak_rss_mb(), "kv_cache_mb": _kv_cache_mb(facts, n_ctx, 2),
             "facts": facts}
 
@@ -424,8 +425,10 @@ def bench(
     if proc.returncode < 0 or (proc.returncode != 0 and not proc.stdout.strip()):
         raise EdgekdError(
             f"the runtime crashed while benchmarking {path} (exit {proc.returncode}): {proc.stderr.strip()[-400:]}",
-            fix="check the file with `edgekd bench --repeats 1`; if llama.cpp was built with -march=native on an "
-            "AMX-capable Xeon, rebuild it with CMAKE_ARGS=-DGGML_NATIVE=OFF (see README)",
+            fix="llama.cpp was built for another CPU's instruction sets: run `make install` on this machine (see README)"
+            if proc.returncode == -signal.SIGILL else
+            "check the file with `edgekd bench --repeats 1`; if llama.cpp was built with -march=native on an "
+            "AMX-capable Xeon, rebuild it with `make install`, which never compiles the AMX kernels (see README)",
         )
     reply = json.loads(proc.stdout.strip().splitlines()[-1])
     if "error" in reply:

@@ -21,13 +21,29 @@ def _llama_cpp():
     except ImportError:
         raise EdgekdError(
             "this needs llama-cpp-python",
-            fix='CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install llama-cpp-python  (or `make install`)',
+            fix="run `make install` (it compiles llama-cpp-python for this CPU; see the README's install notes)",
         ) from None
     return llama_cpp
 
 
 def version() -> str:
     return _llama_cpp().__version__
+
+
+# the instruction sets that decide which ggml kernels run (x86 and ARM names in llama.cpp's system info)
+_KERNEL_ISA = ("AVX2", "AVX512", "AVX512_VNNI", "AVX512_BF16", "AMX_INT8", "NEON", "DOTPROD", "MATMUL_INT8", "SVE", "SME")
+
+
+def isa_from_system_info(info: str) -> str:
+    """The kernel-relevant instruction sets switched on in llama.cpp's system-info line."""
+    on = {k.split(":")[-1].strip() for k, _, v in (part.partition("=") for part in info.split("|")) if v.strip() == "1"}
+    return " ".join(f for f in _KERNEL_ISA if f in on) or "generic"
+
+
+def build_isa() -> str:
+    """The instruction sets this llama.cpp build was compiled with, e.g. "AVX2 AVX512 AVX512_VNNI":
+    decode speed depends on them (benchmarks/RESULTS.md, "llama.cpp builds")."""
+    return isa_from_system_info(_llama_cpp().llama_print_system_info().decode())
 
 
 _OPEN: list[Any] = []

@@ -87,8 +87,20 @@ def test_bench_corrupt_gguf_exit_2(tmp_path, capsys):
     assert "llama.cpp could not load" in err and "Traceback" not in err
 
 
+def test_llama_cpp_build_isa_is_read_from_system_info():
+    from edgekd.llamacpp import isa_from_system_info
+
+    info = "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | AVX512 = 1 | AVX512_VNNI = 1 | AVX512_BF16 = 0 | OPENMP = 1 | "
+    assert isa_from_system_info(info) == "AVX2 AVX512 AVX512_VNNI"
+    assert isa_from_system_info("CPU : NEON = 1 | ARM_FMA = 1 | DOTPROD = 1 | SVE = 0 |") == "NEON DOTPROD"
+    assert isa_from_system_info("CPU : SSE3 = 1 |") == "generic"
+
+
 def test_bench_real_gguf_budgets_and_outputs(teacher_gguf, tmp_path, capsys):
+    from edgekd.llamacpp import build_isa
+
     r = edgekd.bench(teacher_gguf, "raspberry-pi-5", threads=1, repeats=1, prompt_tokens=16, gen_tokens=8)
+    assert r.runtime.endswith(f", {build_isa()})")  # which kernels ran is part of the result
     assert r.tg_tokens_per_s.median > 0 and r.pp_tokens_per_s.median > 0
     assert r.file_mb == pytest.approx(teacher_gguf.stat().st_size / 1e6)
     assert r.peak_rss_mb > r.file_mb * 0.5  # the weights are resident

@@ -14,8 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _llama_wheel() -> str | None:
-    pattern = os.path.expanduser("~/.cache/edgekd/wheels/llama-cpp-python-*-portable/llama_cpp_python-*.whl")
-    found = sorted(glob.glob(pattern))
+    """The wheel `make install` built for this machine's CPU (the Makefile names its directory)."""
+    where = subprocess.run(["make", "-s", "--no-print-directory", "-C", str(ROOT), "llama-wheels"],
+                           capture_output=True, text=True).stdout.strip()
+    found = sorted(glob.glob(os.path.join(where, "llama_cpp_python-*.whl"))) if where else []
     return found[-1] if found else None
 
 
