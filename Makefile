@@ -43,22 +43,26 @@ else
   LLAMA_ISA_ARGS := -DGGML_NATIVE=ON
 endif
 LLAMA_CMAKE_ARGS ?= $(LLAMA_ISA_ARGS)
+# Source patches for llama.cpp (patches/<release>/), applied on x86-64 where they are measured
+# (benchmarks/RESULTS.md, "llama.cpp builds"): a one-token product is split into one contiguous
+# range per thread, as llama.cpp already does on NUMA machines: 1.57x decode on 2 threads.
+ifeq ($(shell uname -m),x86_64)
+  LLAMA_PATCHES ?= $(sort $(wildcard patches/llama-cpp-python-$(LLAMA_CPP_VERSION)/*.patch))
+endif
 # CMAKE arguments given by hand: the cache name carries a digest of them instead
-LLAMA_BUILD_TAG := $(if $(filter file,$(origin LLAMA_CMAKE_ARGS)),$(LLAMA_ISA),custom-$(shell echo '$(LLAMA_CMAKE_ARGS)' | md5sum | cut -c1-12))
+LLAMA_BUILD_TAG := $(if $(filter file,$(origin LLAMA_CMAKE_ARGS)),$(LLAMA_ISA),custom-$(shell echo '$(LLAMA_CMAKE_ARGS)' | md5sum | cut -c1-12))$(if $(LLAMA_PATCHES),-patched-$(shell cat $(LLAMA_PATCHES) | md5sum | cut -c1-8))
 LLAMA_WHEELS ?= $(HOME)/.cache/edgekd/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(LLAMA_BUILD_TAG)
 
 .PHONY: install compress test test-slow lint clean llama-isa llama-wheels
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(LLAMA_PATCHES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	@if ! ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1; then \
 		echo "building llama-cpp-python $(LLAMA_CPP_VERSION) ($(LLAMA_CMAKE_ARGS)); about 5 minutes on 2 cores"; \
-		mkdir -p $(LLAMA_WHEELS) && \
-		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-		$(BIN)/python -m pip wheel -q --no-deps --no-cache-dir -w $(LLAMA_WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION); \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" tools/build_llama_cpp_python.sh $(BIN)/python $(LLAMA_CPP_VERSION) $(LLAMA_WHEELS) $(LLAMA_PATCHES); \
 	fi
 	# forced: a venv may hold a build for other instruction sets under the same version
 	$(BIN)/python -m pip install -q --no-deps --force-reinstall $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
@@ -82,7 +86,7 @@ lint: install
 	$(BIN)/ruff check edgekd tests benchmarks
 
 llama-isa:  # what `make install` compiles llama.cpp for on this machine
-	@echo "$(LLAMA_BUILD_TAG): $(LLAMA_CMAKE_ARGS) -> $(LLAMA_WHEELS)"
+	@echo "$(LLAMA_BUILD_TAG): $(LLAMA_CMAKE_ARGS) $(LLAMA_PATCHES) -> $(LLAMA_WHEELS)"
 
 llama-wheels:  # the directory of this machine's llama-cpp-python wheel (used by the tests)
 	@echo "$(LLAMA_WHEELS)"
