@@ -45,7 +45,7 @@ endif
 LLAMA_CMAKE_ARGS ?= $(LLAMA_ISA_ARGS)
 # Source patches for llama.cpp (patches/<release>/), applied on x86-64 where they are measured
 # (benchmarks/RESULTS.md, "llama.cpp builds"): a one-token product is split into one contiguous
-# range per thread, as llama.cpp already does on NUMA machines: 1.57x decode on 2 threads.
+# range per thread, as llama.cpp already does on NUMA machines: 1.45-1.51x decode on 2 threads.
 ifeq ($(shell uname -m),x86_64)
   LLAMA_PATCHES ?= $(sort $(wildcard patches/llama-cpp-python-$(LLAMA_CPP_VERSION)/*.patch))
 endif

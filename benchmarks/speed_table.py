@@ -398,11 +398,14 @@ import sys, time
 from edgekd import llamacpp
 llm = llamacpp.load(sys.argv[1], n_ctx=256, threads=int(sys.argv[4]), n_batch=32)
 toks = [(i * 7919) % llm.n_vocab() for i in range(64)]
-end = time.time() + float(sys.argv[2])
+t0 = time.time()
+end, n = t0 + float(sys.argv[2]), 0
 while time.time() < end:
     llm.reset()
     for t in toks:
         llm.eval([t])
+        n += 1
+open(sys.argv[3] + ".rate", "w").write(str(n / (time.time() - t0)))  # decode rate while profiled
 open(sys.argv[3], "w").write(open("/proc/self/maps").read())  # to name frames py-spy leaves as addresses
 """
 
@@ -530,10 +533,13 @@ def cmd_profile(args) -> None:
     for name, n in leaves.items():
         cat = next((c for c, pats in PROFILE_CATEGORIES if any(p in name for p in pats)), "other")
         cats[cat] += n
+    rate = float((work / "maps.txt.rate").read_text())
     out = {"file": Path(args.gguf).name, "tool": args.tool, "samples": total, "seconds": args.seconds, "threads": args.threads,
+           "decode_tokens_per_s_while_profiled": rate,
            "categories": {c: n / total for c, n in cats.most_common()},
            "top_functions": [{"function": f, "share": n / total} for f, n in leaves.most_common(15)]}
     write("profile" if (args.tool, args.threads) == ("py-spy", 1) else f"profile_{args.tool}_{args.threads}t", out)
+    print(f"decode while profiled: {rate:.1f} tokens/s\n")
     print(f"| what (leaf frame of {total} {args.tool} samples, {args.threads} thread(s)) | share |\n|---|---|")
     for c, share in out["categories"].items():
         print(f"| {c} | {100 * share:.1f}% |")
