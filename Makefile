@@ -13,7 +13,7 @@ LLAMA_CPP_VERSION ?= 0.3.36
 # from /proc/cpuinfo with GGML_NATIVE=OFF, because a native build (-march=native) also
 # compiles ggml's AMX kernels on AMX-capable Xeons, and their matmul segfaults in decode
 # (llama.cpp #20824). The baseline is x86-64-v3 (AVX2/FMA/F16C/BMI2); AVX-512 kernels are
-# added where the CPU has them (10% faster decode, benchmarks/RESULTS.md). Other CPUs (the
+# added where the CPU has them (prefill 2.0-2.2x, decode +2-10%, benchmarks/RESULTS.md). Other CPUs (the
 # Pi 5's Cortex-A76) get llama.cpp's native build: without it ARM builds lack the dot-product
 # instructions the Q4_0 kernels use. The wheel is cached under a name that records the
 # instruction sets, so a wheel built for another CPU is never reused.
