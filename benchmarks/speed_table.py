@@ -336,7 +336,16 @@ from edgekd.costmodel import ModelFacts
 r = edgekd.bench(sys.argv[1], "raspberry-pi-5", threads=int(sys.argv[2]), repeats=int(sys.argv[3]), prompt_tokens=128,
                  gen_tokens=64, projection=False)
 facts = ModelFacts(**r.model_facts)
+# a digest of the logits of 48 tokens decoded one at a time: equal digests = bit-identical decoding
+import hashlib
+from edgekd import llamacpp
+llm = llamacpp.load(sys.argv[1], n_ctx=128, threads=int(sys.argv[2]))
+digest = hashlib.sha256()
+for i in range(48):
+    llm.eval([(i * 7919 + 13) % llm.n_vocab()])
+    digest.update(llm.scores[llm.n_tokens - 1].tobytes())
 print(json.dumps({"decode_tokens_per_s": r.tg_tokens_per_s.median, "prefill_tokens_per_s": r.pp_tokens_per_s.median,
+                  "logits_sha256": digest.hexdigest(),
                   "bytes_per_token": facts.tensor_bytes + facts.kv_bytes(32, 2),
                   "llama_cpp_file": llama_cpp.__file__, "system_info": llama_cpp.llama_print_system_info().decode()}))
 """
@@ -357,6 +366,7 @@ def cmd_builds(args) -> None:
     prefill: dict = {(n, t): [] for n in builds for t in args.threads}
     copy: dict = {t: [] for t in args.threads}
     info: dict = {}
+    digests: dict = {}
     for rnd in range(args.rounds):
         for t in args.threads:
             copy[t].append(hostperf.measure(t).copy_bandwidth_gbs)
@@ -368,6 +378,7 @@ def cmd_builds(args) -> None:
                 samples[(name, t)].append(r["decode_tokens_per_s"])
                 prefill[(name, t)].append(r["prefill_tokens_per_s"])
                 info[name] = {"llama_cpp_file": r["llama_cpp_file"], "system_info": r["system_info"]}
+                digests.setdefault((name, t), set()).add(r["logits_sha256"])
                 print(f"round {rnd + 1} {name} {t} thread(s): {r['decode_tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
     bytes_per_token = r["bytes_per_token"]
     rows = []
@@ -375,20 +386,22 @@ def cmd_builds(args) -> None:
         bw = statistics.median(copy[t])
         tps = statistics.median(v)
         rows.append({"build": name, "threads": t, "decode_tokens_per_s_rounds": v, "decode_tokens_per_s": tps,
+                     "logits_sha256": sorted(digests[(name, t)]),
                      "prefill_tokens_per_s_rounds": prefill[(name, t)], "prefill_tokens_per_s": statistics.median(prefill[(name, t)]),
                      "copy_gbs_median": bw, "roofline_tokens_per_s": bw * 1e9 / bytes_per_token,
                      "fraction": tps * bytes_per_token / (bw * 1e9)})
-    write("builds", {"file": Path(args.gguf).name, "bytes_per_token": bytes_per_token, "copy_gbs_rounds": copy,
+    write(args.name, {"file": Path(args.gguf).name, "bytes_per_token": bytes_per_token, "copy_gbs_rounds": copy,
                      "builds": info, "rows": rows})
     base = rows[0]["build"]
     print(f"| build | threads | decode tok/s (median of {args.rounds} rounds) | vs {base} | copy GB/s | roofline tok/s | "
-          f"fraction | prefill tok/s (128 tokens) | vs {base} |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"fraction | prefill tok/s (128 tokens) | vs {base} | decode logits |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: r["threads"]):
         ref = next(x for x in rows if x["build"] == base and x["threads"] == r["threads"])
         print(f"| {r['build']} | {r['threads']} | {r['decode_tokens_per_s']:.1f} | {r['decode_tokens_per_s'] / ref['decode_tokens_per_s']:.3f}x | "
               f"{r['copy_gbs_median']:.1f} | {r['roofline_tokens_per_s']:.0f} | {100 * r['fraction']:.0f}% | "
-              f"{r['prefill_tokens_per_s']:.0f} | {r['prefill_tokens_per_s'] / ref['prefill_tokens_per_s']:.3f}x |")
+              f"{r['prefill_tokens_per_s']:.0f} | {r['prefill_tokens_per_s'] / ref['prefill_tokens_per_s']:.3f}x | "
+              f"{'identical to ' + base if r['logits_sha256'] == ref['logits_sha256'] else 'differ from ' + base} |")
 
 
 # ---------------------------------------------------------------- 4b. where decode time goes
@@ -574,6 +587,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=4)
+    p.add_argument("--name", default="builds", help="results/speed_NAME.json")
     p = sub.add_parser("profile")
     p.add_argument("--gguf", default=None, help=GGUF_HELP)
     p.add_argument("--seconds", type=float, default=20.0)
