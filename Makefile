@@ -17,9 +17,10 @@ LLAMA_CPP_VERSION ?= 0.3.36
 # Pi 5's Cortex-A76) get llama.cpp's native build: without it ARM builds lack the dot-product
 # instructions the Q4_0 kernels use. The wheel is cached under a name that records the
 # instruction sets, so a wheel built for another CPU is never reused.
+UNAME_M     := $(shell uname -m)
 CPU_FLAGS   := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
 has_flags    = $(if $(strip $(foreach f,$(1),$(if $(filter $(f),$(CPU_FLAGS)),,missing))),,yes)
-ifeq ($(shell uname -m),x86_64)
+ifeq ($(UNAME_M),x86_64)
   LLAMA_ISA := x86-64-v3
   LLAMA_ISA_ARGS := -DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
   ifeq ($(call has_flags,avx512f avx512cd avx512vl avx512dq avx512bw),yes)
@@ -39,14 +40,14 @@ ifeq ($(shell uname -m),x86_64)
     endif
   endif
 else
-  LLAMA_ISA := native-$(shell uname -m)
+  LLAMA_ISA := native-$(UNAME_M)
   LLAMA_ISA_ARGS := -DGGML_NATIVE=ON
 endif
 LLAMA_CMAKE_ARGS ?= $(LLAMA_ISA_ARGS)
 # Source patches for llama.cpp (patches/<release>/), applied on x86-64 where they are measured
 # (benchmarks/RESULTS.md, "llama.cpp builds"): a one-token product is split into one contiguous
 # range per thread, as llama.cpp already does on NUMA machines: 1.45-1.51x decode on 2 threads.
-ifeq ($(shell uname -m),x86_64)
+ifeq ($(UNAME_M),x86_64)
   LLAMA_PATCHES ?= $(sort $(wildcard patches/llama-cpp-python-$(LLAMA_CPP_VERSION)/*.patch))
 endif
 # CMAKE arguments given by hand: the cache name carries a digest of them instead

@@ -246,13 +246,14 @@ def default_q4_0_file(kind: str) -> str:
     return str(out)
 
 
-WINDOWED_DECODE = """
+DECODE_WINDOW = """
 import sys, time
 from edgekd import llamacpp
-llm = llamacpp.load(sys.argv[1], n_ctx=256, threads=1, n_batch=32)
+gguf, threads, start, stop, maps_out = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
+llm = llamacpp.load(gguf, n_ctx=256, threads=threads, n_batch=32)
 toks = [(i * 7919) % llm.n_vocab() for i in range(64)]
-start, stop = float(sys.argv[2]), float(sys.argv[3])
 llm.eval(toks[:8])  # warm-up
+start = start or time.time()  # 0: right after loading
 while time.time() < start:
     time.sleep(0.001)
 n = 0
@@ -261,20 +262,43 @@ while time.time() < stop:
     for t in toks:
         llm.eval([t])
         n += 1
-print(n / (time.time() - start))
+print(f"decode_tokens_per_s={n / (time.time() - start)}")  # over the window
+if maps_out:  # to name the frames a profiler leaves as addresses
+    open(maps_out, "w").write(open("/proc/self/maps").read())
 """
+
+
+def decode_window_cmd(gguf: str, threads: int, start: float, stop: float, maps_out: str = "") -> list[str]:
+    """The command of a process that loads ``gguf`` and decodes 64-token sequences from ``start``
+    (0: as soon as it has loaded) until ``stop`` (Unix times); it prints its tokens/s."""
+    return [sys.executable, "-c", DECODE_WINDOW, gguf, str(threads), str(start), str(stop), maps_out]
+
+
+def decode_window_rate(stdout: str) -> float:
+    """The tokens/s a DECODE_WINDOW process printed (a profiler may print lines of its own)."""
+    import re
+
+    return float(re.search(r"decode_tokens_per_s=(\S+)", stdout)[1])
+
+
+def bytes_read_per_token(model_facts: dict, gguf: bool) -> float:
+    """Weights plus the KV cache a decode from an empty context to 64 tokens reads on average
+    (32 positions; f16 cache in llama.cpp, fp32 in the ONNX decoder)."""
+    from edgekd.costmodel import ModelFacts
+
+    facts = ModelFacts(**model_facts)
+    return facts.tensor_bytes + facts.kv_bytes(32, 2 if gguf else 4)
 
 
 def independent_decoders(gguf: str, n: int, seconds: float = 8.0) -> float:
     """Aggregate decode tokens/s of ``n`` one-thread llama.cpp processes decoding over the same
     time window: what the cores and memory deliver when no thread waits for another."""
     import subprocess
-    import time as _time
 
-    start = _time.time() + 4.0  # after every process has loaded the model
-    procs = [subprocess.Popen([sys.executable, "-c", WINDOWED_DECODE, gguf, str(start), str(start + seconds)],
-                              stdout=subprocess.PIPE, text=True) for _ in range(n)]
-    return sum(float(p.communicate()[0].strip().splitlines()[-1]) for p in procs)
+    start = time.time() + 4.0  # after every process has loaded the model
+    procs = [subprocess.Popen(decode_window_cmd(gguf, 1, start, start + seconds), stdout=subprocess.PIPE, text=True)
+             for _ in range(n)]
+    return sum(decode_window_rate(p.communicate()[0]) for p in procs)
 
 
 def cmd_decode(args) -> None:
@@ -284,7 +308,6 @@ def cmd_decode(args) -> None:
     VM swings by up to 2x between runs)."""
     import edgekd
     from edgekd import hostperf
-    from edgekd.costmodel import ModelFacts
 
     per_round: dict = {}
     for rnd in range(args.rounds):
@@ -292,9 +315,7 @@ def cmd_decode(args) -> None:
             host = hostperf.measure(threads)
             for path in [p for p in (args.gguf, args.onnx) if p]:
                 r = edgekd.bench(path, "raspberry-pi-5", threads=threads, repeats=5, prompt_tokens=128, gen_tokens=64, projection=False)
-                facts = ModelFacts(**r.model_facts)
-                # decode from an empty context to 64 tokens: on average 32 tokens of KV cache are read
-                bytes_per_token = facts.tensor_bytes + facts.kv_bytes(32, 2 if path.endswith(".gguf") else 4)
+                bytes_per_token = bytes_read_per_token(r.model_facts, path.endswith(".gguf"))
                 row = per_round.setdefault((path, threads), {"file": Path(path).name, "runtime": r.runtime, "threads": threads,
                                                              "bytes_per_token_mb": bytes_per_token / 1e6, "rounds": []})
                 tps = r.tg_tokens_per_s.median
@@ -332,10 +353,8 @@ BUILD_DECODE = """
 import json, sys
 import llama_cpp
 import edgekd
-from edgekd.costmodel import ModelFacts
 r = edgekd.bench(sys.argv[1], "raspberry-pi-5", threads=int(sys.argv[2]), repeats=int(sys.argv[3]), prompt_tokens=128,
                  gen_tokens=64, projection=False)
-facts = ModelFacts(**r.model_facts)
 # a digest of the logits of 48 tokens decoded one at a time: equal digests = bit-identical decoding
 import hashlib
 from edgekd import llamacpp
@@ -346,7 +365,7 @@ for i in range(48):
     digest.update(llm.scores[llm.n_tokens - 1].tobytes())
 print(json.dumps({"decode_tokens_per_s": r.tg_tokens_per_s.median, "prefill_tokens_per_s": r.pp_tokens_per_s.median,
                   "logits_sha256": digest.hexdigest(),
-                  "bytes_per_token": facts.tensor_bytes + facts.kv_bytes(32, 2),
+                  "model_facts": r.model_facts,
                   "llama_cpp_file": llama_cpp.__file__, "system_info": llama_cpp.llama_print_system_info().decode()}))
 """
 
@@ -380,7 +399,7 @@ def cmd_builds(args) -> None:
                 info[name] = {"llama_cpp_file": r["llama_cpp_file"], "system_info": r["system_info"]}
                 digests.setdefault((name, t), set()).add(r["logits_sha256"])
                 print(f"round {rnd + 1} {name} {t} thread(s): {r['decode_tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
-    bytes_per_token = r["bytes_per_token"]
+    bytes_per_token = bytes_read_per_token(r["model_facts"], gguf=True)
     rows = []
     for (name, t), v in samples.items():
         bw = statistics.median(copy[t])
@@ -406,23 +425,6 @@ def cmd_builds(args) -> None:
 
 # ---------------------------------------------------------------- 4b. where decode time goes
 
-DECODE_LOOP = """
-import sys, time
-from edgekd import llamacpp
-llm = llamacpp.load(sys.argv[1], n_ctx=256, threads=int(sys.argv[4]), n_batch=32)
-toks = [(i * 7919) % llm.n_vocab() for i in range(64)]
-t0 = time.time()
-end, n = t0 + float(sys.argv[2]), 0
-while time.time() < end:
-    llm.reset()
-    for t in toks:
-        llm.eval([t])
-        n += 1
-open(sys.argv[3] + ".rate", "w").write(str(n / (time.time() - t0)))  # decode rate while profiled
-open(sys.argv[3], "w").write(open("/proc/self/maps").read())  # to name frames py-spy leaves as addresses
-"""
-
-
 def _nearest_symbol():
     """(library path, address in the file) -> 'nearest exported symbol below it (library)':
     ggml's libraries are stripped of local symbols, so unexported kernels are named by neighbours."""
@@ -444,14 +446,20 @@ def _nearest_symbol():
     return lookup
 
 
-def _resolver(maps_text: str):
-    """Address in a process (from its /proc/self/maps) -> the name _nearest_symbol gives it."""
+def _executable_maps(maps_text: str) -> list[tuple[int, int, int, str]]:
+    """(start, end, file offset, path) of each executable mapping in a /proc/PID/maps text."""
     maps = []
     for line in maps_text.splitlines():
         parts = line.split()
         if len(parts) >= 6 and "x" in parts[1]:
             lo, hi = (int(x, 16) for x in parts[0].split("-"))
             maps.append((lo, hi, int(parts[2], 16), parts[5]))
+    return maps
+
+
+def _resolver(maps_text: str):
+    """Address in a process (from its /proc/self/maps) -> the name _nearest_symbol gives it."""
+    maps = _executable_maps(maps_text)
     nearest = _nearest_symbol()
 
     def lookup(addr: int) -> str:
@@ -489,9 +497,9 @@ def _py_spy_leaves(args, work: Path):
     if not Path(spy).exists():
         sys.exit("py-spy not found: install the dev extras (`pip install -e '.[dev]'`, part of `make install`)")
     raw, maps = work / "decode.txt", work / "maps.txt"
-    subprocess.run([spy, "record", "--native", "--rate", "200", "--format", "raw", "-o", str(raw), "--",
-                    sys.executable, "-c", DECODE_LOOP, args.gguf, str(args.seconds), str(maps), str(args.threads)], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rate = subprocess.run([spy, "record", "--native", "--rate", "200", "--format", "raw", "-o", str(raw), "--",
+                           *decode_window_cmd(args.gguf, args.threads, 0, time.time() + args.seconds, str(maps))],
+                          check=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).stdout
     lookup = _resolver(maps.read_text())
     leaves: collections.Counter = collections.Counter()
     for line in raw.read_text().splitlines():
@@ -499,7 +507,7 @@ def _py_spy_leaves(args, work: Path):
         if "Llama.eval (" in stack:
             leaf = stack.split(";")[-1].split(" (")[0].strip()
             leaves[lookup(int(leaf, 16)) if leaf.startswith("0x") else leaf] += int(count)
-    return leaves
+    return leaves, decode_window_rate(rate)
 
 
 def _perf_leaves(args, work: Path):
@@ -513,14 +521,14 @@ def _perf_leaves(args, work: Path):
 
     if not shutil.which("perf"):
         sys.exit("perf not found: install Linux perf (Debian: apt install linux-perf) or use --tool py-spy")
-    data = work / "perf.data"
-    subprocess.run(["perf", "record", "-q", "-e", "cpu-clock", "-F", "1000", "-o", str(data), "--",
-                    sys.executable, "-c", DECODE_LOOP, args.gguf, str(args.seconds), str(work / "maps.txt"), str(args.threads)],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    data, maps = work / "perf.data", work / "maps.txt"
+    rate = subprocess.run(["perf", "record", "-q", "-e", "cpu-clock", "-F", "1000", "-o", str(data), "--",
+                           *decode_window_cmd(args.gguf, args.threads, 0, time.time() + args.seconds, str(maps))],
+                          check=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).stdout
     report = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--sort", "dso,sym", "-F", "sample,dso,sym"],
                             check=True, capture_output=True, text=True).stdout
     # perf prints library names only: their paths from the decoding process's memory map
-    paths = {Path(ln.split()[5]).name: ln.split()[5] for ln in (work / "maps.txt").read_text().splitlines() if len(ln.split()) >= 6}
+    paths = {Path(path).name: path for _, _, _, path in _executable_maps(maps.read_text())}
     nearest = _nearest_symbol()
     leaves: collections.Counter = collections.Counter()
     for line in report.splitlines():
@@ -528,7 +536,7 @@ def _perf_leaves(args, work: Path):
         if m:
             n, dso, sym = int(m[1]), m[2], m[3]
             leaves[nearest(paths[dso], int(sym, 16)) if sym.startswith("0x") and dso in paths else sym] += n
-    return leaves
+    return leaves, decode_window_rate(rate)
 
 
 def cmd_profile(args) -> None:
@@ -540,13 +548,12 @@ def cmd_profile(args) -> None:
     if args.tool == "py-spy" and args.threads != 1:
         sys.exit("py-spy pauses the process for each sample, which distorts ggml's thread barriers: use --tool perf")
     work = Path(tempfile.mkdtemp())
-    leaves = (_py_spy_leaves if args.tool == "py-spy" else _perf_leaves)(args, work)
+    leaves, rate = (_py_spy_leaves if args.tool == "py-spy" else _perf_leaves)(args, work)
     total = sum(leaves.values())
     cats: collections.Counter = collections.Counter()
     for name, n in leaves.items():
         cat = next((c for c, pats in PROFILE_CATEGORIES if any(p in name for p in pats)), "other")
         cats[cat] += n
-    rate = float((work / "maps.txt.rate").read_text())
     out = {"file": Path(args.gguf).name, "tool": args.tool, "samples": total, "seconds": args.seconds, "threads": args.threads,
            "decode_tokens_per_s_while_profiled": rate,
            "categories": {c: n / total for c, n in cats.most_common()},
