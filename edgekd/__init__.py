@@ -21,18 +21,18 @@ __all__ = ["compress", "bench", "load_profile", "Report", "DeviceProfile", "Edge
 
 
 def compress(*args: Any, **kwargs: Any) -> Report:
-    from .pipeline import compress as _compress
+    from .pipeline.run import compress as _compress
 
     return _compress(*args, **kwargs)
 
 
-compress.__doc__ = "Compress a teacher for a device profile; see edgekd.pipeline.compress."
+compress.__doc__ = "Compress a teacher for a device profile; see edgekd.pipeline.run.compress."
 
 
 def bench(*args: Any, **kwargs: Any) -> Any:
-    from .benchmark import bench as _bench
+    from .device.bench import bench as _bench
 
     return _bench(*args, **kwargs)
 
 
-bench.__doc__ = "Benchmark an exported model against a profile's budgets; see edgekd.benchmark.bench."
+bench.__doc__ = "Benchmark an exported model against a profile's budgets; see edgekd.device.bench.bench."

@@ -157,7 +157,7 @@ def _print_report_summary(report) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from .pipeline import compress
+    from .pipeline.run import compress
 
     report = compress(
         teacher=args.teacher, profile=args.profile, data=args.data, output=args.output,
@@ -184,7 +184,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .benchmark import bench, print_bench, write_junit
+    from .device.bench import bench
+    from .device.results import print_bench, write_junit
 
     result = bench(args.model, profile=args.profile, overrides=args.overrides, threads=args.threads,
                    repeats=args.repeats, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,

@@ -17,6 +17,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import EdgekdError
+from .formats import LINEAR_FORMATS
+
+# Keys moved by a schema change: (old key path) -> new key path. A profile that still uses one
+# gets a message naming the new place instead of "unknown key".
+RENAMED_KEYS = {
+    ("compression", "distill", "seq_len"): "compression.data.block_len",
+    ("compression", "distill", "logit_cache_top_k"): "compression.distill.logit_cache.k",
+    ("compression", "distill", "logit_cache_kind"): "compression.distill.logit_cache.kind",
+}
 
 
 # Cross-field rules, shared by the model validators and by the raw-data pass in
@@ -67,9 +76,8 @@ class Hardware(_Strict):
 
 Runtime = Literal["llama.cpp", "onnxruntime"]
 ExportFormat = Literal["gguf", "onnx"]
-# One weight format drives QAT and every export: q4_0 is GGUF Q4_0 and, for ONNX,
-# MatMulNBits int4 with block 32 on the same grid.
-WeightFormat = Literal["q4_0", "q8_0", "f16"]
+# One weight format drives QAT and every export; the choices are the registry's (edgekd.formats).
+WeightFormatName = Literal[LINEAR_FORMATS]  # type: ignore[valid-type]
 
 RUNTIME_FORMAT: dict[str, str] = {"llama.cpp": "gguf", "onnxruntime": "onnx"}
 
@@ -77,7 +85,7 @@ RUNTIME_FORMAT: dict[str, str] = {"llama.cpp": "gguf", "onnxruntime": "onnx"}
 class Deployment(_Strict):
     runtime: Runtime
     formats: list[ExportFormat] = Field(min_length=1)
-    weight_format: WeightFormat
+    weight_format: WeightFormatName
     threads: int = Field(gt=0)
     context_length: int = Field(gt=0)
 
@@ -108,11 +116,24 @@ class PruneSettings(_Strict):
     calibration_blocks: int = Field(default=16, gt=0)
 
 
+class DataSettings(_Strict):
+    # every stage packs the corpus into blocks of this many tokens: calibration, distillation,
+    # QAT, the logit cache and held-out evaluation
+    block_len: int = Field(default=256, ge=16)
+
+
+class LogitCacheSettings(_Strict):
+    """The teacher's targets computed once per training position instead of live every step."""
+
+    # entries per position: k draws from the teacher ("sample", unbiased KL) or its k most likely tokens ("topk")
+    k: int = Field(gt=0)
+    kind: Literal["sample", "topk"] = "sample"
+
+
 class DistillSettings(_Strict):
     steps: int = Field(default=120, ge=0)
     batch_size: int = Field(default=4, gt=0)
     grad_accum: int = Field(default=1, gt=0)
-    seq_len: int = Field(default=256, ge=16)
     learning_rate: float = Field(default=1e-4, gt=0)
     temperature: float = Field(default=2.0, gt=0)
     alpha: float = Field(default=0.7, ge=0, le=1, description="weight of KD against cross-entropy")
@@ -120,10 +141,7 @@ class DistillSettings(_Strict):
     losses: dict[Literal["logit_kl", "hidden_mse", "hidden_cos", "attention_kl"], float] = Field(
         default_factory=lambda: {"logit_kl": 1.0, "hidden_mse": 1.0, "attention_kl": 1.0}
     )
-    # teacher-logit cache: entries per position (None: live teacher) and what they are:
-    # "sample" = k draws from the teacher (unbiased KL), "topk" = its k most likely tokens
-    logit_cache_top_k: int | None = Field(default=None, gt=0)
-    logit_cache_kind: Literal["sample", "topk"] = "sample"
+    logit_cache: LogitCacheSettings | None = None  # None: the live teacher
     checkpoint_every: int = Field(default=50, gt=0)
     seed: int = 0
     # arithmetic of the forward passes in distillation and QAT; master weights, gradients and
@@ -151,6 +169,7 @@ class EvaluationSettings(_Strict):
 
 
 class Compression(_Strict):
+    data: DataSettings = Field(default_factory=DataSettings)
     prune: PruneSettings = Field(default_factory=PruneSettings)
     distill: DistillSettings = Field(default_factory=DistillSettings)
     qat: QatSettings = Field(default_factory=QatSettings)
@@ -282,7 +301,9 @@ def describe_validation_errors(exc: ValidationError, model: type[BaseModel]) -> 
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in {"int", "float", "str"})))
         key = ".".join(str(p) for p in loc) or "(top level)"
         kind = err["type"]
-        if kind == "extra_forbidden":
+        if kind == "extra_forbidden" and loc in RENAMED_KEYS:
+            lines.append(f"{key}: renamed to {RENAMED_KEYS[loc]}; move the value there")
+        elif kind == "extra_forbidden":
             allowed = _field_names(model, loc[:-1])
             close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"allowed keys here: {', '.join(allowed)}"

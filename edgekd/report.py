@@ -10,11 +10,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .budgets import BudgetCheck
+from .device.budgets import BudgetCheck
 from .errors import EdgekdError
 from .fileio import atomic_write_json, atomic_write_text
 
-SCHEMA = "edgekd.report/1"
+SCHEMA = "edgekd.report/2"
+# Older schemas this version reads. /1 differs only inside the embedded profile (before
+# compression.data.block_len and compression.distill.logit_cache took over from
+# compression.distill.seq_len and logit_cache_top_k / logit_cache_kind).
+READABLE_SCHEMAS = ("edgekd.report/1", SCHEMA)
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 
@@ -67,6 +71,13 @@ class Report:
     def stage(self, name: str) -> StageRecord | None:
         return next((s for s in self.stages if s.name == name), None)
 
+    def add_model_row(self, label: str, summary: dict[str, Any], metrics: dict[str, Any]) -> None:
+        """One row of the held-out quality table: a model's size facts and its metrics against the teacher."""
+        self.evaluation[label] = {
+            "params": summary.get("params"), "layers": summary.get("layers"), "perplexity": metrics["perplexity"],
+            "kl_to_teacher": metrics.get("kl_to_teacher"), "top1_agreement": metrics.get("top1_agreement"),
+            "tokens": metrics["tokens"]}
+
     # ------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -80,9 +91,9 @@ class Report:
         schema = d.get("schema", "")
         if not str(schema).startswith("edgekd.report/"):
             raise EdgekdError("not an edgekd report (no 'schema' field)", fix="pass a run directory written by edgekd compress")
-        if schema != SCHEMA:
+        if schema not in READABLE_SCHEMAS:
             raise EdgekdError(
-                f"report schema {schema!r} is not supported by this edgekd (reads {SCHEMA!r})",
+                f"report schema {schema!r} is not supported by this edgekd (reads {', '.join(READABLE_SCHEMAS)})",
                 fix="re-render it with the edgekd version that wrote it",
             )
         d["stages"] = [StageRecord(**s) for s in d.get("stages", [])]

@@ -8,6 +8,8 @@ the runtimes' numerical floors, not tolerances for exporter bugs:
   Q4_1 file, whose weights equal the fp32 teacher's, sits at KL ~0.003-0.004 and ~96-97% top-1
   on held-out prose. A Q4_0/Q8_0 export must stay within KL 0.01 and 94% top-1.
 - F16 GGUF and onnxruntime (fp32 activations, exact weights) must be near-identical.
+
+Each format's limits per runtime live with the format (``WeightFormat.parity``, edgekd.formats).
 """
 
 from __future__ import annotations
@@ -19,15 +21,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import EdgekdError
-from ..evaluate import evaluate
-
-LIMITS = {  # (runtime, weight format) -> (max KL, min top-1 agreement)
-    ("llama.cpp", "q4_0"): (0.01, 0.94),
-    ("llama.cpp", "q8_0"): (0.01, 0.94),
-    ("llama.cpp", "f16"): (0.001, 0.98),
-    ("onnxruntime", "q4_0"): (0.002, 0.99),
-    ("onnxruntime", "f32"): (0.0005, 0.995),
-}
+from ..formats import get
+from ..methods.evaluate import evaluate
 
 
 @dataclass
@@ -49,7 +44,7 @@ class ParityResult:
 
 def check_parity(path: Path, runtime: str, weight_format: str, runtime_fn: Any, torch_fn: Any, blocks: np.ndarray,
                  greedy: tuple[list[int], list[int]] | None = None, limits: tuple[float, float] | None = None) -> ParityResult:
-    max_kl, min_top1 = limits or LIMITS[(runtime, weight_format)]
+    max_kl, min_top1 = limits or get(weight_format).parity[runtime]
     m = evaluate(runtime_fn, blocks, teacher_fn=torch_fn)
     greedy_match = None if greedy is None else greedy[0] == greedy[1]
     ok = m.kl_to_teacher <= max_kl and m.top1_agreement >= min_top1 and greedy_match is not False

@@ -1,4 +1,4 @@
-"""Export a Llama-family model as an ONNX decoder with a KV cache, in fp32 or int4.
+"""Export a decoder as an ONNX model with a KV cache: fp32, or with the weights' block codes.
 
 The only module that drives the ONNX exporter (``torch.onnx.export``, dynamo) and writes ONNX.
 
@@ -9,9 +9,10 @@ Interface (what onnxruntime-genai-style runners expect):
 The first step feeds a past of length 0.
 
 Quantized variants are not re-quantized from fp32 by onnxruntime's tools: every linear weight
-becomes a ``MatMulNBits`` (com.microsoft) whose 4-bit codes and scales are exactly the Q4_0
-codes and fp16-rounded scales of :mod:`edgekd.formats` (default zero point 8), the embedding
-a ``GatherBlockQuantized`` over the Q8_0 codes (stored +128), and the tied output head reads
+becomes a ``MatMulNBits`` (com.microsoft) whose codes and scales are exactly the block codes and
+fp16-rounded scales of its format in :mod:`edgekd.formats` (the format plan says which; for
+Q4_0 4-bit codes with the default zero point 8), the embedding a ``GatherBlockQuantized`` over
+its format's codes (Q8_0, stored +128), and the tied output head reads
 the same codes through ``Cast -> Sub 128 -> Mul scale -> MatMul``. onnxruntime folds that
 dequantization once, at session start, into an fp32 matrix whose every entry is exactly
 ``fp16(d) * q`` (an 11-bit mantissa times a small integer is exact in fp32): an 8-bit
@@ -35,11 +36,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import EdgekdError
+from ..families import family_of
 from ..fileio import atomic_path
-from ..formats import EMBEDDING_FORMAT, quantize_q4_0, quantize_q8_0
-from ..quant import LINEAR_NAMES
+from ..formats import FORMATS, FP32, FormatPlan, WeightFormat
 
-ONNX_FORMATS = ("f32", "q4_0")
 IR_VERSION = 10  # onnxruntime 1.20+ reads IR <= 10 everywhere; newer exporters write higher
 EXTERNAL_DATA_THRESHOLD = 512 * 1024 * 1024
 
@@ -116,23 +116,37 @@ def export_fp32_proto(model: Any) -> Any:
     return proto
 
 
-def _quantize_graph(proto: Any, model: Any, weight_format: str) -> Any:
+def _packed_codes(w: np.ndarray, fmt: WeightFormat) -> tuple[np.ndarray, np.ndarray]:
+    """``MatMulNBits`` data: unsigned codes packed low nibble first, [N, K / block, block * bits / 8]
+    uint8, and the fp32 scales flattened."""
+    codes, scales = fmt.unsigned_codes(w)
+    n, k = codes.shape
+    if fmt.onnx_bits == 4:
+        codes = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+    return codes.reshape(n, k // fmt.block, -1), scales.reshape(-1)
+
+
+def _weight(module: Any) -> np.ndarray:
+    return module.weight.detach().float().cpu().numpy()
+
+
+def _quantize_graph(proto: Any, model: Any, plan: FormatPlan) -> Any:
     """Replace fp32 linear/embedding weights by MatMulNBits / GatherBlockQuantized on our codes."""
     from onnx import TensorProto, helper, numpy_helper
 
-    if weight_format != "q4_0":
-        raise EdgekdError(f"int ONNX export supports q4_0, not {weight_format!r}", fix="use weight_format q4_0 or f32")
+    family = family_of(model)
     graph = proto.graph
-    state = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
-    emb_fmt = EMBEDDING_FORMAT[weight_format]
-    linear_by_digest = {}  # digest of W^T -> (W, format)
-    for name, w in state.items():
-        if name.endswith(".weight") and any(f".{n}." in name for n in LINEAR_NAMES):
-            linear_by_digest[_digest(w.T)] = (w, weight_format)
-    if not getattr(model.config, "tie_word_embeddings", False):
-        linear_by_digest[_digest(state["lm_head.weight"].T)] = (state["lm_head.weight"], emb_fmt)
-    emb = state["model.embed_tokens.weight"]
+    linear_by_digest: dict[str, tuple[np.ndarray, WeightFormat]] = {}  # digest of W^T -> (W, format)
+    for layer, role, mod in family.linear_modules(model):
+        w = _weight(mod)
+        linear_by_digest[_digest(w.T)] = (w, plan.format_of(role, layer))
+    n_linear = len(linear_by_digest)
+    if not family.tied(model):
+        head = _weight(family.head_module(model))
+        linear_by_digest[_digest(head.T)] = (head, plan.format_of("head"))
+    emb = _weight(family.embedding_module(model))
     emb_digest = _digest(emb)
+    emb_fmt = plan.format_of("embedding")
 
     inits = {i.name: i for i in graph.initializer}
     consumers = defaultdict(list)
@@ -145,32 +159,24 @@ def _quantize_graph(proto: Any, model: Any, weight_format: str) -> Any:
     new_inits = []
     replaced = 0
 
-    def packed_4bit(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        scales, codes = quantize_q4_0(w)
-        n, k = codes.shape
-        return (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8).reshape(n, k // 32, 16), scales.astype(np.float32).reshape(-1)
-
-    def packed_8bit(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        scales, codes = quantize_q8_0(w)
-        return (codes.astype(np.int16) + 128).astype(np.uint8), scales.astype(np.float32)
-
-    def matmul_nbits(node: Any, a: str, w: np.ndarray, fmt: str, tag: str) -> Any:
+    def matmul_nbits(node: Any, a: str, w: np.ndarray, fmt: WeightFormat, tag: str) -> Any:
         n, k = w.shape
-        if fmt == "q4_0":
-            data, scales, bits = *packed_4bit(w), 4
-        else:
-            data, scales, bits = *packed_8bit(w), 8
-            data, scales = data.reshape(n, k // 32, 32), scales.reshape(-1)
+        data, scales, bits = *_packed_codes(w, fmt), fmt.onnx_bits
         weight_name = f"{tag}.qweight"
         new_inits.append(numpy_helper.from_array(data, weight_name))
         new_inits.append(numpy_helper.from_array(scales, f"{tag}.scales"))
         return helper.make_node("MatMulNBits", [a, weight_name, f"{tag}.scales"], list(node.output), name=f"{tag}.MatMulNBits",
-                                domain="com.microsoft", K=k, N=n, bits=bits, block_size=32, accuracy_level=0)
+                                domain="com.microsoft", K=k, N=n, bits=bits, block_size=fmt.block, accuracy_level=0)
 
-    # The tied table is stored once, as [vocab, hidden/32, 32] uint8 Q8_0 codes (+128): the layout
-    # MatMulNBits reads, and a 3-D input GatherBlockQuantized accepts (quantize_axis=2).
-    emb_data, emb_scales = packed_8bit(emb)
+    # The tied table is stored once, as [vocab, hidden/32, 32] uint8 codes offset to unsigned
+    # (Q8_0: +128): the layout MatMulNBits reads, and a 3-D input GatherBlockQuantized accepts
+    # (quantize_axis=2).
+    if emb_fmt.onnx_bits != 8:
+        raise EdgekdError(f"int ONNX export keeps embeddings in an 8-bit format, not {emb_fmt.name!r}",
+                          fix="export an fp32 ONNX (a weight format whose onnx_file_format is f32)")
+    emb_data, emb_scales = emb_fmt.unsigned_codes(emb)
     vocab, hidden = emb.shape
+    block = emb_fmt.block
     emb_name = "embed_tokens.qweight"
     emb_used = False
 
@@ -180,7 +186,7 @@ def _quantize_graph(proto: Any, model: Any, weight_format: str) -> Any:
         return [
             helper.make_node("GatherBlockQuantized", [emb_name, node.input[1], "embed_tokens.scales"], [f"{out}.blocks"],
                              name="embed_tokens.GatherBlockQuantized", domain="com.microsoft",
-                             gather_axis=0, quantize_axis=2, block_size=32, bits=8),
+                             gather_axis=0, quantize_axis=2, block_size=block, bits=emb_fmt.onnx_bits),
             helper.make_node("Shape", [node.input[1]], [f"{out}.ids_shape"], name="embed_tokens.Shape"),
             helper.make_node("Concat", [f"{out}.ids_shape", "embed_tokens.hidden"], [f"{out}.shape"], name="embed_tokens.Concat", axis=0),
             helper.make_node("Reshape", [f"{out}.blocks", f"{out}.shape"], [out], name="embed_tokens.Reshape"),
@@ -188,7 +194,7 @@ def _quantize_graph(proto: Any, model: Any, weight_format: str) -> Any:
 
     def dequantized_head(node: Any) -> list[Any]:
         new_inits.append(numpy_helper.from_array(np.array([vocab, hidden], np.int64), "lm_head.shape"))
-        new_inits.append(numpy_helper.from_array(np.array(128.0, np.float32), "lm_head.zero_point"))
+        new_inits.append(numpy_helper.from_array(np.array(float(1 << (emb_fmt.onnx_bits - 1)), np.float32), "lm_head.zero_point"))
         w = "lm_head.weight"
         return [
             helper.make_node("Cast", [emb_name], [f"{w}.codes"], name="lm_head.Cast", to=TensorProto.FLOAT),
@@ -222,11 +228,10 @@ def _quantize_graph(proto: Any, model: Any, weight_format: str) -> Any:
             continue
         nodes.append(node)
     if emb_used:
-        new_inits.append(numpy_helper.from_array(emb_data.reshape(vocab, hidden // 32, 32), emb_name))
-        new_inits.append(numpy_helper.from_array(emb_scales.reshape(vocab, hidden // 32, 1), "embed_tokens.scales"))
-    expected = len(linear_by_digest) and sum(1 for k in state if k.endswith(".weight") and any(f".{n}." in k for n in LINEAR_NAMES))
-    if replaced < expected + 1:
-        raise EdgekdError(f"int4 ONNX: found {replaced} of {expected + 2} weight uses to quantize in the exported graph",
+        new_inits.append(numpy_helper.from_array(emb_data.reshape(vocab, hidden // block, block), emb_name))
+        new_inits.append(numpy_helper.from_array(emb_scales.reshape(vocab, hidden // block, 1), "embed_tokens.scales"))
+    if replaced < n_linear + 1:
+        raise EdgekdError(f"int ONNX: found {replaced} of {n_linear + 2} weight uses to quantize in the exported graph",
                           fix="this model's graph is not supported for int4 ONNX export; export fp32 ONNX or GGUF")
     del graph.node[:]
     graph.node.extend(nodes)
@@ -254,16 +259,23 @@ def _prune_unused(graph: Any) -> None:
     graph.initializer.extend(keep)
 
 
-def export_onnx(model: Any, path: str | Path, weight_format: str = "f32") -> Path:
-    """Write ``model`` to ``path`` (``.onnx``; large weights go to ``<name>.data`` beside it)."""
+def onnx_file_format(plan: FormatPlan | None) -> str:
+    """The format an ONNX export of a model with ``plan`` carries: the linear layers' own format
+    where ONNX has a kernel for it (its ``onnx_file_format``), else f32 weights."""
+    return FP32 if plan is None else plan.format_of("linear").onnx_file_format
+
+
+def export_onnx(model: Any, path: str | Path, plan: FormatPlan | None = None) -> Path:
+    """Write ``model`` to ``path`` (``.onnx``; large weights go to ``<name>.data`` beside it): with
+    the block codes of ``plan`` where :func:`onnx_file_format` keeps them, else in fp32."""
     import onnx
 
-    if weight_format not in ONNX_FORMATS:
-        raise EdgekdError(f"ONNX export of {weight_format!r} is not supported", fix=f"choose one of {ONNX_FORMATS}")
     model = model.eval()
+    weight_format = onnx_file_format(plan)
     proto = export_fp32_proto(model)
-    if weight_format != "f32":
-        proto = _quantize_graph(proto, model, weight_format)
+    quantized = FORMATS[weight_format].quantized
+    if quantized:
+        proto = _quantize_graph(proto, model, plan)
     # what `edgekd bench` needs for its roofline projection, readable through onnxruntime alone
     onnx.helper.set_model_props(proto, {
         "edgekd.params": str(sum(p.numel() for p in model.parameters())),
@@ -273,7 +285,7 @@ def export_onnx(model: Any, path: str | Path, weight_format: str = "f32") -> Pat
     path = Path(path)
     data_name = f"{path.name}.data"
     size = sum(i.ByteSize() for i in proto.graph.initializer)
-    external = size > EXTERNAL_DATA_THRESHOLD or weight_format == "f32"
+    external = size > EXTERNAL_DATA_THRESHOLD or not quantized
     with atomic_path(path.parent / f"{path.stem}.onnx-export") as tmp_dir:
         tmp_dir.mkdir(parents=True)
         onnx.save_model(proto, str(tmp_dir / path.name), save_as_external_data=external, all_tensors_to_one_file=True,

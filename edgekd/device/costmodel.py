@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .formats import EMBEDDING_FORMAT, tensor_bytes
-from .profiles import Hardware
+from ..formats import FormatPlan
+from ..profiles import Hardware
 
 # Assumed fractions of peak reached by llama.cpp-class runtimes on small ARM/x86 boards.
 DEFAULT_MEMORY_EFFICIENCY = 0.6
@@ -61,26 +61,26 @@ class ArchShape:
     def embedding_params(self) -> int:
         return self.vocab * self.hidden
 
-    def facts(self, fmt: str) -> ModelFacts:
+    def facts(self, plan: FormatPlan) -> ModelFacts:
         """What a decoded token reads and computes: every block's linear weights and the output
         head (the token table is read one row at a time and not counted)."""
-        linear = self.layers * tensor_bytes(self.block_linear_params(), fmt)
-        head = tensor_bytes(self.embedding_params(), EMBEDDING_FORMAT[fmt])
+        linear = self.layers * plan.format_of("linear").tensor_bytes(self.block_linear_params())
+        head = plan.format_of("embedding" if self.tied_embeddings else "head").tensor_bytes(self.embedding_params())
         return ModelFacts(tensor_bytes=linear + head, params=self.layers * self.block_linear_params() + self.embedding_params(),
                           layers=self.layers, kv_heads=self.kv_heads, head_dim=self.head_dim, heads=self.heads)
 
 
-def tensor_data_bytes(shape: ArchShape, fmt: str) -> float:
-    emb_fmt = EMBEDDING_FORMAT[fmt]
-    linear = shape.layers * tensor_bytes(shape.block_linear_params(), fmt)
-    emb = tensor_bytes(shape.embedding_params(), emb_fmt) * (1 if shape.tied_embeddings else 2)
-    norms = (2 * shape.layers + 1) * shape.hidden * 4
-    return linear + emb + norms
+def tensor_data_bytes(shape: ArchShape, plan: FormatPlan) -> float:
+    linear = shape.layers * plan.format_of("linear").tensor_bytes(shape.block_linear_params())
+    emb = plan.format_of("embedding").tensor_bytes(shape.embedding_params())
+    head = 0 if shape.tied_embeddings else plan.format_of("head").tensor_bytes(shape.embedding_params())
+    norms = plan.format_of("norm").tensor_bytes((2 * shape.layers + 1) * shape.hidden)
+    return linear + emb + head + norms
 
 
-def model_bytes(shape: ArchShape, fmt: str) -> float:
+def model_bytes(shape: ArchShape, plan: FormatPlan) -> float:
     """File size of the exported model: tensor data plus the embedded tokenizer and metadata."""
-    return tensor_data_bytes(shape, fmt) + TOKENIZER_BYTES_PER_VOCAB_ENTRY * shape.vocab
+    return tensor_data_bytes(shape, plan) + TOKENIZER_BYTES_PER_VOCAB_ENTRY * shape.vocab
 
 
 @dataclass
@@ -128,14 +128,14 @@ class Projection:
     compute_efficiency: float
 
 
-def project(shape: ArchShape, fmt: str, hw: Hardware, context: int, prompt_tokens: int = 128,
+def project(shape: ArchShape, plan: FormatPlan, hw: Hardware, context: int, prompt_tokens: int = 128,
             memory_efficiency: float = DEFAULT_MEMORY_EFFICIENCY,
             compute_efficiency: float = DEFAULT_COMPUTE_EFFICIENCY) -> Projection:
     """Roofline projection of size, decode speed and time to first token on ``hw``."""
-    rates = roofline_rates(shape.facts(fmt), hw.memory_bandwidth_gbs * 1e9 * memory_efficiency,
+    rates = roofline_rates(shape.facts(plan), hw.memory_bandwidth_gbs * 1e9 * memory_efficiency,
                            hw.peak_gflops_fp32 * 1e9 * compute_efficiency, prompt_tokens)
     return Projection(
-        model_mb=model_bytes(shape, fmt) / 1e6,
+        model_mb=model_bytes(shape, plan) / 1e6,
         decode_tokens_per_s=rates["decode_tokens_per_s"],
         ttft_ms=1e3 * prompt_tokens / rates["prefill_tokens_per_s"],
         bound=rates["decode_bound"],

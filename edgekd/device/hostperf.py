@@ -81,7 +81,7 @@ def measure(threads: int, repeats: int = 5, copy_bytes: int = COPY_BYTES) -> Hos
     """Bandwidth and GEMM ceilings with ``threads`` threads, in a child process."""
     env = {**os.environ, **{k: str(threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}}
     job = json.dumps({"threads": threads, "repeats": repeats, "copy_bytes": copy_bytes})
-    proc = subprocess.run([sys.executable, "-m", "edgekd.hostperf"], input=job, capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", "edgekd.device.hostperf"], input=job, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"host measurement failed: {proc.stderr.strip()[-400:]}")
     return HostPerf(**json.loads(proc.stdout.strip().splitlines()[-1]))

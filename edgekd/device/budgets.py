@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .profiles import Budgets
+from ..profiles import Budgets
 
 # budget field -> (metric key, unit, direction): "max" passes when measured <= limit
 BUDGET_METRICS: dict[str, tuple[str, str, str]] = {

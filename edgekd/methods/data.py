@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import EdgekdError
+from ..errors import EdgekdError
 
 DEFAULT_CORPUS_NAME = "python-docs (pydoc_data.topics)"
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
@@ -46,7 +46,7 @@ class Corpus:
         return {"name": self.name, "block_len": self.block_len, **self.stats}
 
     def save(self, directory: Path) -> None:
-        from .fileio import atomic_write_bytes, atomic_write_json
+        from ..fileio import atomic_write_bytes, atomic_write_json
 
         for split in ("train", "heldout"):
             buf = _npy_bytes(getattr(self, split))
@@ -249,7 +249,7 @@ def load_corpus(
         raise EdgekdError(
             f"the corpus {name} has {total} tokens, too few for one training block and one held-out block "
             f"of {block_len} tokens each (needs at least {2 * block_len})",
-            fix="pass a larger corpus, or a shorter block with --set compression.distill.seq_len=N",
+            fix="pass a larger corpus, or a shorter block with --set compression.data.block_len=N",
         )
     train, heldout = pack(train_stream, block_len), pack(held_stream, block_len)
     stats = {

@@ -21,26 +21,22 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
-import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import EdgekdError
-from .fileio import atomic_path, atomic_write_json
+from ..errors import EdgekdError
+from ..families import family_of
+from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .losses import attention_kl, hidden_state_loss, kd_loss
-from .quant import CLIP_MIN, LEARNED_CLIP_LR_SCALE
-
-CHECKPOINTS = "checkpoints"
-LATEST = "latest.json"
-KEEP_CHECKPOINTS = 2
+from .memory import check_memory, estimate_training_memory
+from .precision import forward_precision, resolve_precision
 
 
 @dataclass
@@ -62,7 +58,6 @@ class DistillConfig:
     seed: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    clip_lr_scale: float = 1.0  # learning-rate multiplier for learned Q4_0 clip factors (parameters named *.clip)
     precision: str = "fp32"  # "fp32" or "bf16" (autocast forward passes); see resolve_precision
 
     @classmethod
@@ -81,17 +76,6 @@ class DistillConfig:
             precision=resolve_precision(s.precision),
         )
 
-    @classmethod
-    def for_qat(cls, s: Any, steps: int, learning_rate: float, alpha: float,
-                clip_lr_scale: float = LEARNED_CLIP_LR_SCALE) -> DistillConfig:
-        """QAT-KD from the distillation settings ``s``: the logit loss only (hidden-state and
-        attention targets cost a second, eager teacher pass for little gain at this stage), with
-        QAT's own steps, learning rate and KD weight."""
-        cfg = cls.from_settings(s, steps=steps, learning_rate=learning_rate)
-        cfg.w_hidden, cfg.w_attention, cfg.w_logit = 0.0, 0.0, 1.0
-        cfg.alpha, cfg.clip_lr_scale = alpha, clip_lr_scale
-        return cfg
-
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay to ``min_lr_fraction`` of the peak."""
         warm = self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 20)
@@ -100,34 +84,6 @@ class DistillConfig:
         progress = (step - warm) / max(1, self.steps - warm)
         cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return self.learning_rate * (self.min_lr_fraction + (1 - self.min_lr_fraction) * cosine)
-
-
-def bf16_supported() -> bool:
-    """Native bf16 arithmetic: AVX512-BF16/AMX on x86 (oneDNN's own check), or a bf16-capable GPU."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(setting: str) -> str:
-    """``auto`` -> ``bf16`` where the hardware computes it natively, else ``fp32``.
-
-    Without native support, bf16 is emulated and slower than fp32, so ``auto`` never picks it there.
-    """
-    if setting == "auto":
-        return "bf16" if bf16_supported() else "fp32"
-    return setting
-
-
-def forward_precision(precision: str, device_type: str) -> Any:
-    """Autocast context for the forward passes: bf16 matmuls, fp32 master weights (mixed precision,
-    Micikevicius et al. 2018; bf16 needs no loss scaling). The losses upcast to fp32 themselves."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @dataclass
@@ -191,7 +147,7 @@ def _hidden_pairs(s_out: Any, t_out: Any, layer_map: list[int], teacher: Any) ->
         if last_teacher and not last_student:
             continue  # a non-final student block mapped to the teacher's (normed) last output: skip
         students.append(s_hs[i + 1])
-        targets.append(teacher.model.norm(t_hs[j + 1]) if last_student and not last_teacher else t_hs[j + 1])
+        targets.append(family_of(teacher).final_norm_module(teacher)(t_hs[j + 1]) if last_student and not last_teacher else t_hs[j + 1])
     return students, targets
 
 
@@ -224,42 +180,6 @@ def distill_step_losses(student: Any, teacher: Any, ids: torch.Tensor, cfg: Dist
     return out
 
 
-# ---------------------------------------------------------------- checkpoints
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / CHECKPOINTS / LATEST
-    if not pointer.exists():
-        return None
-    path = run_dir / CHECKPOINTS / json.loads(pointer.read_text())["dir"]
-    return path if (path / "trainer.json").exists() else None
-
-
-def _save_checkpoint(run_dir: Path, model: Any, optimizer: Any, step: int, tokens: int, history: list, cfg: DistillConfig) -> None:
-    from safetensors.torch import save_model
-
-    name = f"step-{step:06d}"
-    root = run_dir / CHECKPOINTS
-    with atomic_path(root / name) as tmp:
-        tmp.mkdir(parents=True)
-        save_model(model, str(tmp / "student.safetensors"))  # handles tied embeddings
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "trainer.json").write_text(json.dumps({"step": step, "tokens": tokens, "history": history, "config": asdict(cfg)}))
-    atomic_write_json(root / LATEST, {"dir": name, "step": step})
-    old = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != name)
-    for p in old[: max(0, len(old) - (KEEP_CHECKPOINTS - 1))]:
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def _load_checkpoint(path: Path, model: Any, optimizer: Any) -> tuple[int, int, list]:
-    from safetensors.torch import load_model
-
-    load_model(model, str(path / "student.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    state = json.loads((path / "trainer.json").read_text())
-    return int(state["step"]), int(state["tokens"]), list(state["history"])
-
-
 # ---------------------------------------------------------------- the loop
 
 
@@ -274,11 +194,16 @@ def distill(
     progress: Callable[..., None] | None = None,
     on_step: Callable[[int], None] | None = None,
     logit_cache: Any = None,
+    param_groups: list[dict[str, Any]] | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> DistillOutcome:
     """Train ``student`` in place for ``cfg.steps`` optimizer steps; checkpoints under ``run_dir``.
 
-    ``logit_cache`` (edgekd.logit_cache.LogitCache over ``train_blocks``) replaces the teacher's
-    live logits; it must have been built at ``cfg.temperature``.
+    ``logit_cache`` (edgekd.methods.logit_cache.LogitCache over ``train_blocks``) replaces the
+    teacher's live logits; it must have been built at ``cfg.temperature``. ``param_groups``:
+    optimizer groups of the caller's own (an ``lr_scale`` multiplies the schedule's rate),
+    taken out of the main group; ``after_step`` runs after every optimizer step. QAT passes
+    both for learned clip factors (edgekd.methods.qat.prepare); the loop knows nothing of them.
     """
     if logit_cache is not None and abs(logit_cache.temperature - cfg.temperature) > 1e-9:
         raise ValueError("the logit cache was built at another temperature")
@@ -298,19 +223,15 @@ def distill(
     rank, world = accelerator.process_index, accelerator.num_processes
     teacher.eval().requires_grad_(False)
     student.train().requires_grad_(True)  # a student copied from a frozen teacher inherits its flags
-    # Learned Q4_0 clip factors (edgekd.quant) live on a scale ~1 where weights live on ~1e-2:
-    # they get their own learning-rate multiplier, no weight decay, and stay in [CLIP_MIN, 1].
-    named = list(student.named_parameters())
-    clip_params = [p for n, p in named if n.endswith(".clip")]
-    groups = [{"params": [p for n, p in named if not n.endswith(".clip")], "lr_scale": 1.0}]
-    if clip_params:
-        groups.append({"params": clip_params, "lr_scale": cfg.clip_lr_scale, "weight_decay": 0.0})
+    extra = list(param_groups or [])
+    taken = {id(p) for g in extra for p in g["params"]}
+    groups = [{"params": [p for p in student.parameters() if id(p) not in taken], "lr_scale": 1.0}, *extra]
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
     start_step, tokens, history = 0, 0, []
     ckpt = latest_checkpoint(run_dir) if (run_dir is not None and resume) else None
     if ckpt is not None:
-        start_step, tokens, history = _load_checkpoint(ckpt, student, optimizer)
+        start_step, tokens, history = load_checkpoint(ckpt, student, optimizer)
     model, optimizer = accelerator.prepare(student, optimizer)
     teacher = teacher.to(accelerator.device)
     unwrapped = accelerator.unwrap_model(model)
@@ -339,10 +260,8 @@ def distill(
             accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if clip_params:
-            with torch.no_grad():
-                for p in clip_params:
-                    p.clamp_(CLIP_MIN, 1.0)
+        if after_step:
+            after_step()
         step_tokens = cfg.batch_size * cfg.grad_accum * world * block_len
         tokens += step_tokens
         dt = time.perf_counter() - t0
@@ -350,7 +269,7 @@ def distill(
         history.append(record)
         done = step + 1
         if run_dir is not None and accelerator.is_main_process and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            _save_checkpoint(run_dir, unwrapped, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+            save_checkpoint(run_dir, unwrapped, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
                              done, tokens, history, cfg)
         accelerator.wait_for_everyone()
         if progress:
@@ -365,49 +284,24 @@ def distill(
     return DistillOutcome(cfg.steps, tokens, time.perf_counter() - t_start, start_step, history, seen)
 
 
-# ---------------------------------------------------------------- memory check
+def check_fits(teacher: Any, student: Any, cfg: DistillConfig, block_len: int) -> dict[str, float]:
+    """The memory estimate of one step with ``cfg``; a clear error when it does not fit here."""
+    _, want_hidden, want_attn = _needs(cfg)
+    estimate = estimate_training_memory(teacher, student, cfg.batch_size, block_len, attention_loss=want_attn, hidden_loss=want_hidden)
+    check_memory(estimate)
+    return estimate
 
 
-def estimate_training_memory(teacher: Any, student: Any, batch_size: int, seq_len: int, attention_loss: bool, hidden_loss: bool) -> dict[str, float]:
-    """Rough peak memory (bytes) of one distillation step in fp32.
+def run_distillation(student: Any, teacher: Any, train_blocks: np.ndarray, cfg: DistillConfig, layer_map: list[int],
+                     label: str, reporter: Any = None, run_dir: Path | None = None, logit_cache: Any = None,
+                     param_groups: list[dict[str, Any]] | None = None,
+                     after_step: Callable[[], None] | None = None) -> tuple[DistillOutcome, dict[str, float]]:
+    """Check that a step fits in memory, then train with a progress bar named ``label``; resumes
+    from ``run_dir``'s checkpoints. Returns the outcome and the memory estimate."""
+    from ..progress import Reporter
 
-    Weights: teacher 4 B/param; student 4 (weights) + 4 (grads) + 8 (AdamW moments).
-    Activations kept for backward: about 34 * h bytes per token per layer in 16-bit
-    (Korthikanti et al. 2022), doubled for fp32, plus 4 * heads * T bytes per token per layer
-    for eager attention probabilities; logits (B, T, V) in fp32 for teacher and student, times
-    about 4 for log-softmax, softmax and their gradients.
-    """
-    sc, tc = student.config, teacher.config
-    n_student = sum(p.numel() for p in student.parameters())
-    n_teacher = sum(p.numel() for p in teacher.parameters())
-    tokens = batch_size * seq_len
-    act_per_layer = tokens * sc.hidden_size * 34 * 2
-    if attention_loss:
-        act_per_layer += tokens * sc.num_attention_heads * seq_len * 4 * 2
-    activations = sc.num_hidden_layers * act_per_layer
-    teacher_kept = 0
-    if hidden_loss:
-        teacher_kept += (tc.num_hidden_layers + 1) * tokens * tc.hidden_size * 4
-    if attention_loss:
-        teacher_kept += tc.num_hidden_layers * tokens * tc.num_attention_heads * seq_len * 4
-    logits = tokens * sc.vocab_size * 4 * 4 * 2
-    est = {
-        "teacher_weights": n_teacher * 4, "student_weights_grads_adam": n_student * 16,
-        "student_activations": activations, "teacher_targets": teacher_kept, "logits": logits,
-    }
-    est["total"] = float(sum(est.values()))
-    return est
-
-
-def check_memory(estimate: dict[str, float], available_bytes: float | None = None, headroom: float = 0.85) -> None:
-    import psutil
-
-    available = available_bytes if available_bytes is not None else psutil.virtual_memory().available
-    if estimate["total"] > headroom * available:
-        parts = ", ".join(f"{k.replace('_', ' ')} {v / 1e9:.2f} GB" for k, v in estimate.items() if k != "total")
-        raise EdgekdError(
-            f"distillation needs about {estimate['total'] / 1e9:.1f} GB but only {available / 1e9:.1f} GB of memory is available ({parts})",
-            fix="lower compression.distill.batch_size (and raise grad_accum to keep the tokens per step), "
-            "shorten compression.distill.seq_len, drop the attention loss (its maps grow with seq_len^2), "
-            "or cache the teacher's logits (compression.distill.logit_cache_top_k)",
-        )
+    estimate = check_fits(teacher, student, cfg, train_blocks.shape[1])
+    with (reporter or Reporter(quiet=True)).task(label, total=cfg.steps, unit="steps") as advance:
+        outcome = distill(student, teacher, train_blocks, cfg, layer_map, run_dir=run_dir, resume=True, progress=advance,
+                          logit_cache=logit_cache, param_groups=param_groups, after_step=after_step)
+    return outcome, estimate

@@ -1,0 +1,208 @@
+"""The architecture description: per model family, where everything is and what it is called.
+
+Everything edgekd knows about a model's layout lives here (as gguf-py keeps it in one
+``tensor_mapping.py``): the decoder-layer stack, the quantizable linear layers and their roles,
+the norms, the Hugging Face -> GGUF tensor names and metadata keys, how rotary embeddings must
+be permuted for llama.cpp, the taps distillation reads, and what pruning may remove. QAT,
+pruning, distillation and both exporters ask a :class:`Family`; none of them names a module.
+A new family is one entry in :data:`FAMILIES`.
+
+A *role* names a tensor independently of the family: the GGUF base name (``attn_q``,
+``ffn_down``, ...) for a block's linear layers and norms, ``embedding``, ``head``, ``norm``
+for the others. Weight-format plans (edgekd.formats.FormatPlan) are written in roles.
+
+Torch-free: modules are reached by dotted path on whatever object is passed in.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .errors import EdgekdError
+
+# (path inside a decoder block, role)
+LLAMA_LINEARS = (
+    ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
+    ("self_attn.o_proj", "attn_output"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+)
+LLAMA_NORMS = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm"))
+
+
+@dataclass(frozen=True)
+class MlpChannels:
+    """What width pruning of the MLP slices (Minitron): the intermediate channels are rows of
+    ``rows`` and columns of ``cols``; ``size_attr`` is the block attribute recording the width."""
+
+    rows: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
+    cols: str = "mlp.down_proj"
+    size_attr: str = "mlp.intermediate_size"
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str  # transformers' config.model_type
+    name: str
+    gguf_arch: str | None  # general.architecture edgekd writes; None: no GGUF export (see gguf_refusal)
+    gguf_refusal: str = ""
+    loads_from_gguf: tuple[str, ...] = ()  # GGUF architectures that load as this family
+    layers: str = "model.layers"
+    embedding: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    head: str = "lm_head"
+    attention: str = "self_attn"  # the block's attention module (its layer_idx indexes the KV cache)
+    linears: tuple[tuple[str, str], ...] = LLAMA_LINEARS
+    norms: tuple[tuple[str, str], ...] = LLAMA_NORMS
+    # roles whose rows llama.cpp expects interleaved by rotary pair, with the config field that
+    # counts their heads: Hugging Face rotates the two halves of each head instead
+    rotary_rows: tuple[tuple[str, str], ...] = (("attn_q", "num_attention_heads"), ("attn_k", "num_key_value_heads"))
+    mlp: MlpChannels = field(default_factory=MlpChannels)
+    pre_tokenizers: tuple[tuple[int | None, str], ...] = ()  # (vocab size or None for any, llama.cpp pre-tokenizer)
+
+    # ------------------------------------------------------------ modules
+    def decoder_layers(self, model: Any) -> Any:
+        try:
+            return operator.attrgetter(self.layers)(model)
+        except AttributeError:
+            raise EdgekdError(f"this model has no {self.layers} stack", fix="use a Llama-family decoder") from None
+
+    def set_decoder_layers(self, model: Any, layers: Any) -> None:
+        parent, _, name = self.layers.rpartition(".")
+        setattr(operator.attrgetter(parent)(model), name, layers)
+
+    def embedding_module(self, model: Any) -> Any:
+        return operator.attrgetter(self.embedding)(model)
+
+    def head_module(self, model: Any) -> Any:
+        return operator.attrgetter(self.head)(model)
+
+    def final_norm_module(self, model: Any) -> Any:
+        return operator.attrgetter(self.final_norm)(model)
+
+    def attention_module(self, layer: Any) -> Any:
+        return operator.attrgetter(self.attention)(layer)
+
+    def block_linears(self, layer: Any) -> list[tuple[str, Any]]:
+        """(role, module) of every linear layer of one decoder block that exists in it."""
+        out = []
+        for path, role in self.linears:
+            try:
+                out.append((role, operator.attrgetter(path)(layer)))
+            except AttributeError:
+                continue
+        return out
+
+    def linear_modules(self, model: Any) -> list[tuple[int, str, Any]]:
+        """(layer index, role, module) of every block linear layer, the tensors QAT and export quantize."""
+        return [(i, role, mod) for i, layer in enumerate(self.decoder_layers(model)) for role, mod in self.block_linears(layer)]
+
+    def tied(self, model: Any) -> bool:
+        return bool(getattr(model.config, "tie_word_embeddings", False))
+
+    # ------------------------------------------------------------ width pruning
+    def mlp_in_features(self, layer: Any) -> int:
+        return operator.attrgetter(self.mlp.cols)(layer).in_features
+
+    def mlp_down(self, layer: Any) -> Any:
+        """The module whose input is the MLP's intermediate activation (the channels' importance tap)."""
+        return operator.attrgetter(self.mlp.cols)(layer)
+
+    def replace_mlp(self, layer: Any, slice_rows: Any, slice_cols: Any, width: int) -> None:
+        """Replace the MLP's linears by ``slice_rows(module)`` / ``slice_cols(module)`` and record ``width``."""
+        for path in self.mlp.rows:
+            _set_path(layer, path, slice_rows(operator.attrgetter(path)(layer)))
+        _set_path(layer, self.mlp.cols, slice_cols(operator.attrgetter(self.mlp.cols)(layer)))
+        owner, _, attr = self.mlp.size_attr.rpartition(".")
+        target = operator.attrgetter(owner)(layer) if owner else layer
+        if hasattr(target, attr):
+            setattr(target, attr, width)
+
+    # ------------------------------------------------------------ GGUF
+    def gguf_tensors(self, config: Any) -> list[tuple[str, str, str, int | None]]:
+        """(state-dict key, GGUF tensor name, role, layer) of every tensor a GGUF file holds, in file order."""
+        out = [(f"{self.embedding}.weight", "token_embd.weight", "embedding", None),
+               (f"{self.final_norm}.weight", "output_norm.weight", "norm", None)]
+        if not getattr(config, "tie_word_embeddings", False):
+            out.append((f"{self.head}.weight", "output.weight", "head", None))
+        for i in range(config.num_hidden_layers):
+            prefix = f"{self.layers}.{i}."
+            out += [(f"{prefix}{path}.weight", f"blk.{i}.{role}.weight", "norm", i) for path, role in self.norms]
+            out += [(f"{prefix}{path}.weight", f"blk.{i}.{role}.weight", role, i) for path, role in self.linears]
+        return out
+
+    def rotary_heads(self, role: str, config: Any) -> int | None:
+        """Heads of a role whose rows must be permuted for llama.cpp's rotary layout, else None."""
+        field_name = dict(self.rotary_rows).get(role)
+        return None if field_name is None else int(getattr(config, field_name))
+
+    def gguf_hparams(self, config: Any) -> dict[str, int | float]:
+        """GGUF metadata ``<arch>.<key>`` values (the GGUF spec's llama keys), in the order written."""
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        rope = getattr(config, "rope_parameters", None) or {}
+        out: dict[str, int | float] = {
+            "context_length": int(getattr(config, "max_position_embeddings", 2048)),
+            "embedding_length": int(config.hidden_size),
+            "block_count": int(config.num_hidden_layers),
+            "feed_forward_length": int(config.intermediate_size),
+            "attention.head_count": int(heads),
+            "attention.head_count_kv": int(config.num_key_value_heads),
+            "rope.freq_base": float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
+            "attention.layer_norm_rms_epsilon": float(config.rms_norm_eps),
+            "rope.dimension_count": int(head_dim),
+        }
+        if head_dim != config.hidden_size // heads:
+            out["attention.key_length"] = int(head_dim)
+            out["attention.value_length"] = int(head_dim)
+        out["vocab_size"] = int(config.vocab_size)
+        return out
+
+    def unsupported_gguf_config(self, config: Any) -> str | None:
+        """Why this config cannot be written as GGUF by edgekd, or None."""
+        if self.gguf_arch is None:
+            return self.gguf_refusal
+        rope = getattr(config, "rope_parameters", None) or {}
+        if rope.get("rope_type", "default") != "default":
+            return f"GGUF export does not write rope scaling ({rope.get('rope_type')!r})"
+        return None
+
+    def pre_tokenizer(self, vocab_size: int) -> str:
+        names = dict(self.pre_tokenizers)
+        return names.get(vocab_size) or names.get(None) or "gpt-2"
+
+
+def _set_path(root: Any, path: str, value: Any) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(operator.attrgetter(parent)(root) if parent else root, name, value)
+
+
+LLAMA = Family("llama", "Llama (incl. SmolLM)", gguf_arch="llama", loads_from_gguf=("llama",),
+               pre_tokenizers=((49152, "smollm"), (128256, "llama-bpe")))
+# Qwen2 and Mistral share Llama's block layout (pre-norm attention + SwiGLU MLP, RoPE, GQA).
+QWEN2 = replace(LLAMA, model_type="qwen2", name="Qwen2", gguf_arch=None, loads_from_gguf=("qwen2",),
+                gguf_refusal="GGUF export supports Llama and Mistral models, not 'qwen2'",
+                pre_tokenizers=((None, "qwen2"),))
+MISTRAL = replace(LLAMA, model_type="mistral", name="Mistral", loads_from_gguf=(), pre_tokenizers=())  # Mistral GGUFs say "llama"
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAMA, QWEN2, MISTRAL)}
+
+
+def supported_text() -> str:
+    return ", ".join(f"{f.name} (model_type {t!r})" for t, f in FAMILIES.items())
+
+
+def family_of(model_or_config: Any) -> Family:
+    """The family of a model (or its config), by ``model_type``."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    family = FAMILIES.get(model_type)
+    if family is None:
+        raise EdgekdError(f"unsupported architecture {model_type!r}",
+                          fix=f"edgekd supports Llama-family decoders: {supported_text()}")
+    return family
+
+
+def gguf_loadable_archs() -> list[str]:
+    return sorted({arch for f in FAMILIES.values() for arch in f.loads_from_gguf})

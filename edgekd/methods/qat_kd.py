@@ -1,0 +1,69 @@
+"""QAT-KD, the whole recipe: clip search, prepare, distill from the unquantized teacher, convert.
+
+One function, :func:`qat_kd`, run by the pipeline's ``qat`` stage and by the benchmarks alike.
+With no training steps it is post-training quantization on the same grid: searched clip
+factors where the format allows them, else round-to-nearest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..formats import FormatPlan
+from .clip_search import clip_factors
+from .distill import DistillConfig, DistillOutcome, run_distillation
+from .qat import LEARNED_CLIP_LR_SCALE, convert, learned_clip_stats, prepare
+
+
+def qat_config(distill_settings: Any, qat_settings: Any) -> DistillConfig:
+    """QAT-KD from the profile's distillation settings: the logit loss only (hidden-state and
+    attention targets cost a second, eager teacher pass for little gain at this stage), with
+    QAT's own steps, learning rate and KD weight (``qat.alpha``: 1.0 is pure KD)."""
+    cfg = DistillConfig.from_settings(distill_settings, steps=qat_settings.steps, learning_rate=qat_settings.learning_rate)
+    cfg.w_hidden, cfg.w_attention, cfg.w_logit = 0.0, 0.0, 1.0
+    cfg.alpha = qat_settings.alpha
+    return cfg
+
+
+@dataclass
+class QatResult:
+    model: Any  # weights on the shipped grid (converted)
+    plan: FormatPlan
+    method: str  # "QAT-KD", "clipped scales", "round-to-nearest" or "no quantization"
+    clip_stats: dict[str, float] = field(default_factory=dict)
+    outcome: DistillOutcome | None = None
+    memory_estimate: dict[str, float] | None = None
+    learned_clip: dict[str, float] = field(default_factory=dict)
+
+
+def qat_kd(student: Any, teacher: Any, train_blocks: np.ndarray, calibration_blocks: np.ndarray, plan: FormatPlan,
+           cfg: DistillConfig | None, *, clip_search: bool = True, learn_clip: bool = False,
+           clip_lr_scale: float = LEARNED_CLIP_LR_SCALE, layer_map: list[int] | None = None,
+           run_dir: Path | None = None, reporter: Any = None, logit_cache: Any = None) -> QatResult:
+    """Quantize ``student`` (in place) onto ``plan``'s exact grids, training it with ``cfg``
+    (None or 0 steps: no training) from the unquantized ``teacher``; checkpoints under ``run_dir``."""
+    from ..progress import Reporter
+
+    reporter = reporter or Reporter(quiet=True)
+    linear = plan.format_of("linear")
+    clips: dict[Any, Any] = {}
+    stats: dict[str, float] = {}
+    if clip_search and linear.clip_search:
+        with reporter.task(f"searching {linear.gguf_type} scale clip factors (calibration pass)"):
+            clips, stats = clip_factors(student, plan, calibration_blocks)
+    result = QatResult(student, plan, "clipped scales" if clips else "round-to-nearest", stats)
+    if not linear.quantized:
+        result.method = "no quantization"
+    elif cfg is not None and cfg.steps > 0:
+        prepared = prepare(student, plan, clips, learn_clip=learn_clip and linear.grid is not None, clip_lr_scale=clip_lr_scale)
+        result.outcome, result.memory_estimate = run_distillation(
+            student, teacher, train_blocks, cfg, layer_map or list(range(student.config.num_hidden_layers)),
+            f"QAT-KD to {linear.name}", reporter, run_dir, logit_cache, prepared.param_groups, prepared.after_step)
+        result.learned_clip = learned_clip_stats(student)
+        result.method = "QAT-KD"
+    convert(student, plan, clips)
+    return result

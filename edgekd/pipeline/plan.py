@@ -1,0 +1,41 @@
+"""What a run will do and produce, decided from the profile before anything is loaded."""
+
+from __future__ import annotations
+
+from ..formats import FormatPlan
+from ..profiles import RUNTIME_FORMAT, DeviceProfile
+
+ALWAYS_RUN = {"load_teacher", "load_corpus"}  # cheap, and their objects live in memory: redone on --resume
+
+
+def plan_stages(profile: DeviceProfile) -> list[str]:
+    """The stages edgekd runs for ``profile``, in order."""
+    stages = ["load_teacher", "load_corpus", "evaluate_teacher"]
+    comp = profile.compression
+    if comp.prune.method != "none":
+        stages += ["score_blocks", "prune"]
+    distills = comp.distill.steps > 0 and comp.prune.method != "none"
+    if comp.distill.logit_cache is not None and (distills or comp.qat.steps > 0):
+        stages += ["teacher_logits"]
+    if distills:
+        stages += ["distill", "evaluate_student"]
+    return stages + ["qat", "export", "bench"]
+
+
+def format_plan(profile: DeviceProfile) -> FormatPlan:
+    """The format of every tensor the run ships: the profile's weight format for block linears."""
+    return FormatPlan.uniform(profile.deployment.weight_format)
+
+
+def planned_exports(profile: DeviceProfile) -> list:
+    """The files the export stage writes, in the profile's order (edgekd.exporters.ship.PlannedExport)."""
+    from ..exporters.ship import planned_export
+
+    plan = format_plan(profile)
+    return [planned_export(container, plan) for container in profile.deployment.formats]
+
+
+def budget_file(profile: DeviceProfile):
+    """The exported file whose benchmark is checked against the budgets: the one the runtime loads."""
+    want = RUNTIME_FORMAT[profile.deployment.runtime]
+    return next(e for e in planned_exports(profile) if e.container == want)

@@ -1,0 +1,92 @@
+"""Stages that heal the pruned student by distillation: the teacher-logit cache, training, evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from ..pipeline.context import STUDENT_DIR, RunContext
+from ..report import StageRecord
+from .prune import pruned
+
+CACHE_DIR = "teacher-logits"
+
+
+def teacher_logits(ctx: RunContext) -> StageRecord:
+    from ..methods import logit_cache
+
+    ds = ctx.profile.compression.distill
+    spec = ds.logit_cache
+    train = ctx.corpus.train
+    what = f"{spec.k} sampled tokens" if spec.kind == "sample" else f"top-{spec.k} logits"
+    with ctx.reporter.task(f"caching the teacher's {what} per position", total=len(train), unit="blocks") as advance:
+        cache = logit_cache.build(ctx.teacher.model, train, spec.k, ds.temperature, ctx.run.path(CACHE_DIR),
+                                  batch_size=ds.batch_size, progress=advance, kind=spec.kind, seed=ds.seed)
+    tokens = int(cache.indices.shape[0] * cache.indices.shape[1])
+    return StageRecord("teacher_logits", settings={"top_k": cache.k, "kind": cache.kind, "temperature": ds.temperature},
+                       metrics={"tokens": tokens, "size_mb": logit_cache.cache_size_bytes(tokens, cache.k) / 1e6,
+                                "mb_per_million_tokens": cache.bytes_per_million_tokens() / 1e6},
+                       artifacts={"teacher logit cache": CACHE_DIR})
+
+
+def cached_teacher(ctx: RunContext) -> Any:
+    """The teacher-logit cache of this run, or None when the profile asks for the live teacher."""
+    from ..methods import logit_cache
+
+    ds = ctx.profile.compression.distill
+    if ds.logit_cache is None:
+        return None
+    return logit_cache.load(ctx.run.path(CACHE_DIR), ds.logit_cache.k, ds.temperature, ctx.corpus.train, ds.logit_cache.kind)
+
+
+def _save_student(ctx: RunContext, model: Any) -> None:
+    from ..fileio import atomic_path
+
+    with atomic_path(ctx.run.path(STUDENT_DIR)) as tmp:
+        model.save_pretrained(tmp)
+        ctx.teacher.tokenizer.save_pretrained(tmp)
+
+
+def distill(ctx: RunContext) -> StageRecord:
+    from ..methods.distill import DistillConfig, run_distillation
+    from ..methods.logit_cache import live_target_bytes_per_token
+    from ..plots import loss_curves_plot
+
+    student = ctx.current_student()
+    cfg = DistillConfig.from_settings(ctx.profile.compression.distill)
+    artifacts = {"student (Hugging Face directory)": STUDENT_DIR}
+    teacher_cfg = ctx.teacher.model.config
+    if student.model.config.num_hidden_layers == teacher_cfg.num_hidden_layers and \
+            student.model.config.intermediate_size == teacher_cfg.intermediate_size:
+        # nothing was pruned: the student is the teacher, and distilling it from itself changes nothing
+        _save_student(ctx, student.model)
+        return StageRecord("distill", settings={"steps": 0}, metrics={"skipped": "nothing was pruned; the student equals the teacher"},
+                           artifacts=artifacts)
+    outcome, estimate = run_distillation(student.model, ctx.teacher.model, ctx.corpus.train, cfg, student.layer_map, "distilling",
+                                         ctx.reporter, ctx.run.path("distill"), cached_teacher(ctx))
+    _save_student(ctx, student.model)
+    loss_curves_plot(ctx.run.path("distill", "loss.png"), outcome.history, "distillation losses")
+    return StageRecord(
+        "distill", settings=asdict(cfg),
+        metrics={**outcome.summary(), "memory_estimate_gb": round(estimate["total"] / 1e9, 2),
+                 "logit_cache": ctx.profile.compression.distill.logit_cache is not None,
+                 "live_targets_if_cached_bytes_per_token": live_target_bytes_per_token(teacher_cfg, ctx.corpus.block_len)},
+        artifacts={**artifacts, "loss curves": "distill/loss.png"},
+    )
+
+
+def evaluate_student(ctx: RunContext) -> StageRecord:
+    from ..methods.evaluate import evaluate, torch_logits_fn
+    from ..methods.models import model_summary
+
+    student = ctx.current_student().model
+    blocks = ctx.heldout_blocks()
+    with ctx.reporter.task("evaluating student on held-out blocks", total=len(blocks), unit="blocks") as advance:
+        m = evaluate(torch_logits_fn(student), blocks, torch_logits_fn(ctx.teacher.model), progress=advance)
+    return StageRecord("evaluate_student", settings={"heldout_blocks": len(blocks)},
+                       metrics={**m.to_dict(), "student": model_summary(student)})
+
+
+def report_student(record: StageRecord, ctx: RunContext) -> None:
+    if pruned(record, ctx):
+        ctx.report.add_model_row("student, distilled", record.metrics["student"], record.metrics)

@@ -1,0 +1,68 @@
+"""The stage that writes every file the profile names and proves each one in its runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..pipeline.context import Exported, RunContext
+from ..report import StageRecord
+from ..versions import usable_threads
+from .qat import shipped
+
+PARITY_BLOCKS = 8
+TABLE = "Export parity (runtime vs torch, held-out blocks)"
+
+
+def export(ctx: RunContext) -> StageRecord:
+    """Write every format the profile names, then prove each file reproduces the torch model."""
+    from ..exporters.checks import require
+    from ..exporters.ship import write_checked
+    from ..pipeline.plan import planned_exports
+
+    student = shipped(ctx)
+    blocks = ctx.heldout_blocks()[:PARITY_BLOCKS]
+    source = ctx.teacher.source
+    source_gguf = source.path if source.kind in ("gguf", "default") else None
+    threads = usable_threads(ctx.profile.deployment.threads)
+    artifacts, checks = {}, []
+    ctx.exports = []
+    for planned in planned_exports(ctx.profile):
+        check = "incl. KV-cache greedy decoding" if planned.container == "onnx" else ""
+        with ctx.reporter.task(f"writing {planned.file_name} and checking it in {planned.runtime} {check}".strip()):
+            path, result = write_checked(planned, student.model, ctx.teacher.tokenizer, student.plan, ctx.run.root, blocks,
+                                         threads, source_gguf=source_gguf, source_name=source.name,
+                                         metadata={"profile": ctx.profile.name})
+        checks.append(result.to_dict())
+        artifacts[planned.file_name] = planned.file_name
+        require(result)
+        ctx.exports.append(Exported(planned, path))
+    floor = _llamacpp_floor(ctx, blocks, threads) if any(p.container == "gguf" for p in planned_exports(ctx.profile)) else None
+    return StageRecord("export", settings={"formats": ctx.profile.deployment.formats, "weight_format": student.plan.name,
+                                           "parity_blocks": int(len(blocks))},
+                       metrics={"parity": checks, "llamacpp_floor": floor}, artifacts=artifacts)
+
+
+def _llamacpp_floor(ctx: RunContext, blocks: Any, threads: int) -> dict[str, Any] | None:
+    """llama.cpp's own noise floor: the teacher's GGUF (weights equal to the fp32 teacher) against the fp32 teacher."""
+    from ..device import llamacpp
+    from ..methods.evaluate import evaluate, torch_logits_fn
+
+    source = ctx.teacher.source
+    if source.kind not in ("gguf", "default"):
+        return None
+    m = evaluate(llamacpp.logits_fn(source.path, blocks.shape[1], threads), blocks, torch_logits_fn(ctx.teacher.model))
+    return {"file": source.path.name, "kl": m.kl_to_teacher, "top1_agreement": m.top1_agreement, "tokens": m.tokens}
+
+
+def report_export(record: StageRecord, ctx: RunContext) -> None:
+    rows = [[Path(c["file"]).name, c["runtime"], round(c["kl"], 6), round(c["top1_agreement"], 4), c["max_kl"], c["min_top1"],
+             {True: "yes", False: "NO", None: "n/a"}[c["greedy_match"]], "pass" if c["passed"] else "FAIL"]
+            for c in record.metrics["parity"]]
+    floor = record.metrics.get("llamacpp_floor")
+    if floor:
+        rows.append([f"{floor['file']} (teacher, reference floor)", "llama.cpp", round(floor["kl"], 6),
+                     round(floor["top1_agreement"], 4), None, None, "n/a", "reference"])
+    ctx.report.tables[TABLE] = {
+        "headers": ["file", "runtime", "KL per token", "top-1 agreement", "KL limit", "top-1 limit", "greedy match", "verdict"],
+        "rows": rows}

@@ -1,0 +1,78 @@
+"""Stages that score the teacher's blocks and prune it into the student."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..pipeline.context import PRUNE_PLAN, Student
+from ..report import StageRecord
+
+SCORES = ("prune", "scores.json")
+TABLE = "Block importance (teacher)"
+
+
+def score_blocks(ctx: Any) -> StageRecord:
+    from ..fileio import atomic_write_json
+    from ..methods.prune import loss_increase_scores, score_blocks
+
+    settings = ctx.profile.compression.prune
+    calib = ctx.calibration_blocks()
+    model = ctx.teacher.model
+    with ctx.reporter.task("scoring blocks (calibration pass)", total=len(calib), unit="blocks") as advance:
+        scores = score_blocks(model, calib, progress=advance)
+    if settings.method == "loss_increase":
+        with ctx.reporter.task("measuring loss increase per dropped block", total=model.config.num_hidden_layers, unit="blocks") as advance:
+            scores.loss_increase = loss_increase_scores(model, calib, progress=advance)
+    atomic_write_json(ctx.run.path(*SCORES), scores.to_dict())
+    return StageRecord("score_blocks", settings={"method": settings.method, "calibration_blocks": len(calib)},
+                       metrics={"calibration_tokens": scores.calibration_tokens}, artifacts={"block scores": "prune/scores.json"})
+
+
+def prune(ctx: Any) -> StageRecord:
+    from ..fileio import atomic_write_json
+    from ..methods.evaluate import evaluate, torch_logits_fn
+    from ..methods.models import model_summary
+    from ..methods.prune import BlockScores, plan_pruning
+    from ..plots import block_scores_plot
+
+    settings = ctx.profile.compression.prune
+    teacher = ctx.teacher.model
+    n_layers = teacher.config.num_hidden_layers
+    scores = BlockScores.from_dict(json.loads(ctx.run.path(*SCORES).read_text()))
+    plan = plan_pruning(teacher, scores, settings, ctx.profile, ctx.calibration_blocks())
+    ctx.prune_plan = plan
+    atomic_write_json(ctx.run.path(*PRUNE_PLAN), plan.to_dict())
+    ctx.student = Student(plan.make_student(teacher), plan.layer_map)
+    keep = plan.keep
+    removed = [i for i in range(n_layers) if i not in keep]
+    block_scores_plot(ctx.run.path("prune", "scores.png"),
+                      {"block_influence": scores.block_influence, "angular_distance": scores.angular_distance,
+                       "loss_increase": scores.loss_increase}, removed)
+    rows = [[i, "kept" if i in keep else "removed", round(scores.block_influence[i], 5), round(scores.angular_distance[i], 5),
+             None if scores.loss_increase is None else round(scores.loss_increase[i], 5)] for i in range(n_layers)]
+    blocks = ctx.heldout_blocks()
+    student = ctx.student.model
+    with ctx.reporter.task("evaluating pruned student (no healing)", total=len(blocks), unit="blocks") as advance:
+        m = evaluate(torch_logits_fn(student), blocks, torch_logits_fn(teacher), progress=advance)
+    return StageRecord(
+        "prune",
+        settings={"method": settings.method, "keep_layers": settings.keep_layers, "mlp_keep_fraction": settings.mlp_keep_fraction},
+        metrics={"kept_layers": len(keep), "removed_blocks": removed, "layer_map": plan.layer_map,
+                 "intermediate_size": student.config.intermediate_size, "depth_plan": plan.depth_plan,
+                 "student": model_summary(student), "heldout": m.to_dict(), "block_table": rows},
+        artifacts={"prune plan": "prune/plan.json", "block scores plot": "prune/scores.png"},
+    )
+
+
+def pruned(record: StageRecord, ctx: Any) -> bool:
+    """Did this prune stage remove anything? (A full-depth "student" is the teacher itself.)"""
+    return record.metrics["student"].get("params") != ctx.report.teacher.get("params")
+
+
+def report_prune(record: StageRecord, ctx: Any) -> None:
+    if pruned(record, ctx):  # no rows that only repeat the teacher
+        ctx.report.add_model_row("pruned, no healing", record.metrics["student"], record.metrics["heldout"])
+    ctx.report.tables[TABLE] = {
+        "headers": ["block", "decision", "Block Influence", "angular distance (n=1)", "loss increase"],
+        "rows": record.metrics["block_table"]}

@@ -1,0 +1,82 @@
+"""The stage that puts the student's weights on the exact grid of the shipped format (QAT-KD)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from ..pipeline.context import SHIPPED_DIR, RunContext, Shipped
+from ..report import StageRecord
+from .distill import cached_teacher
+
+METHOD_NOTE = {"clipped scales": "clipped scales, no QAT steps", "round-to-nearest": "round-to-nearest (no QAT steps)",
+               "no quantization": "{} (no quantization)"}
+
+
+def qat(ctx: RunContext) -> StageRecord:
+    """QAT-KD on the exact grid of the shipped format (or clipped / round-to-nearest scales when qat.steps is 0)."""
+    from ..fileio import atomic_path
+    from ..methods.evaluate import evaluate, torch_logits_fn
+    from ..methods.models import model_summary
+    from ..methods.qat import LEARNED_CLIP_LR_SCALE
+    from ..methods.qat_kd import qat_config, qat_kd
+    from ..plots import loss_curves_plot
+
+    plan = ctx.format_plan()
+    linear = plan.format_of("linear")
+    qs = ctx.profile.compression.qat
+    student = ctx.current_student()
+    cfg = qat_config(ctx.profile.compression.distill, qs)
+    settings: dict[str, Any] = {"weight_format": plan.name, "steps": qs.steps, "learning_rate": qs.learning_rate,
+                                "clip_search": qs.clip_search and linear.clip_search,
+                                "learn_clip": qs.learn_clip and linear.grid is not None}
+    result = qat_kd(student.model, ctx.teacher.model, ctx.corpus.train, ctx.calibration_blocks(), plan, cfg,
+                    clip_search=qs.clip_search, learn_clip=qs.learn_clip, layer_map=student.layer_map,
+                    run_dir=ctx.run.path("qat"), reporter=ctx.reporter, logit_cache=cached_teacher(ctx))
+    metrics: dict[str, Any] = dict(result.clip_stats)
+    artifacts = {"QAT student (weights on the shipped grid)": SHIPPED_DIR}
+    if result.outcome is not None:
+        loss_curves_plot(ctx.run.path("qat", "loss.png"), result.outcome.history, f"QAT-KD losses ({plan.name})")
+        artifacts["QAT loss curves"] = "qat/loss.png"
+        settings.update(asdict(cfg))
+        settings["clip_lr_scale"] = LEARNED_CLIP_LR_SCALE
+        metrics.update(result.outcome.summary())
+        metrics.update(result.learned_clip)
+    else:
+        settings["method"] = METHOD_NOTE[result.method].format(plan.name)
+    model = result.model
+    with atomic_path(ctx.run.path(SHIPPED_DIR)) as tmp:
+        model.save_pretrained(tmp)
+        ctx.teacher.tokenizer.save_pretrained(tmp)
+    ctx.student = None  # the student object now holds the shipped weights
+    blocks = ctx.heldout_blocks()
+    with ctx.reporter.task("evaluating the quantized student (torch)", total=len(blocks), unit="blocks") as advance:
+        m = evaluate(torch_logits_fn(model.eval()), blocks, torch_logits_fn(ctx.teacher.model), progress=advance)
+    ctx.shipped = Shipped(model, plan, m)
+    return StageRecord("qat", settings=settings, metrics={**metrics, "heldout": m.to_dict(), "student": model_summary(model)},
+                       artifacts=artifacts)
+
+
+def shipped(ctx: RunContext) -> Shipped:
+    """The shipped student: from this process, or from the run directory when qat finished earlier."""
+    if ctx.shipped is None:
+        from ..pipeline.context import load_hf
+
+        ctx.shipped = Shipped(load_hf(ctx.run.path(SHIPPED_DIR)), ctx.format_plan(), shipped_heldout(ctx))
+    return ctx.shipped
+
+
+def shipped_heldout(ctx: RunContext) -> Any:
+    """The shipped weights' held-out quality in torch (HeldoutMetrics), without loading the model; None before qat."""
+    if ctx.shipped is not None:
+        return ctx.shipped.heldout
+    from ..methods.evaluate import HeldoutMetrics
+
+    record = ctx.report.stage("qat") or ctx.run.completed("qat")
+    return HeldoutMetrics(**record.metrics["heldout"]) if record else None
+
+
+def report_qat(record: StageRecord, ctx: RunContext) -> None:
+    method = "QAT-KD" if record.settings.get("steps") else ("clipped scales" if record.settings.get("clip_search") else "round-to-nearest")
+    ctx.report.add_model_row(f"student, {record.settings.get('weight_format')} {method} (torch)", record.metrics["student"],
+                             record.metrics["heldout"])
