@@ -11,16 +11,16 @@ import pytest
 
 import edgekd
 from edgekd import EdgekdError, load_profile
-from edgekd.benchmark import BenchResult, Stat, write_junit
-from edgekd.budgets import check_budgets
 from edgekd.cli import main
-from edgekd.energy import measured_estimate, power_model_estimate
+from edgekd.device.budgets import check_budgets
+from edgekd.device.energy import measured_estimate, power_model_estimate
+from edgekd.device.results import BenchResult, Stat, write_junit
 
 
 @pytest.fixture(scope="module")
 def teacher_gguf():
     pytest.importorskip("llama_cpp")
-    from edgekd.models import default_teacher_path
+    from edgekd.methods.models import default_teacher_path
 
     try:
         return default_teacher_path()
@@ -88,7 +88,7 @@ def test_bench_corrupt_gguf_exit_2(tmp_path, capsys):
 
 
 def test_llama_cpp_build_isa_is_read_from_system_info():
-    from edgekd.llamacpp import isa_from_system_info
+    from edgekd.device.llamacpp import isa_from_system_info
 
     info = "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | AVX512 = 1 | AVX512_VNNI = 1 | AVX512_BF16 = 0 | OPENMP = 1 | "
     assert isa_from_system_info(info) == "AVX2 AVX512 AVX512_VNNI"
@@ -97,7 +97,7 @@ def test_llama_cpp_build_isa_is_read_from_system_info():
 
 
 def test_bench_real_gguf_budgets_and_outputs(teacher_gguf, tmp_path, capsys):
-    from edgekd.llamacpp import build_isa
+    from edgekd.device.llamacpp import build_isa
 
     r = edgekd.bench(teacher_gguf, "raspberry-pi-5", threads=1, repeats=1, prompt_tokens=16, gen_tokens=8)
     assert r.runtime.endswith(f", {build_isa()})")  # which kernels ran is part of the result
@@ -131,7 +131,7 @@ def test_peak_memory_is_not_inherited_from_a_large_parent(teacher_gguf):
 
 
 def test_roofline_projection_carries_the_host_efficiency_to_the_device():
-    from edgekd.costmodel import ModelFacts, project_from_host, roofline_rates
+    from edgekd.device.costmodel import ModelFacts, project_from_host, roofline_rates
 
     facts = ModelFacts(tensor_bytes=80e6, params=110e6, layers=24, kv_heads=3, head_dim=64, heads=9)
     kv = 2 * 24 * 128 * 3 * 64 * 2
@@ -152,7 +152,7 @@ def test_roofline_projection_carries_the_host_efficiency_to_the_device():
 
 
 def test_power_log_integration_trapezoid_and_interpolated_edges():
-    from edgekd.energy import integrate_power_log
+    from edgekd.device.energy import integrate_power_log
 
     flat = [(100.0, 5.0), (110.0, 5.0), (120.0, 5.0)]
     assert integrate_power_log(flat, [(102.0, 112.0)]) == pytest.approx(50.0)
@@ -164,7 +164,7 @@ def test_power_log_integration_trapezoid_and_interpolated_edges():
 
 
 def test_rapl_discovery_skips_subdomains_and_handles_wraparound(tmp_path):
-    from edgekd.energy import rapl_counters
+    from edgekd.device.energy import rapl_counters
 
     for d, name in (("intel-rapl:0", "package-0"), ("intel-rapl:0:0", "core")):
         (tmp_path / d).mkdir()

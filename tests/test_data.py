@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 
 from edgekd import EdgekdError
-from edgekd.data import Corpus, default_documents, load_corpus, read_documents, split_documents
+from edgekd.methods.data import (
+    Corpus,
+    default_documents,
+    load_corpus,
+    read_documents,
+    split_documents,
+)
 
 
 def test_default_corpus_is_python_docs_and_split_is_deterministic():
@@ -98,7 +104,7 @@ def test_corpus_smaller_than_a_block(tiny_tokenizer, tmp_path):
     with pytest.raises(EdgekdError) as exc:
         load_corpus(path, tiny_tokenizer, block_len=64)
     assert "too few for one training block and one held-out block" in str(exc.value)
-    assert "seq_len" in str(exc.value)
+    assert "compression.data.block_len" in str(exc.value)
 
 
 def test_missing_corpus(tiny_tokenizer):

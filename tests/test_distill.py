@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from edgekd import EdgekdError
-from edgekd.distill import (
+from edgekd.methods.distill import (
     DistillConfig,
     check_memory,
     distill,
     estimate_training_memory,
     sample_indices,
 )
-from edgekd.prune import make_student
+from edgekd.methods.prune import make_student
 
 WORKER = Path(__file__).parent / "helpers" / "distill_worker.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -68,7 +68,7 @@ def test_two_processes_see_different_data_and_end_identical(tmp_path):
 def test_distillation_reduces_kl_to_teacher():
     from conftest import make_tiny_llama
 
-    from edgekd.evaluate import evaluate, torch_logits_fn
+    from edgekd.methods.evaluate import evaluate, torch_logits_fn
 
     torch.manual_seed(0)
     teacher = make_tiny_llama(200, layers=4, seed=1)
@@ -94,13 +94,13 @@ def test_memory_check_refuses_with_suggestions():
     from conftest import make_tiny_llama
 
     t = make_tiny_llama(100)
-    est = estimate_training_memory(t, t, batch_size=4, seq_len=64, attention_loss=True, hidden_loss=True)
+    est = estimate_training_memory(t, t, batch_size=4, block_len=64, attention_loss=True, hidden_loss=True)
     assert est["total"] == pytest.approx(sum(v for k, v in est.items() if k != "total"))
     check_memory(est, available_bytes=1e12)  # plenty: no error
     with pytest.raises(EdgekdError) as exc:
         check_memory(est, available_bytes=1e5)
     text = str(exc.value)
-    assert "distillation needs about" in text and "batch_size" in text and "grad_accum" in text and "logit_cache_top_k" in text
+    assert "distillation needs about" in text and "batch_size" in text and "grad_accum" in text and "compression.distill.logit_cache" in text
 
 
 def test_memory_estimate_grows_with_batch_and_attention():
@@ -116,7 +116,7 @@ def test_memory_estimate_grows_with_batch_and_attention():
 def test_logit_cache_matches_live_teacher_at_full_k_and_skips_the_teacher(tmp_path):
     from conftest import make_tiny_llama
 
-    from edgekd import logit_cache
+    from edgekd.methods import logit_cache
 
     teacher = make_tiny_llama(64, layers=2, seed=4)
     blocks = np.random.default_rng(0).integers(0, 64, size=(6, 16)).astype(np.int32)
@@ -141,7 +141,8 @@ def test_logit_cache_matches_live_teacher_at_full_k_and_skips_the_teacher(tmp_pa
 def test_bf16_autocast_runs_the_forward_in_bf16_with_fp32_master_weights():
     from conftest import make_tiny_llama
 
-    from edgekd.distill import distill_step_losses, resolve_precision
+    from edgekd.methods.distill import distill_step_losses
+    from edgekd.methods.precision import resolve_precision
 
     teacher = make_tiny_llama(120, layers=3, seed=2)
     student = make_student(teacher, [0, 2])
@@ -159,6 +160,6 @@ def test_bf16_autocast_runs_the_forward_in_bf16_with_fp32_master_weights():
     assert all(p.grad is None or p.grad.dtype == torch.float32 for p in student.parameters())
     assert student.model.layers[0].mlp.up_proj.weight.grad is not None
     assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
-    from edgekd.distill import bf16_supported
+    from edgekd.methods.precision import bf16_supported
 
     assert resolve_precision("auto") == ("bf16" if bf16_supported() else "fp32")

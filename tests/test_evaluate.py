@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edgekd.evaluate import evaluate, log_softmax, torch_logits_fn
+from edgekd.methods.evaluate import evaluate, log_softmax, torch_logits_fn
 
 
 def reference(student_logits, teacher_logits, blocks):

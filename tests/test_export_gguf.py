@@ -4,17 +4,16 @@ import copy
 
 import numpy as np
 import pytest
-import torch
 
-from edgekd.evaluate import evaluate, torch_logits_fn
-from edgekd.formats import round_trip
+from edgekd.formats import FormatPlan
+from edgekd.methods.evaluate import evaluate, torch_logits_fn
 
 llama_cpp = pytest.importorskip("llama_cpp")
 pytest.importorskip("gguf")
 
-from edgekd import llamacpp  # noqa: E402
+from edgekd.device import llamacpp  # noqa: E402
 from edgekd.exporters.gguf import export_gguf  # noqa: E402
-from edgekd.quant import materialize  # noqa: E402
+from edgekd.methods.qat import convert  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +24,7 @@ def model_and_tok(tiny_model_dir):
 
 
 def shipped(model, fmt):
-    m = copy.deepcopy(model)
-    if fmt == "f16":
-        with torch.no_grad():
-            for p in m.parameters():
-                if p.dim() == 2:
-                    p.copy_(torch.from_numpy(round_trip(p.numpy(), "f16")))
-        return m
-    return materialize(m, fmt)
+    return convert(copy.deepcopy(model), FormatPlan.uniform(fmt))
 
 
 def blocks(vocab, n=3, length=24, seed=0):
@@ -42,7 +34,7 @@ def blocks(vocab, n=3, length=24, seed=0):
 @pytest.mark.parametrize("fmt, max_kl", [("f16", 1e-4), ("q8_0", 2e-3), ("q4_0", 2e-2)])
 def test_llamacpp_reproduces_the_shipped_torch_model(model_and_tok, tmp_path, fmt, max_kl):
     model, tok = model_and_tok
-    path = export_gguf(model, tok, tmp_path / f"m-{fmt}.gguf", fmt, source_name="tiny")
+    path = export_gguf(model, tok, tmp_path / f"m-{fmt}.gguf", FormatPlan.uniform(fmt), source_name="tiny")
     ref = shipped(model, fmt)
     b = blocks(model.config.vocab_size)
     m = evaluate(llamacpp.logits_fn(path, b.shape[1], threads=1), b, torch_logits_fn(ref))
@@ -55,7 +47,7 @@ def test_metadata_and_tensor_types(model_and_tok, tmp_path):
     from gguf import GGUFReader
 
     model, tok = model_and_tok
-    path = export_gguf(model, tok, tmp_path / "m.gguf", "q4_0", source_name="tiny-src")
+    path = export_gguf(model, tok, tmp_path / "m.gguf", FormatPlan.uniform("q4_0"), source_name="tiny-src")
     r = GGUFReader(str(path))
     types = {t.name: t.tensor_type.name for t in r.tensors}
     assert types["token_embd.weight"] == "Q8_0" and types["blk.0.ffn_down.weight"] == "Q4_0"
@@ -66,12 +58,12 @@ def test_metadata_and_tensor_types(model_and_tok, tmp_path):
 
 
 def test_pruned_model_exports(model_and_tok, tmp_path):
-    from edgekd.prune import apply_mlp_channels, make_student
+    from edgekd.methods.prune import apply_mlp_channels, make_student
 
     model, tok = model_and_tok
     student = make_student(model, [0, 3])
     apply_mlp_channels(student, [list(range(0, 128, 2))] * 2)  # intermediate 64
-    path = export_gguf(student, tok, tmp_path / "s.gguf", "q8_0")
+    path = export_gguf(student, tok, tmp_path / "s.gguf", FormatPlan.uniform("q8_0"))
     b = blocks(model.config.vocab_size)
     m = evaluate(llamacpp.logits_fn(path, b.shape[1], threads=1), b, torch_logits_fn(shipped(student, "q8_0")))
     assert m.kl_to_teacher < 2e-3 and llamacpp.load(path, 64, 1).metadata["llama.block_count"] == "2"

@@ -9,10 +9,13 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from edgekd.evaluate import evaluate, torch_logits_fn  # noqa: E402
+from edgekd.device.onnxrt import Decoder  # noqa: E402
 from edgekd.exporters.onnx import export_onnx  # noqa: E402
-from edgekd.onnxrt import Decoder  # noqa: E402
-from edgekd.quant import materialize  # noqa: E402
+from edgekd.formats import FormatPlan  # noqa: E402
+from edgekd.methods.evaluate import evaluate, torch_logits_fn  # noqa: E402
+from edgekd.methods.qat import convert  # noqa: E402
+
+Q4 = FormatPlan.uniform("q4_0")
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +28,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def exported(tiny, tmp_path_factory):
     d = tmp_path_factory.mktemp("onnx")
-    return {**{fmt: export_onnx(tiny, d / f"model-{fmt}.onnx", fmt) for fmt in ("f32", "q4_0")}, "model": tiny}
+    return {"f32": export_onnx(tiny, d / "model-f32.onnx"), "q4_0": export_onnx(tiny, d / "model-q4_0.onnx", Q4), "model": tiny}
 
 
 def torch_greedy(model, prompt, n):
@@ -54,7 +57,7 @@ def test_files_and_interface(exported):
 
 @pytest.mark.parametrize("fmt", ["f32", "q4_0"])
 def test_onnxruntime_matches_torch_and_greedy_tokens_agree(tiny, exported, fmt):
-    ref = materialize(copy.deepcopy(tiny), fmt) if fmt != "f32" else tiny
+    ref = convert(copy.deepcopy(tiny), Q4) if fmt == "q4_0" else tiny
     blocks = np.random.default_rng(1).integers(3, 320, size=(3, 20)).astype(np.int32)
     dec = Decoder(exported[fmt])
     m = evaluate(dec.logits, blocks, torch_logits_fn(ref))
@@ -69,11 +72,11 @@ def test_int4_onnx_file_is_small(exported):
 
 
 def test_pruned_student_exports(tiny, tmp_path):
-    from edgekd.prune import apply_mlp_channels, make_student
+    from edgekd.methods.prune import apply_mlp_channels, make_student
 
     student = make_student(tiny, [0, 2])
     apply_mlp_channels(student, [list(range(64))] * 2)
-    path = export_onnx(student, tmp_path / "s.onnx", "q4_0")
+    path = export_onnx(student, tmp_path / "s.onnx", Q4)
     blocks = np.random.default_rng(2).integers(3, 320, size=(2, 12)).astype(np.int32)
-    m = evaluate(Decoder(path).logits, blocks, torch_logits_fn(materialize(copy.deepcopy(student), "q4_0")))
+    m = evaluate(Decoder(path).logits, blocks, torch_logits_fn(convert(copy.deepcopy(student), Q4)))
     assert m.kl_to_teacher < 1e-6

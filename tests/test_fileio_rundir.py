@@ -2,8 +2,8 @@ import pytest
 
 from edgekd import EdgekdError
 from edgekd.fileio import atomic_path, atomic_write_text
+from edgekd.pipeline.rundir import RunDir
 from edgekd.report import StageRecord
-from edgekd.rundir import RunDir
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edgekd.losses import (
+from edgekd.methods.losses import (
     attention_kl,
     hidden_state_loss,
     kd_loss,

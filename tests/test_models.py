@@ -4,7 +4,7 @@ import shutil
 import pytest
 
 from edgekd import EdgekdError
-from edgekd.models import inspect_gguf, load_causal_lm, resolve_model_source
+from edgekd.methods.models import inspect_gguf, load_causal_lm, resolve_model_source
 
 
 def test_load_hf_directory(tiny_model_dir):

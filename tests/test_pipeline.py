@@ -20,7 +20,7 @@ def test_end_to_end_tiny(tmp_path, tiny_model_dir, small_corpus_file, tiny_profi
     report = run(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides)
     run_dir = tmp_path / "tiny"
     data = json.loads((run_dir / "report.json").read_text())
-    assert data["status"] == "complete" and data["schema"] == "edgekd.report/1"
+    assert data["status"] == "complete" and data["schema"] == "edgekd.report/2"
     assert data["versions"]["torch"] and data["versions"]["transformers"]
     teacher = data["evaluation"]["teacher (fp32)"]
     assert teacher["perplexity"] > 1 and teacher["tokens"] == 4 * 63
@@ -62,6 +62,8 @@ def test_second_run_is_refused_then_resumed(tmp_path, tiny_model_dir, small_corp
     # the evaluation stage was reused, not recomputed
     assert again.stage("evaluate_teacher").metrics == first.stage("evaluate_teacher").metrics
     assert again.stage("evaluate_teacher").wall_time_s == first.stage("evaluate_teacher").wall_time_s
+    # the reused bench stage's checks are still the run's budgets
+    assert [c.to_dict() for c in again.budgets] == [c.to_dict() for c in first.budgets] and not again.unchecked()
     fresh = run(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides, overwrite=True)
     assert fresh.status == "complete"
 
@@ -78,14 +80,19 @@ def test_cli_compress_and_report(tmp_path, tiny_model_dir, small_corpus_file, ti
 
 
 def test_cli_exit_1_when_a_budget_fails(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides, monkeypatch):
-    from edgekd import pipeline
+    from types import SimpleNamespace
 
-    def fake_bench_stage(ctx):  # a measured number that exceeds the budget
-        ctx.measured["model_mb"] = 1e6
-        return pipeline.StageRecord("bench_stub")
+    from edgekd.device.budgets import BudgetCheck
+    from edgekd.pipeline import run as pipeline_run
+    from edgekd.report import StageRecord
+    from edgekd.stages import STAGES, Stage
 
-    monkeypatch.setitem(pipeline.STAGES, "bench_stub", fake_bench_stage)
-    monkeypatch.setattr(pipeline, "plan_stages", lambda prof: ["load_teacher", "load_corpus", "bench_stub"])
+    def fake_bench_stage(ctx):  # a benchmark whose measured file size breaks the budget
+        ctx.bench = SimpleNamespace(budgets=[BudgetCheck("max_model_mb", 80.0, "MB", 1e6, False, "measured: file size")])
+        return StageRecord("bench_stub")
+
+    monkeypatch.setitem(STAGES, "bench_stub", Stage(fake_bench_stage))
+    monkeypatch.setattr(pipeline_run, "plan_stages", lambda prof: ["load_teacher", "load_corpus", "bench_stub"])
     sets = [a for o in tiny_profile_overrides for a in ("--set", o)]
     code = main(["compress", "--teacher", str(tiny_model_dir), "--data", str(small_corpus_file),
                  "--output", str(tmp_path), "--quiet", *sets])
@@ -144,12 +151,12 @@ def test_width_pruning_through_the_pipeline(tmp_path, tiny_model_dir, small_corp
 
 
 def test_resume_after_prune_rebuilds_the_student(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides, monkeypatch):
-    from edgekd import pipeline
+    from edgekd.stages import STAGES, Stage
 
     def crash(ctx):
         raise RuntimeError("killed during distillation")
 
-    monkeypatch.setitem(pipeline.STAGES, "distill", crash)
+    monkeypatch.setitem(STAGES, "distill", Stage(crash))
     with pytest.raises(RuntimeError):
         run(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides)
     monkeypatch.undo()
@@ -158,7 +165,7 @@ def test_resume_after_prune_rebuilds_the_student(tmp_path, tiny_model_dir, small
 
 
 def test_logit_cache_through_the_pipeline(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides):
-    report = run(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides + ["compression.distill.logit_cache_top_k=8"])
+    report = run(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides + ["compression.distill.logit_cache.k=8"])
     assert "teacher_logits" in report.plan and report.plan.index("teacher_logits") < report.plan.index("distill")
     rec = report.stage("teacher_logits")
     assert rec.metrics["mb_per_million_tokens"] == 64.0  # 8 bytes x k=8
@@ -166,9 +173,9 @@ def test_logit_cache_through_the_pipeline(tmp_path, tiny_model_dir, small_corpus
 
 
 def test_failed_parity_check_stops_the_run_with_exit_2(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides, monkeypatch, capsys):
-    from edgekd.exporters import checks
+    from edgekd.formats import FORMATS
 
-    monkeypatch.setitem(checks.LIMITS, ("llama.cpp", "q4_0"), (0.0, 1.01))  # impossible limits
+    monkeypatch.setitem(FORMATS["q4_0"].parity, "llama.cpp", (0.0, 1.01))  # impossible limits
     sets = [a for o in tiny_profile_overrides for a in ("--set", o)]
     code = main(["compress", "--teacher", str(tiny_model_dir), "--data", str(small_corpus_file),
                  "--output", str(tmp_path), "--run-name", "p", "--quiet", *sets])
@@ -185,7 +192,7 @@ def test_full_depth_profile_runs_qat_and_onnx_export(tmp_path, tiny_model_dir, s
     with a GGUF asked for too, both files are benchmarked and the ONNX one gates the budgets."""
     report = edgekd.compress(
         teacher=tiny_model_dir, profile="phone", data=small_corpus_file, output=tmp_path, run_name="phone", quiet=True,
-        overrides=["compression.distill.seq_len=64", "compression.evaluation.max_heldout_blocks=4",
+        overrides=["compression.data.block_len=64", "compression.evaluation.max_heldout_blocks=4",
                    "compression.prune.calibration_blocks=4", "compression.qat.steps=2", "compression.distill.batch_size=2",
                    "deployment.formats=[onnx, gguf]"],
     )

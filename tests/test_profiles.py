@@ -5,7 +5,7 @@ import yaml
 
 from edgekd import EdgekdError, load_profile
 from edgekd.cli import main
-from edgekd.pipeline import plan_stages
+from edgekd.pipeline.plan import plan_stages
 from edgekd.profiles import builtin_profile_names
 
 REQUIRED = {"phone", "raspberry-pi-5", "raspberry-pi-4", "laptop"}

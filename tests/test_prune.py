@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from edgekd import EdgekdError
-from edgekd.prune import (
+from edgekd.methods.prune import (
     BlockScores,
     loss_increase_scores,
     make_student,
@@ -105,7 +105,7 @@ def test_width_pruning_keeps_important_channels(tiny, calib, tmp_path):
 
 
 def test_loss_increase_of_skipping_matches_removing(tiny, calib):
-    from edgekd.prune import calibration_loss
+    from edgekd.methods.prune import calibration_loss
 
     inc = loss_increase_scores(tiny, calib[:2])
     assert len(inc) == 4

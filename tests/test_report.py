@@ -3,7 +3,7 @@ import json
 import pytest
 
 from edgekd import EdgekdError, load_profile
-from edgekd.budgets import check_budgets
+from edgekd.device.budgets import check_budgets
 from edgekd.report import SCHEMA, Report, StageRecord
 
 

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def teacher():
-    from edgekd.models import load_causal_lm, resolve_model_source
+    from edgekd.methods.models import load_causal_lm, resolve_model_source
 
     return load_causal_lm(resolve_model_source(None))
 
@@ -57,22 +57,24 @@ def test_teacher_exports_reproduce_in_both_runtimes(teacher, tmp_path):
     torch model holding the same weights; the int4 ONNX reproduces it to float rounding."""
     import copy
 
-    from edgekd import llamacpp, onnxrt
-    from edgekd.data import load_corpus
-    from edgekd.evaluate import evaluate, torch_logits_fn
+    from edgekd.device import llamacpp, onnxrt
     from edgekd.exporters.gguf import export_gguf
     from edgekd.exporters.onnx import export_onnx
-    from edgekd.quant import materialize
+    from edgekd.formats import FormatPlan
+    from edgekd.methods.data import load_corpus
+    from edgekd.methods.evaluate import evaluate, torch_logits_fn
+    from edgekd.methods.qat import convert
 
     blocks = load_corpus(None, teacher.tokenizer, 256).heldout[:4]
-    f16 = export_gguf(teacher.model, teacher.tokenizer, tmp_path / "t-f16.gguf", "f16", source_gguf=teacher.source.path)
+    f16 = export_gguf(teacher.model, teacher.tokenizer, tmp_path / "t-f16.gguf", FormatPlan.uniform("f16"), source_gguf=teacher.source.path)
     m = evaluate(llamacpp.logits_fn(f16, 256, 2), blocks, torch_logits_fn(teacher.model))
     assert m.kl_to_teacher < 1e-3 and m.top1_agreement > 0.99
-    shipped = materialize(copy.deepcopy(teacher.model), "q4_0")
-    q4 = export_gguf(teacher.model, teacher.tokenizer, tmp_path / "t-q4_0.gguf", "q4_0", source_gguf=teacher.source.path)
+    q4_plan = FormatPlan.uniform("q4_0")
+    shipped = convert(copy.deepcopy(teacher.model), q4_plan)
+    q4 = export_gguf(teacher.model, teacher.tokenizer, tmp_path / "t-q4_0.gguf", q4_plan, source_gguf=teacher.source.path)
     assert 85 < q4.stat().st_size / 1e6 < 95
     m = evaluate(llamacpp.logits_fn(q4, 256, 2), blocks, torch_logits_fn(shipped))
     assert m.kl_to_teacher < 0.01 and m.top1_agreement > 0.94
-    onnx_path = export_onnx(shipped, tmp_path / "t-q4_0.onnx", "q4_0")
+    onnx_path = export_onnx(shipped, tmp_path / "t-q4_0.onnx", q4_plan)
     m = evaluate(onnxrt.logits_fn(onnx_path, 2), blocks, torch_logits_fn(shipped))
     assert m.kl_to_teacher < 0.002 and m.top1_agreement > 0.99

@@ -177,32 +177,32 @@ def _quantize_graph(proto: Any, model: Any, plan: FormatPlan) -> Any:
     emb_data, emb_scales = emb_fmt.unsigned_codes(emb)
     vocab, hidden = emb.shape
     block = emb_fmt.block
-    emb_name = "embed_tokens.qweight"
+    emb_name = "embedding.qweight"
     emb_used = False
 
     def gather_block_quantized(node: Any) -> list[Any]:
-        new_inits.append(numpy_helper.from_array(np.array([hidden], np.int64), "embed_tokens.hidden"))
+        new_inits.append(numpy_helper.from_array(np.array([hidden], np.int64), "embedding.hidden"))
         out = node.output[0]
         return [
-            helper.make_node("GatherBlockQuantized", [emb_name, node.input[1], "embed_tokens.scales"], [f"{out}.blocks"],
-                             name="embed_tokens.GatherBlockQuantized", domain="com.microsoft",
+            helper.make_node("GatherBlockQuantized", [emb_name, node.input[1], "embedding.scales"], [f"{out}.blocks"],
+                             name="embedding.GatherBlockQuantized", domain="com.microsoft",
                              gather_axis=0, quantize_axis=2, block_size=block, bits=emb_fmt.onnx_bits),
-            helper.make_node("Shape", [node.input[1]], [f"{out}.ids_shape"], name="embed_tokens.Shape"),
-            helper.make_node("Concat", [f"{out}.ids_shape", "embed_tokens.hidden"], [f"{out}.shape"], name="embed_tokens.Concat", axis=0),
-            helper.make_node("Reshape", [f"{out}.blocks", f"{out}.shape"], [out], name="embed_tokens.Reshape"),
+            helper.make_node("Shape", [node.input[1]], [f"{out}.ids_shape"], name="embedding.Shape"),
+            helper.make_node("Concat", [f"{out}.ids_shape", "embedding.hidden"], [f"{out}.shape"], name="embedding.Concat", axis=0),
+            helper.make_node("Reshape", [f"{out}.blocks", f"{out}.shape"], [out], name="embedding.Reshape"),
         ]
 
     def dequantized_head(node: Any) -> list[Any]:
-        new_inits.append(numpy_helper.from_array(np.array([vocab, hidden], np.int64), "lm_head.shape"))
-        new_inits.append(numpy_helper.from_array(np.array(float(1 << (emb_fmt.onnx_bits - 1)), np.float32), "lm_head.zero_point"))
-        w = "lm_head.weight"
+        new_inits.append(numpy_helper.from_array(np.array([vocab, hidden], np.int64), "head.shape"))
+        new_inits.append(numpy_helper.from_array(np.array(float(1 << (emb_fmt.onnx_bits - 1)), np.float32), "head.zero_point"))
+        w = "head.weight"
         return [
-            helper.make_node("Cast", [emb_name], [f"{w}.codes"], name="lm_head.Cast", to=TensorProto.FLOAT),
-            helper.make_node("Sub", [f"{w}.codes", "lm_head.zero_point"], [f"{w}.centered"], name="lm_head.Sub"),
-            helper.make_node("Mul", [f"{w}.centered", "embed_tokens.scales"], [f"{w}.blocks"], name="lm_head.Mul"),
-            helper.make_node("Reshape", [f"{w}.blocks", "lm_head.shape"], [f"{w}.rows"], name="lm_head.Reshape"),
-            helper.make_node("Transpose", [f"{w}.rows"], [f"{w}.t"], name="lm_head.Transpose", perm=[1, 0]),
-            helper.make_node("MatMul", [node.input[0], f"{w}.t"], list(node.output), name="lm_head.MatMul"),
+            helper.make_node("Cast", [emb_name], [f"{w}.codes"], name="head.Cast", to=TensorProto.FLOAT),
+            helper.make_node("Sub", [f"{w}.codes", "head.zero_point"], [f"{w}.centered"], name="head.Sub"),
+            helper.make_node("Mul", [f"{w}.centered", "embedding.scales"], [f"{w}.blocks"], name="head.Mul"),
+            helper.make_node("Reshape", [f"{w}.blocks", "head.shape"], [f"{w}.rows"], name="head.Reshape"),
+            helper.make_node("Transpose", [f"{w}.rows"], [f"{w}.t"], name="head.Transpose", perm=[1, 0]),
+            helper.make_node("MatMul", [node.input[0], f"{w}.t"], list(node.output), name="head.MatMul"),
         ]
 
     nodes = []
@@ -229,7 +229,7 @@ def _quantize_graph(proto: Any, model: Any, plan: FormatPlan) -> Any:
         nodes.append(node)
     if emb_used:
         new_inits.append(numpy_helper.from_array(emb_data.reshape(vocab, hidden // block, block), emb_name))
-        new_inits.append(numpy_helper.from_array(emb_scales.reshape(vocab, hidden // block, 1), "embed_tokens.scales"))
+        new_inits.append(numpy_helper.from_array(emb_scales.reshape(vocab, hidden // block, 1), "embedding.scales"))
     if replaced < n_linear + 1:
         raise EdgekdError(f"int ONNX: found {replaced} of {n_linear + 2} weight uses to quantize in the exported graph",
                           fix="this model's graph is not supported for int4 ONNX export; export fp32 ONNX or GGUF")

@@ -17,8 +17,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import make_tiny_llama  # noqa: E402
 
-from edgekd.distill import DistillConfig, distill  # noqa: E402
-from edgekd.prune import make_student  # noqa: E402
+from edgekd.methods.distill import DistillConfig, distill  # noqa: E402
+from edgekd.methods.prune import make_student  # noqa: E402
 
 
 def weights_digest(model) -> str:

@@ -1,11 +1,24 @@
+"""QAT: prepare -> train -> convert on the exact grid of the shipped format; clip search; learned clips."""
+
 import copy
 
 import numpy as np
 import pytest
 import torch
 
-from edgekd.formats import round_trip
-from edgekd.quant import materialize, prepare_qat, quantized_modules
+from edgekd.formats import FORMATS, FormatPlan
+from edgekd.methods.qat import convert, prepare, quantized_tensors
+
+Q4 = FormatPlan.uniform("q4_0")
+
+
+def on_grid(model, plan=Q4) -> bool:
+    """Every quantized tensor is a fixed point of its format's reference quantizer (exact export)."""
+    for mod, fmt in quantized_tensors(model, plan):
+        w = mod.weight.detach().numpy()
+        if not np.array_equal(fmt.round_trip(w), w):
+            return False
+    return True
 
 
 @pytest.fixture
@@ -17,9 +30,8 @@ def tiny():
 
 def test_qat_forward_uses_exact_grid_and_ste_gradients(tiny):
     ids = torch.randint(0, 128, (2, 8))
-    ref = copy.deepcopy(tiny)
-    materialize(ref, "q4_0")  # the shipped weights, no parametrization
-    prepare_qat(tiny, "q4_0")
+    ref = convert(copy.deepcopy(tiny), Q4)  # the shipped weights, no parametrization
+    prepare(tiny, Q4)
     out = tiny(input_ids=ids).logits
     assert torch.equal(out, ref(input_ids=ids).logits)
     out.sum().backward()
@@ -29,25 +41,27 @@ def test_qat_forward_uses_exact_grid_and_ste_gradients(tiny):
 
 
 def test_tied_embedding_quantized_once_and_stays_tied(tiny):
-    prepare_qat(tiny, "q4_0")
+    prepare(tiny, Q4)
     emb = tiny.model.embed_tokens.parametrizations.weight.original
     assert tiny.lm_head.parametrizations.weight.original is emb
-    materialize(tiny, "q4_0")
+    convert(tiny, Q4)
     assert tiny.lm_head.weight is tiny.model.embed_tokens.weight
     w = tiny.model.embed_tokens.weight.detach().numpy()
-    assert np.array_equal(round_trip(w, "q8_0"), w)  # Q8_0 policy for embeddings, on the grid
+    assert np.array_equal(FORMATS["q8_0"].round_trip(w), w)  # the plan keeps embeddings at Q8_0, on the grid
 
 
-def test_materialized_linear_weights_are_on_the_q4_0_grid(tiny):
-    prepare_qat(tiny, "q4_0")
-    materialize(tiny, "q4_0")
-    for mod, fmt in quantized_modules(tiny, "q4_0"):
-        w = mod.weight.detach().numpy()
-        assert np.array_equal(round_trip(w, fmt), w)
+def test_the_plan_decides_each_tensors_format(tiny):
+    formats = {id(mod): fmt.name for mod, fmt in quantized_tensors(tiny, Q4)}
+    assert formats[id(tiny.model.layers[1].mlp.down_proj)] == "q4_0" and formats[id(tiny.model.embed_tokens)] == "q8_0"
+    assert formats[id(tiny.lm_head)] == "q8_0"  # tied: the head module holds the embedding's Parameter
+    assert len(formats) == 2 * 7 + 2  # 7 linears per block, the embedding and the head
+    prepare(tiny, Q4)
+    convert(tiny, Q4)
+    assert on_grid(tiny)
 
 
 def test_qat_training_step_changes_master_weights(tiny):
-    prepare_qat(tiny, "q4_0")
+    prepare(tiny, Q4)
     opt = torch.optim.SGD(tiny.parameters(), lr=1.0)
     before = tiny.model.layers[0].mlp.up_proj.parametrizations.weight.original.detach().clone()
     tiny(input_ids=torch.randint(0, 128, (2, 8))).logits.logsumexp(-1).mean().backward()
@@ -57,32 +71,31 @@ def test_qat_training_step_changes_master_weights(tiny):
 
 def test_clipped_q4_0_weights_export_exactly_and_cut_the_weighted_error(tiny):
     """Clip search gives smaller importance-weighted error than round-to-nearest, and the
-    materialized weights are a fixed point of llama.cpp's reference quantizer (exact export)."""
+    converted weights are a fixed point of llama.cpp's reference quantizer (exact export)."""
     from edgekd.formats import quantize_q4_0
-    from edgekd.quant import clip_factors, search_clip
+    from edgekd.methods.clip_search import clip_factors, search_clip
 
     with torch.no_grad():  # heavy-tailed rows, where clipping matters
-        for mod, fmt in quantized_modules(tiny, "q4_0"):
-            if fmt == "q4_0":
+        for mod, fmt in quantized_tensors(tiny, Q4):
+            if fmt.clip_search:
                 mod.weight.copy_(torch.from_numpy(np.random.default_rng(1).standard_t(3, size=tuple(mod.weight.shape)).astype(np.float32) * 0.02))
     blocks = np.random.default_rng(0).integers(0, 128, size=(3, 16))
-    clips, stats = clip_factors(tiny, "q4_0", blocks)
+    clips, stats = clip_factors(tiny, Q4, blocks)
     assert len(clips) == 2 * 7 and 0.6 <= stats["mean_clip"] < 1.0
     assert stats["weighted_error_vs_round_to_nearest"] < 0.95  # measured 0.92 here
     w = tiny.model.layers[0].mlp.down_proj.weight.detach()
-    c, ratio = search_clip(w, None)
+    c, ratio = search_clip(w, None, FORMATS["q4_0"])
     assert c.shape == (w.shape[0], w.shape[1] // 32, 1) and float(c.max()) <= 1.0 and ratio < 1.0
     ids = torch.randint(0, 128, (2, 8))
-    prepared = prepare_qat(copy.deepcopy(tiny), "q4_0", {})  # deepcopy maps modules: re-key the clips
-    for (m_src, _), (m_dst, _) in zip(quantized_modules(tiny, "q4_0"), quantized_modules(prepared, "q4_0")):
+    prepared = copy.deepcopy(tiny)
+    prepare(prepared, Q4, {})  # deepcopy maps modules: re-key the clips
+    for (m_src, _), (m_dst, _) in zip(quantized_tensors(tiny, Q4), quantized_tensors(prepared, Q4)):
         if m_src in clips:
             m_dst.parametrizations.weight[0].clip = clips[m_src]
     out = prepared(input_ids=ids).logits
-    materialize(prepared, "q4_0")
+    convert(prepared, Q4)
     assert torch.equal(out, prepared(input_ids=ids).logits)  # QAT forward == shipped weights
-    for mod, fmt in quantized_modules(prepared, "q4_0"):
-        w = mod.weight.detach().numpy()
-        assert np.array_equal(round_trip(w, fmt), w)  # the reference reproduces them
+    assert on_grid(prepared)  # the reference reproduces them
     # the scales the reference finds are the clipped ones, smaller than round-to-nearest's
     down = prepared.model.layers[0].mlp.down_proj.weight.detach().numpy()
     rtn_scales, _ = quantize_q4_0(tiny.model.layers[0].mlp.down_proj.weight.detach().numpy())
@@ -94,14 +107,14 @@ def test_learned_clip_gradient_lowers_the_round_trip_error_and_stays_exportable(
     """LSQ-style clip gradient: descending it on the weight's own round-trip error moves the
     factors below 1 where that helps, within [CLIP_MIN, 1], and the result is still a fixed
     point of the reference quantizer (exact export)."""
-    from edgekd.quant import CLIP_MIN, _Q4_0LearnedClip
+    from edgekd.methods.qat import CLIP_MIN, _LearnedClip
 
     w = torch.from_numpy(np.random.default_rng(2).standard_t(3, size=(16, 64)).astype(np.float32) * 0.02)
     clip = torch.nn.Parameter(torch.ones(16, 2, 1))
     opt = torch.optim.Adam([clip], lr=0.01)
     errors = []
     for _ in range(60):
-        err = ((_Q4_0LearnedClip.apply(w, clip) - w) ** 2).sum()
+        err = ((_LearnedClip.apply(w, clip, "q4_0") - w) ** 2).sum()
         errors.append(float(err.detach()))
         opt.zero_grad()
         err.backward()
@@ -112,24 +125,37 @@ def test_learned_clip_gradient_lowers_the_round_trip_error_and_stays_exportable(
     # measured here: -2.7% at best, -1.7% at the end (the grid search of search_clip: -6%)
     assert errors[-1] < 0.99 * errors[0] and min(errors) < 0.98 * errors[0]
     assert float(clip.min()) >= CLIP_MIN and float(clip.max()) <= 1.0 and float(clip.mean()) < 0.99
-    shipped = _Q4_0LearnedClip.apply(w, clip).detach().numpy()
-    assert np.array_equal(round_trip(shipped, "q4_0"), shipped)
+    shipped = _LearnedClip.apply(w, clip, "q4_0").detach().numpy()
+    assert np.array_equal(FORMATS["q4_0"].round_trip(shipped), shipped)
 
 
-def test_distill_trains_learned_clips_with_their_own_step_and_bounds(tiny):
-    from edgekd.distill import DistillConfig, distill
+def test_learned_clips_train_through_the_loops_extra_groups_and_hook(tiny):
+    """prepare() hands the loop its own parameter group (larger step) and an after-step clamp;
+    the loop itself knows nothing of clip factors."""
+    from edgekd.methods.distill import DistillConfig, distill
 
     teacher = copy.deepcopy(tiny)
-    prepare_qat(tiny, "q4_0", learn_clip=True)
+    prepared = prepare(tiny, Q4, learn_clip=True, clip_lr_scale=100.0)
     clip = tiny.model.layers[0].mlp.up_proj.parametrizations.weight[0].clip
     assert isinstance(clip, torch.nn.Parameter) and torch.equal(clip.detach(), torch.ones_like(clip))
+    assert len(prepared.param_groups) == 1 and prepared.param_groups[0]["lr_scale"] == 100.0
+    assert any(p is clip for p in prepared.param_groups[0]["params"]) and prepared.after_step is not None
     blocks = np.random.default_rng(0).integers(0, 128, size=(8, 16))
-    cfg = DistillConfig(steps=3, batch_size=2, learning_rate=1e-4, alpha=1.0, clip_lr_scale=100.0, checkpoint_every=10)
-    distill(tiny, teacher, blocks, cfg, [0, 1], run_dir=None)
+    cfg = DistillConfig(steps=3, batch_size=2, learning_rate=1e-4, alpha=1.0, checkpoint_every=10)
+    distill(tiny, teacher, blocks, cfg, [0, 1], run_dir=None, param_groups=prepared.param_groups, after_step=prepared.after_step)
     moved = (1.0 - clip.detach()).abs().max()
     assert moved > 1e-3  # 100x the weights' step: 3 steps of <= 1e-2
     assert float(clip.max()) <= 1.0
-    materialize(tiny, "q4_0")
-    for mod, fmt in quantized_modules(tiny, "q4_0"):
-        w = mod.weight.detach().numpy()
-        assert np.array_equal(round_trip(w, fmt), w)
+    convert(tiny, Q4)
+    assert on_grid(tiny)
+
+
+def test_qat_kd_recipe_without_steps_is_ptq_on_the_same_grid(tiny):
+    from edgekd.methods.qat_kd import qat_kd
+
+    blocks = np.random.default_rng(0).integers(0, 128, size=(4, 16))
+    result = qat_kd(tiny, copy.deepcopy(tiny), blocks, blocks[:2], Q4, None)
+    assert result.method == "clipped scales" and result.outcome is None and result.clip_stats["mean_clip"] <= 1.0
+    assert on_grid(result.model)
+    f16 = qat_kd(copy.deepcopy(tiny), tiny, blocks, blocks[:2], FormatPlan.uniform("f16"), None)
+    assert f16.method == "no quantization" and not f16.clip_stats
