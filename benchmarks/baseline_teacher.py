@@ -10,29 +10,22 @@ products): the floor every exported GGUF is compared with.
 
 from __future__ import annotations
 
-import json
+import argparse
 import sys
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from common import default_setup, write_result
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     import edgekd
-    from edgekd import llamacpp
-    from edgekd.data import load_corpus
-    from edgekd.evaluate import evaluate, torch_logits_fn
-    from edgekd.models import load_causal_lm, resolve_model_source
-    from edgekd.versions import host_info, library_versions
+    from edgekd.device import llamacpp
+    from edgekd.methods.evaluate import evaluate, torch_logits_fn
 
-    prof = edgekd.load_profile("raspberry-pi-5")
-    block_len = prof.compression.distill.seq_len
-    n_blocks = prof.compression.evaluation.max_heldout_blocks
-    source = resolve_model_source(None)
-    teacher = load_causal_lm(source)
-    corpus = load_corpus(None, teacher.tokenizer, block_len, prof.compression.evaluation.heldout_fraction)
-    blocks = corpus.heldout[:n_blocks]
+    setup = default_setup()
+    prof, source, teacher, blocks = setup.profile, setup.source, setup.teacher, setup.heldout
+    block_len = prof.compression.data.block_len
 
     torch_fn = torch_logits_fn(teacher.model)
     t0 = time.perf_counter()
@@ -55,11 +48,8 @@ def main() -> int:
         "q4_1_gguf_llamacpp": {**q41.to_dict(), "file_mb": source.path.stat().st_size / 1e6},
         "bench_q4_1": benches,
         "eval_seconds": eval_s,
-        "host": host_info(),
-        "versions": library_versions(),
     }
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "baseline_teacher.json").write_text(json.dumps(out, indent=2) + "\n")
+    write_result("baseline_teacher", out)
     print("| model | file MB | perplexity | KL to fp32 teacher | top-1 agreement | tg128 tok/s 1 thr | tg128 tok/s 2 thr | pp128 tok/s 2 thr |")
     print("|---|---|---|---|---|---|---|---|")
     print(f"| teacher fp32 (torch) | {teacher.info['fp32_mb']:.0f} | {fp32.perplexity:.3f} | 0 (reference) | 1 (reference) | n/a | n/a | n/a |")

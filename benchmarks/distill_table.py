@@ -22,7 +22,6 @@ out-of-domain sets, and prints its row; no pruning analysis, no training.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import asdict
@@ -30,25 +29,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-HERE = Path(__file__).resolve().parent
+from common import default_setup, write_result
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--keep", type=int, default=24)
-    ap.add_argument("--out", default=str(HERE / "results" / "distill_table.json"))
+    ap.add_argument("--name", default="distill_table", help="results/NAME.json")
     ap.add_argument("--skip-loss-increase", action="store_true", help="skip the slow per-block loss-increase analysis")
     ap.add_argument("--evaluate-student", metavar="DIR", help="only score this distilled student (Hugging Face directory)")
     args = ap.parse_args()
 
-    import edgekd
-    from edgekd.data import calibration_blocks, load_corpus
-    from edgekd.distill import DistillConfig, distill
-    from edgekd.evaluate import evaluate, torch_logits_fn
-    from edgekd.models import load_causal_lm, model_summary, resolve_model_source
-    from edgekd.prune import (
+    from edgekd.methods.distill import DistillConfig, distill
+    from edgekd.methods.evaluate import evaluate, torch_logits_fn
+    from edgekd.methods.models import model_summary
+    from edgekd.methods.prune import (
         calibration_loss,
         loss_increase_scores,
         make_student,
@@ -56,20 +52,16 @@ def main() -> int:
         select_layers,
         spearman,
     )
-    from edgekd.versions import host_info, library_versions
 
     torch.manual_seed(0)
-    prof = edgekd.load_profile("raspberry-pi-5")
-    ds = prof.compression.distill
-    teacher = load_causal_lm(resolve_model_source(None))
-    t_model = teacher.model
-    corpus = load_corpus(None, teacher.tokenizer, ds.seq_len, prof.compression.evaluation.heldout_fraction)
-    held = corpus.heldout[: prof.compression.evaluation.max_heldout_blocks]
-    train = corpus.train
-    calib = calibration_blocks(train, prof.compression.prune.calibration_blocks)
+    setup = default_setup()
+    ds = setup.profile.compression.distill
+    block_len = setup.profile.compression.data.block_len
+    teacher, t_model = setup.teacher, setup.teacher.model
+    held, train, calib = setup.heldout, setup.train, setup.calibration
     t_fn = torch_logits_fn(t_model)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
-    ood = out_of_domain_sets(teacher, ds.seq_len)
+    ood = out_of_domain_sets(teacher, block_len)
     rows = []
 
     def add_row(name: str, model, tokens: int, wall: float) -> None:
@@ -86,9 +78,7 @@ def main() -> int:
 
         student = AutoModelForCausalLM.from_pretrained(args.evaluate_student).eval()
         add_row(f"student from {args.evaluate_student}", student, 0, 0.0)
-        out = Path(args.out).with_name(Path(args.out).stem + "_student.json")
-        out.write_text(json.dumps({"rows": rows, "student": args.evaluate_student, "host": host_info(),
-                                   "versions": library_versions()}, indent=2) + "\n")
+        write_result(f"{args.name}_student", {"rows": rows, "student": args.evaluate_student})
         print_rows(rows)
         return 0
 
@@ -134,11 +124,9 @@ def main() -> int:
 
     result = {"rows": rows, "pruning_scores": {**scores.to_dict(), "heldout_loss_increase": heldout_li},
               "ranking": ranking, "score_seconds": score_s, "loss_increase_seconds_8_blocks": li_calib_s,
-              "steps": args.steps, "keep": args.keep, "heldout_blocks": int(len(held)), "block_len": ds.seq_len,
-              "host": host_info(), "versions": library_versions(),
+              "steps": args.steps, "keep": args.keep, "heldout_blocks": int(len(held)), "block_len": block_len,
               "baseline_calibration_loss": calibration_loss(t_model, calib[:8])}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.name, result)
 
     print_rows(rows)
     print(f"Spearman vs held-out loss increase: BI {ranking['spearman_bi_vs_heldout_loss_increase']:.3f}, "
@@ -172,7 +160,7 @@ def out_of_domain_sets(teacher, block_len: int) -> dict[str, np.ndarray]:
     """
     import sysconfig
 
-    from edgekd.data import Document, pack, tokenize_documents
+    from edgekd.methods.data import Document, pack, tokenize_documents
 
     text = (Path(sysconfig.get_path("stdlib")) / "LICENSE.txt").read_text(encoding="utf-8")
     license_blocks = pack(tokenize_documents([Document("license", text)], teacher.tokenizer), block_len)

@@ -2,7 +2,7 @@
 
 For each published result (model, quantization, device, prompt or decode tokens/s), the model's
 bytes read per token and FLOPs come from its architecture and its file, and two projections are
-made with edgekd.costmodel:
+made with edgekd.device.costmodel:
 
 - the device roofline alone: the profile's datasheet bandwidth and compute times the assumed
   achievable fractions (0.6 of bandwidth, 0.5 of compute);
@@ -59,7 +59,7 @@ def facts_for(model: str, quant: str):
     Only the weights used for every token are counted: with untied embeddings the token
     table is read one row at a time, so it is left out (the output head is read in full).
     """
-    from edgekd.costmodel import ModelFacts
+    from edgekd.device.costmodel import ModelFacts
 
     layers, hidden, inter, heads, kv, hd, vocab, tied, params, file_bytes = ARCH[model]
     if file_bytes is None:
@@ -88,8 +88,8 @@ def main() -> int:
     args = ap.parse_args()
 
     from edgekd import load_profile
-    from edgekd.costmodel import roofline_rates
-    from edgekd.models import default_teacher_path
+    from edgekd.device.costmodel import roofline_rates
+    from edgekd.methods.models import default_teacher_path
     from edgekd.versions import host_info, library_versions
 
     host = host_efficiency(Path(args.gguf) if args.gguf else default_teacher_path(), args.threads)

@@ -1,8 +1,8 @@
 """QAT-KD recipe sweep on the full-depth default teacher: which settings bring Q4_0 closest to it.
 
-Every variant starts from the same fp32 teacher, optionally searches Q4_0 clip factors
-(edgekd.quant.clip_factors), trains on the exact Q4_0 grid with edgekd.distill (same seed and
-data order), writes the grid weights (materialize) and scores them in torch against the fp32
+Every variant starts from the same fp32 teacher and runs the pipeline's own QAT-KD recipe
+(edgekd.methods.qat_kd: optional clip search, prepare, distillation on the exact grid with the
+same seed and data order, convert), then scores the grid weights in torch against the fp32
 teacher on the held-out blocks: KL per token, top-1 agreement, perplexity. The shipped GGUF
 computes these weights up to llama.cpp's activation-quantization floor (see qat_table.py).
 
@@ -24,8 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-HERE = Path(__file__).resolve().parent
+from common import RESULTS, default_setup
 
 DEFAULT_VARIANTS = [
     "current:alpha=0.7,temperature=2,steps=100",
@@ -38,7 +37,7 @@ FIELDS = {"alpha": float, "temperature": float, "steps": int, "learning_rate": f
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-    from edgekd.quant import LEARNED_CLIP_LR_SCALE
+    from edgekd.methods.qat import LEARNED_CLIP_LR_SCALE
 
     name, _, spec = text.partition(":")
     out = {"alpha": 0.7, "temperature": 2.0, "steps": 100, "learning_rate": 1e-4, "clip_search": 1,
@@ -55,51 +54,36 @@ def main() -> int:
     ap.add_argument("--blocks", default=None, help="npz with train/heldout/calibration token blocks")
     ap.add_argument("--write-blocks", default=None, help="write the default corpus blocks to this npz and stop")
     ap.add_argument("--variant", action="append", default=None, help="name:key=value,... (repeatable)")
-    ap.add_argument("--out", default=str(HERE / "results" / "qat_recipe.json"))
+    ap.add_argument("--out", default=str(RESULTS / "qat_recipe.json"))
     args = ap.parse_args()
 
     import torch
 
-    import edgekd
-    from edgekd.distill import DistillConfig, distill
-    from edgekd.evaluate import evaluate, torch_logits_fn
-    from edgekd.models import load_causal_lm, resolve_model_source
-    from edgekd.quant import clip_factors, learned_clip_stats, materialize, prepare_qat
+    from edgekd.formats import FormatPlan
+    from edgekd.methods.evaluate import evaluate, torch_logits_fn
+    from edgekd.methods.qat_kd import qat_config, qat_kd
 
-    prof = edgekd.load_profile("raspberry-pi-5")
-    teacher = load_causal_lm(resolve_model_source(args.teacher))
-    if args.blocks:
-        data = np.load(args.blocks)
-        train, heldout, calib = data["train"], data["heldout"], data["calibration"]
-    else:
-        from edgekd.data import calibration_blocks, load_corpus
-
-        corpus = load_corpus(None, teacher.tokenizer, prof.compression.distill.seq_len, prof.compression.evaluation.heldout_fraction)
-        train = corpus.train
-        heldout = corpus.heldout[: prof.compression.evaluation.max_heldout_blocks]
-        calib = calibration_blocks(train, prof.compression.prune.calibration_blocks)
-        if args.write_blocks:
-            np.savez(args.write_blocks, train=train, heldout=heldout, calibration=calib)
-            print(f"wrote {args.write_blocks}: {train.shape} train, {heldout.shape} held-out, {calib.shape} calibration")
-            return 0
+    setup = default_setup(args.teacher, args.blocks)
+    prof, train, heldout, calib = setup.profile, setup.train, setup.heldout, setup.calibration
+    if args.write_blocks:
+        np.savez(args.write_blocks, train=train, heldout=heldout, calibration=calib)
+        print(f"wrote {args.write_blocks}: {train.shape} train, {heldout.shape} held-out, {calib.shape} calibration")
+        return 0
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    t_model = teacher.model.to(device)
+    t_model = setup.teacher.model.to(device)
     t_fn = torch_logits_fn(t_model)
-    layer_map = list(range(t_model.config.num_hidden_layers))
-    base = prof.compression.distill
+    plan = FormatPlan.uniform(prof.deployment.weight_format)
     results = []
     for text in args.variant or DEFAULT_VARIANTS:
         name, v = parse_variant(text)
         t0 = time.perf_counter()
-        student = copy.deepcopy(t_model)
-        clips, stats = clip_factors(student, "q4_0", calib) if v["clip_search"] else ({}, {})
-        prepare_qat(student, "q4_0", clips, learn_clip=bool(v["learn_clip"]))
-        cfg = DistillConfig.for_qat(base, v["steps"], v["learning_rate"], v["alpha"], v["clip_lr_scale"])
+        qs = prof.compression.qat.model_copy(update={"steps": v["steps"], "learning_rate": v["learning_rate"], "alpha": v["alpha"]})
+        cfg = qat_config(prof.compression.distill, qs)
         cfg.temperature, cfg.batch_size = v["temperature"], v["batch_size"]
-        outcome = distill(student, t_model, train, cfg, layer_map, run_dir=None) if v["steps"] else None
-        stats.update(learned_clip_stats(student))
-        materialize(student, "q4_0", clips)
+        result = qat_kd(copy.deepcopy(t_model), t_model, train, calib, plan, cfg, clip_search=bool(v["clip_search"]),
+                        learn_clip=bool(v["learn_clip"]), clip_lr_scale=v["clip_lr_scale"])
+        student, outcome, stats = result.model, result.outcome, {**result.clip_stats, **result.learned_clip}
         m = evaluate(torch_logits_fn(student.eval()), heldout, t_fn)
         row = {"variant": name, **v, **stats, "kl_to_teacher": m.kl_to_teacher, "top1_agreement": m.top1_agreement,
                "perplexity": m.perplexity, "median_step_s": float(np.median([h["step_s"] for h in outcome.history])) if outcome else None,
@@ -107,9 +91,9 @@ def main() -> int:
         results.append(row)
         print(json.dumps(row), flush=True)
         del student
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"heldout_tokens": int(heldout.shape[0] * (heldout.shape[1] - 1)),
-                                          "torch": torch.__version__, "rows": results}, indent=2))
+                                         "torch": torch.__version__, "rows": results}, indent=2))
     return 0
 
 

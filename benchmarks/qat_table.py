@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from common import default_setup, write_result
 
 
 def main() -> int:
@@ -32,27 +31,26 @@ def main() -> int:
     ap.add_argument("--full-run", required=True)
     ap.add_argument("--pruned-run", required=True)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(HERE / "results" / "qat_table.json"))
+    ap.add_argument("--name", default="qat_table", help="results/NAME.json")
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM
 
     import edgekd
-    from edgekd import llamacpp, onnxrt
-    from edgekd.benchmark import model_file_mb
-    from edgekd.data import calibration_blocks, load_corpus
-    from edgekd.evaluate import evaluate, torch_logits_fn
-    from edgekd.exporters.gguf import export_gguf, quantize_with_llamacpp
+    from edgekd.device import llamacpp, onnxrt
+    from edgekd.device.measure import model_file_mb
+    from edgekd.exporters.gguf import export_gguf
     from edgekd.exporters.onnx import export_onnx
-    from edgekd.models import load_causal_lm, resolve_model_source
-    from edgekd.quant import clip_factors, materialize, torchao_int4_ptq
-    from edgekd.versions import host_info, library_versions
+    from edgekd.exporters.ship import planned_export
+    from edgekd.formats import FormatPlan
+    from edgekd.methods.evaluate import evaluate, torch_logits_fn
+    from edgekd.methods.qat_kd import qat_kd
+    from edgekd.methods.torchao_baseline import torchao_int4_ptq
+    from edgekd.pipeline.context import SHIPPED_DIR
 
-    prof = edgekd.load_profile("raspberry-pi-5")
-    src = resolve_model_source(None)
-    teacher = load_causal_lm(src)
-    corpus = load_corpus(None, teacher.tokenizer, prof.compression.distill.seq_len, prof.compression.evaluation.heldout_fraction)
-    blocks = corpus.heldout[: prof.compression.evaluation.max_heldout_blocks]
+    setup = default_setup()
+    prof, src, teacher, blocks = setup.profile, setup.source, setup.teacher, setup.heldout
+    plan = FormatPlan.uniform(prof.deployment.weight_format)
     t_fn = torch_logits_fn(teacher.model)
     work = Path(tempfile.mkdtemp(prefix="edgekd-qat-table-"))
     rows, exactness = [], []
@@ -70,34 +68,32 @@ def main() -> int:
         return row
 
     add("teacher fp32 (torch)", t_fn, teacher.info["fp32_mb"], None)
-    f16 = export_gguf(teacher.model, teacher.tokenizer, work / "teacher-f16.gguf", "f16", source_gguf=src.path, source_name=src.name)
-    for ftype in ("q8_0", "q4_k_m", "q4_0"):
-        path = quantize_with_llamacpp(f16, work / f"teacher-{ftype}.gguf", ftype, threads=args.threads)
+    f16 = export_gguf(teacher.model, teacher.tokenizer, work / "teacher-f16.gguf", FormatPlan.uniform("f16"),
+                      source_gguf=src.path, source_name=src.name)
+    for ftype in ("q8_0", "q4_k_m", "q4_0"):  # llama.cpp's own file-type names
+        path = llamacpp.quantize(f16, work / f"teacher-{ftype}.gguf", ftype, threads=args.threads)
         add(f"teacher {ftype.upper()} (llama.cpp quantizer)", llamacpp.logits_fn(path, blocks.shape[1], args.threads),
             path.stat().st_size / 1e6, path)
     ao = torchao_int4_ptq(copy.deepcopy(teacher.model))
     add("teacher torchao int4 PTQ (weight-only, group 32, torch)", torch_logits_fn(ao), None, None)
-    train = corpus.train
-    calib = calibration_blocks(train, prof.compression.prune.calibration_blocks)
-    clipped = copy.deepcopy(teacher.model)
-    clips, clip_stats = clip_factors(clipped, "q4_0", calib)
-    materialize(clipped, "q4_0", clips)
-    path = export_gguf(clipped, teacher.tokenizer, work / "teacher-q4_0-clipped.gguf", "q4_0", source_gguf=src.path, source_name=src.name)
-    add("teacher Q4_0, edgekd clip search, no training (GGUF)", llamacpp.logits_fn(path, blocks.shape[1], args.threads),
+    # the pipeline's QAT recipe with no training steps: searched clip factors, exact grid
+    clipped = qat_kd(copy.deepcopy(teacher.model), teacher.model, setup.train, setup.calibration, plan, None)
+    path = export_gguf(clipped.model, teacher.tokenizer, work / "teacher-clipped.gguf", plan, source_gguf=src.path, source_name=src.name)
+    add(f"teacher {plan.name.upper()}, edgekd clip search, no training (GGUF)", llamacpp.logits_fn(path, blocks.shape[1], args.threads),
         path.stat().st_size / 1e6, path)
-    rows[-1]["clip_search"] = clip_stats
+    rows[-1]["clip_search"] = clipped.clip_stats
 
     floor = evaluate(llamacpp.logits_fn(src.path, blocks.shape[1], args.threads), blocks, t_fn)
     for label, run in (("full depth", Path(args.full_run)), ("pruned + KD", Path(args.pruned_run))):
-        qat_model = AutoModelForCausalLM.from_pretrained(str(run / "student-qat")).eval()
+        qat_model = AutoModelForCausalLM.from_pretrained(str(run / SHIPPED_DIR)).eval()
         q_fn = torch_logits_fn(qat_model)
-        gguf_path = run / "model-q4_0.gguf"
+        gguf_path = run / planned_export("gguf", plan).file_name
         if not gguf_path.exists():
-            gguf_path = export_gguf(qat_model, teacher.tokenizer, work / f"{label.replace(' ', '-')}.gguf", "q4_0",
+            gguf_path = export_gguf(qat_model, teacher.tokenizer, work / f"{label.replace(' ', '-')}.gguf", plan,
                                     source_gguf=src.path, source_name=src.name)
-        onnx_path = run / "model-q4_0.onnx"
+        onnx_path = run / planned_export("onnx", plan).file_name
         if not onnx_path.exists():
-            onnx_path = export_onnx(qat_model, work / f"{label.replace(' ', '-')}.onnx", "q4_0")
+            onnx_path = export_onnx(qat_model, work / f"{label.replace(' ', '-')}.onnx", plan)
         g_fn = llamacpp.logits_fn(gguf_path, blocks.shape[1], args.threads)
         o_fn = onnxrt.logits_fn(onnx_path, args.threads)
         add(f"edgekd {label} QAT-KD Q4_0 GGUF ({qat_model.config.num_hidden_layers} layers)", g_fn, gguf_path.stat().st_size / 1e6, gguf_path)
@@ -107,7 +103,7 @@ def main() -> int:
             exactness.append({"model": label, "runtime": runtime, "file": path.name, "kl_to_qat_torch": m.kl_to_teacher,
                               "top1_vs_qat_torch": m.top1_agreement})
 
-    rtn = next(r for r in rows if r["row"].startswith("teacher Q4_0"))
+    rtn = next(r for r in rows if r["row"].startswith(f"teacher {plan.name.upper()} (llama.cpp"))
     full = next(r for r in rows if r["row"].startswith("edgekd full depth QAT-KD Q4_0 GGUF"))
     recovered = {
         "kl": (rtn["kl_to_teacher"] - full["kl_to_teacher"]) / rtn["kl_to_teacher"],
@@ -115,8 +111,8 @@ def main() -> int:
         "top1": (full["top1_agreement"] - rtn["top1_agreement"]) / (1 - rtn["top1_agreement"]),
     }
     out = {"rows": rows, "exactness": exactness, "llamacpp_floor": floor.to_dict(), "q4_0_gap_recovered": recovered,
-           "heldout_blocks": int(len(blocks)), "host": host_info(), "versions": library_versions()}
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+           "heldout_blocks": int(len(blocks))}
+    write_result(args.name, out)
     fmt = lambda v, d=4: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
     print("| row | file MB | perplexity | KL to teacher | top-1 agreement | decode tok/s (2 threads) |")
     print("|---|---|---|---|---|---|")
