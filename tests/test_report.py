@@ -61,3 +61,31 @@ def test_unknown_schema_is_refused(tmp_path):
 def test_missing_report(tmp_path):
     with pytest.raises(EdgekdError, match="no report.json"):
         Report.load(tmp_path)
+
+
+def test_report_diff_ignores_timings_and_finds_real_differences(tmp_path):
+    """tools/report_diff.py: what shows a restructuring left a run's results unchanged."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "report_diff.py"
+    base = {"schema": "edgekd.report/2", "created_at": "t0", "profile": {"compression": {"distill": {"seq_len": 64}}},
+            "stages": [{"name": "distill", "wall_time_s": 1.0, "metrics": {"final_kd": 0.5, "tokens_per_s": 10.0}}],
+            "budgets": [{"budget": "max_ttft_ms", "measured": 3.0, "passed": True, "limit": 9.0}]}
+    other = json.loads(json.dumps(base))
+    other.update(created_at="t1", profile={"compression": {"data": {"block_len": 64}}})
+    other["stages"][0].update(wall_time_s=2.0, metrics={"final_kd": 0.5, "tokens_per_s": 20.0})
+    other["budgets"][0]["measured"] = 4.0
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(base))
+    b.write_text(json.dumps(other))
+    same = subprocess.run([sys.executable, str(tool), str(a), str(b), "--rename",
+                           "profile.compression.distill.seq_len=profile.compression.data.block_len"], capture_output=True, text=True)
+    assert same.returncode == 0 and "identical, timings aside" in same.stdout
+    other["stages"][0]["metrics"]["final_kd"] = 0.6
+    b.write_text(json.dumps(other))
+    changed = subprocess.run([sys.executable, str(tool), str(a), str(b)], capture_output=True, text=True)
+    assert changed.returncode == 1 and "stages[0].metrics.final_kd: 0.5 -> 0.6" in changed.stdout
+    assert "profile.compression" in changed.stdout  # without --rename the renamed key is a difference
