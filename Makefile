@@ -84,7 +84,7 @@ test-slow: install
 	$(BIN)/python -m pytest -m slow
 
 lint: install
-	$(BIN)/ruff check edgekd tests benchmarks
+	$(BIN)/ruff check edgekd tests benchmarks tools
 
 llama-isa:  # what `make install` compiles llama.cpp for on this machine
 	@echo "$(LLAMA_BUILD_TAG): $(LLAMA_CMAKE_ARGS) $(LLAMA_PATCHES) -> $(LLAMA_WHEELS)"

@@ -43,8 +43,9 @@ def main() -> int:
     ap.add_argument("--old-profile-keys", action="store_true")
     args = ap.parse_args()
 
-    import edgekd
     from tiny_models import corpus_text, make_tiny_llama, train_tiny_tokenizer
+
+    import edgekd
 
     keys = KEYS["old" if args.old_profile_keys else "new"]
     out, work = Path(args.out), Path(args.work)
