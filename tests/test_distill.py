@@ -120,7 +120,7 @@ def test_logit_cache_matches_live_teacher_at_full_k_and_skips_the_teacher(tmp_pa
 
     teacher = make_tiny_llama(64, layers=2, seed=4)
     blocks = np.random.default_rng(0).integers(0, 64, size=(6, 16)).astype(np.int32)
-    cache = logit_cache.build(teacher, blocks, top_k=64, temperature=2.0, directory=tmp_path / "c")
+    cache = logit_cache.build(teacher, blocks, k=64, temperature=2.0, directory=tmp_path / "c")
     assert cache.indices.shape == (6, 15, 64) and cache.logprobs.dtype == np.float32
     again = logit_cache.load(tmp_path / "c", 64, 2.0, blocks)
     assert again is not None and np.array_equal(again.indices, cache.indices)

@@ -144,3 +144,25 @@ def test_cli_profiles_show_is_valid_yaml_with_overrides(capsys, tmp_path):
     path = tmp_path / "shown.yaml"
     path.write_text(shown)
     assert load_profile(path).deployment.threads == 2
+
+
+def test_keys_renamed_in_schema_2_name_their_new_place():
+    with pytest.raises(EdgekdError) as exc:
+        load_profile("raspberry-pi-5", ["compression.distill.seq_len=64", "compression.distill.logit_cache_top_k=8",
+                                        "compression.distill.logit_cache_kind=topk"])
+    text = exc.value.render()
+    assert "3 problems" in text
+    assert "compression.distill.seq_len: renamed to compression.data.block_len" in text
+    assert "compression.distill.logit_cache_top_k: renamed to compression.distill.logit_cache.k" in text
+    assert "compression.distill.logit_cache_kind: renamed to compression.distill.logit_cache.kind" in text
+    prof = load_profile("raspberry-pi-5", ["compression.data.block_len=64", "compression.distill.logit_cache.k=8"])
+    assert prof.compression.data.block_len == 64 and prof.compression.distill.logit_cache.kind == "sample"
+
+
+def test_weight_format_choices_come_from_the_registry():
+    from edgekd.formats import LINEAR_FORMATS
+
+    for name in LINEAR_FORMATS:
+        assert load_profile("raspberry-pi-5", [f"deployment.weight_format={name}"]).deployment.weight_format == name
+    with pytest.raises(EdgekdError, match="deployment.weight_format"):
+        load_profile("raspberry-pi-5", ["deployment.weight_format=f32"])  # a norm format, not a profile choice

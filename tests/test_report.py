@@ -52,6 +52,16 @@ def test_json_round_trip_and_markdown(tmp_path):
     assert "12.5" in md and "max_model_mb" in md and "evaluate_teacher" in md
 
 
+def test_schema_1_reports_still_render(tmp_path):
+    """A run written before schema 2 (whose profile used the old key names) is still readable."""
+    r = make_report(tmp_path, check_budgets(load_profile("phone").budgets, {"model_mb": 50.0}))
+    data = r.to_dict()
+    data["schema"] = "edgekd.report/1"
+    (tmp_path / "report.json").write_text(json.dumps(data))
+    old = Report.load(tmp_path)
+    assert old.schema == "edgekd.report/1" and old.evaluation == r.evaluation and old.passed
+
+
 def test_unknown_schema_is_refused(tmp_path):
     (tmp_path / "report.json").write_text(json.dumps({"schema": "edgekd.report/99"}))
     with pytest.raises(EdgekdError, match="not supported"):

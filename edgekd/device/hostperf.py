@@ -1,6 +1,6 @@
 """Measured ceilings of the machine edgekd runs on: memory bandwidth and fp32 compute.
 
-The roofline projection (:mod:`edgekd.costmodel`) needs the host's own ceilings to tell how
+The roofline projection (:mod:`edgekd.device.costmodel`) needs the host's own ceilings to tell how
 far a runtime is from them on this machine, before carrying that efficiency over to a device:
 
 - bandwidth: a STREAM-style copy (McCalpin 1995) of arrays far larger than the caches, split

@@ -84,7 +84,7 @@ def load(path: str | Path, n_ctx: int, threads: int, logits_all: bool = False, n
 
 
 def logits_fn(path: str | Path, block_len: int, threads: int):
-    """A LogitsFn (see edgekd.evaluate) backed by llama.cpp: all positions' logits per block."""
+    """A LogitsFn (see edgekd.methods.evaluate) backed by llama.cpp: all positions' logits per block."""
     llm = load(path, n_ctx=block_len, threads=threads, logits_all=True, n_batch=block_len)
 
     def fn(batch: np.ndarray) -> np.ndarray:

@@ -92,5 +92,5 @@ class Decoder:
 
 
 def logits_fn(path: str | Path, threads: int = 2):
-    """A LogitsFn (see edgekd.evaluate) backed by onnxruntime."""
+    """A LogitsFn (see edgekd.methods.evaluate) backed by onnxruntime."""
     return Decoder(path, threads).logits

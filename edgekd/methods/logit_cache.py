@@ -2,13 +2,13 @@
 
 Two kinds. ``sample`` (recommended): k tokens drawn with replacement from the teacher's
 distribution at T, with their log-probabilities; the loss is then an unbiased estimate of the
-forward KL (random-sampling KD, Anshumann et al. 2025; :func:`edgekd.losses.sampled_forward_kl`).
+forward KL (random-sampling KD, Anshumann et al. 2025; :func:`edgekd.methods.losses.sampled_forward_kl`).
 ``topk``:
 
 As in DistillKit: for every position of every training block, keep the k largest teacher
 log-probabilities at the distillation temperature T (fp32: fp16 shifts a small KL by ~1e-3) and their token ids (int32); the
 remaining probability mass is folded into one bucket by the loss (see
-:func:`edgekd.losses.topk_forward_kl`). With the cache, a distillation or QAT step that uses
+:func:`edgekd.methods.losses.topk_forward_kl`). With the cache, a distillation or QAT step that uses
 only logit losses needs no teacher forward pass. Size on disk: 8 * k bytes per token.
 
 Hidden-state and attention targets are not cached: per token they cost 4 * hidden * layers
@@ -65,24 +65,24 @@ def live_target_bytes_per_token(config: Any, block_len: int) -> dict[str, float]
 
 
 @torch.no_grad()
-def build(teacher: Any, blocks: np.ndarray, top_k: int, temperature: float, directory: Path,
+def build(teacher: Any, blocks: np.ndarray, k: int, temperature: float, directory: Path,
           batch_size: int = 4, progress: Callable[[int], None] | None = None, kind: str = "topk", seed: int = 0) -> LogitCache:
     """``kind`` "topk": the k most likely tokens; "sample": k draws from the teacher (seeded)."""
     if kind not in ("topk", "sample"):
         raise ValueError(f"unknown logit cache kind {kind!r}")
     generator = torch.Generator(device=teacher.device).manual_seed(seed)
     n, length = blocks.shape
-    idx = np.empty((n, length - 1, top_k), dtype=np.int32)
-    lp = np.empty((n, length - 1, top_k), dtype=np.float32)
+    idx = np.empty((n, length - 1, k), dtype=np.int32)
+    lp = np.empty((n, length - 1, k), dtype=np.float32)
     for b0 in range(0, n, batch_size):
         ids = torch.from_numpy(blocks[b0 : b0 + batch_size].astype(np.int64)).to(teacher.device)
         logits = teacher(input_ids=ids, use_cache=False).logits[:, :-1].float()
         logp = torch.log_softmax(logits / temperature, dim=-1)
         if kind == "topk":
-            values, chosen = logp.topk(top_k, dim=-1)
+            values, chosen = logp.topk(k, dim=-1)
         else:
             flat = logp.reshape(-1, logp.shape[-1])
-            chosen = torch.multinomial(flat.exp(), top_k, replacement=True, generator=generator).reshape(*logp.shape[:-1], top_k)
+            chosen = torch.multinomial(flat.exp(), k, replacement=True, generator=generator).reshape(*logp.shape[:-1], k)
             values = logp.gather(-1, chosen)
         idx[b0 : b0 + len(ids)] = chosen.cpu().numpy()
         lp[b0 : b0 + len(ids)] = values.cpu().numpy()
@@ -92,19 +92,19 @@ def build(teacher: Any, blocks: np.ndarray, top_k: int, temperature: float, dire
         tmp.mkdir(parents=True)
         np.save(tmp / "indices.npy", idx)
         np.save(tmp / "logprobs.npy", lp)
-        atomic_write_json(tmp / "meta.json", {"top_k": top_k, "temperature": temperature, "blocks": n, "block_len": length,
+        atomic_write_json(tmp / "meta.json", {"k": k, "temperature": temperature, "blocks": n, "block_len": length,
                                               "kind": kind, "seed": seed})
     return LogitCache(idx, lp, temperature, kind)
 
 
-def load(directory: Path, top_k: int, temperature: float, blocks: np.ndarray, kind: str = "topk") -> LogitCache | None:
+def load(directory: Path, k: int, temperature: float, blocks: np.ndarray, kind: str = "topk") -> LogitCache | None:
     """The cache in ``directory`` if it matches these settings and blocks, else None."""
     meta_path = directory / "meta.json"
     if not meta_path.exists():
         return None
     meta = json.loads(meta_path.read_text())
-    found = (meta["top_k"], meta["temperature"], meta["blocks"], meta["block_len"], meta.get("kind", "topk"))
-    if found != (top_k, temperature, *blocks.shape, kind):
+    found = (meta.get("k", meta.get("top_k")), meta["temperature"], meta["blocks"], meta["block_len"], meta.get("kind", "topk"))
+    if found != (k, temperature, *blocks.shape, kind):
         return None
     return LogitCache(np.load(directory / "indices.npy", mmap_mode="r"), np.load(directory / "logprobs.npy", mmap_mode="r"),
                       temperature, kind)

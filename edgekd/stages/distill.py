@@ -23,7 +23,7 @@ def teacher_logits(ctx: RunContext) -> StageRecord:
         cache = logit_cache.build(ctx.teacher.model, train, spec.k, ds.temperature, ctx.run.path(CACHE_DIR),
                                   batch_size=ds.batch_size, progress=advance, kind=spec.kind, seed=ds.seed)
     tokens = int(cache.indices.shape[0] * cache.indices.shape[1])
-    return StageRecord("teacher_logits", settings={"top_k": cache.k, "kind": cache.kind, "temperature": ds.temperature},
+    return StageRecord("teacher_logits", settings={"k": cache.k, "kind": cache.kind, "temperature": ds.temperature},
                        metrics={"tokens": tokens, "size_mb": logit_cache.cache_size_bytes(tokens, cache.k) / 1e6,
                                 "mb_per_million_tokens": cache.bytes_per_million_tokens() / 1e6},
                        artifacts={"teacher logit cache": CACHE_DIR})
