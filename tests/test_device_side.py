@@ -5,6 +5,7 @@ llama-cpp-python runs `edgekd bench` (the way a Raspberry Pi or phone would)."""
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,8 +54,13 @@ def test_bench_runs_in_a_venv_without_torch(tmp_path, teacher_gguf):
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = str(venv / "bin" / "python")
     # edgekd's own wheel, not the source tree: a subpackage missing from pyproject.toml is missing here
-    dist = tmp_path / "dist"
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT), "-w", str(dist)],
+    # built from a copy of the project's files, so no build/ folder of an earlier layout leaks into it
+    src, dist = tmp_path / "src", tmp_path / "dist"
+    for part in ("edgekd", "profiles"):
+        shutil.copytree(ROOT / part, src / part, ignore=shutil.ignore_patterns("__pycache__"))
+    for part in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / part, src / part)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(src), "-w", str(dist)],
                            capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-3000:]
     edgekd_wheel = str(next(dist.glob("edgekd-*.whl")))
