@@ -59,6 +59,17 @@ def heldout_metrics(model: Any, setup: types.SimpleNamespace) -> dict[str, float
     return {"perplexity": m.perplexity, "kl_to_teacher": m.kl_to_teacher, "top1_agreement": m.top1_agreement}
 
 
+def license_blocks(tokenizer: Any, block_len: int) -> Any:
+    """Out-of-domain evaluation text: CPython's LICENSE.txt (legal English prose; ships with every
+    Python), tokenised and packed like the corpus."""
+    import sysconfig
+
+    from edgekd.methods.data import Document, pack, tokenize_documents
+
+    text = (Path(sysconfig.get_path("stdlib")) / "LICENSE.txt").read_text(encoding="utf-8")
+    return pack(tokenize_documents([Document("license", text)], tokenizer), block_len)
+
+
 def write_result(name: str, result: dict[str, Any]) -> Path:
     """``results/<name>.json`` with the host and library versions it was measured with."""
     from edgekd.versions import host_info, library_versions

@@ -25,11 +25,10 @@ import argparse
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import torch
-from common import default_setup, write_result
+from common import default_setup, license_blocks, write_result
 
 
 def main() -> int:
@@ -158,12 +157,6 @@ def out_of_domain_sets(teacher, block_len: int) -> dict[str, np.ndarray]:
       perplexity here is its cross-entropy against the teacher's own distribution, so it
       rewards being close to the teacher rather than to the training corpus.
     """
-    import sysconfig
-
-    from edgekd.methods.data import Document, pack, tokenize_documents
-
-    text = (Path(sysconfig.get_path("stdlib")) / "LICENSE.txt").read_text(encoding="utf-8")
-    license_blocks = pack(tokenize_documents([Document("license", text)], teacher.tokenizer), block_len)
     torch.manual_seed(0)
     prompts = ["The", "In", "A", "When", "Python", "It", "We", "This"]
     samples = []
@@ -174,7 +167,7 @@ def out_of_domain_sets(teacher, block_len: int) -> dict[str, np.ndarray]:
                                          top_k=0, top_p=1.0, min_new_tokens=block_len - ids.shape[1],
                                          pad_token_id=teacher.tokenizer.pad_token_id)
         samples.append(out[0, :block_len].numpy().astype(np.int32))
-    return {"license": license_blocks, "teacher_samples": np.stack(samples)}
+    return {"license": license_blocks(teacher.tokenizer, block_len), "teacher_samples": np.stack(samples)}
 
 
 if __name__ == "__main__":

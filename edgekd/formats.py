@@ -265,6 +265,9 @@ class FormatPlan:
             return FORMATS[self.norm]
         return FORMATS[self.linear]
 
+    def to_dict(self) -> dict[str, str]:
+        return {"linear": self.linear, "embedding": self.embedding, "head": self.head, "norm": self.norm}
+
     @property
     def name(self) -> str:
         """The file's format as its name says it (``model-<name>.gguf``): the linear layers' format."""

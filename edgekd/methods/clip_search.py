@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..families import family_of
 from ..formats import FormatPlan, WeightFormat
 from .qat import quantized_tensors
 
@@ -21,7 +22,7 @@ CLIP_GRID = tuple(round(1.0 - 0.02 * i, 2) for i in range(21))  # 1.00, 0.98, ..
 
 
 def clippable(model: Any, plan: FormatPlan) -> dict[Any, WeightFormat]:
-    """Linear layers whose planned format supports clip search."""
+    """Linear layers (the output head included) whose planned format supports clip search."""
     return {mod: fmt for mod, fmt in quantized_tensors(model, plan) if fmt.clip_search and isinstance(mod, torch.nn.Linear)}
 
 
@@ -89,4 +90,8 @@ def clip_factors(model: Any, plan: FormatPlan, calibration_blocks: Any) -> tuple
         clips[mod], ratio = search_clip(mod.weight.detach(), imp, targets[mod])
         ratios.append(ratio)
     mean_clip = float(torch.cat([c.flatten() for c in clips.values()]).mean()) if clips else 1.0
+    family = family_of(model)
+    head = family.head_module(model)
+    if family.tied(model) and head in clips:  # one tensor: the token lookup uses the head's clipped grid
+        clips[family.embedding_module(model)] = clips[head]
     return clips, {"mean_clip": mean_clip, "weighted_error_vs_round_to_nearest": float(sum(ratios) / max(1, len(ratios)))}

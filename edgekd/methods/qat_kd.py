@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..formats import FormatPlan
-from .clip_search import clip_factors
+from .clip_search import clip_factors, clippable
 from .distill import DistillConfig, DistillOutcome, run_distillation
 from .qat import LEARNED_CLIP_LR_SCALE, convert, learned_clip_stats, prepare
 
@@ -52,8 +52,8 @@ def qat_kd(student: Any, teacher: Any, train_blocks: np.ndarray, calibration_blo
     linear = plan.format_of("linear")
     clips: dict[Any, Any] = {}
     stats: dict[str, float] = {}
-    if clip_search and linear.clip_search:
-        with reporter.task(f"searching {linear.gguf_type} scale clip factors (calibration pass)"):
+    if clip_search and clippable(student, plan):
+        with reporter.task("searching scale clip factors (calibration pass)"):
             clips, stats = clip_factors(student, plan, calibration_blocks)
     result = QatResult(student, plan, "clipped scales" if clips else "round-to-nearest", stats)
     if not linear.quantized:
