@@ -65,9 +65,7 @@ def main() -> int:
     rows = []
     for text in args.plan:
         name, spec = parse_plan(text, prof.compression.qat.steps)
-        base = FormatPlan.uniform(spec["linear"])
-        embedding = spec["embedding"] or base.embedding
-        plan = FormatPlan(linear=base.linear, embedding=embedding, head=spec["head"] or embedding)
+        plan = FormatPlan.uniform(spec["linear"], {k: spec[k] for k in ("embedding", "head") if spec[k]})
         t0 = time.perf_counter()
         cfg = qat_config(prof.compression.distill, prof.compression.qat.model_copy(update={"steps": spec["steps"]}))
         result = qat_kd(copy.deepcopy(teacher.model), teacher.model, setup.train, setup.calibration, plan, cfg,

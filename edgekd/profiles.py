@@ -11,10 +11,17 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
 from .errors import EdgekdError
 from .formats import LINEAR_FORMATS
@@ -82,10 +89,17 @@ WeightFormatName = Literal[LINEAR_FORMATS]  # type: ignore[valid-type]
 RUNTIME_FORMAT: dict[str, str] = {"llama.cpp": "gguf", "onnxruntime": "onnx"}
 
 
+TensorKey = Annotated[str, StringConstraints(pattern=r"^(embedding|head|(blk\.\d+\.)?[a-z][a-z0-9_]*)$")]
+
+
 class Deployment(_Strict):
     runtime: Runtime
     formats: list[ExportFormat] = Field(min_length=1)
     weight_format: WeightFormatName
+    # per-tensor formats over weight_format (a mixed-precision file, as llama.cpp's Q4_K_M is):
+    # keys "embedding" (with a tied head), "head", a role in every block ("ffn_down") or one
+    # block's tensor ("blk.3.attn_v"); values from the same registry
+    tensor_formats: dict[TensorKey, WeightFormatName] = Field(default_factory=dict)
     threads: int = Field(gt=0)
     context_length: int = Field(gt=0)
 

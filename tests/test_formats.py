@@ -1,27 +1,18 @@
-"""The weight-format registry: reference quantizers bit-exact with gguf.quants (llama.cpp's
-reference), numpy == torch for every format, and the plan that assigns formats to tensors."""
+"""The weight-format registry: every quantized format's bytes equal gguf.quants (llama.cpp's
+reference), numpy == torch, re-quantizing is a fixed point, and the plan that assigns formats."""
 
 import numpy as np
 import pytest
 import torch
 
 from edgekd import EdgekdError
-from edgekd.formats import (
-    FORMATS,
-    LINEAR_FORMATS,
-    FormatPlan,
-    dequantize_q4_0,
-    dequantize_q8_0,
-    get,
-    pack_q4_0,
-    pack_q8_0,
-    quantize_q4_0,
-    quantize_q8_0,
-)
+from edgekd.formats import FORMATS, LINEAR_FORMATS, FormatPlan, get
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType  # noqa: E402
 from gguf.quants import dequantize, quantize  # noqa: E402
+
+QUANTIZED = [n for n, f in FORMATS.items() if f.quantized]
 
 
 def weights(seed, shape=(48, 256), scale=0.05):
@@ -31,25 +22,21 @@ def weights(seed, shape=(48, 256), scale=0.05):
     w[1, 5] = 3.0  # an outlier
     w[2, 40] = -3.0
     w[3, :32] = np.float32(1e-8)  # a tiny block
+    w[4, 64:96] = 0.02  # a constant block (max == min)
+    w[5, 96:128] = -np.abs(w[5, 96:128])  # an all-negative block
     return w
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_q4_0_bytes_equal_gguf(seed):
-    w = weights(seed)
-    ours = pack_q4_0(*quantize_q4_0(w))
-    ref = quantize(w, GGMLQuantizationType.Q4_0)
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_bytes_and_values_equal_llama_cpps_reference(name, seed):
+    fmt, w = FORMATS[name], weights(seed)
+    qtype = GGMLQuantizationType[fmt.gguf_type]
+    ours = fmt.pack(fmt.quantize(w))
+    ref = quantize(w, qtype)
     assert ours.shape == ref.shape and np.array_equal(ours, ref)
-    assert np.array_equal(dequantize_q4_0(*quantize_q4_0(w)), dequantize(ref, GGMLQuantizationType.Q4_0))
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_q8_0_bytes_equal_gguf(seed):
-    w = weights(seed)
-    ours = pack_q8_0(*quantize_q8_0(w))
-    ref = quantize(w, GGMLQuantizationType.Q8_0)
-    assert np.array_equal(ours, ref)
-    assert np.array_equal(dequantize_q8_0(*quantize_q8_0(w)), dequantize(ref, GGMLQuantizationType.Q8_0))
+    assert np.array_equal(fmt.round_trip(w), dequantize(ref, qtype))
+    assert ours.size == fmt.tensor_bytes(w.size)  # bits per weight as stored
 
 
 @pytest.mark.parametrize("name", list(FORMATS))
@@ -62,17 +49,21 @@ def test_torch_fake_quant_is_bit_identical_to_numpy(name):
 def test_requantizing_a_round_tripped_weight_is_a_fixed_point(name):
     """Export re-quantizes QAT master weights; on weights already on the grid nothing changes."""
     fmt = FORMATS[name]
-    w = fmt.round_trip(weights(4))
-    assert np.array_equal(fmt.round_trip(w), w)
+    for seed in (4, 5):
+        w = fmt.round_trip(weights(seed))
+        assert np.array_equal(fmt.round_trip(w), w)
+        if fmt.quantized:  # and the same bytes, for blocks whose scale is not zero or below fp16's range
+            normal = weights(seed)[8:]
+            assert np.array_equal(fmt.pack(fmt.quantize(fmt.round_trip(normal))), fmt.pack(fmt.quantize(normal)))
 
 
-@pytest.mark.parametrize("name", [n for n, f in FORMATS.items() if f.quantized])
-def test_quantized_formats_pack_to_their_gguf_type_and_size(name):
-    """Each entry's packer writes exactly llama.cpp's bytes for its GGUF type, at its bits per weight."""
+@pytest.mark.parametrize("name", [n for n, f in FORMATS.items() if f.clip_search])
+def test_clipped_blocks_are_a_fixed_point_too(name):
+    """Clip search shrinks a block's scale; the reference still reproduces the clipped block exactly."""
     fmt, w = FORMATS[name], weights(6)
-    packed = fmt.pack(*fmt.quantize(w))
-    assert np.array_equal(packed, quantize(w, GGMLQuantizationType[fmt.gguf_type]))
-    assert packed.size == fmt.tensor_bytes(w.size)
+    clip = torch.from_numpy(np.random.default_rng(0).uniform(0.6, 1.0, size=(w.shape[0], w.shape[1] // 32, 1)).astype(np.float32))
+    clipped = fmt.torch_round_trip(torch.from_numpy(w), clip).numpy()
+    assert np.array_equal(fmt.round_trip(clipped), clipped) and not np.array_equal(clipped, fmt.round_trip(w))
 
 
 @pytest.mark.parametrize("name", [n for n, f in FORMATS.items() if f.onnx_bits])
@@ -89,7 +80,9 @@ def test_registry_entries_are_complete():
         assert fmt.name == name and fmt.embedding in FORMATS and fmt.onnx_file_format in FORMATS and fmt.parity
         assert (fmt.quantize is None) == (fmt.pack is None) == (fmt.torch_quantize is None)
         assert not fmt.clip_search or fmt.grid is not None
-    assert LINEAR_FORMATS == ("q4_0", "q8_0", "f16")
+        # ONNX holds a format itself only where MatMulNBits has its bit width and no minimum
+        assert fmt.onnx_file_format in (name, "f32") and (fmt.onnx_file_format != name or not fmt.quantized or fmt.onnx_bits)
+    assert LINEAR_FORMATS == ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16")
 
 
 def test_format_plan_and_unknown_names():
@@ -101,11 +94,6 @@ def test_format_plan_and_unknown_names():
         get("q3")
 
 
-def test_q4_0_grid():
-    s, q = quantize_q4_0(weights(5))
-    assert q.min() >= 0 and q.max() <= 15 and s.dtype == np.float16
-
-
 def test_bad_shape():
     with pytest.raises(ValueError, match="multiple of 32"):
-        quantize_q4_0(np.zeros((4, 30), np.float32))
+        FORMATS["q4_0"].quantize(np.zeros((4, 30), np.float32))

@@ -72,7 +72,7 @@ def test_qat_training_step_changes_master_weights(tiny):
 def test_clipped_q4_0_weights_export_exactly_and_cut_the_weighted_error(tiny):
     """Clip search gives smaller importance-weighted error than round-to-nearest, and the
     converted weights are a fixed point of llama.cpp's reference quantizer (exact export)."""
-    from edgekd.formats import quantize_q4_0
+    quantize_q4_0 = FORMATS["q4_0"].quantize
     from edgekd.methods.clip_search import clip_factors, search_clip
 
     with torch.no_grad():  # heavy-tailed rows, where clipping matters
@@ -98,8 +98,8 @@ def test_clipped_q4_0_weights_export_exactly_and_cut_the_weighted_error(tiny):
     assert on_grid(prepared)  # the reference reproduces them
     # the scales the reference finds are the clipped ones, smaller than round-to-nearest's
     down = prepared.model.layers[0].mlp.down_proj.weight.detach().numpy()
-    rtn_scales, _ = quantize_q4_0(tiny.model.layers[0].mlp.down_proj.weight.detach().numpy())
-    got_scales, _ = quantize_q4_0(down)
+    rtn_scales = quantize_q4_0(tiny.model.layers[0].mlp.down_proj.weight.detach().numpy()).scales
+    got_scales = quantize_q4_0(down).scales
     assert np.mean(np.abs(got_scales.astype(np.float32))) < np.mean(np.abs(rtn_scales.astype(np.float32)))
 
 

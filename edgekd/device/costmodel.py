@@ -50,13 +50,21 @@ class ArchShape:
     def with_layers(self, layers: int) -> ArchShape:
         return ArchShape(**{**asdict(self), "layers": layers})
 
+    def role_params(self) -> dict[str, int]:
+        """Parameters of each linear layer of one block, by role (the GGUF tensor names)."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        mlp = self.hidden * self.intermediate
+        return {"attn_q": self.hidden * q, "attn_k": self.hidden * kv, "attn_v": self.hidden * kv, "attn_output": q * self.hidden,
+                "ffn_gate": mlp, "ffn_up": mlp, "ffn_down": mlp}
+
     # parameters of the linear layers of one block (norms excluded)
     def block_linear_params(self) -> int:
-        q = self.heads * self.head_dim
-        kv = self.kv_heads * self.head_dim
-        attn = self.hidden * (q + 2 * kv) + q * self.hidden
-        mlp = 3 * self.hidden * self.intermediate
-        return attn + mlp
+        return sum(self.role_params().values())
+
+    def linear_bytes(self, plan: FormatPlan) -> float:
+        """Bytes of every block's linear layers, each in the format the plan gives it."""
+        roles = self.role_params()
+        return sum(plan.format_of(role, layer).tensor_bytes(n) for layer in range(self.layers) for role, n in roles.items())
 
     def embedding_params(self) -> int:
         return self.vocab * self.hidden
@@ -64,14 +72,13 @@ class ArchShape:
     def facts(self, plan: FormatPlan) -> ModelFacts:
         """What a decoded token reads and computes: every block's linear weights and the output
         head (the token table is read one row at a time and not counted)."""
-        linear = self.layers * plan.format_of("linear").tensor_bytes(self.block_linear_params())
         head = plan.format_of("embedding" if self.tied_embeddings else "head").tensor_bytes(self.embedding_params())
-        return ModelFacts(tensor_bytes=linear + head, params=self.layers * self.block_linear_params() + self.embedding_params(),
+        return ModelFacts(tensor_bytes=self.linear_bytes(plan) + head, params=self.layers * self.block_linear_params() + self.embedding_params(),
                           layers=self.layers, kv_heads=self.kv_heads, head_dim=self.head_dim, heads=self.heads)
 
 
 def tensor_data_bytes(shape: ArchShape, plan: FormatPlan) -> float:
-    linear = shape.layers * plan.format_of("linear").tensor_bytes(shape.block_linear_params())
+    linear = shape.linear_bytes(plan)
     emb = plan.format_of("embedding").tensor_bytes(shape.embedding_params())
     head = 0 if shape.tied_embeddings else plan.format_of("head").tensor_bytes(shape.embedding_params())
     norms = plan.format_of("norm").tensor_bytes((2 * shape.layers + 1) * shape.hidden)

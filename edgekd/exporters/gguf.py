@@ -37,7 +37,7 @@ def _tensor(name: str, w: np.ndarray, fmt: WeightFormat) -> tuple[str, np.ndarra
     w = np.ascontiguousarray(w, dtype=np.float32)
     if not fmt.quantized or w.ndim == 1:
         return name, (w if w.ndim == 1 else w.astype(fmt.numpy_dtype)), None
-    return name, fmt.pack(*fmt.quantize(w)), GGMLQuantizationType[fmt.gguf_type]
+    return name, fmt.pack(fmt.quantize(w)), GGMLQuantizationType[fmt.gguf_type]
 def _copy_tokenizer_fields(writer: Any, source_gguf: Path) -> None:
     from gguf import GGUFReader, GGUFValueType
 

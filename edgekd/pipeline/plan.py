@@ -23,8 +23,9 @@ def plan_stages(profile: DeviceProfile) -> list[str]:
 
 
 def format_plan(profile: DeviceProfile) -> FormatPlan:
-    """The format of every tensor the run ships: the profile's weight format for block linears."""
-    return FormatPlan.uniform(profile.deployment.weight_format)
+    """The format of every tensor the run ships: the profile's weight format for block linears,
+    its embedding format for the embedding and head, and the profile's per-tensor choices."""
+    return FormatPlan.uniform(profile.deployment.weight_format, profile.deployment.tensor_formats)
 
 
 def planned_exports(profile: DeviceProfile) -> list:
