@@ -98,6 +98,25 @@ class Family:
         """(layer index, role, module) of every block linear layer, the tensors QAT and export quantize."""
         return [(i, role, mod) for i, layer in enumerate(self.decoder_layers(model)) for role, mod in self.block_linears(layer)]
 
+    def roles(self) -> tuple[str, ...]:
+        """The roles of a block's linear layers."""
+        return tuple(role for _, role in self.linears)
+
+    def check_tensor_keys(self, keys: Any, layers: int) -> None:
+        """A clear error for per-tensor format keys that name no tensor of this family's models."""
+        bad = []
+        for key in keys:
+            if key in ("embedding", "head"):
+                continue
+            block, _, role = key.rpartition(".")
+            layer_ok = not block or (block.startswith("blk.") and block[4:].isdigit() and int(block[4:]) < layers)
+            if role not in self.roles() or not layer_ok:
+                bad.append(key)
+        if bad:
+            raise EdgekdError(
+                f"deployment.tensor_formats names tensors a {self.name} model with {layers} blocks does not have: {', '.join(bad)}",
+                fix=f"use embedding, head, a role ({', '.join(self.roles())}) or blk.N.<role> with N below {layers}")
+
     def tied(self, model: Any) -> bool:
         return bool(getattr(model.config, "tie_word_embeddings", False))
 

@@ -67,3 +67,22 @@ def test_pruned_model_exports(model_and_tok, tmp_path):
     b = blocks(model.config.vocab_size)
     m = evaluate(llamacpp.logits_fn(path, b.shape[1], threads=1), b, torch_logits_fn(shipped(student, "q8_0")))
     assert m.kl_to_teacher < 2e-3 and llamacpp.load(path, 64, 1).metadata["llama.block_count"] == "2"
+
+
+def test_mixed_format_plan_writes_mixed_tensor_types_that_llama_cpp_reproduces(model_and_tok, tmp_path):
+    """One file, many formats (as llama.cpp's own Q4_K_M is): each tensor in the type its plan
+    names, loaded by llama.cpp and computing the torch model's weights at llama.cpp's floor."""
+    from gguf import GGUFReader
+
+    model, tok = model_and_tok
+    plan = FormatPlan.uniform("q4_0", {"embedding": "q4_0", "ffn_down": "q5_0", "attn_q": "q4_1", "blk.1.attn_v": "q8_0",
+                                       "ffn_up": "q5_1"})
+    path = export_gguf(model, tok, tmp_path / "mixed.gguf", plan)
+    types = {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+    assert types["token_embd.weight"] == "Q4_0" and types["blk.0.ffn_down.weight"] == "Q5_0"
+    assert types["blk.2.attn_q.weight"] == "Q4_1" and types["blk.1.attn_v.weight"] == "Q8_0" and types["blk.2.attn_v.weight"] == "Q4_0"
+    assert types["blk.3.ffn_up.weight"] == "Q5_1" and types["blk.3.ffn_gate.weight"] == "Q4_0"
+    ref = convert(copy.deepcopy(model), plan)
+    b = blocks(model.config.vocab_size)
+    m = evaluate(llamacpp.logits_fn(path, b.shape[1], threads=1), b, torch_logits_fn(ref))
+    assert m.kl_to_teacher < 2e-2 and m.top1_agreement > 0.9

@@ -80,3 +80,17 @@ def test_pruned_student_exports(tiny, tmp_path):
     blocks = np.random.default_rng(2).integers(3, 320, size=(2, 12)).astype(np.int32)
     m = evaluate(Decoder(path).logits, blocks, torch_logits_fn(convert(copy.deepcopy(student), Q4)))
     assert m.kl_to_teacher < 1e-6
+
+
+def test_formats_onnx_cannot_hold_stay_exact_fp32_tensors(tiny, tmp_path):
+    """A mixed plan: int4 MatMulNBits where the format is Q4_0, fp32 initializers holding the exact
+    weights where ONNX has no kernel for the format (5-bit, or a per-block minimum)."""
+    import onnx
+
+    plan = FormatPlan.uniform("q4_0", {"ffn_down": "q5_0", "attn_q": "q4_1", "embedding": "q4_0"})
+    path = export_onnx(tiny, tmp_path / "mixed.onnx", plan)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("MatMulNBits") == 3 * 5 and "GatherBlockQuantized" not in ops  # 5 of 7 linears per block
+    blocks = np.random.default_rng(4).integers(3, 320, size=(2, 12)).astype(np.int32)
+    m = evaluate(Decoder(path).logits, blocks, torch_logits_fn(convert(copy.deepcopy(tiny), plan)))
+    assert m.kl_to_teacher < 1e-6

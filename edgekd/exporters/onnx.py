@@ -126,6 +126,11 @@ def _packed_codes(w: np.ndarray, fmt: WeightFormat) -> tuple[np.ndarray, np.ndar
     return codes.reshape(n, k // fmt.block, -1), scales.reshape(-1)
 
 
+def _onnx_native(fmt: WeightFormat) -> bool:
+    """A linear weight in ``fmt`` becomes a MatMulNBits on its own codes."""
+    return fmt.quantized and fmt.onnx_file_format == fmt.name and fmt.onnx_bits is not None
+
+
 def _weight(module: Any) -> np.ndarray:
     return module.weight.detach().float().cpu().numpy()
 
@@ -136,17 +141,22 @@ def _quantize_graph(proto: Any, model: Any, plan: FormatPlan) -> Any:
 
     family = family_of(model)
     graph = proto.graph
+    # Tensors whose format ONNX cannot hold (no MatMulNBits kernel for its bit width, or a
+    # per-block minimum) keep their fp32 initializer: the exact weights the runtime computes with.
     linear_by_digest: dict[str, tuple[np.ndarray, WeightFormat]] = {}  # digest of W^T -> (W, format)
     for layer, role, mod in family.linear_modules(model):
-        w = _weight(mod)
-        linear_by_digest[_digest(w.T)] = (w, plan.format_of(role, layer))
+        fmt = plan.format_of(role, layer)
+        if _onnx_native(fmt):
+            w = _weight(mod)
+            linear_by_digest[_digest(w.T)] = (w, fmt)
     n_linear = len(linear_by_digest)
-    if not family.tied(model):
+    if not family.tied(model) and _onnx_native(plan.format_of("head")):
         head = _weight(family.head_module(model))
         linear_by_digest[_digest(head.T)] = (head, plan.format_of("head"))
     emb = _weight(family.embedding_module(model))
-    emb_digest = _digest(emb)
     emb_fmt = plan.format_of("embedding")
+    emb_native = emb_fmt.onnx_bits == 8
+    emb_digest = _digest(emb) if emb_native else None
 
     inits = {i.name: i for i in graph.initializer}
     consumers = defaultdict(list)
@@ -171,10 +181,8 @@ def _quantize_graph(proto: Any, model: Any, plan: FormatPlan) -> Any:
     # The tied table is stored once, as [vocab, hidden/32, 32] uint8 codes offset to unsigned
     # (Q8_0: +128): the layout MatMulNBits reads, and a 3-D input GatherBlockQuantized accepts
     # (quantize_axis=2).
-    if emb_fmt.onnx_bits != 8:
-        raise EdgekdError(f"int ONNX export keeps embeddings in an 8-bit format, not {emb_fmt.name!r}",
-                          fix="export an fp32 ONNX (a weight format whose onnx_file_format is f32)")
-    emb_data, emb_scales = emb_fmt.unsigned_codes(emb)
+    # Other embedding formats stay an fp32 table (exact values).
+    emb_data, emb_scales = emb_fmt.unsigned_codes(emb) if emb_native else (None, None)
     vocab, hidden = emb.shape
     block = emb_fmt.block
     emb_name = "embedding.qweight"
@@ -230,8 +238,8 @@ def _quantize_graph(proto: Any, model: Any, plan: FormatPlan) -> Any:
     if emb_used:
         new_inits.append(numpy_helper.from_array(emb_data.reshape(vocab, hidden // block, block), emb_name))
         new_inits.append(numpy_helper.from_array(emb_scales.reshape(vocab, hidden // block, 1), "embedding.scales"))
-    if replaced < n_linear + 1:
-        raise EdgekdError(f"int ONNX: found {replaced} of {n_linear + 2} weight uses to quantize in the exported graph",
+    if replaced < n_linear + int(emb_native):
+        raise EdgekdError(f"int ONNX: found {replaced} of {n_linear + 2 * int(emb_native)} weight uses to quantize in the exported graph",
                           fix="this model's graph is not supported for int4 ONNX export; export fp32 ONNX or GGUF")
     del graph.node[:]
     graph.node.extend(nodes)
@@ -242,6 +250,31 @@ def _quantize_graph(proto: Any, model: Any, plan: FormatPlan) -> Any:
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return proto
+
+
+def _kept_on_their_grids(proto: Any, model: Any, plan: FormatPlan) -> None:
+    """Put the weights that stay fp32 initializers (formats ONNX does not hold) on their formats'
+    grids, so the file computes what the plan ships whatever weights ``model`` holds."""
+    from onnx import numpy_helper
+
+    family = family_of(model)
+    exact: dict[str, np.ndarray] = {}  # digest of the initializer's array -> its round trip
+    tensors = [(plan.format_of(role, layer), mod) for layer, role, mod in family.linear_modules(model)]
+    tensors.append((plan.format_of("embedding"), family.embedding_module(model)))
+    if not family.tied(model):
+        tensors.append((plan.format_of("head"), family.head_module(model)))
+    for fmt, mod in tensors:
+        if fmt.identity:
+            continue
+        w = _weight(mod)
+        shipped = fmt.round_trip(w)
+        exact[_digest(w)] = shipped
+        exact[_digest(w.T)] = np.ascontiguousarray(shipped.T)
+    for init in proto.graph.initializer:
+        if init.data_type == 1 and len(init.dims) == 2:  # fp32 matrices only
+            hit = exact.get(_digest(numpy_helper.to_array(init)))
+            if hit is not None:
+                init.CopyFrom(numpy_helper.from_array(hit.astype(np.float32), init.name))
 
 
 def _prune_unused(graph: Any) -> None:
@@ -276,6 +309,8 @@ def export_onnx(model: Any, path: str | Path, plan: FormatPlan | None = None) ->
     quantized = FORMATS[weight_format].quantized
     if quantized:
         proto = _quantize_graph(proto, model, plan)
+    if plan is not None:
+        _kept_on_their_grids(proto, model, plan)
     # what `edgekd bench` needs for its roofline projection, readable through onnxruntime alone
     onnx.helper.set_model_props(proto, {
         "edgekd.params": str(sum(p.numel() for p in model.parameters())),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..families import family_of
 from ..report import StageRecord
 
 
@@ -14,6 +15,7 @@ def load_teacher(ctx: Any) -> StageRecord:
     with ctx.reporter.task(f"loading teacher {source.name}"):
         ctx.teacher = load_causal_lm(source, trust_remote_code=ctx.inputs.trust_remote_code)
     ctx.report.teacher = {**source.describe(), **ctx.teacher.info}
+    family_of(ctx.teacher.model).check_tensor_keys(ctx.profile.deployment.tensor_formats, ctx.teacher.info["layers"])
     return StageRecord("load_teacher", settings=source.describe(), metrics=dict(ctx.teacher.info))
 
 

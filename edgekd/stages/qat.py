@@ -27,7 +27,7 @@ def qat(ctx: RunContext) -> StageRecord:
     qs = ctx.profile.compression.qat
     student = ctx.current_student()
     cfg = qat_config(ctx.profile.compression.distill, qs)
-    settings: dict[str, Any] = {"weight_format": plan.name, "steps": qs.steps, "learning_rate": qs.learning_rate,
+    settings: dict[str, Any] = {"weight_format": plan.name, "format_plan": plan.to_dict(), "steps": qs.steps, "learning_rate": qs.learning_rate,
                                 "clip_search": qs.clip_search and linear.clip_search,
                                 "learn_clip": qs.learn_clip and linear.grid is not None}
     result = qat_kd(student.model, ctx.teacher.model, ctx.corpus.train, ctx.calibration_blocks(), plan, cfg,
