@@ -134,6 +134,8 @@ FORMATS: dict[str, WeightFormat] = {f.name: f for f in (
 )}
 # what deployment.weight_format may name (the profile schema's allowed values)
 LINEAR_FORMATS: tuple[str, ...] = tuple(name for name, f in FORMATS.items() if f.linear)
+# the quantized formats the planner may choose between by default
+PLANNER_FORMATS: tuple[str, ...] = tuple(name for name, f in FORMATS.items() if f.linear and f.quantized)
 FP32 = "f32"  # unquantized: norms, and the fp32 ONNX export
 NORM_FORMAT = FP32
 

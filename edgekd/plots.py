@@ -77,3 +77,25 @@ def tradeoff_plot(path: Path, points: list[dict[str, Any]], max_mb: float | None
     ax.legend(fontsize=7)
     ax.set_title("exported files: size, decode speed, KL to the teacher")
     return _save(plt, fig, path)
+
+
+def pareto_plot(path: Path, points: list[dict[str, Any]], chosen: dict[str, Any], max_mb: float | None, device: str) -> Path:
+    """Every plan the planner searched: file size against predicted KL after training (a
+    PROJECTION), budget-meeting plans filled, the chosen one circled, the size budget dashed."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for meets, color, label in ((True, "tab:blue", "meets every budget"), (False, "tab:gray", "breaks a budget")):
+        sel = [p for p in points if p["meets_budgets"] is meets]
+        if sel:
+            ax.scatter([p["model_mb"] for p in sel], [p["predicted_kl"] for p in sel], s=10, c=color, alpha=0.6, label=label)
+    ax.scatter([chosen["model_mb"]], [chosen["predicted_kl"]], s=120, facecolors="none", edgecolors="tab:red", linewidths=2,
+               label=f"chosen: {chosen['layers']} blocks, MLP x{chosen['mlp_fraction']:g}")
+    if max_mb:
+        ax.axvline(max_mb, color="tab:red", linestyle="--", linewidth=1, label=f"max_model_mb {max_mb:g}")
+    ax.set_xlabel("file size (MB, projected)")
+    ax.set_ylabel("predicted KL to the teacher after training")
+    if min((p["predicted_kl"] for p in points), default=0) > 0:
+        ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.set_title(f"compression plans for {device} (PROJECTION)")
+    return _save(plt, fig, path)

@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from .errors import EdgekdError
-from .formats import LINEAR_FORMATS
+from .formats import LINEAR_FORMATS, PLANNER_FORMATS
 
 # Keys moved by a schema change: (old key path) -> new key path. A profile that still uses one
 # gets a message naming the new place instead of "unknown key".
@@ -98,8 +98,9 @@ class Deployment(_Strict):
     weight_format: WeightFormatName
     # per-tensor formats over weight_format (a mixed-precision file, as llama.cpp's Q4_K_M is):
     # keys "embedding" (with a tied head), "head", a role in every block ("ffn_down") or one
-    # block's tensor ("blk.3.attn_v"); values from the same registry
-    tensor_formats: dict[TensorKey, WeightFormatName] = Field(default_factory=dict)
+    # block's tensor ("blk.3.attn_v"); values from the same registry. "auto": the planner gives
+    # the embedding and each role the format that meets the budgets at the least measured KL.
+    tensor_formats: Union[Literal["auto"], dict[TensorKey, WeightFormatName]] = Field(default_factory=dict)  # noqa: UP007
     threads: int = Field(gt=0)
     context_length: int = Field(gt=0)
 
@@ -125,8 +126,9 @@ class PruneSettings(_Strict):
     method: Literal["block_influence", "angular", "loss_increase", "none"] = "block_influence"
     # int: layers to keep; float in (0, 1]: fraction to keep; "auto": the planner picks
     keep_layers: Union[Literal["auto"], int, float] = "auto"  # noqa: UP007
-    # fraction of MLP intermediate channels kept (width pruning); 1.0 disables it
-    mlp_keep_fraction: float = Field(default=1.0, gt=0, le=1)
+    # fraction of MLP intermediate channels kept (width pruning); 1.0 disables it; "auto": the
+    # planner searches compression.planner.mlp_fractions
+    mlp_keep_fraction: Union[Literal["auto"], Annotated[float, Field(gt=0, le=1)]] = 1.0  # noqa: UP007
     calibration_blocks: int = Field(default=16, gt=0)
 
 
@@ -182,8 +184,21 @@ class EvaluationSettings(_Strict):
     max_heldout_blocks: int = Field(default=24, gt=0)
 
 
+class PlannerSettings(_Strict):
+    """What the planner may choose when a knob is ``auto`` (edgekd.methods.planner)."""
+
+    # formats a block's linear role may get, and the embedding (with a tied head)
+    candidates: list[WeightFormatName] = Field(default_factory=lambda: list(PLANNER_FORMATS), min_length=1)
+    embedding_candidates: list[WeightFormatName] = Field(default_factory=lambda: list(PLANNER_FORMATS), min_length=1)
+    mlp_fractions: list[Annotated[float, Field(gt=0, lt=1)]] = Field(default_factory=lambda: [0.75, 0.5])
+    sensitivity_blocks: int = Field(default=8, gt=0)  # calibration blocks the knobs' KL is measured on
+    # the largest predicted KL after training a plan may have: beyond it the step budget cannot heal it
+    max_kl: float = Field(default=0.5, gt=0)
+
+
 class Compression(_Strict):
     data: DataSettings = Field(default_factory=DataSettings)
+    planner: PlannerSettings = Field(default_factory=PlannerSettings)
     prune: PruneSettings = Field(default_factory=PruneSettings)
     distill: DistillSettings = Field(default_factory=DistillSettings)
     qat: QatSettings = Field(default_factory=QatSettings)

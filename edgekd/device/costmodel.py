@@ -185,3 +185,22 @@ def project_from_host(facts: ModelFacts, hw: Hardware, host_bandwidth_gbs: float
         "host_roofline_prefill_tokens_per_s": host["prefill_tokens_per_s"],
         "assumed_device_efficiency": {"memory": memory_efficiency, "compute": compute_efficiency},
     }
+
+
+# Peak resident memory beyond the weights and the KV cache, fitted to edgekd bench's measurements
+# of SmolLM2-135M files on the reference host (benchmarks/results/*_report.json): llama.cpp 248 MB
+# (79.8 MB file, 37.7 MB cache) and 329 MB (91.7 MB, 94.4 MB); onnxruntime 908 MB (98.7 MB file).
+PROCESS_BASELINE_MB = 47  # the Python process with the runtime imported
+LLAMA_CPP_COMPUTE_MB = 64  # graph and scratch buffers (58-71 MB in the two fits)
+LLAMA_CPP_LOGITS_BATCH = 128  # the logits buffer holds n_batch x vocab fp32 values
+ONNXRUNTIME_ARENA_MB = 650  # allocator arenas of a decoding session
+
+
+def projected_peak_memory_mb(shape: ArchShape, plan: FormatPlan, context: int, runtime: str) -> float:
+    """PROJECTION of the runtime process's peak memory for a model of ``shape`` in ``plan``."""
+    weights = tensor_data_bytes(shape, plan) / 1e6
+    kv = 2.0 * shape.layers * context * shape.kv_heads * shape.head_dim * 2 / 1e6  # f16 cache, allocated up front
+    if runtime == "llama.cpp":
+        return PROCESS_BASELINE_MB + weights + kv + LLAMA_CPP_COMPUTE_MB + LLAMA_CPP_LOGITS_BATCH * shape.vocab * 4 / 1e6
+    folded_head = shape.vocab * shape.hidden * 4 / 1e6  # onnxruntime folds the dequantized head to fp32 at start
+    return PROCESS_BASELINE_MB + weights + folded_head + ONNXRUNTIME_ARENA_MB

@@ -126,6 +126,12 @@ def calibration_loss(model: Any, blocks: np.ndarray, batch_size: int = 4) -> flo
     return total / n
 
 
+def skip_block(mod: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+    """A forward hook that skips a decoder block: it returns its input (the residual stream passes through)."""
+    x = args[0] if args else kwargs["hidden_states"]
+    return (x,) + tuple(output[1:]) if isinstance(output, tuple) else x
+
+
 @torch.no_grad()
 def loss_increase_scores(model: Any, blocks: np.ndarray, batch_size: int = 4,
                          progress: Callable[[int], None] | None = None) -> list[float]:
@@ -133,12 +139,7 @@ def loss_increase_scores(model: Any, blocks: np.ndarray, batch_size: int = 4,
     base = calibration_loss(model, blocks, batch_size)
     out = []
     for layer in decoder_layers(model):
-        # Skipping = the block returns its input unchanged (the residual stream passes through).
-        def skip(mod, args, kwargs, output):
-            x = args[0] if args else kwargs["hidden_states"]
-            return (x,) + tuple(output[1:]) if isinstance(output, tuple) else x
-
-        handle = layer.register_forward_hook(skip, with_kwargs=True)
+        handle = layer.register_forward_hook(skip_block, with_kwargs=True)
         try:
             out.append(calibration_loss(model, blocks, batch_size) - base)
         finally:
@@ -319,20 +320,11 @@ class PrunePlan:
         return student.eval()
 
 
-def plan_pruning(teacher: Any, scores: BlockScores, settings: Any, profile: Any, calibration_blocks: np.ndarray) -> PrunePlan:
-    """The prune plan for ``settings`` (the profile's ``compression.prune``): depth from
-    ``keep_layers`` (``auto``: the planner's deepest student that meets the budgets by
-    projection), blocks by ``method``, MLP channels by activation when ``mlp_keep_fraction`` < 1."""
-    from ..device.costmodel import ArchShape
-    from .planner import plan_depth
-
-    n_layers = teacher.config.num_hidden_layers
-    keep_n = resolve_keep_layers(settings.keep_layers, n_layers)
-    depth_plan: dict[str, Any] = {"reason": f"keep_layers={settings.keep_layers} from the profile"}
-    if keep_n is None:
-        keep_n, depth_plan = plan_depth(profile, ArchShape.from_config(teacher.config))
-    keep = select_layers(scores, keep_n, settings.method)
+def plan_pruning(teacher: Any, keep: list[int], mlp_fraction: float, calibration_blocks: np.ndarray,
+                 reason: dict[str, Any]) -> PrunePlan:
+    """The prune plan that keeps blocks ``keep`` and, when ``mlp_fraction`` < 1, the MLP channels
+    with the largest mean activation over the calibration blocks (Minitron)."""
     mlp_channels = None
-    if settings.mlp_keep_fraction < 1.0:
-        mlp_channels = select_mlp_channels(mlp_channel_importance(teacher, calibration_blocks), settings.mlp_keep_fraction)
-    return PrunePlan(keep, mlp_channels, depth_plan)
+    if mlp_fraction < 1.0:
+        mlp_channels = select_mlp_channels(mlp_channel_importance(teacher, calibration_blocks), mlp_fraction)
+    return PrunePlan(list(keep), mlp_channels, reason)

@@ -22,6 +22,7 @@ from .rundir import RunDir
 STUDENT_DIR = "student"  # the distilled student (Hugging Face directory)
 SHIPPED_DIR = "student-qat"  # the student with its weights on the shipped grid
 PRUNE_PLAN = ("prune", "plan.json")
+COMPRESSION_PLAN = ("plan", "plan.json")
 
 
 @dataclass
@@ -64,6 +65,7 @@ class RunContext:
     inputs: RunInputs = field(default_factory=RunInputs)
     teacher: Any = None  # edgekd.methods.models.LoadedModel
     corpus: Any = None  # edgekd.methods.data.Corpus
+    compression_plan: Any = None  # edgekd.methods.planner.Candidate: the planner's choice, when a knob is auto
     prune_plan: Any = None  # edgekd.methods.prune.PrunePlan
     student: Student | None = None
     shipped: Shipped | None = None
@@ -80,7 +82,17 @@ class RunContext:
         return calibration_blocks(self.corpus.train, self.profile.compression.prune.calibration_blocks)
 
     def format_plan(self) -> FormatPlan:
-        return format_plan(self.profile)
+        """The formats the run ships: the planner's choice, else the profile's."""
+        chosen = self.planned()
+        return chosen.formats if chosen is not None else format_plan(self.profile)
+
+    def planned(self) -> Any:
+        """The planner's chosen plan (edgekd.methods.planner.Candidate), or None when nothing was planned."""
+        if self.compression_plan is None and self.run.path(*COMPRESSION_PLAN).exists():
+            from ..methods.planner import Candidate
+
+            self.compression_plan = Candidate.from_dict(json.loads(self.run.path(*COMPRESSION_PLAN).read_text())["chosen"])
+        return self.compression_plan
 
     # ------------------------------------------------------------ artifacts, loaded on resume
     def pruned_plan(self) -> Any:

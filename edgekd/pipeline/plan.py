@@ -10,7 +10,11 @@ ALWAYS_RUN = {"load_teacher", "load_corpus"}  # cheap, and their objects live in
 
 def plan_stages(profile: DeviceProfile) -> list[str]:
     """The stages edgekd runs for ``profile``, in order."""
+    from ..stages.plan import needs_planner
+
     stages = ["load_teacher", "load_corpus", "evaluate_teacher"]
+    if needs_planner(profile):
+        stages += ["sensitivity", "plan"]
     comp = profile.compression
     if comp.prune.method != "none":
         stages += ["score_blocks", "prune"]
@@ -23,9 +27,11 @@ def plan_stages(profile: DeviceProfile) -> list[str]:
 
 
 def format_plan(profile: DeviceProfile) -> FormatPlan:
-    """The format of every tensor the run ships: the profile's weight format for block linears,
-    its embedding format for the embedding and head, and the profile's per-tensor choices."""
-    return FormatPlan.uniform(profile.deployment.weight_format, profile.deployment.tensor_formats)
+    """The format of every tensor the run ships as the profile gives it: its weight format for
+    block linears, that format's embedding format, and the profile's per-tensor choices. With
+    ``tensor_formats: auto`` this is the plan's base; the planner's choice replaces it (RunContext.format_plan)."""
+    tensors = profile.deployment.tensor_formats
+    return FormatPlan.uniform(profile.deployment.weight_format, None if tensors == "auto" else tensors)
 
 
 def planned_exports(profile: DeviceProfile) -> list:

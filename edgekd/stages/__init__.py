@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import bench, distill, export, inputs, prune, qat
+from . import bench, distill, export, inputs, plan, prune, qat
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,8 @@ STAGES: dict[str, Stage] = {
     "load_teacher": Stage(inputs.load_teacher),
     "load_corpus": Stage(inputs.load_corpus),
     "evaluate_teacher": Stage(inputs.evaluate_teacher, inputs.report_teacher),
+    "sensitivity": Stage(plan.sensitivity),
+    "plan": Stage(plan.plan, plan.report_plan),
     "score_blocks": Stage(prune.score_blocks),
     "prune": Stage(prune.prune, prune.report_prune),
     "teacher_logits": Stage(distill.teacher_logits),

@@ -15,7 +15,8 @@ def load_teacher(ctx: Any) -> StageRecord:
     with ctx.reporter.task(f"loading teacher {source.name}"):
         ctx.teacher = load_causal_lm(source, trust_remote_code=ctx.inputs.trust_remote_code)
     ctx.report.teacher = {**source.describe(), **ctx.teacher.info}
-    family_of(ctx.teacher.model).check_tensor_keys(ctx.profile.deployment.tensor_formats, ctx.teacher.info["layers"])
+    if ctx.profile.deployment.tensor_formats != "auto":
+        family_of(ctx.teacher.model).check_tensor_keys(ctx.profile.deployment.tensor_formats, ctx.teacher.info["layers"])
     return StageRecord("load_teacher", settings=source.describe(), metrics=dict(ctx.teacher.info))
 
 

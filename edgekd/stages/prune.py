@@ -33,14 +33,24 @@ def prune(ctx: Any) -> StageRecord:
     from ..fileio import atomic_write_json
     from ..methods.evaluate import evaluate, torch_logits_fn
     from ..methods.models import model_summary
-    from ..methods.prune import BlockScores, plan_pruning
+    from ..methods.planner import describe
+    from ..methods.prune import BlockScores, plan_pruning, resolve_keep_layers, select_layers
     from ..plots import block_scores_plot
 
     settings = ctx.profile.compression.prune
     teacher = ctx.teacher.model
     n_layers = teacher.config.num_hidden_layers
     scores = BlockScores.from_dict(json.loads(ctx.run.path(*SCORES).read_text()))
-    plan = plan_pruning(teacher, scores, settings, ctx.profile, ctx.calibration_blocks())
+    chosen = ctx.planned()
+    if chosen is not None:  # the planner chose blocks (by their measured KL), width and formats together
+        keep, fraction = chosen.keep, chosen.mlp_fraction
+        reason = {"reason": f"planner: the least predicted KL that meets the {ctx.profile.name} budgets "
+                            f"({chosen.layers} blocks, MLP x{chosen.mlp_fraction:g}, {describe(chosen.formats)})",
+                  "predicted_kl": chosen.predicted_kl, "model_mb": chosen.model_mb}
+    else:
+        keep = select_layers(scores, resolve_keep_layers(settings.keep_layers, n_layers), settings.method)
+        fraction, reason = settings.mlp_keep_fraction, {"reason": f"keep_layers={settings.keep_layers} from the profile"}
+    plan = plan_pruning(teacher, keep, fraction, ctx.calibration_blocks(), reason)
     ctx.prune_plan = plan
     atomic_write_json(ctx.run.path(*PRUNE_PLAN), plan.to_dict())
     ctx.student = Student(plan.make_student(teacher), plan.layer_map)
