@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  edgekd compress --profile raspberry-pi-5\n"
         "  edgekd compress --profile phone --teacher ./hf-dir --data docs/ --run-name phone-v2\n"
-        "  edgekd compress --profile raspberry-pi-5 --resume       continue an interrupted run\n",
+        "  edgekd compress --profile raspberry-pi-5 --resume       continue an interrupted run\n"
+        "  edgekd compress --profile laptop --time-budget 30m      fit the training steps to 30 minutes\n",
     )
     _add_profile_args(c)
     c.add_argument("--teacher", default=None, help="Hugging Face model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
     c.add_argument("--resume", action="store_true", help="continue an existing run, reusing finished stages")
     c.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the teacher directory")
+    c.add_argument("--time-budget", default=None, metavar="DURATION",
+                   help="wall-clock budget of the run, e.g. 30m or 1h30m: training steps are fitted to it from the step "
+                   "time measured on this machine (default: the profile's compression.time_budget)")
     c.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     c.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -163,6 +167,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         teacher=args.teacher, profile=args.profile, data=args.data, output=args.output,
         run_name=args.run_name, overrides=args.overrides, overwrite=args.overwrite, resume=args.resume,
         trust_remote_code=args.trust_remote_code, text_field=args.text_field, quiet=args.quiet or args.json,
+        time_budget=args.time_budget,
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))

@@ -197,7 +197,21 @@ class PlannerSettings(_Strict):
 
 
 class Compression(_Strict):
+    # wall-clock budget of a whole run ("45m", "1h30m"): training steps are fitted to it from the
+    # step time measured on this machine (edgekd.pipeline.timebudget); null: the steps as set
+    time_budget: str | None = None
     data: DataSettings = Field(default_factory=DataSettings)
+
+    @model_validator(mode="after")
+    def _time_budget_reads(self) -> Compression:
+        if self.time_budget is not None:
+            from .pipeline.timebudget import parse_duration
+
+            try:
+                parse_duration(self.time_budget)
+            except EdgekdError as exc:
+                raise ValueError(f"{exc.problem}; {exc.fix}") from None
+        return self
     planner: PlannerSettings = Field(default_factory=PlannerSettings)
     prune: PruneSettings = Field(default_factory=PruneSettings)
     distill: DistillSettings = Field(default_factory=DistillSettings)

@@ -305,3 +305,32 @@ def run_distillation(student: Any, teacher: Any, train_blocks: np.ndarray, cfg: 
         outcome = distill(student, teacher, train_blocks, cfg, layer_map, run_dir=run_dir, resume=True, progress=advance,
                           logit_cache=logit_cache, param_groups=param_groups, after_step=after_step)
     return outcome, estimate
+
+
+def probe_step_seconds(student: Any, teacher: Any, train_blocks: np.ndarray, cfg: DistillConfig, layer_map: list[int],
+                       logit_cache: Any = None, probes: int = 3) -> float:
+    """Seconds one training step of ``cfg`` takes here: forward and backward passes of real batches
+    (the first warms up and is not counted), gradients then dropped and no weight changed. The
+    optimizer's own update is not timed: a few percent of a step for AdamW on these models."""
+    _, _, want_attn = _needs(cfg)
+    if want_attn:
+        student.set_attn_implementation("eager")
+        teacher.set_attn_implementation("eager")
+    student.train()
+    times = []
+    try:
+        for step in range(probes):
+            t0 = time.perf_counter()
+            for micro in range(cfg.grad_accum):
+                idx = sample_indices(step, micro, cfg, len(train_blocks), 0, 1)
+                ids = torch.from_numpy(train_blocks[idx].astype(np.int64)).to(next(student.parameters()).device)
+                cached = None if logit_cache is None else (*(t.to(ids.device) for t in logit_cache.batch(idx)), logit_cache.kind)
+                distill_step_losses(student, teacher, ids, cfg, layer_map, cached)["loss"].backward()
+            times.append(time.perf_counter() - t0)
+    finally:
+        student.zero_grad(set_to_none=True)
+        student.eval()
+        if want_attn:
+            student.set_attn_implementation("sdpa")
+            teacher.set_attn_implementation("sdpa")
+    return float(np.median(times[1:] if len(times) > 1 else times))

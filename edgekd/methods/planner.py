@@ -118,10 +118,18 @@ def _frontier(search: Search, shape: ArchShape) -> list[tuple[float, float, dict
 
 
 def _as_plan(search: Search, choice: dict[str, str]) -> FormatPlan:
+    """The format plan of a choice: the most common role format as the linear default (the
+    file's name), the other roles as per-tensor entries, the base plan's per-block entries kept."""
+    from collections import Counter
+
     base = search.base
     embedding = choice.get("embedding", base.embedding)
-    tensors = {role: choice[role] for role in search.roles if role in choice and choice[role] != base.linear}
-    return FormatPlan(base.linear, embedding, choice.get("head", embedding if search.shape.tied_embeddings else base.head),
+    roles = {role: choice.get(role, base.tensors.get(role, base.linear)) for role in search.roles}
+    counts = Counter(roles.values())
+    linear = base.linear if counts[base.linear] == max(counts.values()) else counts.most_common(1)[0][0]
+    tensors = {k: v for k, v in base.tensors.items() if k.startswith("blk.")}
+    tensors.update({role: fmt for role, fmt in roles.items() if fmt != linear})
+    return FormatPlan(linear, embedding, choice.get("head", embedding if search.shape.tied_embeddings else base.head),
                       base.norm, tensors)
 
 

@@ -7,6 +7,7 @@ factors where the format allows them, else round-to-nearest.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import numpy as np
 
 from ..formats import FormatPlan
 from .clip_search import clip_factors, clippable
-from .distill import DistillConfig, DistillOutcome, run_distillation
+from .distill import DistillConfig, DistillOutcome, probe_step_seconds, run_distillation
 from .qat import LEARNED_CLIP_LR_SCALE, convert, learned_clip_stats, prepare
 
 
@@ -43,9 +44,12 @@ class QatResult:
 def qat_kd(student: Any, teacher: Any, train_blocks: np.ndarray, calibration_blocks: np.ndarray, plan: FormatPlan,
            cfg: DistillConfig | None, *, clip_search: bool = True, learn_clip: bool = False,
            clip_lr_scale: float = LEARNED_CLIP_LR_SCALE, layer_map: list[int] | None = None,
-           run_dir: Path | None = None, reporter: Any = None, logit_cache: Any = None) -> QatResult:
+           run_dir: Path | None = None, reporter: Any = None, logit_cache: Any = None,
+           fit_steps: Callable[[Callable[[], float]], int] | None = None) -> QatResult:
     """Quantize ``student`` (in place) onto ``plan``'s exact grids, training it with ``cfg``
-    (None or 0 steps: no training) from the unquantized ``teacher``; checkpoints under ``run_dir``."""
+    (None or 0 steps: no training) from the unquantized ``teacher``; checkpoints under ``run_dir``.
+    ``fit_steps(probe)``: the number of steps to train, given ``probe()``, the measured seconds
+    of one step of the prepared model (a time budget)."""
     from ..progress import Reporter
 
     reporter = reporter or Reporter(quiet=True)
@@ -60,8 +64,11 @@ def qat_kd(student: Any, teacher: Any, train_blocks: np.ndarray, calibration_blo
         result.method = "no quantization"
     elif cfg is not None and cfg.steps > 0:
         prepared = prepare(student, plan, clips, learn_clip=learn_clip and linear.grid is not None, clip_lr_scale=clip_lr_scale)
+        layer_map = layer_map or list(range(student.config.num_hidden_layers))
+        if fit_steps is not None:
+            cfg.steps = fit_steps(lambda: probe_step_seconds(student, teacher, train_blocks, cfg, layer_map, logit_cache))
         result.outcome, result.memory_estimate = run_distillation(
-            student, teacher, train_blocks, cfg, layer_map or list(range(student.config.num_hidden_layers)),
+            student, teacher, train_blocks, cfg, layer_map,
             f"QAT-KD to {linear.name}", reporter, run_dir, logit_cache, prepared.param_groups, prepared.after_step)
         result.learned_clip = learned_clip_stats(student)
         result.method = "QAT-KD"

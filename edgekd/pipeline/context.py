@@ -71,6 +71,7 @@ class RunContext:
     shipped: Shipped | None = None
     exports: list[Exported] = field(default_factory=list)
     bench: Any = None  # edgekd.device.results.BenchResult of the file the budgets are checked on
+    time_budget: Any = None  # edgekd.pipeline.timebudget.TimeBudget, when the run has one
 
     # ------------------------------------------------------------ shared inputs
     def heldout_blocks(self) -> Any:

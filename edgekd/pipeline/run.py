@@ -24,6 +24,7 @@ from ..versions import edgekd_version, host_info, library_versions
 from .context import RunContext, RunInputs
 from .plan import ALWAYS_RUN, plan_stages
 from .rundir import RunDir, now_iso
+from .timebudget import TimeBudget, budget_notes, parse_duration
 
 
 def _run_stages(ctx: RunContext) -> None:
@@ -48,6 +49,7 @@ def _assemble_report(ctx: RunContext) -> None:
         if stage is not None and stage.report is not None:
             stage.report(record, ctx)
     ctx.report.budgets = budget_checks(ctx)
+    ctx.report.notes += budget_notes(ctx.report.stages)
 
 
 def _slug(text: str) -> str:
@@ -67,13 +69,15 @@ def compress(
     trust_remote_code: bool = False,
     text_field: str = "text",
     quiet: bool = False,
+    time_budget: str | float | None = None,
 ) -> Report:
     """Compress ``teacher`` for the device ``profile`` and return the run's :class:`Report`.
 
     ``teacher``: a Hugging Face model directory, a GGUF file, or None for the embedded
     SmolLM2-135M-Instruct. ``data``: a text/JSONL file, a directory, a saved datasets
     directory, or None for Python's bundled documentation. ``report.passed`` tells
-    whether every measured budget of the profile holds.
+    whether every measured budget of the profile holds. ``time_budget`` ("30m"; default: the
+    profile's ``compression.time_budget``) fits the training steps to a wall-clock budget.
     """
     from ..methods.data import check_corpus_spec
     from ..methods.models import resolve_model_source
@@ -83,6 +87,8 @@ def compress(
     # fail fast on bad paths, before any directory is made
     source = resolve_model_source(teacher)
     check_corpus_spec(data)
+    budget = time_budget if time_budget is not None else prof.compression.time_budget
+    budget_s = None if budget is None else parse_duration(budget)
     name = run_name or f"{prof.name}-{_slug(source.name)}"
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise EdgekdError(f"bad run name {name!r}", fix="use letters, digits, '.', '_' and '-' only")
@@ -100,6 +106,9 @@ def compress(
         host=host_info(), versions=library_versions(), plan=plan_stages(prof),
     )
     ctx = RunContext(prof, run, report, reporter, RunInputs(teacher, data, text_field, trust_remote_code))
+    if budget_s is not None:
+        spent = sum(rec.wall_time_s for stage in report.plan if stage not in ALWAYS_RUN and (rec := run.completed(stage)))
+        ctx.time_budget = TimeBudget(budget_s, spent_before_s=spent)
     reporter.info(f"[bold]edgekd[/] {'resuming' if resumed else 'run'} {run.root}  plan: {' -> '.join(report.plan)}")
     try:
         _run_stages(ctx)

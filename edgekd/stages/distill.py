@@ -39,6 +39,23 @@ def cached_teacher(ctx: RunContext) -> Any:
     return logit_cache.load(ctx.run.path(CACHE_DIR), ds.logit_cache.k, ds.temperature, ctx.corpus.train, ds.logit_cache.kind)
 
 
+def fit_to_time_budget(ctx: RunContext, stage: str, steps: int, probe: Any, later: list[int] = ()) -> dict | None:
+    """With a time budget: this stage's step count, measured (``probe()``: seconds per step) and
+    fitted with the ``later`` stages' steps at the same step time; stored for ``--resume``."""
+    from ..pipeline.timebudget import fit_steps, fitted_steps
+
+    if ctx.time_budget is None or steps <= 0:
+        return None
+
+    def decide() -> dict:
+        per_step, left = probe(), ctx.time_budget.training_left_s()
+        fitted = fit_steps([(steps, per_step), *[(n, per_step) for n in later]], left)[0]
+        return {"planned_steps": steps, "steps": fitted, "seconds_per_step": round(per_step, 3),
+                "training_seconds_left": round(left, 1), "later_stage_steps": list(later)}
+
+    return fitted_steps(ctx.run.path(stage), decide)
+
+
 def _save_student(ctx: RunContext, model: Any) -> None:
     from ..fileio import atomic_path
 
@@ -48,7 +65,7 @@ def _save_student(ctx: RunContext, model: Any) -> None:
 
 
 def distill(ctx: RunContext) -> StageRecord:
-    from ..methods.distill import DistillConfig, run_distillation
+    from ..methods.distill import DistillConfig, probe_step_seconds, run_distillation
     from ..methods.logit_cache import live_target_bytes_per_token
     from ..plots import loss_curves_plot
 
@@ -62,12 +79,16 @@ def distill(ctx: RunContext) -> StageRecord:
         _save_student(ctx, student.model)
         return StageRecord("distill", settings={"steps": 0}, metrics={"skipped": "nothing was pruned; the student equals the teacher"},
                            artifacts=artifacts)
+    cache = cached_teacher(ctx)
+    fitted = fit_to_time_budget(ctx, "distill", cfg.steps, lambda: probe_step_seconds(
+        student.model, ctx.teacher.model, ctx.corpus.train, cfg, student.layer_map, cache), later=[ctx.profile.compression.qat.steps])
+    cfg.steps = fitted["steps"] if fitted else cfg.steps
     outcome, estimate = run_distillation(student.model, ctx.teacher.model, ctx.corpus.train, cfg, student.layer_map, "distilling",
-                                         ctx.reporter, ctx.run.path("distill"), cached_teacher(ctx))
+                                         ctx.reporter, ctx.run.path("distill"), cache)
     _save_student(ctx, student.model)
     loss_curves_plot(ctx.run.path("distill", "loss.png"), outcome.history, "distillation losses")
     return StageRecord(
-        "distill", settings=asdict(cfg),
+        "distill", settings={**asdict(cfg), **({"time_budget": fitted} if fitted else {})},
         metrics={**outcome.summary(), "memory_estimate_gb": round(estimate["total"] / 1e9, 2),
                  "logit_cache": ctx.profile.compression.distill.logit_cache is not None,
                  "live_targets_if_cached_bytes_per_token": live_target_bytes_per_token(teacher_cfg, ctx.corpus.block_len)},

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..pipeline.context import SHIPPED_DIR, RunContext, Shipped
 from ..report import StageRecord
-from .distill import cached_teacher
+from .distill import cached_teacher, fit_to_time_budget
 
 METHOD_NOTE = {"clipped scales": "clipped scales, no QAT steps", "round-to-nearest": "round-to-nearest (no QAT steps)",
                "no quantization": "{} (no quantization)"}
@@ -30,9 +30,16 @@ def qat(ctx: RunContext) -> StageRecord:
     settings: dict[str, Any] = {"weight_format": plan.name, "format_plan": plan.to_dict(), "steps": qs.steps, "learning_rate": qs.learning_rate,
                                 "clip_search": qs.clip_search and linear.clip_search,
                                 "learn_clip": qs.learn_clip and linear.grid is not None}
+    fitted: dict = {}
+
+    def fit(probe: Any) -> int:
+        fitted.update(fit_to_time_budget(ctx, "qat", cfg.steps, probe) or {})
+        return fitted.get("steps", cfg.steps)
+
     result = qat_kd(student.model, ctx.teacher.model, ctx.corpus.train, ctx.calibration_blocks(), plan, cfg,
                     clip_search=qs.clip_search, learn_clip=qs.learn_clip, layer_map=student.layer_map,
-                    run_dir=ctx.run.path("qat"), reporter=ctx.reporter, logit_cache=cached_teacher(ctx))
+                    run_dir=ctx.run.path("qat"), reporter=ctx.reporter, logit_cache=cached_teacher(ctx),
+                    fit_steps=fit if ctx.time_budget is not None else None)
     metrics: dict[str, Any] = dict(result.clip_stats)
     artifacts = {"QAT student (weights on the shipped grid)": SHIPPED_DIR}
     if result.outcome is not None:
@@ -40,6 +47,8 @@ def qat(ctx: RunContext) -> StageRecord:
         artifacts["QAT loss curves"] = "qat/loss.png"
         settings.update(asdict(cfg))
         settings["clip_lr_scale"] = LEARNED_CLIP_LR_SCALE
+        if fitted:
+            settings["time_budget"] = fitted
         metrics.update(result.outcome.summary())
         metrics.update(result.learned_clip)
     else:

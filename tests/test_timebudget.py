@@ -1,0 +1,54 @@
+"""--time-budget: durations, fitting step counts, and a run whose training is fitted to a budget."""
+
+import json
+
+import pytest
+
+from edgekd import EdgekdError
+from edgekd.pipeline.timebudget import fit_steps, parse_duration
+
+
+@pytest.mark.parametrize("text, seconds", [("45m", 2700), ("1h30m", 5400), ("90s", 90), ("2h", 7200), ("30", 1800), (1.5, 90)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "10x", "0m"])
+def test_bad_durations_get_a_fix(text):
+    with pytest.raises(EdgekdError) as exc:
+        parse_duration(text)
+    assert "fix:" in exc.value.render()
+
+
+def test_steps_scale_together_never_up():
+    assert fit_steps([(120, 4.5), (300, 5.0)], 10_000) == [120, 300]  # fits: unchanged
+    distill, qat = fit_steps([(120, 10.0), (300, 10.0)], 2100)  # half the time needed
+    assert (distill, qat) == (60, 150)
+    assert fit_steps([(100, 1.0)], 0) == [1]  # never below one step
+
+
+def test_profile_rejects_an_unreadable_budget():
+    from edgekd import load_profile
+
+    with pytest.raises(EdgekdError, match="compression.time_budget"):
+        load_profile("raspberry-pi-5", ["compression.time_budget=soon"])
+
+
+def test_a_tight_budget_fits_the_training_steps_and_resume_keeps_them(tmp_path, tiny_model_dir, small_corpus_file,
+                                                                      tiny_profile_overrides, monkeypatch):
+    import edgekd
+    from edgekd.pipeline import timebudget
+
+    monkeypatch.setattr(timebudget, "MIN_RESERVE_S", 0.0)
+    overrides = [o for o in tiny_profile_overrides if "steps" not in o] + ["compression.distill.steps=40", "compression.qat.steps=40"]
+    # a budget the tiny model's ~0.05 s steps cannot fill 80 times on top of loading and evaluation: measured, not assumed
+    kw = dict(teacher=tiny_model_dir, profile="raspberry-pi-5", data=small_corpus_file, output=tmp_path, run_name="tb",
+              overrides=overrides, quiet=True)
+    report = edgekd.compress(**kw, time_budget="1s")
+    distill = report.stage("distill").settings["time_budget"]
+    assert distill["planned_steps"] == 40 and 1 <= distill["steps"] < 40 and distill["seconds_per_step"] > 0
+    assert report.stage("distill").metrics["steps"] == distill["steps"]
+    qat = report.stage("qat").settings["time_budget"]
+    assert 1 <= qat["steps"] < 40 and any("fitted to the time budget" in n for n in report.notes)
+    saved = json.loads((tmp_path / "tb" / "distill" / "fitted-steps.json").read_text())
+    assert saved == distill
