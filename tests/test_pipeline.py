@@ -211,3 +211,36 @@ def test_full_depth_profile_runs_qat_and_onnx_export(tmp_path, tiny_model_dir, s
     assert [p["runtime"] for p in parity] == ["onnxruntime", "llama.cpp"] and parity[0]["greedy_match"] is True
     assert (tmp_path / "phone" / "model-q4_0.onnx").exists()
     assert report.stage("bench").metrics["bench"]["runtime"].startswith("onnxruntime")
+
+
+def test_planner_chooses_formats_and_the_files_follow_its_plan(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides):
+    """tensor_formats, depth and width auto: the sensitivity and plan stages run, the plan meets a
+    size budget set between the all-4-bit and all-8-bit files, and QAT and the GGUF use its formats."""
+    from gguf import GGUFReader
+    from transformers import AutoConfig
+
+    from edgekd.device.costmodel import ArchShape, model_bytes
+    from edgekd.formats import FormatPlan
+
+    shape = ArchShape.from_config(AutoConfig.from_pretrained(tiny_model_dir))
+    low = model_bytes(shape, FormatPlan.uniform("q4_0", {"embedding": "q4_0"})) / 1e6
+    high = model_bytes(shape, FormatPlan.uniform("q8_0")) / 1e6
+    budget = round((low + high) / 2, 4)
+    overrides = [o for o in tiny_profile_overrides if "keep_layers" not in o] + [
+        "deployment.tensor_formats=auto", "compression.prune.mlp_keep_fraction=auto", "compression.planner.sensitivity_blocks=2",
+        "compression.planner.candidates=[q4_0, q8_0]", "compression.planner.embedding_candidates=[q4_0, q8_0]",
+        "compression.planner.mlp_fractions=[0.5]", f"budgets.max_model_mb={budget}"]
+    report = run(tmp_path, tiny_model_dir, small_corpus_file, overrides)
+    assert report.plan[3:5] == ["sensitivity", "plan"]
+    chosen = report.stage("plan").metrics["chosen"]
+    assert chosen["model_mb"] <= budget and not chosen["violations"] and chosen["predicted_kl"] > 0
+    plan = FormatPlan.from_dict(chosen["formats"])
+    assert report.stage("qat").settings["format_plan"] == plan.to_dict()
+    assert report.stage("prune").metrics["kept_layers"] == chosen["layers"]
+    types = {t.name: t.tensor_type.name for t in GGUFReader(str(tmp_path / "tiny" / f"model-{plan.name}.gguf")).tensors}
+    for layer in range(chosen["layers"]):
+        for role in ("attn_q", "ffn_down"):
+            assert types[f"blk.{layer}.{role}.weight"] == plan.format_of(role, layer).gguf_type
+    assert types["token_embd.weight"] == plan.format_of("embedding").gguf_type
+    md = (tmp_path / "tiny" / "report.md").read_text()
+    assert "Compression plan" in md and "Planner prediction against the measurement" in md and "plan/pareto.png" in md

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+from ..methods.planner import describe
 from ..pipeline.context import SHIPPED_DIR, RunContext, Shipped
 from ..report import StageRecord
 from .distill import cached_teacher, fit_to_time_budget
 
+PREDICTION_TABLE = "Planner prediction against the measurement"
 METHOD_NOTE = {"clipped scales": "clipped scales, no QAT steps", "round-to-nearest": "round-to-nearest (no QAT steps)",
                "no quantization": "{} (no quantization)"}
 
@@ -89,3 +91,10 @@ def report_qat(record: StageRecord, ctx: RunContext) -> None:
     method = "QAT-KD" if record.settings.get("steps") else ("clipped scales" if record.settings.get("clip_search") else "round-to-nearest")
     ctx.report.add_model_row(f"student, {record.settings.get('weight_format')} {method} (torch)", record.metrics["student"],
                              record.metrics["heldout"])
+    chosen = ctx.planned()
+    if chosen is not None:  # how good was the planner's prediction?
+        measured = record.metrics["heldout"]["kl_to_teacher"]
+        ctx.report.tables[PREDICTION_TABLE] = {
+            "headers": ["plan", "predicted KL after training (PROJECTION)", "measured KL (held-out, torch)", "measured / predicted"],
+            "rows": [[f"{chosen.layers} blocks, MLP x{chosen.mlp_fraction:g}, {describe(chosen.formats)}", round(chosen.predicted_kl, 4),
+                      round(measured, 4), round(measured / chosen.predicted_kl, 2) if chosen.predicted_kl else None]]}
