@@ -11,7 +11,7 @@ def tiny():
 
     model = make_tiny_llama(128, layers=3, hidden=64, intermediate=128, seed=1)
     with torch.no_grad():  # initialisation-sized weights barely move the logits: make every tensor matter
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 2:
                 p.mul_(8.0)
     return model
