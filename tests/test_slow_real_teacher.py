@@ -47,7 +47,9 @@ def test_default_compress_end_to_end(tmp_path):
     assert 8 < ppl < 40
     assert data["corpus"]["name"].startswith("python-docs")
     assert data["corpus"]["heldout_blocks"] >= 24
-    assert report.stage("prune").metrics["kept_layers"] == 24  # auto: the deepest student under 80 MB
+    chosen = report.stage("plan").metrics["chosen"]  # the planner's choice under the Pi 5's 80 MB
+    assert chosen["model_mb"] <= 80 and report.stage("prune").metrics["kept_layers"] == chosen["layers"]
+    assert report.stage("bench").metrics["bench"]["file_mb"] <= 80
     parity = report.stage("export").metrics["parity"][0]
     assert parity["passed"] and parity["kl"] <= 0.01
 

@@ -8,11 +8,14 @@ cost least are removed), an MLP width, and a format for each tensor group; its p
 adds the knobs' measured KLs (a first-order model: the report puts the measured KL after training
 beside it) and scales each part by the share training does not recover:
 
-    KL = (1 - r_qat) * sum of format KLs + (1 - r_distill) * (removed blocks' KLs + width KL)
+    KL = (1 - r_qat) * linear format KLs + (1 - r_embedding) * embedding format KL
+         + (1 - r_distill) * (removed blocks' KLs + width KL)
 
 ``r`` comes from measurements on the default teacher (benchmarks/RESULTS.md): QAT-KD for 300
-steps recovered 84% of round-to-nearest Q4_0's KL; distillation for 120 steps recovered 61% of a
-24-of-30-block student's. With fewer steps the share falls in proportion (a projection). A
+steps recovered 84% of round-to-nearest Q4_0's KL on the linear layers, but only about 35% of
+what a 4-bit tied embedding adds (0.047 -> 0.102 KL, full depth); distillation for 120 steps
+recovered 61% of a 24-of-30-block student's. With fewer steps the share falls in proportion (a
+projection). A
 candidate whose predicted KL exceeds ``max_kl`` is not a plan: the training budget cannot heal
 it. Per depth and width, the best format choice under the byte budget is exact: groups are
 merged one at a time keeping only (bytes, KL) pairs no other pair beats (multiple-choice knapsack
@@ -32,7 +35,7 @@ from ..formats import FORMATS, FormatPlan
 
 MIN_KEEP_FRACTION = 0.5
 # (reference steps, share of the untrained KL recovered at them), measured on SmolLM2-135M
-RECOVERY = {"qat": (300, 0.84), "distill": (120, 0.61)}
+RECOVERY = {"qat": (300, 0.84), "qat_embedding": (300, 0.35), "distill": (120, 0.61)}
 WIDTH_MULTIPLE = 64  # MLP channels kept in multiples of this (edgekd.methods.prune.select_mlp_channels)
 
 
@@ -94,17 +97,19 @@ def width_shape(shape: ArchShape, layers: int, fraction: float) -> ArchShape:
 
 
 def _frontier(search: Search, shape: ArchShape) -> list[tuple[float, float, dict[str, str]]]:
-    """Pareto-optimal (bytes, summed format KL, choice) over every group's candidate formats."""
+    """Pareto-optimal (bytes, format KL left after QAT, choice) over every group's candidate formats."""
     sens, share = search.sensitivity.formats, shape.layers / search.shape.layers
+    keep_linear = 1 - recovered("qat", search.qat_steps)
+    keep_embedding = 1 - recovered("qat_embedding", search.qat_steps)
     per_block = shape.role_params()
     groups: list[tuple[str, int, list[str], float]] = []  # (group, params, formats, KL scale)
     emb_formats = search.embedding_candidates or [search.base.embedding]
-    groups.append(("embedding", shape.embedding_params(), emb_formats, 1.0))
+    groups.append(("embedding", shape.embedding_params(), emb_formats, keep_embedding))
     if not shape.tied_embeddings:
-        groups.append(("head", shape.embedding_params(), search.embedding_candidates or [search.base.head], 1.0))
+        groups.append(("head", shape.embedding_params(), search.embedding_candidates or [search.base.head], keep_embedding))
     for role in search.roles:
         fixed = [search.base.tensors.get(role, search.base.linear)]
-        groups.append((role, shape.layers * per_block[role], search.format_candidates or fixed, share))
+        groups.append((role, shape.layers * per_block[role], search.format_candidates or fixed, share * keep_linear))
     front: list[tuple[float, float, dict[str, str]]] = [(0.0, 0.0, {})]
     for group, params, names, scale in groups:
         merged = [(b + FORMATS[n].tensor_bytes(params), kl + scale * sens.get(group, {}).get(n, 0.0), {**choice, group: n})
@@ -115,6 +120,12 @@ def _frontier(search: Search, shape: ArchShape) -> list[tuple[float, float, dict
             if not front or item[1] < front[-1][1]:
                 front.append(item)
     return front
+
+
+def _raw_format_kl(search: Search, choice: dict[str, str], share: float) -> float:
+    """The measured (round-to-nearest) KL of a choice, before training: for the report."""
+    sens = search.sensitivity.formats
+    return sum(sens.get(g, {}).get(n, 0.0) * (1.0 if g in ("embedding", "head") else share) for g, n in choice.items())
 
 
 def _as_plan(search: Search, choice: dict[str, str]) -> FormatPlan:
@@ -138,7 +149,7 @@ def candidates(search: Search, profile: Any) -> tuple[list[Candidate], list[dict
     by predicted KL), and every point searched (size, predicted KL, met?) for the Pareto plot."""
     b, hw, dep = profile.budgets, profile.hardware, profile.deployment
     order = sorted(range(search.shape.layers), key=lambda i: search.sensitivity.blocks[i])  # cheapest to remove first
-    r_q, r_d = recovered("qat", search.qat_steps), recovered("distill", search.distill_steps)
+    r_d = recovered("distill", search.distill_steps)
     out, points = [], []
     for layers in search.depths:
         removed = sorted(order[: search.shape.layers - layers])
@@ -148,12 +159,13 @@ def candidates(search: Search, profile: Any) -> tuple[list[Candidate], list[dict
             shape = width_shape(search.shape, layers, fraction)
             prune_kl = block_kl + (search.sensitivity.mlp_width.get(f"{fraction:g}", 0.0) if fraction < 1.0 else 0.0)
             best = None
-            for _, format_kl, choice in _frontier(search, shape):  # fewest bytes first, falling KL
+            for _, kept_kl, choice in _frontier(search, shape):  # fewest bytes first, falling KL
                 plan = _as_plan(search, choice)
+                format_kl = _raw_format_kl(search, choice, shape.layers / search.shape.layers)
                 p = project(shape, plan, hw, dep.context_length)
                 cand = Candidate(layers, keep, fraction, plan, p.model_mb, p.decode_tokens_per_s, p.ttft_ms,
                                  projected_peak_memory_mb(shape, plan, dep.context_length, dep.runtime), format_kl, prune_kl,
-                                 (1 - r_q) * format_kl + (1 - r_d) * prune_kl)
+                                 kept_kl + (1 - r_d) * prune_kl)
                 cand.violations = _violations(cand, b, search.max_kl)
                 points.append({"layers": layers, "mlp_fraction": fraction, "model_mb": cand.model_mb,
                                "predicted_kl": cand.predicted_kl, "meets_budgets": cand.meets_budgets})
