@@ -29,17 +29,25 @@ def library_versions() -> dict[str, str | None]:
     return out
 
 
+# instruction sets that change what the kernels (torch's, llama.cpp's, onnxruntime's) can do
+ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+             "amx_tile", "amx_bf16", "amx_int8", "asimd", "asimddp", "sve", "i8mm", "bf16")
+
+
 def host_info() -> dict[str, object]:
-    cpu = platform.processor() or platform.machine()
+    cpu, flags = None, set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith("model name") and cpu is None:
                     cpu = line.split(":", 1)[1].strip()
-                    break
+                elif line.startswith(("flags", "Features")) and not flags:
+                    flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return {"machine": platform.machine(), "cpu": cpu, "logical_cpus": os.cpu_count(), "system": platform.system()}
+    cpu = cpu or platform.processor() or platform.machine()
+    return {"machine": platform.machine(), "cpu": cpu, "logical_cpus": os.cpu_count(), "system": platform.system(),
+            "isa": " ".join(f for f in ISA_FLAGS if f in flags)}
 
 
 def usable_threads(wanted: int) -> int:
