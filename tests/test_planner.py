@@ -75,7 +75,7 @@ def brute_force(search, prof):
                 emb = sens.formats["embedding"][choice["embedding"]]
                 lin = sum(sens.formats[r][choice[r]] * layers / 30 for r in search.roles)
                 pkl = block_kl + (sens.mlp_width["0.5"] if frac < 1 else 0)
-                kl = (1 - recovered("qat_embedding", 300)) * emb + (1 - recovered("qat", 300)) * lin + (1 - recovered("distill", 120)) * pkl
+                kl = (1 - recovered("qat_embedding", 300, choice["embedding"])) * emb + (1 - recovered("qat", 300)) * lin + (1 - recovered("distill", 120)) * pkl
                 ok = p.model_mb <= b.max_model_mb and p.decode_tokens_per_s >= b.min_decode_tokens_per_s and \
                     p.ttft_ms <= b.max_ttft_ms and mem <= b.max_peak_memory_mb and kl <= search.max_kl
                 if ok and (best is None or kl < best[0] - 1e-12):

@@ -11,11 +11,12 @@ beside it) and scales each part by the share training does not recover:
     KL = (1 - r_qat) * linear format KLs + (1 - r_embedding) * embedding format KL
          + (1 - r_distill) * (removed blocks' KLs + width KL)
 
-``r`` comes from measurements on the default teacher (benchmarks/RESULTS.md): QAT-KD for 300
-steps recovered 84% of round-to-nearest Q4_0's KL on the linear layers, but only about 35% of
-what a 4-bit tied embedding adds (0.047 -> 0.102 KL, full depth); distillation for 120 steps
-recovered 61% of a 24-of-30-block student's. With fewer steps the share falls in proportion (a
-projection). A
+``r`` comes from measurements on the default teacher (benchmarks/RESULTS.md, "Format plans"):
+QAT-KD for 300 steps recovered 84% of round-to-nearest Q4_0's KL on the linear layers; of what a
+4-bit tied embedding adds it recovered 29% at Q4_0 and 63% at Q4_1 (whose per-block minimum
+fits an embedding's skewed blocks); formats not measured are given the mean of the two;
+distillation for 120 steps recovered 61% of a 24-of-30-block student's. With fewer steps the
+share falls in proportion (a projection). A
 candidate whose predicted KL exceeds ``max_kl`` is not a plan: the training budget cannot heal
 it. Per depth and width, the best format choice under the byte budget is exact: groups are
 merged one at a time keeping only (bytes, KL) pairs no other pair beats (multiple-choice knapsack
@@ -35,13 +36,19 @@ from ..formats import FORMATS, FormatPlan
 
 MIN_KEEP_FRACTION = 0.5
 # (reference steps, share of the untrained KL recovered at them), measured on SmolLM2-135M
-RECOVERY = {"qat": (300, 0.84), "qat_embedding": (300, 0.35), "distill": (120, 0.61)}
+RECOVERY = {"qat": (300, 0.84), "distill": (120, 0.61)}
+EMBEDDING_RECOVERY = {"q4_0": 0.29, "q4_1": 0.63}  # at 300 QAT steps, by the embedding's format
 WIDTH_MULTIPLE = 64  # MLP channels kept in multiples of this (edgekd.methods.prune.select_mlp_channels)
 
 
-def recovered(kind: str, steps: int) -> float:
-    """Projected share of the untrained KL that ``steps`` of training win back."""
-    ref_steps, share = RECOVERY[kind]
+def recovered(kind: str, steps: int, embedding_format: str | None = None) -> float:
+    """Projected share of the untrained KL that ``steps`` of training win back (``kind``: "qat",
+    "distill", or "qat_embedding" for an embedding in ``embedding_format``)."""
+    if kind == "qat_embedding":
+        ref_steps = RECOVERY["qat"][0]
+        share = EMBEDDING_RECOVERY.get(embedding_format, sum(EMBEDDING_RECOVERY.values()) / len(EMBEDDING_RECOVERY))
+    else:
+        ref_steps, share = RECOVERY[kind]
     return share * min(1.0, steps / ref_steps) if steps > 0 else 0.0
 
 
@@ -100,19 +107,22 @@ def _frontier(search: Search, shape: ArchShape) -> list[tuple[float, float, dict
     """Pareto-optimal (bytes, format KL left after QAT, choice) over every group's candidate formats."""
     sens, share = search.sensitivity.formats, shape.layers / search.shape.layers
     keep_linear = 1 - recovered("qat", search.qat_steps)
-    keep_embedding = 1 - recovered("qat_embedding", search.qat_steps)
     per_block = shape.role_params()
-    groups: list[tuple[str, int, list[str], float]] = []  # (group, params, formats, KL scale)
+    groups: list[tuple[str, int, list[str], Any]] = []  # (group, params, formats, format -> KL scale)
     emb_formats = search.embedding_candidates or [search.base.embedding]
+
+    def keep_embedding(n: str) -> float:
+        return 1 - recovered("qat_embedding", search.qat_steps, n)
+
     groups.append(("embedding", shape.embedding_params(), emb_formats, keep_embedding))
     if not shape.tied_embeddings:
         groups.append(("head", shape.embedding_params(), search.embedding_candidates or [search.base.head], keep_embedding))
     for role in search.roles:
         fixed = [search.base.tensors.get(role, search.base.linear)]
-        groups.append((role, shape.layers * per_block[role], search.format_candidates or fixed, share * keep_linear))
+        groups.append((role, shape.layers * per_block[role], search.format_candidates or fixed, lambda n: share * keep_linear))
     front: list[tuple[float, float, dict[str, str]]] = [(0.0, 0.0, {})]
     for group, params, names, scale in groups:
-        merged = [(b + FORMATS[n].tensor_bytes(params), kl + scale * sens.get(group, {}).get(n, 0.0), {**choice, group: n})
+        merged = [(b + FORMATS[n].tensor_bytes(params), kl + scale(n) * sens.get(group, {}).get(n, 0.0), {**choice, group: n})
                   for b, kl, choice in front for n in names]
         merged.sort(key=lambda t: (t[0], t[1]))
         front = []

@@ -20,13 +20,15 @@ def needs_planner(profile: Any) -> bool:
 
 
 def _candidate_formats(profile: Any) -> tuple[list[str], list[str]]:
-    """The planner's format choices; an ONNX deployment keeps to what ONNX holds exactly in int
-    form (other formats would be stored as fp32 there, outside the size the plan counts)."""
+    """The planner's format choices; where the budgets are checked on the ONNX file (runtime
+    onnxruntime) it keeps to what ONNX holds in int form: other formats are stored as fp32 there,
+    outside the size the plan counts. A GGUF-first profile that also exports ONNX gets a larger
+    ONNX file for such tensors (still exact)."""
     from ..formats import FORMATS
 
     p = profile.compression.planner
     linear, embedding = list(p.candidates), list(p.embedding_candidates)
-    if "onnx" in profile.deployment.formats:
+    if profile.deployment.runtime == "onnxruntime":
         linear = [n for n in linear if FORMATS[n].onnx_file_format == n] or [profile.deployment.weight_format]
         embedding = [n for n in embedding if FORMATS[n].onnx_bits == 8] or [FORMATS[profile.deployment.weight_format].embedding]
     return linear, embedding

@@ -11,6 +11,7 @@ from ..report import StageRecord
 from .distill import cached_teacher, fit_to_time_budget
 
 PREDICTION_TABLE = "Planner prediction against the measurement"
+EXACT_NOTE = "exact: every tensor of the teacher is already on its planned grid (a teacher distributed in these formats); no QAT steps"
 METHOD_NOTE = {"clipped scales": "clipped scales, no QAT steps", "round-to-nearest": "round-to-nearest (no QAT steps)",
                "no quantization": "{} (no quantization)"}
 
@@ -29,6 +30,9 @@ def qat(ctx: RunContext) -> StageRecord:
     qs = ctx.profile.compression.qat
     student = ctx.current_student()
     cfg = qat_config(ctx.profile.compression.distill, qs)
+    exact = _holds_the_teacher_exactly(ctx, student.model, plan)
+    if exact:  # nothing to recover: the plan's grids already hold the teacher's weights
+        cfg.steps = 0
     settings: dict[str, Any] = {"weight_format": plan.name, "format_plan": plan.to_dict(), "steps": qs.steps, "learning_rate": qs.learning_rate,
                                 "clip_search": qs.clip_search and linear.clip_search,
                                 "learn_clip": qs.learn_clip and linear.grid is not None}
@@ -39,7 +43,7 @@ def qat(ctx: RunContext) -> StageRecord:
         return fitted.get("steps", cfg.steps)
 
     result = qat_kd(student.model, ctx.teacher.model, ctx.corpus.train, ctx.calibration_blocks(), plan, cfg,
-                    clip_search=qs.clip_search, learn_clip=qs.learn_clip, layer_map=student.layer_map,
+                    clip_search=qs.clip_search and not exact, learn_clip=qs.learn_clip, layer_map=student.layer_map,
                     run_dir=ctx.run.path("qat"), reporter=ctx.reporter, logit_cache=cached_teacher(ctx),
                     fit_steps=fit if ctx.time_budget is not None else None)
     metrics: dict[str, Any] = dict(result.clip_stats)
@@ -54,7 +58,8 @@ def qat(ctx: RunContext) -> StageRecord:
         metrics.update(result.outcome.summary())
         metrics.update(result.learned_clip)
     else:
-        settings["method"] = METHOD_NOTE[result.method].format(plan.name)
+        settings["steps"] = 0
+        settings["method"] = EXACT_NOTE if exact else METHOD_NOTE[result.method].format(plan.name)
     model = result.model
     with atomic_path(ctx.run.path(SHIPPED_DIR)) as tmp:
         model.save_pretrained(tmp)
@@ -66,6 +71,20 @@ def qat(ctx: RunContext) -> StageRecord:
     ctx.shipped = Shipped(model, plan, m)
     return StageRecord("qat", settings=settings, metrics={**metrics, "heldout": m.to_dict(), "student": model_summary(model)},
                        artifacts=artifacts)
+
+
+def _holds_the_teacher_exactly(ctx: RunContext, model: Any, plan: Any) -> bool:
+    """The student is the unpruned teacher and round-tripping each tensor through its planned
+    format changes nothing (say, Q4_1 layers of a teacher that ships as Q4_1)."""
+    import torch
+
+    from ..methods.qat import quantized_tensors
+
+    t = ctx.teacher.model.config
+    if (model.config.num_hidden_layers, model.config.intermediate_size) != (t.num_hidden_layers, t.intermediate_size):
+        return False
+    with torch.no_grad():
+        return all(torch.equal(fmt.torch_round_trip(mod.weight), mod.weight) for mod, fmt in quantized_tensors(model, plan))
 
 
 def shipped(ctx: RunContext) -> Shipped:
@@ -89,6 +108,8 @@ def shipped_heldout(ctx: RunContext) -> Any:
 
 def report_qat(record: StageRecord, ctx: RunContext) -> None:
     method = "QAT-KD" if record.settings.get("steps") else ("clipped scales" if record.settings.get("clip_search") else "round-to-nearest")
+    if record.settings.get("method") == EXACT_NOTE:
+        method = "exact"
     ctx.report.add_model_row(f"student, {record.settings.get('weight_format')} {method} (torch)", record.metrics["student"],
                              record.metrics["heldout"])
     chosen = ctx.planned()
