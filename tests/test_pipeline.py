@@ -244,3 +244,26 @@ def test_planner_chooses_formats_and_the_files_follow_its_plan(tmp_path, tiny_mo
     assert types["token_embd.weight"] == plan.format_of("embedding").gguf_type
     md = (tmp_path / "tiny" / "report.md").read_text()
     assert "Compression plan" in md and "Planner prediction against the measurement" in md and "plan/pareto.png" in md
+
+
+def test_a_teacher_already_on_the_planned_grids_ships_exactly_without_qat(tmp_path, tiny_tokenizer, small_corpus_file,
+                                                                         tiny_profile_overrides):
+    """A teacher distributed in Q4_1 (as the default one is) planned at Q4_1: nothing to recover,
+    so no QAT steps, and the exported file computes the teacher itself (at llama.cpp's floor)."""
+    from conftest import make_tiny_llama
+
+    from edgekd.formats import FormatPlan
+    from edgekd.methods.qat import convert
+
+    teacher = convert(make_tiny_llama(len(tiny_tokenizer), seed=5), FormatPlan.uniform("q4_1"))  # Q4_1 linears, Q8_0 embedding
+    teacher.save_pretrained(tmp_path / "q41-teacher")
+    tiny_tokenizer.save_pretrained(tmp_path / "q41-teacher")
+    overrides = [o for o in tiny_profile_overrides if "keep_layers" not in o] + [
+        "deployment.weight_format=q4_1", "compression.prune.keep_layers=1.0"]
+    report = edgekd.compress(teacher=tmp_path / "q41-teacher", profile="raspberry-pi-5", data=small_corpus_file, output=tmp_path,
+                             run_name="exact", overrides=overrides, quiet=True)
+    qat = report.stage("qat")
+    assert qat.settings["steps"] == 0 and qat.settings["method"].startswith("exact")
+    assert qat.metrics["heldout"]["kl_to_teacher"] < 1e-9
+    assert report.evaluation["student, q4_1 exact (torch)"]["kl_to_teacher"] < 1e-9
+    assert report.stage("export").metrics["parity"][0]["passed"]
