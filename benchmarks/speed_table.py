@@ -6,6 +6,7 @@
     .venv/bin/python benchmarks/speed_table.py decode [--gguf F] [--onnx F|default]  # decode vs the bandwidth roofline
     .venv/bin/python benchmarks/speed_table.py profile [--tool perf --threads 2]  # where decode time goes
     .venv/bin/python benchmarks/speed_table.py builds --build NAME=SITE_DIR ...  # llama.cpp builds side by side
+    .venv/bin/python benchmarks/speed_table.py files --file B.gguf ...       # GGUF files side by side
 
 Training rows use the default teacher (SmolLM2-135M-Instruct), the default profile's batch
 (4 x 256 tokens) and the default run's 24-layer student pruned by Block Influence
@@ -48,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--name", default="builds", help="results/speed_NAME.json")
+    p = sub.add_parser("files", help="several GGUF files side by side (the first is the reference)")
+    p.add_argument("--gguf", default=None, help=GGUF_HELP)
+    p.add_argument("--file", action="append", required=True, help="another GGUF to compare (repeatable)")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--name", default="files", help="results/speed_NAME.json")
     p = sub.add_parser("profile", help="where decode time goes (py-spy or perf)")
     p.add_argument("--gguf", default=None, help=GGUF_HELP)
     p.add_argument("--seconds", type=float, default=20.0)
@@ -65,7 +73,7 @@ def main() -> int:
     if getattr(args, "onnx", "") == "default":
         args.onnx = decode.default_file("onnx", args.teacher)
     {"loop": training.cmd_loop, "cache": training.cmd_cache, "bf16": training.cmd_bf16, "decode": decode.cmd_decode,
-     "builds": decode.cmd_builds, "profile": profile.cmd_profile}[args.cmd](args)
+     "builds": decode.cmd_builds, "files": decode.cmd_files, "profile": profile.cmd_profile}[args.cmd](args)
     return 0
 
 

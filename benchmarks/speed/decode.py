@@ -181,3 +181,33 @@ def cmd_builds(args) -> None:
 
 
 # ---------------------------------------------------------------- 4b. where decode time goes
+
+
+# ---------------------------------------------------------------- GGUF files side by side
+
+
+def cmd_files(args) -> None:
+    """Decode and prefill of several GGUF files under this environment's llama.cpp, measured in
+    interleaved rounds (each round benches every file once) so drift on a shared machine hits
+    all alike; medians over rounds, per thread count."""
+    import edgekd
+
+    files = [args.gguf, *args.file]
+    rounds: dict = {(f, t): [] for f in files for t in args.threads}
+    for rnd in range(args.rounds):
+        for t in args.threads:
+            for f in files:
+                r = edgekd.bench(f, PROFILE, threads=t, repeats=args.repeats, prompt_tokens=128, gen_tokens=64, projection=False)
+                rounds[(f, t)].append({"decode": r.tg_tokens_per_s.median, "prefill": r.pp_tokens_per_s.median, "file_mb": r.file_mb})
+                print(f"round {rnd + 1} {Path(f).name} {t} thread(s): {r.tg_tokens_per_s.median:.1f} tok/s", file=sys.stderr, flush=True)
+    rows = [{"file": Path(f).name, "path": f, "threads": t, "file_mb": v[0]["file_mb"],
+             "decode_tokens_per_s": statistics.median(x["decode"] for x in v), "decode_rounds": [x["decode"] for x in v],
+             "prefill_tokens_per_s": statistics.median(x["prefill"] for x in v)} for (f, t), v in rounds.items()]
+    write_result(f"speed_{args.name}", {"rounds": args.rounds, "repeats": args.repeats, "rows": rows})
+    base = rows[0]["file"]
+    print(f"| file | MB | threads | decode tok/s (median of {args.rounds} rounds) | vs {base} | prefill tok/s |")
+    print("|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: r["threads"]):
+        ref = next(x for x in rows if x["file"] == base and x["threads"] == r["threads"])
+        print(f"| {r['file']} | {r['file_mb']:.1f} | {r['threads']} | {r['decode_tokens_per_s']:.1f} | "
+              f"{r['decode_tokens_per_s'] / ref['decode_tokens_per_s']:.3f}x | {r['prefill_tokens_per_s']:.0f} |")
