@@ -267,3 +267,15 @@ def test_a_teacher_already_on_the_planned_grids_ships_exactly_without_qat(tmp_pa
     assert qat.metrics["heldout"]["kl_to_teacher"] < 1e-9
     assert report.evaluation["student, q4_1 exact (torch)"]["kl_to_teacher"] < 1e-9
     assert report.stage("export").metrics["parity"][0]["passed"]
+
+
+def test_an_impossible_budget_exits_2_naming_the_nearest_plans(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides, capsys):
+    sets = [a for o in tiny_profile_overrides if "keep_layers" not in o
+            for a in ("--set", o)] + ["--set", "deployment.tensor_formats=auto", "--set", "budgets.max_model_mb=0.001",
+                                      "--set", "compression.planner.sensitivity_blocks=2"]
+    code = main(["compress", "--teacher", str(tiny_model_dir), "--data", str(small_corpus_file), "--output", str(tmp_path),
+                 "--run-name", "impossible", "--quiet", *sets])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "no plan meets the raspberry-pi-5 budgets" in err and "(limit 0.001)" in err and "relax max_model_mb" in err
+    assert "Traceback" not in err and not (tmp_path / "impossible" / "model-q4_0.gguf").exists()
