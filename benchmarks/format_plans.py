@@ -9,6 +9,7 @@ text (English prose outside the training domain), file size, decode speed on thi
 
     .venv/bin/python benchmarks/format_plans.py --plan 'q4_0-head:linear=q4_0,embedding=q4_0,steps=0,clip=0'
     .venv/bin/python benchmarks/format_plans.py --plan 'q4_0-head-qat:linear=q4_0,embedding=q4_0' --name head_4bit
+    .venv/bin/python benchmarks/format_plans.py --score pi5=export/RUN/model-q4_0.gguf --name default_runs
 
 Keys of a plan: ``linear``, ``embedding``, ``head`` (an untied head; default: the embedding's),
 ``steps`` (QAT steps; default the profile's), ``clip`` (1: clip search, 0: round-to-nearest).
@@ -42,7 +43,9 @@ def parse_plan(text: str, default_steps: int) -> tuple[str, dict]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--plan", action="append", required=True, help="NAME:linear=F[,embedding=F,head=F,steps=N,clip=0|1] (repeatable)")
+    ap.add_argument("--plan", action="append", default=[], help="NAME:linear=F[,embedding=F,head=F,steps=N,clip=0|1] (repeatable)")
+    ap.add_argument("--score", action="append", default=[], metavar="NAME=FILE.gguf",
+                    help="score a GGUF an edgekd run already wrote, the same way (repeatable)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", default="format_plans", help="results/NAME.json")
     args = ap.parse_args()
@@ -63,6 +66,18 @@ def main() -> int:
     t_fn = torch_logits_fn(teacher.model)
     work = ROOT / "export" / "format-plans"
     rows = []
+
+    def scored(name: str, path: Path) -> dict:
+        g_fn = llamacpp.logits_fn(path, setup.heldout.shape[1], args.threads)
+        held, ood = evaluate(g_fn, setup.heldout, t_fn), evaluate(g_fn, prose, t_fn)
+        speed = edgekd.bench(path, prof, threads=args.threads, repeats=3, projection=False)
+        return {"plan": name, "file": str(path), "file_mb": path.stat().st_size / 1e6, "heldout": held.to_dict(),
+                "license": ood.to_dict(), "decode_tokens_per_s": speed.tg_tokens_per_s.median}
+
+    for item in args.score:
+        name, _, path = item.partition("=")
+        rows.append(scored(name, Path(path)))
+        write_result(args.name, {"rows": rows})
     for text in args.plan:
         name, spec = parse_plan(text, prof.compression.qat.steps)
         plan = FormatPlan.uniform(spec["linear"], {k: spec[k] for k in ("embedding", "head") if spec[k]})
@@ -73,17 +88,12 @@ def main() -> int:
         train_s = time.perf_counter() - t0
         path = export_gguf(result.model, teacher.tokenizer, work / name / "model.gguf", plan, source_gguf=src.path,
                            source_name=src.name)
-        g_fn = llamacpp.logits_fn(path, setup.heldout.shape[1], args.threads)
-        held = evaluate(g_fn, setup.heldout, t_fn)
-        ood = evaluate(g_fn, prose, t_fn)
-        exact = evaluate(g_fn, setup.heldout[:8], torch_logits_fn(result.model))
-        speed = edgekd.bench(path, prof, threads=args.threads, repeats=3, projection=False)
-        rows.append({"plan": name, **spec, "format_plan": plan.to_dict(), "method": result.method, "file_mb": path.stat().st_size / 1e6,
-                     "heldout": held.to_dict(), "license": ood.to_dict(), "gguf_vs_its_torch_model_kl": exact.kl_to_teacher,
-                     "decode_tokens_per_s": speed.tg_tokens_per_s.median, "clip_stats": result.clip_stats,
+        exact = evaluate(llamacpp.logits_fn(path, setup.heldout.shape[1], args.threads), setup.heldout[:8], torch_logits_fn(result.model))
+        rows.append({**scored(name, path), **spec, "format_plan": plan.to_dict(), "method": result.method,
+                     "gguf_vs_its_torch_model_kl": exact.kl_to_teacher, "clip_stats": result.clip_stats,
                      "train_s": train_s, "final_kd": result.outcome.summary()["final_kd"] if result.outcome else None})
         print(rows[-1], file=sys.stderr, flush=True)
-        write_result(args.name, {"rows": rows, "heldout_tokens": held.tokens, "license_tokens": ood.tokens})
+        write_result(args.name, {"rows": rows})
     print(f"| plan | file MB | held-out KL | top-1 | perplexity | license KL | license top-1 | decode tok/s ({args.threads} threads) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
