@@ -124,7 +124,7 @@ class RunContext:
         if not self.exports:
             from .plan import planned_exports
 
-            self.exports = [Exported(e, self.run.path(e.file_name)) for e in planned_exports(self.profile)]
+            self.exports = [Exported(e, self.run.path(e.file_name)) for e in planned_exports(self.profile, self.format_plan())]
         return self.exports
 
 

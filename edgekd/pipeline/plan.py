@@ -34,15 +34,16 @@ def format_plan(profile: DeviceProfile) -> FormatPlan:
     return FormatPlan.uniform(profile.deployment.weight_format, None if tensors == "auto" else tensors)
 
 
-def planned_exports(profile: DeviceProfile) -> list:
-    """The files the export stage writes, in the profile's order (edgekd.exporters.ship.PlannedExport)."""
+def planned_exports(profile: DeviceProfile, plan: FormatPlan | None = None) -> list:
+    """The files the export stage writes for the run's format ``plan`` (default: the profile's),
+    in the profile's order (edgekd.exporters.ship.PlannedExport); named after the plan's formats."""
     from ..exporters.ship import planned_export
 
-    plan = format_plan(profile)
+    plan = plan or format_plan(profile)
     return [planned_export(container, plan) for container in profile.deployment.formats]
 
 
-def budget_file(profile: DeviceProfile):
+def budget_file(profile: DeviceProfile, plan: FormatPlan | None = None):
     """The exported file whose benchmark is checked against the budgets: the one the runtime loads."""
     want = RUNTIME_FORMAT[profile.deployment.runtime]
-    return next(e for e in planned_exports(profile) if e.container == want)
+    return next(e for e in planned_exports(profile, plan) if e.container == want)

@@ -19,7 +19,7 @@ def bench(ctx: RunContext) -> StageRecord:
     from ..plots import tradeoff_plot
 
     exported = ctx.exported_files()
-    main_file = budget_file(ctx.profile).file_name
+    main_file = budget_file(ctx.profile, ctx.format_plan()).file_name
     names = list(dict.fromkeys([main_file] + [e.export.file_name for e in exported]))
     threads = usable_threads(ctx.profile.deployment.threads)
     results = {}

@@ -27,7 +27,7 @@ def export(ctx: RunContext) -> StageRecord:
     threads = usable_threads(ctx.profile.deployment.threads)
     artifacts, checks = {}, []
     ctx.exports = []
-    for planned in planned_exports(ctx.profile):
+    for planned in planned_exports(ctx.profile, student.plan):
         check = "incl. KV-cache greedy decoding" if planned.container == "onnx" else ""
         with ctx.reporter.task(f"writing {planned.file_name} and checking it in {planned.runtime} {check}".strip()):
             path, result = write_checked(planned, student.model, ctx.teacher.tokenizer, student.plan, ctx.run.root, blocks,
@@ -37,7 +37,7 @@ def export(ctx: RunContext) -> StageRecord:
         artifacts[planned.file_name] = planned.file_name
         require(result)
         ctx.exports.append(Exported(planned, path))
-    floor = _llamacpp_floor(ctx, blocks, threads) if any(p.container == "gguf" for p in planned_exports(ctx.profile)) else None
+    floor = _llamacpp_floor(ctx, blocks, threads) if any(p.container == "gguf" for p in planned_exports(ctx.profile, student.plan)) else None
     return StageRecord("export", settings={"formats": ctx.profile.deployment.formats, "weight_format": student.plan.name,
                                            "parity_blocks": int(len(blocks))},
                        metrics={"parity": checks, "llamacpp_floor": floor}, artifacts=artifacts)
