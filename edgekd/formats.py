@@ -4,7 +4,8 @@
 so the weights an exported file holds are exactly the weights the QAT model computed with.
 Adding a format is one entry in :data:`FORMATS` (plus its tests against the runtime's reference).
 The quantizers themselves, bit-exact with llama.cpp's references in numpy and twinned in torch,
-are in :mod:`edgekd.blockquant`. The same block codes and fp16-rounded scales, offset to unsigned
+are in :mod:`edgekd.blockquant` (32-weight blocks) and :mod:`edgekd.kquants` (K-quants, whose
+QAT trains on a grid fixed at its start: ``fixed_grid``). The same block codes and fp16-rounded scales, offset to unsigned
 with zero point 2^(bits-1), are an ONNX ``MatMulNBits`` / ``GatherBlockQuantized`` weight where
 onnxruntime has that bit width (4 and 8), so one set of codes serves both runtimes.
 
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from . import blockquant as bq
+from . import kquants as kq
 from .errors import EdgekdError
 
 BLOCK = bq.BLOCK
@@ -65,6 +67,9 @@ class WeightFormat:
     grid: Callable[..., Any] | None = None  # torch (blocks, clip) -> (d_ref, d, w / d, codes): learned clip
     code_offset: int = 0  # codes are stored + offset (the zero point); grid codes run 0 .. levels - 1
     levels: int = 0
+    # K-quants: re-quantizing their own output need not give the same codes, so QAT trains on the
+    # grid the reference quantizer picks at its start and exporters write codes on that grid
+    fixed_grid: bool = False
 
     @property
     def quantized(self) -> bool:
@@ -77,6 +82,23 @@ class WeightFormat:
 
     def tensor_bytes(self, n_weights: int) -> float:
         return n_weights * self.bits_per_weight / 8
+
+    def fits(self, cols: int) -> bool:
+        """Whether a weight with rows ``cols`` long can be stored in this format (K-quants: multiples of 256)."""
+        return self.block is None or cols % self.block == 0
+
+    def blocks_for(self, w: np.ndarray, grid: Any = None) -> Any:
+        """The stored blocks of ``w``: the reference quantizer's, or, for a fixed-grid format given
+        the ``grid`` QAT trained on, the codes of ``w`` on that grid (weights already on it map back exactly)."""
+        if grid is not None and self.fixed_grid:
+            return grid._replace(codes=kq.codes_on_grid(w, grid, keep=grid.codes))
+        return self.quantize(w)
+
+    def shipped(self, w: np.ndarray, grid: Any = None) -> np.ndarray:
+        """The weights a runtime computes with for ``w`` stored in this format (on ``grid`` where given)."""
+        if self.quantize is None:
+            return self.round_trip(w)
+        return self.dequantize(self.blocks_for(w, grid))
 
     def round_trip(self, w: np.ndarray) -> np.ndarray:
         """The weight a runtime computes with after storing ``w`` in this format."""
@@ -117,6 +139,16 @@ def _affine(name: str, bits: int, ftype: int) -> WeightFormat:
                         pack=partial(bq.pack, bits=bits), torch_quantize=partial(bq.torch_affine, bits=bits))
 
 
+def _kquant(name: str, ftype: int) -> WeightFormat:
+    """Q4_K / Q5_K / Q6_K (edgekd.kquants): 256-weight super-blocks, rows a multiple of 256 long.
+    ONNX's MatMulNBits has no two-level scales nor minimums: an ONNX export carries the exact
+    dequantized weights in fp32."""
+    _, _, nbytes = kq.SPEC[name]
+    return WeightFormat(name, nbytes * 8 / kq.QK_K, kq.QK_K, name.upper(), ftype, embedding="q8_0", onnx_file_format="f32",
+                        parity={"llama.cpp": (0.01, 0.94)}, quantize=kq.QUANTIZERS[name], dequantize=kq.dequantize,
+                        pack=kq.pack, torch_quantize=partial(kq.torch_reference_round_trip, kind=name), fixed_grid=True)
+
+
 LLAMA_CPP_4BIT = {"llama.cpp": (0.01, 0.94)}
 FORMATS: dict[str, WeightFormat] = {f.name: f for f in (
     _symmetric("q4_0", 4, 2, {**LLAMA_CPP_4BIT, "onnxruntime": (0.002, 0.99)}, onnx_file_format="q4_0", onnx_bits=4),
@@ -124,6 +156,10 @@ FORMATS: dict[str, WeightFormat] = {f.name: f for f in (
     # 5-bit codes: onnxruntime's MatMulNBits holds 4- and 8-bit blocks, so ONNX gets fp32 weights
     _symmetric("q5_0", 5, 8, LLAMA_CPP_4BIT, onnx_file_format="f32"),
     _affine("q5_1", 5, 9),
+    # K-quants, file types as llama.cpp names a file mostly in them (Q4_K_S, Q5_K_S, Q6_K)
+    _kquant("q4_k", 14),
+    _kquant("q5_k", 16),
+    _kquant("q6_k", 18),
     WeightFormat("q8_0", 8.5, BLOCK, "Q8_0", 7, embedding="q8_0", onnx_file_format="f32",
                  parity={"llama.cpp": (0.01, 0.94)}, onnx_bits=8,
                  quantize=bq.quantize_q8_0, dequantize=bq.dequantize, pack=partial(bq.pack, bits=8), torch_quantize=bq.torch_q8_0),
