@@ -13,6 +13,9 @@ from gguf import GGMLQuantizationType  # noqa: E402
 from gguf.quants import dequantize, quantize  # noqa: E402
 
 QUANTIZED = [n for n, f in FORMATS.items() if f.quantized]
+# gguf.quants quantizes the 32-weight types; the K-quants are checked against llama.cpp's own
+# quantizer in tests/test_kquants.py
+BLOCK32 = [n for n in QUANTIZED if not FORMATS[n].fixed_grid]
 
 
 def weights(seed, shape=(48, 256), scale=0.05):
@@ -28,7 +31,7 @@ def weights(seed, shape=(48, 256), scale=0.05):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("name", QUANTIZED)
+@pytest.mark.parametrize("name", BLOCK32)
 def test_bytes_and_values_equal_llama_cpps_reference(name, seed):
     fmt, w = FORMATS[name], weights(seed)
     qtype = GGMLQuantizationType[fmt.gguf_type]
@@ -45,9 +48,10 @@ def test_torch_fake_quant_is_bit_identical_to_numpy(name):
     assert np.array_equal(fmt.torch_round_trip(torch.from_numpy(w)).numpy(), fmt.round_trip(w))
 
 
-@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("name", [n for n, f in FORMATS.items() if not f.fixed_grid])
 def test_requantizing_a_round_tripped_weight_is_a_fixed_point(name):
-    """Export re-quantizes QAT master weights; on weights already on the grid nothing changes."""
+    """Export re-quantizes QAT master weights; on weights already on the grid nothing changes
+    (K-quants export on the grid QAT trained on instead: tests/test_kquants.py)."""
     fmt = FORMATS[name]
     for seed in (4, 5):
         w = fmt.round_trip(weights(seed))
@@ -82,7 +86,7 @@ def test_registry_entries_are_complete():
         assert not fmt.clip_search or fmt.grid is not None
         # ONNX holds a format itself only where MatMulNBits has its bit width and no minimum
         assert fmt.onnx_file_format in (name, "f32") and (fmt.onnx_file_format != name or not fmt.quantized or fmt.onnx_bits)
-    assert LINEAR_FORMATS == ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16")
+    assert LINEAR_FORMATS == ("q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "q8_0", "f16")
 
 
 def test_format_plan_and_unknown_names():

@@ -31,13 +31,14 @@ def _permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _tensor(name: str, w: np.ndarray, fmt: WeightFormat) -> tuple[str, np.ndarray, Any]:
+def _tensor(name: str, w: np.ndarray, fmt: WeightFormat, grid: Any = None) -> tuple[str, np.ndarray, Any]:
+    """One GGUF tensor: ``w`` in ``fmt`` (K-quants: on the ``grid`` QAT trained on, where given)."""
     from gguf import GGMLQuantizationType
 
     w = np.ascontiguousarray(w, dtype=np.float32)
     if not fmt.quantized or w.ndim == 1:
         return name, (w if w.ndim == 1 else w.astype(fmt.numpy_dtype)), None
-    return name, fmt.pack(fmt.quantize(w)), GGMLQuantizationType[fmt.gguf_type]
+    return name, fmt.pack(fmt.blocks_for(w, grid)), GGMLQuantizationType[fmt.gguf_type]
 def _copy_tokenizer_fields(writer: Any, source_gguf: Path) -> None:
     from gguf import GGUFReader, GGUFValueType
 
@@ -104,14 +105,20 @@ def export_gguf(
     linear = plan.format_of("linear")
     if not linear.linear:
         raise EdgekdError(f"GGUF export of {linear.name!r} linear layers is not supported", fix="choose a profile weight format")
+    from ..methods.qat import grids
+
+    fixed = grids(model)
     state = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
     tensors = []
     for key, name, role, layer in family.gguf_tensors(cfg):
-        w = state[key]
+        w, grid = state[key], fixed.get(key)
         heads = family.rotary_heads(role, cfg)
-        if heads is not None:
+        if heads is not None:  # llama.cpp's rotary row order; a grid's rows move with their weights
             w = _permute_rotary(w, heads)
-        tensors.append(_tensor(name, w, plan.format_of(role, layer)))
+            if grid is not None:
+                grid = grid._replace(**{f: _permute_rotary(getattr(grid, f), heads) for f in ("d", "sc", "codes", "dmin", "m")
+                                        if getattr(grid, f) is not None})
+        tensors.append(_tensor(name, w, plan.format_of(role, layer), grid))
 
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch.nn.utils import parametrize
 
+from .. import kquants as kq
+from ..errors import EdgekdError
 from ..families import family_of
 from ..formats import FORMATS, FormatPlan, WeightFormat
 
@@ -74,22 +76,46 @@ class _LearnedClip(torch.autograd.Function):
         return grad, g_clip.to(clip.dtype), None
 
 
+class _GridSTE(torch.autograd.Function):
+    """Round trip onto a fixed grid (K-quants, edgekd.kquants), straight-through gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, step: torch.Tensor, mn: torch.Tensor | None, bits: int) -> torch.Tensor:
+        return kq.torch_grid_round_trip(w, step, mn, bits)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        return grad, None, None, None
+
+
 class FakeQuant(torch.nn.Module):
     """Parametrization: weight -> its exact round trip through ``fmt`` (STE gradient).
 
     ``clip``: per-block scale factors (see edgekd.methods.clip_search), kept as a buffer so
     checkpoints carry them, or as a trainable parameter with ``learn_clip`` (LSQ-style).
+    ``grid``: for fixed-grid formats (K-quants), the reference quantizer's blocks of the weight
+    at QAT's start; training rounds onto their scales and minimums, and the exporters write the
+    codes on the same grid (:func:`grids`).
     """
 
-    def __init__(self, fmt: WeightFormat, clip: torch.Tensor | None = None, learn_clip: bool = False):
+    def __init__(self, fmt: WeightFormat, clip: torch.Tensor | None = None, learn_clip: bool = False,
+                 grid: kq.KBlocks | None = None):
         super().__init__()
         self.fmt = fmt.name
         if learn_clip:
             self.clip = torch.nn.Parameter(clip.clone().float())
         else:
             self.register_buffer("clip", clip)
+        self.grid = grid
+        if grid is not None:
+            step, mn = kq.torch_grids(grid)
+            self.register_buffer("grid_step", step)
+            self.register_buffer("grid_min", mn)
+            self.bits = kq.SPEC[grid.kind][0]
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.grid is not None:
+            return _GridSTE.apply(w, self.grid_step, self.grid_min, self.bits)
         if isinstance(self.clip, torch.nn.Parameter):
             return _LearnedClip.apply(w, self.clip, self.fmt)
         return _RoundTripSTE.apply(w, self.fmt, self.clip)
@@ -98,13 +124,37 @@ class FakeQuant(torch.nn.Module):
 def quantized_tensors(model: Any, plan: FormatPlan) -> list[tuple[Any, WeightFormat]]:
     """(module, format) of every tensor the exporters quantize, as the plan assigns them.
 
-    A tied output head shares its Parameter with the token embedding and gets its format."""
+    A tied output head shares its Parameter with the token embedding and gets its format.
+    A format the tensor's rows cannot hold (a K-quant on rows not a multiple of 256) is refused here."""
     family = family_of(model)
-    out = [(mod, plan.format_of(role, layer)) for layer, role, mod in family.linear_modules(model)]
+    out = [(mod, plan.format_of(role, layer), f"blk.{layer}.{role}") for layer, role, mod in family.linear_modules(model)]
     embedding = plan.format_of("embedding")
-    out.append((family.embedding_module(model), embedding))
-    out.append((family.head_module(model), embedding if family.tied(model) else plan.format_of("head")))
-    return out
+    out.append((family.embedding_module(model), embedding, "embedding"))
+    out.append((family.head_module(model), embedding if family.tied(model) else plan.format_of("head"), "head"))
+    for mod, fmt, name in out:
+        cols = mod.weight.shape[1]
+        if not fmt.fits(cols):
+            fits = [n for n, f in FORMATS.items() if f.linear and f.quantized and f.fits(cols)]
+            raise EdgekdError(f"{name} cannot be stored as {fmt.name}: its rows are {cols} weights long, {fmt.name} needs a multiple of {fmt.block}",
+                              fix=f"give it one of {', '.join(fits)} in deployment.tensor_formats, or set tensor_formats: auto")
+    return [(mod, fmt) for mod, fmt, _ in out]
+
+
+def weight_name(model: Any, module: Any) -> str:
+    """The state-dict name of ``module``'s weight (the key grids are saved under)."""
+    for name, mod in model.named_modules():
+        if mod is module:
+            return f"{name}.weight"
+    raise KeyError(module)
+
+
+def grids(model: Any) -> dict[str, kq.KBlocks]:
+    """The fixed grids of a converted model's K-quant tensors, by weight name (empty when it has none)."""
+    return dict(getattr(model, GRIDS_ATTRIBUTE, None) or {})
+
+
+GRIDS_ATTRIBUTE = "edgekd_grids"  # set on the model by convert(); saved next to it as GRIDS_FILE
+GRIDS_FILE = "kquant-grids.npz"
 
 
 @dataclass
@@ -126,6 +176,10 @@ def prepare(model: Any, plan: FormatPlan, clips: dict[Any, torch.Tensor] | None 
     learned = []
     for mod, fmt in quantized_tensors(model, plan):
         if fmt.identity:
+            continue
+        if fmt.fixed_grid:
+            grid = fmt.quantize(mod.weight.detach().float().cpu().numpy())
+            parametrize.register_parametrization(mod, "weight", FakeQuant(fmt, grid=grid), unsafe=True)
             continue
         clip = (clips or {}).get(mod)
         learn = learn_clip and fmt.grid is not None and isinstance(mod, torch.nn.Linear)
@@ -164,19 +218,31 @@ def is_prepared(model: Any) -> bool:
 def convert(model: Any, plan: FormatPlan, clips: dict[Any, torch.Tensor] | None = None) -> Any:
     """Remove QAT parametrizations, leaving the exactly round-tripped weights (what ships).
 
-    An unprepared model is round-tripped directly (post-training quantization, with ``clips``)."""
+    An unprepared model is round-tripped directly (post-training quantization, with ``clips``).
+    The grids of K-quant tensors are left on the model (:func:`grids`) for the exporters."""
     family = family_of(model)
     embedding, head = family.embedding_module(model), family.head_module(model)
     if is_prepared(model):
         tied = head.parametrizations.weight.original is embedding.parametrizations.weight.original
     else:
         tied = head.weight is embedding.weight
+    fixed: dict[str, kq.KBlocks] = {}
     for mod, fmt in quantized_tensors(model, plan):
+        name = weight_name(model, mod)
         if parametrize.is_parametrized(mod, "weight"):
+            fake = mod.parametrizations.weight[0]
+            if fake.grid is not None:
+                fixed[name] = fake.grid
             parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
+        elif fmt.fixed_grid:
+            grid = fmt.quantize(mod.weight.detach().float().cpu().numpy())
+            fixed[name] = grid
+            with torch.no_grad():
+                mod.weight.data = torch.from_numpy(kq.dequantize(grid)).to(mod.weight.device)
         else:
             with torch.no_grad():
                 mod.weight.data = fmt.torch_round_trip(mod.weight.data, (clips or {}).get(mod))
+    setattr(model, GRIDS_ATTRIBUTE, fixed)
     if tied:  # removal leaves two tensors; tie them again so the model saves and exports as tied
         head.weight = family.embedding_module(model).weight
     return model

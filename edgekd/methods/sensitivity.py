@@ -99,7 +99,7 @@ def measure_sensitivity(model: Any, blocks: np.ndarray, candidates: list[str], m
     for group, modules in groups.items():
         originals = [m.weight.data.clone() for m in modules]
         formats[group] = {}
-        for name in candidates:
+        for name in _fitting(candidates, modules):
             fmt = FORMATS[name]
             for m, w in zip(modules, originals):
                 m.weight.data = fmt.torch_round_trip(w)
@@ -132,9 +132,15 @@ def measure_sensitivity(model: Any, blocks: np.ndarray, candidates: list[str], m
     return Sensitivity(meter.tokens, formats, skipped, width, time.perf_counter() - t0)
 
 
+def _fitting(candidates: list[str], modules: list[Any]) -> list[str]:
+    """The candidate formats every tensor of a group can be stored in (K-quants need rows a multiple of 256)."""
+    return [n for n in candidates if all(FORMATS[n].fits(m.weight.shape[1]) for m in modules)]
+
+
 def measurements(model: Any, candidates: list[str], mlp_fractions: tuple[float, ...] = ()) -> int:
     """How many KL evaluations :func:`measure_sensitivity` makes (for a progress bar)."""
-    return len(_group_modules(model)) * len(candidates) + len(decoder_layers(model)) + len(mlp_fractions)
+    groups = _group_modules(model).values()
+    return sum(len(_fitting(candidates, mods)) for mods in groups) + len(decoder_layers(model)) + len(mlp_fractions)
 
 
 def predicted_format_kl(sensitivity: Sensitivity, plan: FormatPlan, roles: tuple[str, ...]) -> float:

@@ -18,10 +18,11 @@ METHOD_NOTE = {"clipped scales": "clipped scales, no QAT steps", "round-to-neare
 
 def qat(ctx: RunContext) -> StageRecord:
     """QAT-KD on the exact grid of the shipped format (or clipped / round-to-nearest scales when qat.steps is 0)."""
+    from .. import kquants as kq
     from ..fileio import atomic_path
     from ..methods.evaluate import evaluate, torch_logits_fn
     from ..methods.models import model_summary
-    from ..methods.qat import LEARNED_CLIP_LR_SCALE
+    from ..methods.qat import GRIDS_FILE, LEARNED_CLIP_LR_SCALE, grids
     from ..methods.qat_kd import qat_config, qat_kd
     from ..plots import loss_curves_plot
 
@@ -64,6 +65,9 @@ def qat(ctx: RunContext) -> StageRecord:
     with atomic_path(ctx.run.path(SHIPPED_DIR)) as tmp:
         model.save_pretrained(tmp)
         ctx.teacher.tokenizer.save_pretrained(tmp)
+        if grids(model):  # K-quant tensors: the exporters write their codes on these grids
+            kq.save_grids(tmp / GRIDS_FILE, grids(model))
+            artifacts["fixed K-quant grids"] = f"{SHIPPED_DIR}/{GRIDS_FILE}"
     ctx.student = None  # the student object now holds the shipped weights
     blocks = ctx.heldout_blocks()
     with ctx.reporter.task("evaluating the quantized student (torch)", total=len(blocks), unit="blocks") as advance:
@@ -90,9 +94,13 @@ def _holds_the_teacher_exactly(ctx: RunContext, model: Any, plan: Any) -> bool:
 def shipped(ctx: RunContext) -> Shipped:
     """The shipped student: from this process, or from the run directory when qat finished earlier."""
     if ctx.shipped is None:
+        from .. import kquants as kq
+        from ..methods.qat import GRIDS_ATTRIBUTE, GRIDS_FILE
         from ..pipeline.context import load_hf
 
-        ctx.shipped = Shipped(load_hf(ctx.run.path(SHIPPED_DIR)), ctx.format_plan(), shipped_heldout(ctx))
+        model = load_hf(ctx.run.path(SHIPPED_DIR))
+        setattr(model, GRIDS_ATTRIBUTE, kq.load_grids(ctx.run.path(SHIPPED_DIR, GRIDS_FILE)))
+        ctx.shipped = Shipped(model, ctx.format_plan(), shipped_heldout(ctx))
     return ctx.shipped
 
 
