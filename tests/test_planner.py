@@ -142,3 +142,19 @@ def test_an_unhealable_plan_is_not_a_plan():
     prof = load_profile("raspberry-pi-5", ["budgets.max_model_mb=60"])
     with pytest.raises(EdgekdError, match="max_kl"):
         choose(search_for(prof, qat_steps=0, distill_steps=0, max_kl=0.2), prof)
+
+
+def test_a_kquant_is_chosen_only_where_the_rows_hold_it():
+    """Q4_K is cheaper than Q5_0 here on ffn_down (the only SmolLM2 role whose rows, 1536 at full
+    width, are a multiple of 256); at MLP width x0.75 (1152) it no longer fits and is not chosen."""
+    from edgekd.methods.planner import choose
+
+    prof = load_profile("raspberry-pi-5", ["budgets.max_model_mb=95"])
+    sens, roles = constructed_sensitivity(block_cost=1.0)
+    sens.formats["ffn_down"]["q4_k"] = 0.001
+    sens.mlp_width["0.75"] = 0.0  # free width: the only thing against it is that Q4_K stops fitting
+    base = dict(roles=roles, format_candidates=["q4_0", "q5_0", "q8_0", "q4_k"], embedding_candidates=["q8_0"], depths=[30])
+    chosen, _, _ = choose(search_for(prof, sensitivity=sens, mlp_fractions=[1.0], **base), prof)
+    assert chosen.formats.format_of("ffn_down", 0).name == "q4_k"
+    narrow, _, _ = choose(search_for(prof, sensitivity=sens, mlp_fractions=[0.75], **base), prof)
+    assert narrow.formats.format_of("ffn_down", 0).name != "q4_k"

@@ -57,6 +57,10 @@ class ArchShape:
         return {"attn_q": self.hidden * q, "attn_k": self.hidden * kv, "attn_v": self.hidden * kv, "attn_output": q * self.hidden,
                 "ffn_gate": mlp, "ffn_up": mlp, "ffn_down": mlp}
 
+    def role_row_length(self, role: str) -> int:
+        """How long a weight row of ``role`` is (its input features): what a block format must divide."""
+        return {"attn_output": self.heads * self.head_dim, "ffn_down": self.intermediate}.get(role, self.hidden)
+
     # parameters of the linear layers of one block (norms excluded)
     def block_linear_params(self) -> int:
         return sum(self.role_params().values())

@@ -122,8 +122,9 @@ def _frontier(search: Search, shape: ArchShape) -> list[tuple[float, float, dict
         groups.append((role, shape.layers * per_block[role], search.format_candidates or fixed, lambda n: share * keep_linear))
     front: list[tuple[float, float, dict[str, str]]] = [(0.0, 0.0, {})]
     for group, params, names, scale in groups:
-        if len(names) > 1:  # searched: only formats measured on this group (K-quants fit some rows only)
-            names = [n for n in names if n in sens.get(group, {})] or names[:1]
+        if len(names) > 1:  # searched: only formats measured on this group whose rows, at this width, they fit (K-quants)
+            row = shape.role_row_length(group)
+            names = [n for n in names if n in sens.get(group, {}) and FORMATS[n].fits(row)] or names[:1]
         merged = [(b + FORMATS[n].tensor_bytes(params), kl + scale(n) * sens.get(group, {}).get(n, 0.0), {**choice, group: n})
                   for b, kl, choice in front for n in names]
         merged.sort(key=lambda t: (t[0], t[1]))

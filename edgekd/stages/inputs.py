@@ -16,7 +16,11 @@ def load_teacher(ctx: Any) -> StageRecord:
         ctx.teacher = load_causal_lm(source, trust_remote_code=ctx.inputs.trust_remote_code)
     ctx.report.teacher = {**source.describe(), **ctx.teacher.info}
     if ctx.profile.deployment.tensor_formats != "auto":
+        from ..methods.qat import quantized_tensors
+        from ..pipeline.plan import format_plan
+
         family_of(ctx.teacher.model).check_tensor_keys(ctx.profile.deployment.tensor_formats, ctx.teacher.info["layers"])
+        quantized_tensors(ctx.teacher.model, format_plan(ctx.profile))  # refuses a format a tensor's rows cannot hold, now
     return StageRecord("load_teacher", settings=source.describe(), metrics=dict(ctx.teacher.info))
 
 
