@@ -12,6 +12,7 @@ text (English prose outside the training domain), file size, decode speed on thi
     .venv/bin/python benchmarks/format_plans.py --score pi5=export/RUN/model-q4_0.gguf --name default_runs
 
 Keys of a plan: ``linear``, ``embedding``, ``head`` (an untied head; default: the embedding's),
+a role (``ffn_down=q4_k``: that role in every block) or one block's tensor (``blk.3.attn_v=q8_0``),
 ``steps`` (QAT steps; default the profile's), ``clip`` (1: clip search, 0: round-to-nearest).
 QAT checkpoints go to ``export/format-plans/<plan>/``, so an interrupted plan resumes.
 """
@@ -29,12 +30,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_plan(text: str, default_steps: int) -> tuple[str, dict]:
+    import re
+
     name, _, spec = text.partition(":")
-    out = {"linear": None, "embedding": None, "head": None, "steps": default_steps, "clip": 1}
+    out = {"linear": None, "embedding": None, "head": None, "steps": default_steps, "clip": 1, "tensors": {}}
+    tensor_key = re.compile(r"^(blk\.\d+\.)?(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)$")
     for item in filter(None, spec.split(",")):
         key, _, value = item.partition("=")
-        if key not in out:
-            raise SystemExit(f"unknown plan key {key!r} in {text!r}; keys: {', '.join(out)}")
+        if tensor_key.match(key):
+            out["tensors"][key] = value
+            continue
+        if key not in out or key == "tensors":
+            raise SystemExit(f"unknown plan key {key!r} in {text!r}; keys: linear, embedding, head, steps, clip, or a role")
         out[key] = int(value) if key in ("steps", "clip") else value
     if out["linear"] is None:
         raise SystemExit(f"plan {text!r} needs linear=FORMAT")
@@ -80,7 +87,7 @@ def main() -> int:
         write_result(args.name, {"rows": rows})
     for text in args.plan:
         name, spec = parse_plan(text, prof.compression.qat.steps)
-        plan = FormatPlan.uniform(spec["linear"], {k: spec[k] for k in ("embedding", "head") if spec[k]})
+        plan = FormatPlan.uniform(spec["linear"], {**{k: spec[k] for k in ("embedding", "head") if spec[k]}, **spec["tensors"]})
         t0 = time.perf_counter()
         cfg = qat_config(prof.compression.distill, prof.compression.qat.model_copy(update={"steps": spec["steps"]}))
         result = qat_kd(copy.deepcopy(teacher.model), teacher.model, setup.train, setup.calibration, plan, cfg,
