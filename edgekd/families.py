@@ -185,6 +185,8 @@ class Family:
         rope = getattr(config, "rope_parameters", None) or {}
         if rope.get("rope_type", "default") != "default":
             return f"GGUF export does not write rope scaling ({rope.get('rope_type')!r})"
+        if getattr(config, "use_sliding_window", False):
+            return f"llama.cpp's {self.gguf_arch} models attend to the whole context: this model's sliding-window attention would change in the file"
         return None
 
     def pre_tokenizer(self, vocab_size: int) -> str:
@@ -204,8 +206,14 @@ QWEN2 = replace(LLAMA, model_type="qwen2", name="Qwen2", gguf_arch=None, loads_f
                 gguf_refusal="GGUF export supports Llama and Mistral models, not 'qwen2'",
                 pre_tokenizers=((None, "qwen2"),))
 MISTRAL = replace(LLAMA, model_type="mistral", name="Mistral", loads_from_gguf=(), pre_tokenizers=())  # Mistral GGUFs say "llama"
+# Qwen3: Llama's layout plus a per-head RMSNorm on q and k before the rotary embedding
+# (transformers' modeling_qwen3; llama.cpp's qwen3 loader requires attn_q_norm / attn_k_norm).
+# Its rotary embedding rotates halves of each head as Hugging Face does (NEOX): no row permutation.
+QWEN3 = replace(LLAMA, model_type="qwen3", name="Qwen3", gguf_arch="qwen3", loads_from_gguf=("qwen3",), rotary_rows=(),
+                norms=LLAMA_NORMS + (("self_attn.q_norm", "attn_q_norm"), ("self_attn.k_norm", "attn_k_norm")),
+                pre_tokenizers=((None, "qwen2"),))
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAMA, QWEN2, MISTRAL)}
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAMA, QWEN2, MISTRAL, QWEN3)}
 
 
 def supported_text() -> str:
