@@ -60,6 +60,9 @@ class Family:
     rotary_rows: tuple[tuple[str, str], ...] = (("attn_q", "num_attention_heads"), ("attn_k", "num_key_value_heads"))
     mlp: MlpChannels = field(default_factory=MlpChannels)
     pre_tokenizers: tuple[tuple[int | None, str], ...] = ()  # (vocab size or None for any, llama.cpp pre-tokenizer)
+    # rope types (config.rope_parameters["rope_type"]) the GGUF file can carry; "llama3" is the
+    # rope_freqs.weight tensor of divisors llama.cpp's llama loader reads (edgekd.exporters.gguf)
+    gguf_rope_types: tuple[str, ...] = ("default",)
 
     # ------------------------------------------------------------ modules
     def decoder_layers(self, model: Any) -> Any:
@@ -183,8 +186,8 @@ class Family:
         if self.gguf_arch is None:
             return self.gguf_refusal
         rope = getattr(config, "rope_parameters", None) or {}
-        if rope.get("rope_type", "default") != "default":
-            return f"GGUF export does not write rope scaling ({rope.get('rope_type')!r})"
+        if rope.get("rope_type", "default") not in self.gguf_rope_types:
+            return f"GGUF export of {self.name} models does not write rope scaling {rope.get('rope_type')!r}"
         if getattr(config, "use_sliding_window", False):
             return f"llama.cpp's {self.gguf_arch} models attend to the whole context: this model's sliding-window attention would change in the file"
         return None
@@ -199,10 +202,10 @@ def _set_path(root: Any, path: str, value: Any) -> None:
     setattr(operator.attrgetter(parent)(root) if parent else root, name, value)
 
 
-LLAMA = Family("llama", "Llama (incl. SmolLM)", gguf_arch="llama", loads_from_gguf=("llama",),
-               pre_tokenizers=((49152, "smollm"), (128256, "llama-bpe")))
+LLAMA = Family("llama", "Llama (incl. SmolLM, Llama 3.x)", gguf_arch="llama", loads_from_gguf=("llama",),
+               pre_tokenizers=((49152, "smollm"), (128256, "llama-bpe")), gguf_rope_types=("default", "llama3"))
 # Qwen2 and Mistral share Llama's block layout (pre-norm attention + SwiGLU MLP, RoPE, GQA).
-QWEN2 = replace(LLAMA, model_type="qwen2", name="Qwen2", gguf_arch=None, loads_from_gguf=("qwen2",),
+QWEN2 = replace(LLAMA, model_type="qwen2", name="Qwen2", gguf_arch=None, loads_from_gguf=("qwen2",), gguf_rope_types=("default",),
                 gguf_refusal="GGUF export supports Llama and Mistral models, not 'qwen2'",
                 pre_tokenizers=((None, "qwen2"),))
 MISTRAL = replace(LLAMA, model_type="mistral", name="Mistral", loads_from_gguf=(), pre_tokenizers=())  # Mistral GGUFs say "llama"
@@ -210,6 +213,7 @@ MISTRAL = replace(LLAMA, model_type="mistral", name="Mistral", loads_from_gguf=(
 # (transformers' modeling_qwen3; llama.cpp's qwen3 loader requires attn_q_norm / attn_k_norm).
 # Its rotary embedding rotates halves of each head as Hugging Face does (NEOX): no row permutation.
 QWEN3 = replace(LLAMA, model_type="qwen3", name="Qwen3", gguf_arch="qwen3", loads_from_gguf=("qwen3",), rotary_rows=(),
+                gguf_rope_types=("default",),  # llama.cpp's qwen3 loader has no rope_freqs tensor
                 norms=LLAMA_NORMS + (("self_attn.q_norm", "attn_q_norm"), ("self_attn.k_norm", "attn_k_norm")),
                 pre_tokenizers=((None, "qwen2"),))
 

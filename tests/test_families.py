@@ -68,3 +68,44 @@ def test_qwen3_sliding_window_is_refused(tiny_tokenizer, tmp_path):
     with pytest.raises(EdgekdError, match="sliding-window"):
         export_gguf(model, tiny_tokenizer, tmp_path / "swa.gguf", FormatPlan.uniform("f16"))
     assert not (tmp_path / "swa.gguf").exists()
+
+
+def test_llama3_rope_scaling_is_written_as_rope_freqs(tiny_tokenizer, tmp_path):
+    """Llama 3.x's rope scaling changes the low frequencies; the file carries llama.cpp's
+    rope_freqs divisors, and llama.cpp then computes what torch does (a model whose frequencies
+    differ this much from the default rope's would not)."""
+    from gguf import GGUFReader
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def build(rope):
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+                          bos_token_id=1, eos_token_id=2, pad_token_id=2, rope_parameters=rope)
+        model = _randomize_norms(LlamaForCausalLM(cfg).eval())
+        with torch.no_grad():  # sharp attention, so where a position's rotation is wrong the logits say so
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.weight.mul_(8)
+                layer.self_attn.k_proj.weight.mul_(8)
+        return model
+
+    llama3 = {"rope_type": "llama3", "rope_theta": 100.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 32}
+    model, plain = build(llama3), build({"rope_type": "default", "rope_theta": 100.0})
+    path = export_gguf(model, tiny_tokenizer, tmp_path / "l3.gguf", FormatPlan.uniform("f16"))
+    freqs = next(t for t in GGUFReader(str(path)).tensors if t.name == "rope_freqs.weight")
+    assert freqs.tensor_type.name == "F32" and int(freqs.shape[0]) == 16 // 2
+    values = np.array(freqs.data)
+    assert values[0] == pytest.approx(1.0) and values[-1] == pytest.approx(8.0)  # high frequencies kept, low divided by factor
+    b = _blocks(model.config.vocab_size)
+    m = evaluate(llamacpp.logits_fn(path, b.shape[1], threads=1), b, torch_logits_fn(model))
+    assert m.kl_to_teacher < 1e-4 and m.top1_agreement > 0.95, m
+    assert evaluate(torch_logits_fn(plain), b, torch_logits_fn(model)).kl_to_teacher > 10 * 1e-4  # the test can tell
+
+
+def test_rope_scaling_a_family_cannot_carry_is_refused(tiny_tokenizer, tmp_path):
+    model = tiny_qwen3(len(tiny_tokenizer), rope_parameters={"rope_type": "llama3", "rope_theta": 100.0, "factor": 8.0,
+                                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                             "original_max_position_embeddings": 32})
+    with pytest.raises(EdgekdError, match="does not write rope scaling 'llama3'"):
+        export_gguf(model, tiny_tokenizer, tmp_path / "q3-l3.gguf", FormatPlan.uniform("f16"))

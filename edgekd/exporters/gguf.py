@@ -39,6 +39,24 @@ def _tensor(name: str, w: np.ndarray, fmt: WeightFormat, grid: Any = None) -> tu
     if not fmt.quantized or w.ndim == 1:
         return name, (w if w.ndim == 1 else w.astype(fmt.numpy_dtype)), None
     return name, fmt.pack(fmt.blocks_for(w, grid)), GGMLQuantizationType[fmt.gguf_type]
+def rope_freqs(config: Any) -> np.ndarray | None:
+    """llama.cpp's ``rope_freqs.weight`` for Llama 3 rope scaling, else None: per rotary pair the
+    divisor of its frequency, ``inv_freq_default / inv_freq_llama3`` (ggml_rope_ext divides theta
+    by it; convert_hf_to_gguf.py writes the same values from the same formula), from transformers'
+    own llama3 frequencies so the file rotates exactly as the torch model does."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type") != "llama3":
+        return None
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    base = float(rope["rope_theta"])
+    default = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim))
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    return (default / scaled.float()).numpy().astype(np.float32)
+
+
 def _copy_tokenizer_fields(writer: Any, source_gguf: Path) -> None:
     from gguf import GGUFReader, GGUFValueType
 
@@ -119,6 +137,9 @@ def export_gguf(
                 grid = grid._replace(**{f: _permute_rotary(getattr(grid, f), heads) for f in ("d", "sc", "codes", "dmin", "m")
                                         if getattr(grid, f) is not None})
         tensors.append(_tensor(name, w, plan.format_of(role, layer), grid))
+    freqs = rope_freqs(cfg)
+    if freqs is not None:  # one global tensor, never quantized, not permuted (it is indexed by rotary pair)
+        tensors.insert(0, ("rope_freqs.weight", freqs, None))
 
     path = Path(path)
     with atomic_path(path) as tmp:
