@@ -63,6 +63,10 @@ class Family:
     # rope types (config.rope_parameters["rope_type"]) the GGUF file can carry; "llama3" is the
     # rope_freqs.weight tensor of divisors llama.cpp's llama loader reads (edgekd.exporters.gguf)
     gguf_rope_types: tuple[str, ...] = ("default",)
+    per_layer_config: tuple[str, ...] = ("layer_types",)  # config lists with one entry per block (sliced by depth pruning)
+    # llama.cpp builds some layers without a rotary embedding at a fixed step it does not read from
+    # the file (smollm3: every 4th, (i + 1) % 4 == 0); a model whose NoPE layers differ cannot be written
+    gguf_nope_step: int | None = None
 
     # ------------------------------------------------------------ modules
     def decoder_layers(self, model: Any) -> Any:
@@ -188,6 +192,12 @@ class Family:
         rope = getattr(config, "rope_parameters", None) or {}
         if rope.get("rope_type", "default") not in self.gguf_rope_types:
             return f"GGUF export of {self.name} models does not write rope scaling {rope.get('rope_type')!r}"
+        if self.gguf_nope_step:
+            expected = [int((i + 1) % self.gguf_nope_step != 0) for i in range(config.num_hidden_layers)]
+            if list(getattr(config, "no_rope_layers", expected)) != expected:
+                return (f"llama.cpp's {self.gguf_arch} models skip the rotary embedding in every {self.gguf_nope_step}th block; this "
+                        f"model's blocks without it are {[i for i, r in enumerate(config.no_rope_layers) if not r]} (a depth-pruned "
+                        "student keeps its blocks' own)")
         if getattr(config, "use_sliding_window", False):
             return f"llama.cpp's {self.gguf_arch} models attend to the whole context: this model's sliding-window attention would change in the file"
         return None
@@ -217,7 +227,13 @@ QWEN3 = replace(LLAMA, model_type="qwen3", name="Qwen3", gguf_arch="qwen3", load
                 norms=LLAMA_NORMS + (("self_attn.q_norm", "attn_q_norm"), ("self_attn.k_norm", "attn_k_norm")),
                 pre_tokenizers=((None, "qwen2"),))
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAMA, QWEN2, MISTRAL, QWEN3)}
+# SmolLM3: Llama's layout; every 4th block has no rotary embedding (config.no_rope_layers, 1 = rope),
+# which llama.cpp's smollm3 graph hard-codes. transformers cannot load smollm3 GGUF files.
+SMOLLM3 = replace(LLAMA, model_type="smollm3", name="SmolLM3", gguf_arch="smollm3", loads_from_gguf=(),
+                  gguf_rope_types=("default",), per_layer_config=("layer_types", "no_rope_layers"), gguf_nope_step=4,
+                  pre_tokenizers=((128256, "llama-bpe"),))
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAMA, QWEN2, MISTRAL, QWEN3, SMOLLM3)}
 
 
 def supported_text() -> str:

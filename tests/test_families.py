@@ -109,3 +109,50 @@ def test_rope_scaling_a_family_cannot_carry_is_refused(tiny_tokenizer, tmp_path)
                                                              "original_max_position_embeddings": 32})
     with pytest.raises(EdgekdError, match="does not write rope scaling 'llama3'"):
         export_gguf(model, tiny_tokenizer, tmp_path / "q3-l3.gguf", FormatPlan.uniform("f16"))
+
+
+def tiny_smollm3(vocab, layers=8):
+    from transformers import SmolLM3Config, SmolLM3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = SmolLM3Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1,
+                        eos_token_id=2, pad_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 100.0})
+    model = _randomize_norms(SmolLM3ForCausalLM(cfg).eval())
+    with torch.no_grad():  # sharp attention: a block roped by mistake changes the logits
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    return model
+
+
+def test_smollm3_nope_blocks_reach_llama_cpp(tiny_tokenizer, tmp_path):
+    model = tiny_smollm3(len(tiny_tokenizer))
+    assert model.config.no_rope_layers == [1, 1, 1, 0, 1, 1, 1, 0]
+    path = export_gguf(model, tiny_tokenizer, tmp_path / "s3.gguf", FormatPlan.uniform("f16"))
+    b = _blocks(model.config.vocab_size)
+    m = evaluate(llamacpp.logits_fn(path, b.shape[1], threads=1), b, torch_logits_fn(model))
+    assert m.kl_to_teacher < 1e-4 and m.top1_agreement > 0.95, m
+    roped = copy.deepcopy(model)
+    for layer in roped.model.layers:
+        layer.self_attn.use_rope = True
+    assert evaluate(torch_logits_fn(roped), b, torch_logits_fn(model)).kl_to_teacher > 1e-3  # the test can tell
+
+
+def test_a_depth_pruned_smollm3_keeps_its_blocks_nope_and_gguf_refuses_a_pattern_llama_cpp_cannot_hold(tiny_tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from edgekd.methods.prune import make_student
+
+    model = tiny_smollm3(len(tiny_tokenizer))
+    student = make_student(model, [0, 1, 3, 4, 5, 6, 7])  # block 3 (NoPE) moves to index 2
+    assert student.config.no_rope_layers == [1, 1, 0, 1, 1, 1, 0]
+    student.save_pretrained(tmp_path / "student")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()
+    b = _blocks(model.config.vocab_size)
+    assert evaluate(torch_logits_fn(reloaded), b, torch_logits_fn(student)).kl_to_teacher < 1e-10
+    with pytest.raises(EdgekdError, match=r"every 4th block; this model's blocks without it are \[2, 6\]"):
+        export_gguf(student, tiny_tokenizer, tmp_path / "pruned.gguf", FormatPlan.uniform("f16"))
+    ok = make_student(model, [0, 1, 2, 3])  # a prefix keeps llama.cpp's pattern
+    path = export_gguf(ok, tiny_tokenizer, tmp_path / "prefix.gguf", FormatPlan.uniform("f16"))
+    assert evaluate(llamacpp.logits_fn(path, b.shape[1], threads=1), b, torch_logits_fn(ok)).kl_to_teacher < 1e-4

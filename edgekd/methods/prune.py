@@ -203,8 +203,9 @@ def prune_depth(model: Any, keep: list[int]) -> Any:
             layer.layer_idx = new_idx
     family.set_decoder_layers(model, kept)
     cfg = model.config
-    if getattr(cfg, "layer_types", None):
-        cfg.layer_types = [cfg.layer_types[i] for i in keep]
+    for name in family.per_layer_config:  # per-block config lists follow their blocks (a saved student rebuilds them)
+        if getattr(cfg, name, None):
+            setattr(cfg, name, [getattr(cfg, name)[i] for i in keep])
     cfg.num_hidden_layers = len(keep)
     return model
 
