@@ -156,3 +156,34 @@ def test_a_depth_pruned_smollm3_keeps_its_blocks_nope_and_gguf_refuses_a_pattern
     ok = make_student(model, [0, 1, 2, 3])  # a prefix keeps llama.cpp's pattern
     path = export_gguf(ok, tiny_tokenizer, tmp_path / "prefix.gguf", FormatPlan.uniform("f16"))
     assert evaluate(llamacpp.logits_fn(path, b.shape[1], threads=1), b, torch_logits_fn(ok)).kl_to_teacher < 1e-4
+
+
+def test_a_qwen3_teacher_through_the_whole_chain(tmp_path, tiny_tokenizer, small_corpus_file, tiny_profile_overrides):
+    """prune -> distill (logit, hidden, attention) -> QAT -> GGUF and int4 ONNX, each checked in its runtime."""
+    import edgekd
+
+    teacher_dir = tmp_path / "qwen3-teacher"
+    model = tiny_qwen3(len(tiny_tokenizer))
+    model.save_pretrained(teacher_dir)
+    tiny_tokenizer.save_pretrained(teacher_dir)
+    report = edgekd.compress(teacher=teacher_dir, profile="raspberry-pi-5", data=small_corpus_file, output=tmp_path, run_name="q3",
+                             quiet=True, overrides=[*tiny_profile_overrides, "compression.prune.keep_layers=2",
+                                                    "deployment.formats=[gguf, onnx]"])
+    parity = report.stage("export").metrics["parity"]
+    assert [p["runtime"] for p in parity] == ["llama.cpp", "onnxruntime"] and all(p["passed"] for p in parity)
+    assert parity[1]["greedy_match"] is True
+    assert report.stage("prune").metrics["kept_layers"] == 2 and report.teacher["architecture"] == "qwen3"
+
+
+def test_a_smollm3_student_llama_cpp_cannot_hold_is_refused_before_training(tmp_path, tiny_tokenizer, small_corpus_file,
+                                                                             tiny_profile_overrides):
+    import edgekd
+
+    teacher_dir = tmp_path / "smollm3-teacher"
+    tiny_smollm3(len(tiny_tokenizer)).save_pretrained(teacher_dir)
+    tiny_tokenizer.save_pretrained(teacher_dir)
+    with pytest.raises(EdgekdError, match="the pruned student cannot be written as GGUF") as exc:
+        edgekd.compress(teacher=teacher_dir, profile="raspberry-pi-5", data=small_corpus_file, output=tmp_path, run_name="s3",
+                        quiet=True, overrides=[*tiny_profile_overrides, "compression.prune.keep_layers=5"])
+    assert "deployment.formats: [onnx]" in exc.value.render()
+    assert not (tmp_path / "s3" / "distill").exists() and not (tmp_path / "s3" / "prune" / "plan.json").exists()

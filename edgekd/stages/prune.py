@@ -51,9 +51,11 @@ def prune(ctx: Any) -> StageRecord:
         keep = select_layers(scores, resolve_keep_layers(settings.keep_layers, n_layers), settings.method)
         fraction, reason = settings.mlp_keep_fraction, {"reason": f"keep_layers={settings.keep_layers} from the profile"}
     plan = plan_pruning(teacher, keep, fraction, ctx.calibration_blocks(), reason)
+    pruned_model = plan.make_student(teacher)
+    _check_exportable(ctx, pruned_model)
     ctx.prune_plan = plan
     atomic_write_json(ctx.run.path(*PRUNE_PLAN), plan.to_dict())
-    ctx.student = Student(plan.make_student(teacher), plan.layer_map)
+    ctx.student = Student(pruned_model, plan.layer_map)
     keep = plan.keep
     removed = [i for i in range(n_layers) if i not in keep]
     block_scores_plot(ctx.run.path("prune", "scores.png"),
@@ -73,6 +75,20 @@ def prune(ctx: Any) -> StageRecord:
                  "student": model_summary(student), "heldout": m.to_dict(), "block_table": rows},
         artifacts={"prune plan": "prune/plan.json", "block scores plot": "prune/scores.png"},
     )
+
+
+def _check_exportable(ctx: Any, student: Any) -> None:
+    """Refuse now, before any training, a pruned student the profile's GGUF cannot hold (a SmolLM3
+    student whose blocks without rotary embedding no longer fall where llama.cpp puts them)."""
+    from ..errors import EdgekdError
+    from ..families import family_of
+
+    if "gguf" not in ctx.profile.deployment.formats:
+        return
+    refusal = family_of(student).unsupported_gguf_config(student.config)
+    if refusal:
+        raise EdgekdError(f"the pruned student cannot be written as GGUF: {refusal}",
+                          fix="keep blocks that preserve the pattern (compression.prune.keep_layers), or set deployment.formats: [onnx]")
 
 
 def pruned(record: StageRecord, ctx: Any) -> bool:
