@@ -39,6 +39,7 @@ class MlpChannels:
     rows: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
     cols: str = "mlp.down_proj"
     size_attr: str = "mlp.intermediate_size"
+    fused: bool = False  # one linear holds [gate; up] (Phi-3's gate_up_proj): a channel is a row in each half
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class Family:
     # llama.cpp builds some layers without a rotary embedding at a fixed step it does not read from
     # the file (smollm3: every 4th, (i + 1) % 4 == 0); a model whose NoPE layers differ cannot be written
     gguf_nope_step: int | None = None
+    gguf_required_tokens: tuple[str, ...] = ()  # tokens llama.cpp's vocabulary loader looks up for this architecture
 
     # ------------------------------------------------------------ modules
     def decoder_layers(self, model: Any) -> Any:
@@ -135,14 +137,18 @@ class Family:
         """The module whose input is the MLP's intermediate activation (the channels' importance tap)."""
         return operator.attrgetter(self.mlp.cols)(layer)
 
-    def replace_mlp(self, layer: Any, slice_rows: Any, slice_cols: Any, width: int) -> None:
-        """Replace the MLP's linears by ``slice_rows(module)`` / ``slice_cols(module)`` and record ``width``."""
+    def replace_mlp(self, layer: Any, keep: list[int], slicer: Any) -> None:
+        """Keep the MLP channels ``keep`` of one block: ``slicer(module, rows=..., cols=...)`` returns
+        the sliced linear (rows of the gate/up projections, columns of the down projection)."""
+        width = len(keep)
         for path in self.mlp.rows:
-            _set_path(layer, path, slice_rows(operator.attrgetter(path)(layer)))
-        _set_path(layer, self.mlp.cols, slice_cols(operator.attrgetter(self.mlp.cols)(layer)))
+            lin = operator.attrgetter(path)(layer)
+            rows = list(keep) + [lin.out_features // 2 + k for k in keep] if self.mlp.fused else list(keep)
+            _set_path(layer, path, slicer(lin, rows=rows))
+        _set_path(layer, self.mlp.cols, slicer(operator.attrgetter(self.mlp.cols)(layer), cols=list(keep)))
         owner, _, attr = self.mlp.size_attr.rpartition(".")
         target = operator.attrgetter(owner)(layer) if owner else layer
-        if hasattr(target, attr):
+        if attr and hasattr(target, attr):
             setattr(target, attr, width)
 
     # ------------------------------------------------------------ GGUF
@@ -164,10 +170,13 @@ class Family:
         return None if field_name is None else int(getattr(config, field_name))
 
     def gguf_hparams(self, config: Any) -> dict[str, int | float]:
-        """GGUF metadata ``<arch>.<key>`` values (the GGUF spec's llama keys), in the order written."""
+        """GGUF metadata ``<arch>.<key>`` values (the GGUF spec's llama keys), in the order written.
+        A partial rotary embedding (Phi-3: ``partial_rotary_factor``) rotates ``rope.dimension_count``
+        of each head's dimensions; LongRoPE's extra keys are the exporter's (they need transformers)."""
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         rope = getattr(config, "rope_parameters", None) or {}
+        partial = float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0))
         out: dict[str, int | float] = {
             "context_length": int(getattr(config, "max_position_embeddings", 2048)),
             "embedding_length": int(config.hidden_size),
@@ -177,7 +186,7 @@ class Family:
             "attention.head_count_kv": int(config.num_key_value_heads),
             "rope.freq_base": float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
             "attention.layer_norm_rms_epsilon": float(config.rms_norm_eps),
-            "rope.dimension_count": int(head_dim),
+            "rope.dimension_count": int(head_dim * partial),
         }
         if head_dim != config.hidden_size // heads:
             out["attention.key_length"] = int(head_dim)
@@ -233,7 +242,16 @@ SMOLLM3 = replace(LLAMA, model_type="smollm3", name="SmolLM3", gguf_arch="smollm
                   gguf_rope_types=("default",), per_layer_config=("layer_types", "no_rope_layers"), gguf_nope_step=4,
                   pre_tokenizers=((128256, "llama-bpe"),))
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAMA, QWEN2, MISTRAL, QWEN3, SMOLLM3)}
+# Phi-3 / Phi-4-mini: fused [q; k; v] and [gate; up] projections (llama.cpp's attn_qkv and a
+# 2 x n_ff ffn_up), a partial NEOX rotary embedding, LongRoPE factors as two global tensors.
+PHI3 = Family("phi3", "Phi-3 / Phi-4-mini", gguf_arch="phi3", loads_from_gguf=("phi3",), rotary_rows=(),
+              linears=(("self_attn.qkv_proj", "attn_qkv"), ("self_attn.o_proj", "attn_output"), ("mlp.gate_up_proj", "ffn_up"),
+                       ("mlp.down_proj", "ffn_down")),
+              mlp=MlpChannels(rows=("mlp.gate_up_proj",), cols="mlp.down_proj", size_attr="", fused=True),
+              pre_tokenizers=((200064, "gpt-4o"),), gguf_rope_types=("default", "longrope"),
+              gguf_required_tokens=("<|endoftext|>",))
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAMA, QWEN2, MISTRAL, QWEN3, SMOLLM3, PHI3)}
 
 
 def supported_text() -> str:

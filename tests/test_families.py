@@ -187,3 +187,98 @@ def test_a_smollm3_student_llama_cpp_cannot_hold_is_refused_before_training(tmp_
                         quiet=True, overrides=[*tiny_profile_overrides, "compression.prune.keep_layers=5"])
     assert "deployment.formats: [onnx]" in exc.value.render()
     assert not (tmp_path / "s3" / "distill").exists() and not (tmp_path / "s3" / "prune" / "plan.json").exists()
+
+
+@pytest.fixture(scope="module")
+def phi3_tokenizer(tiny_tokenizer):
+    """llama.cpp's phi3 vocabulary needs <|endoftext|> (Phi-3's and Phi-4-mini's tokenizers have it)."""
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<|endoftext|>"]})
+    return tok
+
+
+def tiny_phi3(vocab, rope=None, layers=3):
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Phi3Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=4096, original_max_position_embeddings=512, sliding_window=None,
+                     tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                     rope_parameters=rope or {"rope_type": "default", "rope_theta": 100.0, "partial_rotary_factor": 0.5})
+    model = _randomize_norms(Phi3ForCausalLM(cfg).eval())
+    with torch.no_grad():  # sharp attention: a wrongly rotated dimension changes the logits
+        for layer in model.model.layers:
+            layer.self_attn.qkv_proj.weight[: 64 + 32].mul_(8)
+    return model
+
+
+@pytest.mark.parametrize("longrope", [False, True])
+def test_phi3_fused_projections_and_partial_rotary_reach_llama_cpp(phi3_tokenizer, tmp_path, longrope):
+    tiny_tokenizer = phi3_tokenizer
+    from gguf import GGUFReader
+
+    rope = None
+    # short factors apply within the original context: transformers decides by the sequence length (24
+    # tokens here), llama.cpp by its context size (64, padded to 256); both under the original 512
+    if longrope:
+        rope = {"rope_type": "longrope", "rope_theta": 100.0, "partial_rotary_factor": 0.5, "original_max_position_embeddings": 512,
+                "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0, 4.0, 8.0, 16.0]}
+    model = tiny_phi3(len(tiny_tokenizer), rope)
+    path = export_gguf(model, tiny_tokenizer, tmp_path / "phi3.gguf", FormatPlan.uniform("f16"))
+    reader = GGUFReader(str(path))
+    shapes = {t.name: [int(x) for x in t.shape] for t in reader.tensors}
+    assert shapes["blk.0.attn_qkv.weight"] == [64, 64 + 2 * 32] and shapes["blk.0.ffn_up.weight"] == [64, 2 * 128]
+    assert "blk.0.ffn_gate.weight" not in shapes and reader.fields["phi3.rope.dimension_count"].parts[-1][0] == 8
+    assert ("rope_factors_short.weight" in shapes) == longrope
+    b = _blocks(model.config.vocab_size)
+    m = evaluate(llamacpp.logits_fn(path, 64, threads=1), b, torch_logits_fn(model))
+    assert m.kl_to_teacher < 1e-4 and m.top1_agreement > 0.95, m
+    if longrope:  # the factors matter here: without them the rotation differs
+        plain = tiny_phi3(len(tiny_tokenizer))
+        assert evaluate(torch_logits_fn(plain), b, torch_logits_fn(model)).kl_to_teacher > 1e-3
+
+
+def test_phi3_width_pruning_slices_both_halves_of_the_fused_mlp(phi3_tokenizer, tmp_path):
+    tiny_tokenizer = phi3_tokenizer
+    from edgekd.methods.prune import apply_mlp_channels
+
+    model = tiny_phi3(len(tiny_tokenizer))
+    keep = list(range(0, 128, 2))
+    pruned = copy.deepcopy(model)
+    assert apply_mlp_channels(pruned, [keep] * 3) == 64
+    mlp, ref = pruned.model.layers[1].mlp, model.model.layers[1].mlp
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():  # the pruned MLP is the full one with the other channels' activations zeroed
+        gate, up = ref.gate_up_proj(x).chunk(2, dim=-1)
+        act = torch.nn.functional.silu(gate) * up
+        mask = torch.zeros(128)
+        mask[keep] = 1
+        assert torch.allclose(mlp(x), ref.down_proj(act * mask), atol=1e-6)
+    path = export_gguf(pruned, tiny_tokenizer, tmp_path / "pruned.gguf", FormatPlan.uniform("f16"))
+    b = _blocks(model.config.vocab_size)
+    assert evaluate(llamacpp.logits_fn(path, 64, threads=1), b, torch_logits_fn(pruned)).kl_to_teacher < 1e-4
+
+
+def test_phi3_without_the_token_llama_cpp_needs_is_refused(tiny_tokenizer, tmp_path):
+    with pytest.raises(EdgekdError, match=r"no <\|endoftext\|> token"):
+        export_gguf(tiny_phi3(len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "p.gguf", FormatPlan.uniform("f16"))
+    assert not (tmp_path / "p.gguf").exists()
+
+
+def test_a_phi3_teacher_through_the_whole_chain(tmp_path, phi3_tokenizer, small_corpus_file, tiny_profile_overrides):
+    """Fused projections through width pruning, distillation, QAT, the planner's cost model, GGUF and ONNX."""
+    import edgekd
+    from edgekd.device.costmodel import ArchShape
+
+    teacher_dir = tmp_path / "phi3-teacher"
+    model = tiny_phi3(len(phi3_tokenizer), layers=4)
+    assert set(ArchShape.from_config(model.config).role_params()) == set(family_of(model).roles())
+    model.save_pretrained(teacher_dir)
+    phi3_tokenizer.save_pretrained(teacher_dir)
+    overrides = [o for o in tiny_profile_overrides if "mlp_keep_fraction" not in o]
+    report = edgekd.compress(teacher=teacher_dir, profile="raspberry-pi-5", data=small_corpus_file, output=tmp_path, run_name="phi3",
+                             quiet=True, overrides=[*overrides, "compression.prune.mlp_keep_fraction=0.5",
+                                                    "deployment.formats=[gguf, onnx]"])
+    parity = report.stage("export").metrics["parity"]
+    assert [p["runtime"] for p in parity] == ["llama.cpp", "onnxruntime"] and all(p["passed"] for p in parity)
+    assert parity[1]["greedy_match"] is True and report.stage("prune").metrics["student"]["intermediate_size"] == 64

@@ -36,6 +36,7 @@ class ArchShape:
     head_dim: int
     vocab: int
     tied_embeddings: bool
+    fused_projections: bool = False  # Phi-3: one [q; k; v] and one [gate; up] linear per block
 
     @classmethod
     def from_config(cls, cfg: Any) -> ArchShape:
@@ -45,6 +46,7 @@ class ArchShape:
             heads=heads, kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
             head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, vocab=cfg.vocab_size,
             tied_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+            fused_projections=getattr(cfg, "model_type", "") == "phi3",
         )
 
     def with_layers(self, layers: int) -> ArchShape:
@@ -54,6 +56,8 @@ class ArchShape:
         """Parameters of each linear layer of one block, by role (the GGUF tensor names)."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         mlp = self.hidden * self.intermediate
+        if self.fused_projections:
+            return {"attn_qkv": self.hidden * (q + 2 * kv), "attn_output": q * self.hidden, "ffn_up": 2 * mlp, "ffn_down": mlp}
         return {"attn_q": self.hidden * q, "attn_k": self.hidden * kv, "attn_v": self.hidden * kv, "attn_output": q * self.hidden,
                 "ffn_gate": mlp, "ffn_up": mlp, "ffn_down": mlp}
 

@@ -57,6 +57,25 @@ def rope_freqs(config: Any) -> np.ndarray | None:
     return (default / scaled.float()).numpy().astype(np.float32)
 
 
+def longrope(config: Any) -> tuple[dict[str, float | int], list[tuple[str, np.ndarray]]] | None:
+    """Phi-3's LongRoPE for llama.cpp: ``rope.scaling.attn_factor`` (transformers' own
+    attention factor, which scales cos and sin), ``rope.scaling.original_context_length``, and the
+    long and short per-pair factors as ``rope_factors_long`` / ``rope_factors_short`` (F32). Both
+    runtimes pick the long factors past the original context: llama.cpp by the context size it is
+    given, transformers by the sequence length."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type") != "longrope":
+        return None
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    _, attn_factor = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu")
+    keys = {"rope.scaling.attn_factor": float(attn_factor),
+            "rope.scaling.original_context_length": int(rope.get("original_max_position_embeddings")
+                                                        or config.original_max_position_embeddings)}
+    return keys, [("rope_factors_long.weight", np.asarray(rope["long_factor"], np.float32)),
+                  ("rope_factors_short.weight", np.asarray(rope["short_factor"], np.float32))]
+
+
 def _copy_tokenizer_fields(writer: Any, source_gguf: Path) -> None:
     from gguf import GGUFReader, GGUFValueType
 
@@ -70,7 +89,7 @@ def _copy_tokenizer_fields(writer: Any, source_gguf: Path) -> None:
         writer.add_key_value(key, value, vtype, sub_type=sub)
 
 
-def _tokenizer_fields_from_hf(writer: Any, tokenizer: Any, pre: str, vocab_size: int) -> None:
+def _tokenizer_fields_from_hf(writer: Any, tokenizer: Any, pre: str, vocab_size: int, required: tuple[str, ...] = ()) -> None:
     """Build llama.cpp's BPE ("gpt2") tokenizer metadata from a fast tokenizer's tokenizer.json."""
     state = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else None
     if not state or state.get("model", {}).get("type") != "BPE":
@@ -87,6 +106,10 @@ def _tokenizer_fields_from_hf(writer: Any, tokenizer: Any, pre: str, vocab_size:
         tokens[i], types[i] = tok, 1  # normal
     for i, t in added.items():
         tokens[i], types[i] = t["content"], 3 if t.get("special") else 4  # control / user-defined
+    missing = [t for t in required if t not in tokens]
+    if missing:
+        raise EdgekdError(f"the tokenizer has no {', '.join(missing)} token, which llama.cpp requires of this architecture",
+                          fix="use the model's own tokenizer, or add the token to it")
     merges = [m if isinstance(m, str) else " ".join(m) for m in state["model"].get("merges", [])]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
@@ -140,12 +163,17 @@ def export_gguf(
     freqs = rope_freqs(cfg)
     if freqs is not None:  # one global tensor, never quantized, not permuted (it is indexed by rotary pair)
         tensors.insert(0, ("rope_freqs.weight", freqs, None))
+    hparams = family.gguf_hparams(cfg)
+    long = longrope(cfg)
+    if long is not None:
+        hparams.update(long[0])
+        tensors[:0] = [(name, data, None) for name, data in long[1]]
 
     path = Path(path)
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), family.gguf_arch)
         writer.add_name(f"{source_name or cfg.model_type} (edgekd {plan.name})")
-        for key, value in family.gguf_hparams(cfg).items():
+        for key, value in hparams.items():
             add = writer.add_float32 if isinstance(value, float) else writer.add_uint32
             add(f"{family.gguf_arch}.{key}", value)
         writer.add_file_type(linear.gguf_file_type)
@@ -159,7 +187,8 @@ def export_gguf(
         if source_gguf is not None:
             _copy_tokenizer_fields(writer, Path(source_gguf))
         else:
-            _tokenizer_fields_from_hf(writer, tokenizer, family.pre_tokenizer(cfg.vocab_size), cfg.vocab_size)
+            _tokenizer_fields_from_hf(writer, tokenizer, family.pre_tokenizer(cfg.vocab_size), cfg.vocab_size,
+                                      family.gguf_required_tokens)
         for name, data, raw in tensors:
             writer.add_tensor(name, data, raw_dtype=raw)
         writer.write_header_to_file()

@@ -253,9 +253,7 @@ def apply_mlp_channels(model: Any, channels: list[list[int]]) -> int:
         return new
     family = family_of(model)
     for layer, keep_list in zip(family.decoder_layers(model), channels):
-        keep = torch.tensor(keep_list, dtype=torch.long)
-        family.replace_mlp(layer, lambda lin, keep=keep: _slice_linear(lin, rows=keep),
-                           lambda lin, keep=keep: _slice_linear(lin, cols=keep), new)
+        family.replace_mlp(layer, keep_list, _slice_linear)
     model.config.intermediate_size = new
     return new
 
@@ -265,7 +263,9 @@ def prune_mlp_width(model: Any, importance: list[torch.Tensor], keep_fraction: f
     return apply_mlp_channels(model, select_mlp_channels(importance, keep_fraction, multiple))
 
 
-def _slice_linear(lin: torch.nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> torch.nn.Linear:
+def _slice_linear(lin: torch.nn.Linear, rows: list[int] | None = None, cols: list[int] | None = None) -> torch.nn.Linear:
+    rows = None if rows is None else torch.tensor(rows, dtype=torch.long)
+    cols = None if cols is None else torch.tensor(cols, dtype=torch.long)
     w = lin.weight.data
     w = w[rows] if rows is not None else w
     w = w[:, cols] if cols is not None else w
