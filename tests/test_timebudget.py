@@ -52,3 +52,26 @@ def test_a_tight_budget_fits_the_training_steps_and_resume_keeps_them(tmp_path, 
     assert 1 <= qat["steps"] < 40 and any("fitted to the time budget" in n for n in report.notes)
     saved = json.loads((tmp_path / "tb" / "distill" / "fitted-steps.json").read_text())
     assert saved == distill
+
+
+def test_a_deadline_stops_training_with_a_checkpoint_and_resume_finishes(tmp_path):
+    """Steps slower than the probe said: the loop stops at the deadline, saves where it stopped,
+    and a resumed run without one trains the remaining steps from there."""
+    import time
+
+    import numpy as np
+    from conftest import make_tiny_llama
+
+    from edgekd.methods.checkpoints import latest_checkpoint
+    from edgekd.methods.distill import DistillConfig, distill
+    from edgekd.methods.prune import make_student
+
+    teacher = make_tiny_llama(200, layers=4, seed=1)
+    student = make_student(teacher, [0, 3])
+    train = np.random.default_rng(0).integers(0, 200, size=(16, 16)).astype(np.int32)
+    cfg = DistillConfig(steps=30, batch_size=2, checkpoint_every=10)
+    out = distill(student, teacher, train, cfg, [0, 3], run_dir=tmp_path, deadline=time.perf_counter())
+    assert out.stopped_at_deadline and out.steps == 1 and len(out.history) == 1
+    assert latest_checkpoint(tmp_path).name == "step-000001"
+    rest = distill(student, teacher, train, cfg, [0, 3], run_dir=tmp_path)
+    assert not rest.stopped_at_deadline and rest.resumed_from_step == 1 and rest.steps == 30 and len(rest.history) == 30

@@ -94,13 +94,14 @@ class DistillOutcome:
     resumed_from_step: int
     history: list[dict[str, float]] = field(default_factory=list)
     seen_blocks: list[int] = field(default_factory=list)  # this rank's block indices, in order
+    stopped_at_deadline: bool = False  # the time budget ran out before cfg.steps (see distill's deadline)
 
     def summary(self) -> dict[str, Any]:
         last = self.history[-10:]
         mean = lambda k: float(np.mean([h[k] for h in last])) if last and k in last[0] else None  # noqa: E731
         return {
             "steps": self.steps, "training_tokens": self.tokens, "train_wall_time_s": round(self.wall_time_s, 2),
-            "resumed_from_step": self.resumed_from_step,
+            "resumed_from_step": self.resumed_from_step, "stopped_at_deadline": self.stopped_at_deadline,
             "final_loss": mean("loss"), "final_ce": mean("ce"), "final_kd": mean("kd"),
             "final_hidden": mean("hidden"), "final_attention": mean("attention"),
             "tokens_per_s": mean("tokens_per_s"),
@@ -196,8 +197,13 @@ def distill(
     logit_cache: Any = None,
     param_groups: list[dict[str, Any]] | None = None,
     after_step: Callable[[], None] | None = None,
+    deadline: float | None = None,
 ) -> DistillOutcome:
     """Train ``student`` in place for ``cfg.steps`` optimizer steps; checkpoints under ``run_dir``.
+
+    ``deadline`` (a ``time.perf_counter()`` value): stop early, with a checkpoint, once the next
+    step would end after it at the pace of the last few (a time budget's guard for when steps run
+    slower than the probe that fitted their number said; Lightning's ``max_time`` does the same).
 
     ``logit_cache`` (edgekd.methods.logit_cache.LogitCache over ``train_blocks``) replaces the
     teacher's live logits; it must have been built at ``cfg.temperature``. ``param_groups``:
@@ -238,6 +244,7 @@ def distill(
     seen: list[int] = []
     block_len = train_blocks.shape[1]
     t_start = time.perf_counter()
+    done, stopped = start_step, False
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
@@ -277,11 +284,19 @@ def distill(
             progress(1, status=f"{extra} | {record['tokens_per_s']:.0f} tok/s")
         if on_step:
             on_step(done)
+        if deadline is not None and done < cfg.steps:
+            pace = float(np.median([h["step_s"] for h in history[-5:]]))
+            if time.perf_counter() + pace > deadline:
+                if run_dir is not None and accelerator.is_main_process and done % cfg.checkpoint_every:
+                    save_checkpoint(run_dir, unwrapped, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+                                    done, tokens, history, cfg)
+                stopped = True
+                break
     if want_attn:
         unwrapped.set_attn_implementation("sdpa")
         teacher.set_attn_implementation("sdpa")
     unwrapped.eval()
-    return DistillOutcome(cfg.steps, tokens, time.perf_counter() - t_start, start_step, history, seen)
+    return DistillOutcome(done if stopped else cfg.steps, tokens, time.perf_counter() - t_start, start_step, history, seen, stopped)
 
 
 def check_fits(teacher: Any, student: Any, cfg: DistillConfig, block_len: int) -> dict[str, float]:
@@ -295,7 +310,8 @@ def check_fits(teacher: Any, student: Any, cfg: DistillConfig, block_len: int) -
 def run_distillation(student: Any, teacher: Any, train_blocks: np.ndarray, cfg: DistillConfig, layer_map: list[int],
                      label: str, reporter: Any = None, run_dir: Path | None = None, logit_cache: Any = None,
                      param_groups: list[dict[str, Any]] | None = None,
-                     after_step: Callable[[], None] | None = None) -> tuple[DistillOutcome, dict[str, float]]:
+                     after_step: Callable[[], None] | None = None,
+                     deadline: float | None = None) -> tuple[DistillOutcome, dict[str, float]]:
     """Check that a step fits in memory, then train with a progress bar named ``label``; resumes
     from ``run_dir``'s checkpoints. Returns the outcome and the memory estimate."""
     from ..progress import Reporter
@@ -303,7 +319,7 @@ def run_distillation(student: Any, teacher: Any, train_blocks: np.ndarray, cfg: 
     estimate = check_fits(teacher, student, cfg, train_blocks.shape[1])
     with (reporter or Reporter(quiet=True)).task(label, total=cfg.steps, unit="steps") as advance:
         outcome = distill(student, teacher, train_blocks, cfg, layer_map, run_dir=run_dir, resume=True, progress=advance,
-                          logit_cache=logit_cache, param_groups=param_groups, after_step=after_step)
+                          logit_cache=logit_cache, param_groups=param_groups, after_step=after_step, deadline=deadline)
     return outcome, estimate
 
 

@@ -45,11 +45,12 @@ def qat_kd(student: Any, teacher: Any, train_blocks: np.ndarray, calibration_blo
            cfg: DistillConfig | None, *, clip_search: bool = True, learn_clip: bool = False,
            clip_lr_scale: float = LEARNED_CLIP_LR_SCALE, layer_map: list[int] | None = None,
            run_dir: Path | None = None, reporter: Any = None, logit_cache: Any = None,
-           fit_steps: Callable[[Callable[[], float]], int] | None = None) -> QatResult:
+           fit_steps: Callable[[Callable[[], float]], int] | None = None, deadline: float | None = None) -> QatResult:
     """Quantize ``student`` (in place) onto ``plan``'s exact grids, training it with ``cfg``
     (None or 0 steps: no training) from the unquantized ``teacher``; checkpoints under ``run_dir``.
     ``fit_steps(probe)``: the number of steps to train, given ``probe()``, the measured seconds
-    of one step of the prepared model (a time budget)."""
+    of one step of the prepared model (a time budget); ``deadline``: training stops early there
+    (edgekd.methods.distill.distill)."""
     from ..progress import Reporter
 
     reporter = reporter or Reporter(quiet=True)
@@ -69,7 +70,7 @@ def qat_kd(student: Any, teacher: Any, train_blocks: np.ndarray, calibration_blo
             cfg.steps = fit_steps(lambda: probe_step_seconds(student, teacher, train_blocks, cfg, layer_map, logit_cache))
         result.outcome, result.memory_estimate = run_distillation(
             student, teacher, train_blocks, cfg, layer_map,
-            f"QAT-KD to {linear.name}", reporter, run_dir, logit_cache, prepared.param_groups, prepared.after_step)
+            f"QAT-KD to {linear.name}", reporter, run_dir, logit_cache, prepared.param_groups, prepared.after_step, deadline)
         result.learned_clip = learned_clip_stats(student)
         result.method = "QAT-KD"
     convert(student, plan, clips)

@@ -5,7 +5,9 @@ step costs what the CPU makes of it: 4.5 s with bf16 on an AVX512-BF16 machine, 
 on one without (benchmarks/RESULTS.md). Before each training stage its step time is measured
 here (edgekd.methods.distill.probe_step_seconds) and its step count lowered, never raised, so the
 stages still to come fit in what is left; the counts are written to the run directory, so
-``--resume`` trains the same number of steps, and to the report.
+``--resume`` trains the same number of steps, and to the report. A probe can be optimistic (it
+skips the optimizer's update, and a shared machine slows down): each training stage also gets a
+deadline and stops there, with a checkpoint, if its steps run slower than measured.
 """
 
 from __future__ import annotations
@@ -56,6 +58,11 @@ class TimeBudget:
     def training_left_s(self) -> float:
         return self.left_s() - max(MIN_RESERVE_S, RESERVE_FRACTION * self.total_s)
 
+    def deadline(self, share: float = 1.0) -> float:
+        """The ``time.perf_counter()`` by which a training stage must stop, given ``share`` of the
+        training time left (the stages after it get the rest)."""
+        return time.perf_counter() + max(0.0, self.training_left_s()) * share
+
 
 def fit_steps(planned: list[tuple[int, float]], seconds: float) -> list[int]:
     """Step counts for training stages still to come, ``planned`` as (steps, seconds per step),
@@ -85,4 +92,7 @@ def budget_notes(stages: list) -> list[str]:
         if fitted and fitted["steps"] < fitted["planned_steps"]:
             out.append(f"{record.name}: {fitted['steps']} of {fitted['planned_steps']} steps, fitted to the time budget "
                        f"({fitted['seconds_per_step']:.2f} s per step measured on this machine)")
+        if record.metrics.get("stopped_at_deadline"):
+            out.append(f"{record.name}: stopped at the time budget's deadline after {record.metrics['steps']} steps "
+                       "(steps ran slower than the probe measured)")
     return out

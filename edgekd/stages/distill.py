@@ -83,8 +83,12 @@ def distill(ctx: RunContext) -> StageRecord:
     fitted = fit_to_time_budget(ctx, "distill", cfg.steps, lambda: probe_step_seconds(
         student.model, ctx.teacher.model, ctx.corpus.train, cfg, student.layer_map, cache), later=[ctx.profile.compression.qat.steps])
     cfg.steps = fitted["steps"] if fitted else cfg.steps
+    deadline = None
+    if ctx.time_budget is not None:  # this stage's share of the training time left; QAT's steps come after
+        later = ctx.profile.compression.qat.steps
+        deadline = ctx.time_budget.deadline(fitted["planned_steps"] / (fitted["planned_steps"] + later) if fitted else 1.0)
     outcome, estimate = run_distillation(student.model, ctx.teacher.model, ctx.corpus.train, cfg, student.layer_map, "distilling",
-                                         ctx.reporter, ctx.run.path("distill"), cache)
+                                         ctx.reporter, ctx.run.path("distill"), cache, deadline=deadline)
     _save_student(ctx, student.model)
     loss_curves_plot(ctx.run.path("distill", "loss.png"), outcome.history, "distillation losses")
     return StageRecord(

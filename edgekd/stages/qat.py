@@ -46,7 +46,8 @@ def qat(ctx: RunContext) -> StageRecord:
     result = qat_kd(student.model, ctx.teacher.model, ctx.corpus.train, ctx.calibration_blocks(), plan, cfg,
                     clip_search=qs.clip_search and not exact, learn_clip=qs.learn_clip, layer_map=student.layer_map,
                     run_dir=ctx.run.path("qat"), reporter=ctx.reporter, logit_cache=cached_teacher(ctx),
-                    fit_steps=fit if ctx.time_budget is not None else None)
+                    fit_steps=fit if ctx.time_budget is not None else None,
+                    deadline=ctx.time_budget.deadline() if ctx.time_budget is not None else None)
     metrics: dict[str, Any] = dict(result.clip_stats)
     artifacts = {"QAT student (weights on the shipped grid)": SHIPPED_DIR}
     if result.outcome is not None:
