@@ -52,6 +52,7 @@ def main() -> int:
     from edgekd.formats import FormatPlan
     from edgekd.methods.planner import Search, choose, depths, describe
     from edgekd.profiles import builtin_profile_names
+    from edgekd.stages.plan import candidate_formats
 
     rows = []
     for prof_name in builtin_profile_names():
@@ -61,8 +62,10 @@ def main() -> int:
             for size_budget in ("profile", "none"):
                 p = prof if size_budget == "profile" else edgekd.load_profile(prof_name, ["budgets.max_model_mb=null"])
                 c = p.compression.planner
-                search = Search(shape, stand_in_sensitivity(shape, c.candidates), ROLES, FormatPlan.uniform(p.deployment.weight_format),
-                                list(c.candidates), list(c.embedding_candidates), depths(layers, None), [1.0, *c.mlp_fractions],
+                linear, embedding = candidate_formats(p)  # as a run's plan stage: ONNX-first profiles keep to what ONNX holds
+                names = list(dict.fromkeys(linear + embedding))
+                search = Search(shape, stand_in_sensitivity(shape, names), ROLES, FormatPlan.uniform(p.deployment.weight_format),
+                                linear, embedding, depths(layers, None), [1.0, *c.mlp_fractions],
                                 p.compression.qat.steps, p.compression.distill.steps, c.max_kl)
                 try:
                     chosen, _, _ = choose(search, p)

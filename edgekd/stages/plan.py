@@ -19,7 +19,7 @@ def needs_planner(profile: Any) -> bool:
     return d.tensor_formats == "auto" or (c.prune.method != "none" and "auto" in (c.prune.keep_layers, c.prune.mlp_keep_fraction))
 
 
-def _candidate_formats(profile: Any) -> tuple[list[str], list[str]]:
+def candidate_formats(profile: Any) -> tuple[list[str], list[str]]:
     """The planner's format choices; where the budgets are checked on the ONNX file (runtime
     onnxruntime) it keeps to what ONNX holds in int form: other formats are stored as fp32 there,
     outside the size the plan counts. A GGUF-first profile that also exports ONNX gets a larger
@@ -40,7 +40,7 @@ def sensitivity(ctx: RunContext) -> StageRecord:
     from ..methods.sensitivity import measure_sensitivity, measurements
 
     p = ctx.profile.compression.planner
-    linear, embedding = _candidate_formats(ctx.profile)
+    linear, embedding = candidate_formats(ctx.profile)
     names = list(dict.fromkeys(linear + embedding))
     fractions = tuple(p.mlp_fractions) if ctx.profile.compression.prune.mlp_keep_fraction == "auto" else ()
     blocks = calibration_blocks(ctx.corpus.train, p.sensitivity_blocks)
@@ -71,7 +71,7 @@ def plan(ctx: RunContext) -> StageRecord:
     teacher = ctx.teacher.model
     layers = teacher.config.num_hidden_layers
     sens = Sensitivity.from_dict(json.loads(ctx.run.path(*SENSITIVITY).read_text()))
-    linear, embedding = _candidate_formats(prof)
+    linear, embedding = candidate_formats(prof)
     pruning = c.prune.method != "none"
     auto_formats = prof.deployment.tensor_formats == "auto"
     keep = None if not pruning else resolve_keep_layers(c.prune.keep_layers, layers)
