@@ -19,7 +19,41 @@ def test_missing_model_path():
     with pytest.raises(EdgekdError) as exc:
         resolve_model_source("/no/such/model")
     assert "model not found: /no/such/model" in str(exc.value)
-    assert "cannot be downloaded at run time" in str(exc.value)
+    assert "Hub model id" in str(exc.value)
+
+
+def test_a_hub_id_is_downloaded_through_huggingface_hub(tmp_path, tiny_model_dir, monkeypatch):
+    """A local stand-in for the Hub: snapshot_download is asked for the repository's configs,
+    safetensors and tokenizer files, and its snapshot is the teacher."""
+    import huggingface_hub
+
+    asked = {}
+
+    def fake_snapshot(repo, revision=None, allow_patterns=None):
+        asked.update(repo=repo, revision=revision, patterns=allow_patterns)
+        snapshot = tmp_path / "hub" / repo.replace("/", "--")
+        if not snapshot.exists():
+            shutil.copytree(tiny_model_dir, snapshot)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    src = resolve_model_source("someone/tiny-llama@main")
+    assert src.kind == "hf_dir" and src.name == "someone/tiny-llama" and (src.path / "config.json").exists()
+    assert asked["repo"] == "someone/tiny-llama" and asked["revision"] == "main" and "*.safetensors" in asked["patterns"]
+    assert load_causal_lm(src).info["layers"] == 4
+
+
+def test_hub_failures_get_one_clear_message(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*a, **k):
+        raise LocalEntryNotFoundError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(EdgekdError) as exc:
+        resolve_model_source("Qwen/Qwen3-0.6B")
+    assert "not in the local Hugging Face cache" in str(exc.value) and "connect to the internet once" in exc.value.render()
 
 
 def test_directory_without_config(tmp_path):

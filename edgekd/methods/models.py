@@ -14,6 +14,7 @@ import importlib.metadata as md
 import json
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,17 +93,59 @@ def default_teacher_path() -> Path:
     )
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")  # owner/name[@revision], not a path that exists
+# what a causal LM needs from a Hub repository: configs, safetensors weights, tokenizer files
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+
+
+def download_from_hub(repo: str, revision: str | None = None) -> Path:
+    """The local snapshot of a Hub model (huggingface_hub's cache: downloaded once, then reused
+    offline), its safetensors weights and tokenizer only; a clear error when it cannot be had."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+        )
+    except ImportError:
+        raise EdgekdError(f"{repo!r} looks like a Hugging Face Hub id, and huggingface_hub is not installed",
+                          fix="pip install huggingface_hub, or pass a local model directory") from None
+    try:
+        path = Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES))
+    except GatedRepoError:
+        raise EdgekdError(f"{repo} is a gated model on the Hugging Face Hub",
+                          fix="accept its license on huggingface.co and log in (hf auth login, or set HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise EdgekdError(f"no model {repo} on the Hugging Face Hub (or it is private)",
+                          fix="check the id, or log in for a private model (set HF_TOKEN)") from None
+    except LocalEntryNotFoundError:
+        raise EdgekdError(f"{repo} is not in the local Hugging Face cache and the Hub cannot be reached",
+                          fix="connect to the internet once (it is cached afterwards), or pass a local model directory") from None
+    except (HfHubHTTPError, OSError) as exc:
+        raise EdgekdError(f"downloading {repo} from the Hugging Face Hub failed ({type(exc).__name__}: {str(exc)[:200]})",
+                          fix="retry, or download it yourself and pass the directory") from None
+    if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+        raise EdgekdError(f"{repo} on the Hugging Face Hub has no config.json with safetensors weights",
+                          fix="pick a transformers model repository, or pass a local directory or .gguf file")
+    return path
+
+
 def resolve_model_source(spec: str | os.PathLike | None) -> ModelSource:
     """Turn a CLI/API ``--teacher`` value into a checked :class:`ModelSource` (no heavy imports)."""
     if spec is None or str(spec) in ("", "default"):
         path = default_teacher_path()
         return ModelSource("default", path, DEFAULT_TEACHER_NAME)
     path = Path(spec).expanduser()
+    if not path.exists() and HUB_ID.fullmatch(str(spec)):
+        repo, _, revision = str(spec).partition("@")
+        return ModelSource("hf_dir", download_from_hub(repo, revision or None), repo)
     if not path.exists():
         raise EdgekdError(
             f"model not found: {path}",
-            fix="pass a Hugging Face model directory (with config.json) or a .gguf file; "
-            "models cannot be downloaded at run time, so save one to disk first",
+            fix="pass a Hugging Face model directory (with config.json), a .gguf file, "
+            "or a Hugging Face Hub model id such as Qwen/Qwen3-0.6B",
         )
     if path.is_file():
         _check_gguf_header(path)
