@@ -258,14 +258,33 @@ def supported_text() -> str:
     return ", ".join(f"{f.name} (model_type {t!r})" for t, f in FAMILIES.items())
 
 
+# Architectures users bring that edgekd does not handle, and why (model_type or GGUF architecture).
+NOT_SUPPORTED_WHY = {
+    "gemma3": "Gemma 3 (its norms add 1 to their weights, four norms per block, sliding-window layers) is not supported yet",
+    "gemma3_text": "Gemma 3 (its norms add 1 to their weights, four norms per block, sliding-window layers) is not supported yet",
+    "gemma3n": "Gemma 3n is a hybrid (per-layer embeddings, AltUp, MatFormer blocks): its blocks are not decoder blocks "
+               "edgekd can prune, distill per layer or export",
+    "qwen3_next": "Qwen3-Next / Qwen3.5 mix Gated DeltaNet linear-attention blocks with attention blocks: "
+                  "their recurrent state has no place in edgekd's attention-only export and distillation taps",
+    "qwen3_5": "Qwen3.5 mixes Gated DeltaNet linear-attention blocks with attention blocks: "
+               "their recurrent state has no place in edgekd's attention-only export and distillation taps",
+    "lfm2": "LFM2 is a hybrid of short-convolution and attention blocks: the convolution blocks have no attention "
+            "or KV cache for edgekd's distillation taps and exporters",
+}
+
+
+def unsupported_message(model_type: str | None) -> str:
+    why = NOT_SUPPORTED_WHY.get(str(model_type))
+    return f"unsupported architecture {model_type!r}" + (f": {why}" if why else "")
+
+
 def family_of(model_or_config: Any) -> Family:
     """The family of a model (or its config), by ``model_type``."""
     config = getattr(model_or_config, "config", model_or_config)
     model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
     family = FAMILIES.get(model_type)
     if family is None:
-        raise EdgekdError(f"unsupported architecture {model_type!r}",
-                          fix=f"edgekd supports Llama-family decoders: {supported_text()}")
+        raise EdgekdError(unsupported_message(model_type), fix=f"edgekd supports these decoders: {supported_text()}")
     return family
 
 

@@ -71,7 +71,20 @@ def test_unsupported_architecture_names_supported_ones(tiny_model_dir, tmp_path)
         load_causal_lm(resolve_model_source(bad))
     text = str(exc.value)
     assert "unsupported architecture 'gpt2'" in text
-    assert "Llama" in text and "Qwen2" in text and "Mistral" in text
+    assert "Llama" in text and "Qwen2" in text and "Mistral" in text and "Qwen3" in text and "Phi-3" in text
+
+
+@pytest.mark.parametrize("model_type, why", [("lfm2", "short-convolution"), ("qwen3_next", "Gated DeltaNet"),
+                                             ("gemma3n", "hybrid"), ("gemma3_text", "not supported yet")])
+def test_hybrids_and_gemma_are_refused_with_the_reason(tiny_model_dir, tmp_path, model_type, why):
+    bad = tmp_path / model_type
+    shutil.copytree(tiny_model_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["model_type"] = model_type
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EdgekdError) as exc:
+        load_causal_lm(resolve_model_source(bad))
+    assert f"unsupported architecture {model_type!r} in " in str(exc.value) and why in str(exc.value)
 
 
 def test_remote_code_needs_the_flag(tiny_model_dir, tmp_path):
