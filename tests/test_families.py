@@ -282,3 +282,22 @@ def test_a_phi3_teacher_through_the_whole_chain(tmp_path, phi3_tokenizer, small_
     parity = report.stage("export").metrics["parity"]
     assert [p["runtime"] for p in parity] == ["llama.cpp", "onnxruntime"] and all(p["passed"] for p in parity)
     assert parity[1]["greedy_match"] is True and report.stage("prune").metrics["student"]["intermediate_size"] == 64
+
+
+def test_a_sentencepiece_style_bpe_tokenizer_is_refused_not_written_as_gpt2(tmp_path):
+    """Gemma's and Phi-3-mini's tokenizers are BPE in tokenizer.json but not byte-level: llama.cpp's
+    gpt2 vocabulary would tokenize them wrongly, so the writer refuses (copy the GGUF's instead)."""
+    from tiny_models import corpus_text
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator([corpus_text(5)], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                                                  show_progress=False))
+    spm_like = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    model = tiny_qwen3(len(spm_like))
+    with pytest.raises(EdgekdError, match="only byte-level BPE"):
+        export_gguf(model, spm_like, tmp_path / "spm.gguf", FormatPlan.uniform("f16"))
+    assert not (tmp_path / "spm.gguf").exists()

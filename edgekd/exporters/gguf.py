@@ -92,10 +92,13 @@ def _copy_tokenizer_fields(writer: Any, source_gguf: Path) -> None:
 def _tokenizer_fields_from_hf(writer: Any, tokenizer: Any, pre: str, vocab_size: int, required: tuple[str, ...] = ()) -> None:
     """Build llama.cpp's BPE ("gpt2") tokenizer metadata from a fast tokenizer's tokenizer.json."""
     state = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else None
-    if not state or state.get("model", {}).get("type") != "BPE":
+    # llama.cpp's "gpt2" vocabulary is byte-level BPE; a SentencePiece-style BPE (Gemma, Phi-3-mini:
+    # Metaspace, byte fallback) is BPE in tokenizer.json too, and written as gpt2 it would tokenize wrongly
+    byte_level = state and "ByteLevel" in json.dumps([state.get("pre_tokenizer"), state.get("decoder")])
+    if not state or state.get("model", {}).get("type") != "BPE" or not byte_level:
         raise EdgekdError(
-            "only byte-level BPE tokenizers can be written to GGUF by edgekd",
-            fix="load the teacher from its GGUF file (its tokenizer is copied as is), or use a BPE tokenizer",
+            "only byte-level BPE tokenizers can be written to GGUF by edgekd (this one is not: SentencePiece-style)",
+            fix="load the teacher from its GGUF file (its tokenizer is copied as is), or use a byte-level BPE tokenizer",
         )
     vocab = state["model"]["vocab"]
     added = {t["id"]: t for t in state.get("added_tokens", [])}
