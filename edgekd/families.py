@@ -259,23 +259,25 @@ def supported_text() -> str:
 
 
 # Architectures users bring that edgekd does not handle, and why (model_type or GGUF architecture).
+_GEMMA3 = "Gemma 3 (its norms add 1 to their weights, four norms per block, sliding-window layers) is not supported yet"
+_GATED_DELTANET = ("mix Gated DeltaNet linear-attention blocks with attention blocks: their recurrent state has no place "
+                   "in edgekd's attention-only export and distillation taps")
 NOT_SUPPORTED_WHY = {
-    "gemma3": "Gemma 3 (its norms add 1 to their weights, four norms per block, sliding-window layers) is not supported yet",
-    "gemma3_text": "Gemma 3 (its norms add 1 to their weights, four norms per block, sliding-window layers) is not supported yet",
+    "gemma3": _GEMMA3,
+    "gemma3_text": _GEMMA3,
     "gemma3n": "Gemma 3n is a hybrid (per-layer embeddings, AltUp, MatFormer blocks): its blocks are not decoder blocks "
                "edgekd can prune, distill per layer or export",
-    "qwen3_next": "Qwen3-Next / Qwen3.5 mix Gated DeltaNet linear-attention blocks with attention blocks: "
-                  "their recurrent state has no place in edgekd's attention-only export and distillation taps",
-    "qwen3_5": "Qwen3.5 mixes Gated DeltaNet linear-attention blocks with attention blocks: "
-               "their recurrent state has no place in edgekd's attention-only export and distillation taps",
+    "qwen3_next": f"Qwen3-Next / Qwen3.5 {_GATED_DELTANET}",
+    "qwen3_5": f"Qwen3.5 models {_GATED_DELTANET}",
     "lfm2": "LFM2 is a hybrid of short-convolution and attention blocks: the convolution blocks have no attention "
             "or KV cache for edgekd's distillation taps and exporters",
 }
 
 
-def unsupported_message(model_type: str | None) -> str:
-    why = NOT_SUPPORTED_WHY.get(str(model_type))
-    return f"unsupported architecture {model_type!r}" + (f": {why}" if why else "")
+def unsupported_message(name: Any, where: str = "", what: str = "architecture") -> str:
+    """``unsupported architecture 'lfm2' in DIR: why``, with the reason where edgekd knows one."""
+    why = NOT_SUPPORTED_WHY.get(str(name))
+    return f"unsupported {what} {name!r}" + (f" in {where}" if where else "") + (f": {why}" if why else "")
 
 
 def family_of(model_or_config: Any) -> Family:

@@ -46,6 +46,14 @@ class KBlocks(NamedTuple):
     m: np.ndarray | None = None
 
 
+GRID_FIELDS = ("d", "sc", "codes", "dmin", "m")  # the per-row arrays of a KBlocks (kind aside)
+
+
+def map_rows(blocks: KBlocks, fn: Any) -> KBlocks:
+    """``blocks`` with ``fn`` applied to each of its per-row arrays (a row permutation, say)."""
+    return blocks._replace(**{f: fn(getattr(blocks, f)) for f in GRID_FIELDS if getattr(blocks, f) is not None})
+
+
 SPEC = {  # kind: (bits, sub-block length, bytes per super-block)
     "q4_k": (4, 32, 144),
     "q5_k": (5, 32, 176),
@@ -376,7 +384,7 @@ def save_grids(path: Any, grids: dict[str, KBlocks]) -> None:
     arrays: dict[str, np.ndarray] = {}
     for name, b in grids.items():
         arrays[f"{name}|kind"] = np.array(b.kind)
-        for field in ("d", "sc", "codes", "dmin", "m"):
+        for field in GRID_FIELDS:
             value = getattr(b, field)
             if value is not None:
                 arrays[f"{name}|{field}"] = value

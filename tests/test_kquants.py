@@ -148,3 +148,16 @@ def test_onnx_export_of_a_kquant_plan_holds_the_grid_weights(wide_model, tmp_pat
     b = np.random.default_rng(1).integers(3, model.config.vocab_size, size=(2, 16)).astype(np.int32)
     m = evaluate(Decoder(path, 1).logits, b, torch_logits_fn(model))
     assert m.kl_to_teacher < 1e-5 and m.top1_agreement == 1.0
+
+
+@pytest.mark.parametrize("kind", ["q4_k", "q5_k"])
+def test_a_tied_kquant_embedding_is_quantized_once_and_its_grid_matches_the_weights(wide_model, kind):
+    """Without QAT, convert() meets the tied embedding twice (embedding and head); quantizing the
+    already-rounded weights again need not reproduce them, so the grid must come from one pass."""
+    model = copy.deepcopy(wide_model)
+    convert(model, FormatPlan.uniform("q4_0", {"embedding": kind}))
+    fixed = grids(model)
+    emb = model.model.embed_tokens.weight.detach().numpy()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert fixed["model.embed_tokens.weight"] is fixed["lm_head.weight"]
+    assert np.array_equal(kq.dequantize(fixed["model.embed_tokens.weight"]), emb)

