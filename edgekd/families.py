@@ -69,6 +69,8 @@ class Family:
     # the file (smollm3: every 4th, (i + 1) % 4 == 0); a model whose NoPE layers differ cannot be written
     gguf_nope_step: int | None = None
     gguf_required_tokens: tuple[str, ...] = ()  # tokens llama.cpp's vocabulary loader looks up for this architecture
+    # added to every norm weight in the file: Gemma's RMSNorm scales by (1 + weight), llama.cpp's by weight
+    gguf_norm_offset: float = 0.0
 
     # ------------------------------------------------------------ modules
     def decoder_layers(self, model: Any) -> Any:
@@ -175,7 +177,7 @@ class Family:
         of each head's dimensions; LongRoPE's extra keys are the exporter's (they need transformers)."""
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        rope = getattr(config, "rope_parameters", None) or {}
+        rope = rope_parameters(config)
         partial = float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0))
         out: dict[str, int | float] = {
             "context_length": int(getattr(config, "max_position_embeddings", 2048)),
@@ -198,9 +200,9 @@ class Family:
         """Why this config cannot be written as GGUF by edgekd, or None."""
         if self.gguf_arch is None:
             return self.gguf_refusal
-        rope = getattr(config, "rope_parameters", None) or {}
-        if rope.get("rope_type", "default") not in self.gguf_rope_types:
-            return f"GGUF export of {self.name} models does not write rope scaling {rope.get('rope_type')!r}"
+        for rope in rope_parameters(config, None):
+            if rope.get("rope_type", "default") not in self.gguf_rope_types:
+                return f"GGUF export of {self.name} models does not write rope scaling {rope.get('rope_type')!r}"
         if self.gguf_nope_step:
             expected = [int((i + 1) % self.gguf_nope_step != 0) for i in range(config.num_hidden_layers)]
             if list(getattr(config, "no_rope_layers", expected)) != expected:
@@ -211,9 +213,24 @@ class Family:
             return f"llama.cpp's {self.gguf_arch} models attend to the whole context: this model's sliding-window attention would change in the file"
         return None
 
+    def config_from_gguf(self, config: Any, metadata: dict[str, Any]) -> None:
+        """Set, from a GGUF file's metadata, what transformers' GGUF loader leaves at a default
+        (called before a dequantized teacher is saved); nothing for the families it reads fully."""
+
     def pre_tokenizer(self, vocab_size: int) -> str:
         names = dict(self.pre_tokenizers)
         return names.get(vocab_size) or names.get(None) or "gpt-2"
+
+
+def rope_parameters(config: Any, layer_type: str | None = "full_attention") -> Any:
+    """A config's rope parameters. Families with per-layer-type rotary embeddings (Gemma 3) nest
+    them by layer type: ``layer_type`` picks one set (the global layers' by default), None returns
+    every set as a list; a flat config has one set, returned either way."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    nested = bool(rope) and all(isinstance(v, dict) for v in rope.values())
+    if layer_type is None:
+        return list(rope.values()) if nested else [rope]
+    return rope.get(layer_type, {}) if nested else rope
 
 
 def _set_path(root: Any, path: str, value: Any) -> None:
@@ -242,16 +259,120 @@ SMOLLM3 = replace(LLAMA, model_type="smollm3", name="SmolLM3", gguf_arch="smollm
                   gguf_rope_types=("default",), per_layer_config=("layer_types", "no_rope_layers"), gguf_nope_step=4,
                   pre_tokenizers=((128256, "llama-bpe"),))
 
+@dataclass(frozen=True)
+class Phi3Family(Family):
+    def config_from_gguf(self, config: Any, metadata: dict[str, Any]) -> None:
+        """transformers' phi3 loader rotates whole heads and drops LongRoPE: the partial rotary
+        factor comes from ``rope.dimension_count``, the factors from the ``rope_factors_*`` tensors."""
+        key = f"{self.gguf_arch}.".__add__
+        head_dim = config.hidden_size // config.num_attention_heads
+        rope = dict(rope_parameters(config))
+        rope["partial_rotary_factor"] = int(metadata.get(key("rope.dimension_count"), head_dim)) / head_dim
+        long, short = metadata.get("rope_factors_long.weight"), metadata.get("rope_factors_short.weight")
+        if long is not None and short is not None:
+            original = int(metadata[key("rope.scaling.original_context_length")])
+            rope.update(rope_type="longrope", long_factor=list(long), short_factor=list(short),
+                        original_max_position_embeddings=original)
+            if key("rope.scaling.attn_factor") in metadata:
+                rope["attention_factor"] = float(metadata[key("rope.scaling.attn_factor")])
+            config.original_max_position_embeddings = original
+        config.rope_parameters = rope
+
+
 # Phi-3 / Phi-4-mini: fused [q; k; v] and [gate; up] projections (llama.cpp's attn_qkv and a
 # 2 x n_ff ffn_up), a partial NEOX rotary embedding, LongRoPE factors as two global tensors.
-PHI3 = Family("phi3", "Phi-3 / Phi-4-mini", gguf_arch="phi3", loads_from_gguf=("phi3",), rotary_rows=(),
+PHI3 = Phi3Family("phi3", "Phi-3 / Phi-4-mini", gguf_arch="phi3", loads_from_gguf=("phi3",), rotary_rows=(),
               linears=(("self_attn.qkv_proj", "attn_qkv"), ("self_attn.o_proj", "attn_output"), ("mlp.gate_up_proj", "ffn_up"),
                        ("mlp.down_proj", "ffn_down")),
               mlp=MlpChannels(rows=("mlp.gate_up_proj",), cols="mlp.down_proj", size_attr="", fused=True),
               pre_tokenizers=((200064, "gpt-4o"),), gguf_rope_types=("default", "longrope"),
               gguf_required_tokens=("<|endoftext|>",))
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAMA, QWEN2, MISTRAL, QWEN3, SMOLLM3, PHI3)}
+
+
+@dataclass(frozen=True)
+class Gemma3Family(Family):
+    """Gemma 3's text decoder (transformers' modeling_gemma3, llama.cpp's gemma3 loader): four
+    norms per block plus q/k norms, all scaling by (1 + weight); GeGLU; embeddings scaled by
+    sqrt(hidden) (both runtimes do it themselves); sliding-window blocks with their own rope base
+    between global ones. llama.cpp reads the window, which blocks slide (a per-block list, so a
+    depth-pruned student keeps its own pattern), the two rope bases and linear rope scaling of the
+    global blocks from the file; it hard-codes the attention scale to 1/sqrt(head_dim)
+    (1/sqrt(hidden/heads) in a 62-block model), so ``query_pre_attn_scalar`` must agree."""
+
+    def gguf_hparams(self, config: Any) -> dict[str, Any]:
+        out = super().gguf_hparams(config)
+        head_dim = int(config.head_dim)
+        out["attention.key_length"] = out["attention.value_length"] = head_dim
+        sliding = [t == "sliding_attention" for t in config.layer_types]
+        if any(sliding):
+            out["attention.sliding_window"] = int(config.sliding_window)
+            out["attention.sliding_window_pattern"] = sliding
+            out["rope.freq_base_swa"] = float(rope_parameters(config, "sliding_attention").get("rope_theta", 10000.0))
+        full = rope_parameters(config, "full_attention")
+        if full.get("rope_type") == "linear":
+            out["rope.scaling.type"] = "linear"
+            out["rope.scaling.factor"] = float(full["factor"])
+        if getattr(config, "final_logit_softcapping", None):
+            out["final_logit_softcapping"] = float(config.final_logit_softcapping)
+        return out
+
+    def config_from_gguf(self, config: Any, metadata: dict[str, Any]) -> None:
+        """transformers' loader keeps Gemma 3's defaults for the block pattern (every 6th global),
+        the local rope base, rope scaling and the attention scale; read them as llama.cpp does
+        (``set_swa_pattern``: block i slides when i % n < n - 1; an array names each block)."""
+        key = f"{self.gguf_arch}.".__add__
+        n = config.num_hidden_layers
+        pattern = metadata.get(key("attention.sliding_window_pattern"), 6)
+        if not metadata.get(key("attention.sliding_window")):
+            sliding = [False] * n
+        elif isinstance(pattern, list):
+            sliding = [bool(x) for x in pattern]
+        else:
+            sliding = [pattern == 0 or i % pattern < pattern - 1 for i in range(n)]
+        config.layer_types = ["sliding_attention" if s else "full_attention" for s in sliding]
+        full: dict[str, Any] = {"rope_type": "default", "rope_theta": float(metadata.get(key("rope.freq_base"), 1e6))}
+        if metadata.get(key("rope.scaling.type")) == "linear" and metadata.get(key("rope.scaling.factor")):
+            full.update(rope_type="linear", factor=float(metadata[key("rope.scaling.factor")]))
+        config.rope_parameters = {"full_attention": full, "sliding_attention": {
+            "rope_type": "default", "rope_theta": float(metadata.get(key("rope.freq_base_swa"), 10000.0))}}
+        config.query_pre_attn_scalar = config.hidden_size // config.num_attention_heads if n == 62 else config.head_dim
+        config.final_logit_softcapping = metadata.get(key("final_logit_softcapping")) or None
+
+    def unsupported_gguf_config(self, config: Any) -> str | None:
+        refusal = super().unsupported_gguf_config(config)
+        if refusal:
+            return refusal
+        if rope_parameters(config, "sliding_attention").get("rope_type", "default") != "default":
+            return "llama.cpp's gemma3 models rotate sliding-window blocks without rope scaling; this model scales them"
+        scale = config.hidden_size // config.num_attention_heads if config.num_hidden_layers == 62 else config.head_dim
+        if float(config.query_pre_attn_scalar) != float(scale):
+            return (f"llama.cpp scales a {config.num_hidden_layers}-block gemma3 model's attention by 1/sqrt({scale}); "
+                    f"this model's query_pre_attn_scalar is {config.query_pre_attn_scalar}")
+        if getattr(config, "attn_logit_softcapping", None):
+            return "llama.cpp's gemma3 models have no attention-logit soft-capping; this model uses it"
+        if getattr(config, "use_bidirectional_attention", False):
+            return "llama.cpp's gemma3 models attend causally; this model attends bidirectionally"
+        return None
+
+
+GEMMA3 = Gemma3Family(
+    "gemma3_text", "Gemma 3 (text)", gguf_arch="gemma3", loads_from_gguf=("gemma3",), rotary_rows=(),
+    norms=(("input_layernorm", "attn_norm"), ("post_attention_layernorm", "post_attention_norm"),
+           ("pre_feedforward_layernorm", "ffn_norm"), ("post_feedforward_layernorm", "post_ffw_norm"),
+           ("self_attn.q_norm", "attn_q_norm"), ("self_attn.k_norm", "attn_k_norm")),
+    gguf_rope_types=("default", "linear"), gguf_norm_offset=1.0)
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAMA, QWEN2, MISTRAL, QWEN3, SMOLLM3, PHI3, GEMMA3)}
+
+
+# Image-text checkpoints whose text decoder is a supported family: model_type -> (the decoder's
+# model_type, how its weight names map onto the text-only model's). Gemma 3 4B+ ship this way;
+# the vision tower's weights are left unread.
+TEXT_DECODERS: dict[str, tuple[str, dict[str, str]]] = {
+    "gemma3": ("gemma3_text", {r"^language_model\.model\.": "model.", r"^model\.language_model\.": "model.",
+                               r"^language_model\.lm_head\.": "lm_head."}),
+}
 
 
 def supported_text() -> str:
@@ -259,12 +380,9 @@ def supported_text() -> str:
 
 
 # Architectures users bring that edgekd does not handle, and why (model_type or GGUF architecture).
-_GEMMA3 = "Gemma 3 (its norms add 1 to their weights, four norms per block, sliding-window layers) is not supported yet"
 _GATED_DELTANET = ("mix Gated DeltaNet linear-attention blocks with attention blocks: their recurrent state has no place "
                    "in edgekd's attention-only export and distillation taps")
 NOT_SUPPORTED_WHY = {
-    "gemma3": _GEMMA3,
-    "gemma3_text": _GEMMA3,
     "gemma3n": "Gemma 3n is a hybrid (per-layer embeddings, AltUp, MatFormer blocks): its blocks are not decoder blocks "
                "edgekd can prune, distill per layer or export",
     "qwen3_next": f"Qwen3-Next / Qwen3.5 {_GATED_DELTANET}",

@@ -20,22 +20,23 @@ from edgekd.families import family_of  # noqa: E402
 from edgekd.methods.qat import convert  # noqa: E402
 
 
-def _randomize_norms(model, seed=0):
-    """Norm weights start at 1: random ones catch a norm written to the wrong tensor or permuted."""
+def _randomize_norms(model, seed=0, center=1.0):
+    """Norm weights start at 1 (Gemma's at 0, its factor being 1 + weight): random ones catch a
+    norm written to the wrong tensor, permuted or without its offset."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 1 and "norm" in name:
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+                p.copy_(center + 0.3 * torch.randn(p.shape, generator=g))
     return model
 
 
-def tiny_qwen3(vocab, tied=True, **kw):
+def tiny_qwen3(vocab, tied=True, hidden=64, **kw):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen3Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=32,  # Qwen3's head_dim is its own (here 2x hidden / heads)
+    cfg = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=hidden // 2,  # Qwen3's head_dim is its own (here 2x hidden / heads)
                       max_position_embeddings=512, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=2, **kw)
     return _randomize_norms(Qwen3ForCausalLM(cfg).eval())
 
@@ -197,18 +198,18 @@ def phi3_tokenizer(tiny_tokenizer):
     return tok
 
 
-def tiny_phi3(vocab, rope=None, layers=3):
+def tiny_phi3(vocab, rope=None, layers=3, hidden=64):
     from transformers import Phi3Config, Phi3ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Phi3Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+    cfg = Phi3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=4096, original_max_position_embeddings=512, sliding_window=None,
                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
                      rope_parameters=rope or {"rope_type": "default", "rope_theta": 100.0, "partial_rotary_factor": 0.5})
     model = _randomize_norms(Phi3ForCausalLM(cfg).eval())
     with torch.no_grad():  # sharp attention: a wrongly rotated dimension changes the logits
         for layer in model.model.layers:
-            layer.self_attn.qkv_proj.weight[: 64 + 32].mul_(8)
+            layer.self_attn.qkv_proj.weight[: hidden + hidden // 2].mul_(8)  # q and k rows
     return model
 
 
@@ -301,3 +302,150 @@ def test_a_sentencepiece_style_bpe_tokenizer_is_refused_not_written_as_gpt2(tmp_
     with pytest.raises(EdgekdError, match="only byte-level BPE"):
         export_gguf(model, spm_like, tmp_path / "spm.gguf", FormatPlan.uniform("f16"))
     assert not (tmp_path / "spm.gguf").exists()
+
+
+# ------------------------------------------------------------------ Gemma 3
+
+GEMMA3_ROPE = {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+               "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+
+
+def tiny_gemma3(vocab, layers=4, hidden=64, layer_types=None, **kw):
+    """Gemma 3's features switched on: a 6-token window (the tests' sequences are longer), local and
+    global blocks interleaved with two rope bases, linear rope scaling on the global ones."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    args = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=hidden // 2, query_pre_attn_scalar=hidden // 2, sliding_window=6,
+                layer_types=layer_types or ["sliding_attention", "full_attention"] * (layers // 2),
+                rope_parameters=copy.deepcopy(GEMMA3_ROPE), max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                pad_token_id=2)
+    return _randomize_norms(Gemma3ForCausalLM(Gemma3TextConfig(**{**args, **kw})).eval(), center=0.0)
+
+
+@pytest.mark.parametrize("fmt, max_kl", [("f16", 1e-4), ("q8_0", 3e-3)])
+def test_gemma3_gguf_reproduces_torch(tiny_tokenizer, tmp_path, fmt, max_kl):
+    from gguf import GGUFReader
+
+    model = tiny_gemma3(len(tiny_tokenizer))
+    path = export_gguf(model, tiny_tokenizer, tmp_path / f"g3-{fmt}.gguf", FormatPlan.uniform(fmt))
+    reader = GGUFReader(str(path))
+    fields = {k: f.contents() for k, f in reader.fields.items() if k.startswith("gemma3.")}
+    assert fields["gemma3.attention.sliding_window_pattern"] == [True, False, True, False]
+    assert fields["gemma3.attention.sliding_window"] == 6 and fields["gemma3.rope.freq_base_swa"] == 1e4
+    assert fields["gemma3.rope.scaling.type"] == "linear" and fields["gemma3.rope.scaling.factor"] == 2.0
+    tensors = {t.name: t for t in reader.tensors}
+    norm = model.model.layers[1].post_feedforward_layernorm.weight.detach().numpy()
+    assert np.allclose(tensors["blk.1.post_ffw_norm.weight"].data, 1 + norm)  # the file holds the factor, 1 + weight
+    assert {"blk.0.post_attention_norm.weight", "blk.3.attn_q_norm.weight", "blk.2.ffn_norm.weight"} <= set(tensors)
+    ref = convert(copy.deepcopy(model), FormatPlan.uniform(fmt))
+    b = _blocks(model.config.vocab_size, length=32)
+    runtime = llamacpp.logits_fn(path, b.shape[1], threads=1)
+    m = evaluate(runtime, b, torch_logits_fn(ref))
+    assert m.kl_to_teacher < max_kl and m.top1_agreement > 0.9, m
+    # the test can tell: the same weights attending past the window compute something else
+    wide = copy.deepcopy(ref)
+    wide.config.layer_types = ["full_attention"] * 4
+    assert evaluate(runtime, b, torch_logits_fn(wide)).kl_to_teacher > 100 * max(m.kl_to_teacher, 1e-6)
+
+
+def test_a_depth_pruned_gemma3_keeps_each_blocks_window_in_llama_cpp(tiny_tokenizer, tmp_path):
+    """The file lists which blocks slide, so any subset of blocks is a model llama.cpp computes."""
+    from edgekd.methods.prune import make_student
+
+    student = make_student(tiny_gemma3(len(tiny_tokenizer), layers=6), [1, 2, 3, 5])
+    assert student.config.layer_types == ["full_attention", "sliding_attention", "full_attention", "full_attention"]
+    path = export_gguf(student, tiny_tokenizer, tmp_path / "pruned.gguf", FormatPlan.uniform("f16"))
+    b = _blocks(student.config.vocab_size, length=32)
+    assert evaluate(llamacpp.logits_fn(path, b.shape[1], threads=1), b, torch_logits_fn(student)).kl_to_teacher < 1e-4
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"query_pre_attn_scalar": 256}, "query_pre_attn_scalar"),
+    ({"attn_logit_softcapping": 50.0}, "soft-capping"),
+    ({"rope_parameters": {**GEMMA3_ROPE, "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}},
+     "without rope scaling"),
+])
+def test_gemma3_configs_llama_cpp_computes_differently_are_refused(tiny_tokenizer, tmp_path, change, why):
+    with pytest.raises(EdgekdError, match=why):
+        export_gguf(tiny_gemma3(len(tiny_tokenizer), **change), tiny_tokenizer, tmp_path / "g.gguf", FormatPlan.uniform("f16"))
+    assert not (tmp_path / "g.gguf").exists()
+
+
+def test_gemma3_onnx_decodes_past_the_window_with_its_kv_cache(tiny_tokenizer, tmp_path):
+    """Sliding-window blocks keep full-length caches in the ONNX interface and mask by position."""
+    from edgekd.device.onnxrt import Decoder
+    from edgekd.exporters.onnx import export_onnx
+
+    model = tiny_gemma3(len(tiny_tokenizer))
+    b = _blocks(model.config.vocab_size, n=2, length=20)
+    with torch.no_grad():
+        ref = model(torch.tensor(b, dtype=torch.long)).logits.numpy()
+    dec = Decoder(export_onnx(model, tmp_path / "g3.onnx"))
+    logits, past = dec.step(b[:, :8], dec.empty_past(2), 0)
+    steps = [logits]
+    for t in range(8, b.shape[1]):
+        logits, past = dec.step(b[:, t:t + 1], past, t)
+        steps.append(logits)
+    assert np.abs(np.concatenate(steps, axis=1) - ref).max() < 1e-4
+
+
+def test_a_gemma3_teacher_through_the_whole_chain(tmp_path, tiny_tokenizer, small_corpus_file, tiny_profile_overrides):
+    import edgekd
+
+    teacher_dir = tmp_path / "gemma3-teacher"
+    tiny_gemma3(len(tiny_tokenizer)).save_pretrained(teacher_dir)
+    tiny_tokenizer.save_pretrained(teacher_dir)
+    report = edgekd.compress(teacher=teacher_dir, profile="raspberry-pi-5", data=small_corpus_file, output=tmp_path, run_name="g3",
+                             quiet=True, overrides=[*tiny_profile_overrides, "deployment.formats=[gguf, onnx]"])
+    parity = report.stage("export").metrics["parity"]
+    assert [p["runtime"] for p in parity] == ["llama.cpp", "onnxruntime"] and all(p["passed"] for p in parity)
+    assert parity[1]["greedy_match"] is True and report.teacher["architecture"] == "gemma3_text"
+
+
+def test_the_text_decoder_of_a_gemma3_image_text_checkpoint_loads(tmp_path, tiny_tokenizer):
+    """Gemma 3 4B+ ship as image-text checkpoints: edgekd reads their text decoder alone."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    from edgekd.methods.models import load_causal_lm, resolve_model_source
+
+    text = tiny_gemma3(len(tiny_tokenizer)).config.to_dict()
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                                patch_size=14)
+    torch.manual_seed(0)
+    full = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                                                       image_token_index=380, boi_token_index=381, eoi_token_index=382)).eval()
+    full.save_pretrained(tmp_path / "g3-mm")
+    tiny_tokenizer.save_pretrained(tmp_path / "g3-mm")
+    loaded = load_causal_lm(resolve_model_source(tmp_path / "g3-mm"))
+    assert loaded.info["architecture"] == "gemma3_text" and family_of(loaded.model).gguf_arch == "gemma3"
+    ids = torch.tensor(_blocks(370, n=1, length=16), dtype=torch.long)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, full(input_ids=ids).logits)
+
+
+# ------------------------------------------------------------------ GGUF teachers in K-quants
+
+@pytest.mark.parametrize("build", ["llama", "qwen3", "phi3", "phi3-longrope", "gemma3"])
+def test_a_kquant_gguf_teacher_of_each_family_loads_dequantized(tmp_path, tiny_tokenizer, phi3_tokenizer, monkeypatch, build):
+    """Q4_K_M-style files (the form most GGUFs are shared in) load as the weights llama.cpp reads:
+    transformers' dequantization of every tensor equals edgekd's grid round trip."""
+    from tiny_models import make_tiny_llama
+
+    from edgekd.methods.models import load_causal_lm, resolve_model_source
+
+    monkeypatch.setenv("EDGEKD_CACHE", str(tmp_path / "cache"))
+    tok = phi3_tokenizer if build.startswith("phi3") else tiny_tokenizer
+    longrope = {"rope_type": "longrope", "rope_theta": 100.0, "partial_rotary_factor": 0.5, "original_max_position_embeddings": 8,
+                "short_factor": [1.0 + i / 8 for i in range(16)], "long_factor": [2.0 + i for i in range(16)]}  # 16 > 8: long factors
+    model = {"llama": lambda: make_tiny_llama(len(tok), hidden=256, intermediate=512), "qwen3": lambda: tiny_qwen3(len(tok), hidden=256),
+             "phi3": lambda: tiny_phi3(len(tok), hidden=256), "phi3-longrope": lambda: tiny_phi3(len(tok), longrope, hidden=256),
+             "gemma3": lambda: tiny_gemma3(len(tok), hidden=256)}[build]()
+    plan = FormatPlan.uniform("q4_k", {"ffn_down": "q6_k", "attn_v": "q6_k", "embedding": "q6_k"})
+    path = export_gguf(model, tok, tmp_path / f"{build}-q4_k_m.gguf", plan)
+    loaded = load_causal_lm(resolve_model_source(path)).model
+    ref = convert(copy.deepcopy(model), plan)
+    ids = torch.tensor(_blocks(model.config.vocab_size, n=2, length=16), dtype=torch.long)
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, ref(ids).logits, atol=1e-4)

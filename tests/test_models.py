@@ -75,8 +75,8 @@ def test_unsupported_architecture_names_supported_ones(tiny_model_dir, tmp_path)
 
 
 @pytest.mark.parametrize("model_type, why", [("lfm2", "short-convolution"), ("qwen3_next", "Gated DeltaNet"),
-                                             ("gemma3n", "hybrid"), ("gemma3_text", "not supported yet")])
-def test_hybrids_and_gemma_are_refused_with_the_reason(tiny_model_dir, tmp_path, model_type, why):
+                                             ("gemma3n", "hybrid"), ("qwen3_5", "Gated DeltaNet")])
+def test_hybrids_are_refused_with_the_reason(tiny_model_dir, tmp_path, model_type, why):
     bad = tmp_path / model_type
     shutil.copytree(tiny_model_dir, bad)
     cfg = json.loads((bad / "config.json").read_text())

@@ -158,6 +158,8 @@ def export_gguf(
     tensors = []
     for key, name, role, layer in family.gguf_tensors(cfg):
         w, grid = state[key], fixed.get(key)
+        if role == "norm" and family.gguf_norm_offset:  # Gemma: the file holds the factor, 1 + weight
+            w = w + np.float32(family.gguf_norm_offset)
         heads = family.rotary_heads(role, cfg)
         if heads is not None:  # llama.cpp's rotary row order; a grid's rows move with their weights
             w = _permute_rotary(w, heads)
@@ -178,7 +180,8 @@ def export_gguf(
         writer = gguf.GGUFWriter(str(tmp), family.gguf_arch)
         writer.add_name(f"{source_name or cfg.model_type} (edgekd {plan.name})")
         for key, value in hparams.items():
-            add = writer.add_float32 if isinstance(value, float) else writer.add_uint32
+            add = (writer.add_array if isinstance(value, list) else writer.add_string if isinstance(value, str)
+                   else writer.add_float32 if isinstance(value, float) else writer.add_uint32)
             add(f"{family.gguf_arch}.{key}", value)
         writer.add_file_type(linear.gguf_file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

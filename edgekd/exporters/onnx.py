@@ -60,7 +60,9 @@ def _decoder_wrapper(model: Any):
             self.model = model
 
         def forward(self, input_ids, attention_mask, position_ids, *past):
-            cache = DynamicCache(config=self.model.config)
+            # full-length layers for every block: a sliding-window block (Gemma 3) masks by position
+            # instead of dropping old entries, so present.N is always past + seq long
+            cache = DynamicCache()
             for i in range(n_layers):
                 cache.update(past[2 * i], past[2 * i + 1], i)
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

