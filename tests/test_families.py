@@ -299,7 +299,7 @@ def test_a_sentencepiece_style_bpe_tokenizer_is_refused_not_written_as_gpt2(tmp_
                                                                   show_progress=False))
     spm_like = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     model = tiny_qwen3(len(spm_like))
-    with pytest.raises(EdgekdError, match="only byte-level BPE"):
+    with pytest.raises(EdgekdError, match="tokenizer.model is not beside it"):
         export_gguf(model, spm_like, tmp_path / "spm.gguf", FormatPlan.uniform("f16"))
     assert not (tmp_path / "spm.gguf").exists()
 
@@ -449,3 +449,48 @@ def test_a_kquant_gguf_teacher_of_each_family_loads_dequantized(tmp_path, tiny_t
     ids = torch.tensor(_blocks(model.config.vocab_size, n=2, length=16), dtype=torch.long)
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, ref(ids).logits, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def gemma_like_tokenizer(tmp_path_factory):
+    """A SentencePiece BPE model trained as Gemma's is (byte fallback, digits split, no dummy prefix,
+    <pad> <eos> <bos> <unk> first, chat markers as user-defined pieces) and the Hugging Face
+    tokenizer transformers converts from it, in one directory as a Gemma checkpoint has them."""
+    import io
+    import json
+
+    import sentencepiece as spm
+    from tiny_models import corpus_text
+    from transformers import AutoTokenizer
+
+    d = tmp_path_factory.mktemp("gemma-tok")
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus_text(20).splitlines()), model_writer=buf, vocab_size=400, model_type="bpe",
+        byte_fallback=True, split_digits=True, add_dummy_prefix=False, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], pad_id=0, eos_id=1,
+        bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>", minloglevel=2)
+    (d / "tokenizer.model").write_bytes(buf.getvalue())
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>",
+        "pad_token": "<pad>", "add_bos_token": True, "chat_template": "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"}))
+    AutoTokenizer.from_pretrained(d).save_pretrained(d)  # tokenizer.json beside tokenizer.model, as on the Hub
+    return AutoTokenizer.from_pretrained(d), spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
+
+
+def test_a_sentencepiece_tokenizer_becomes_llama_cpp_s_own_vocabulary(gemma_like_tokenizer, tmp_path):
+    """Gemma's tokenizer written from its tokenizer.model: llama.cpp then splits text exactly as
+    SentencePiece and transformers do, adds the BOS Gemma needs, and carries the chat template."""
+    import llama_cpp
+
+    tokenizer, sp = gemma_like_tokenizer
+    path = export_gguf(tiny_gemma3(len(tokenizer)), tokenizer, tmp_path / "g3.gguf", FormatPlan.uniform("f16"))
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    texts = ["Hello world, the  quick 123 brown fox", "def f(x):\n    return x**2  # café ☕ 東京",
+             " leading space and trailing ", "<start_of_turn>user\nhi<end_of_turn>"]
+    for text in texts:
+        want = sp.encode(text)
+        assert tokenizer(text, add_special_tokens=False)["input_ids"] == want
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == want, text
+    assert llm.tokenize(b"hi", add_bos=True)[0] == sp.bos_id() == llm.token_bos()
+    assert llm.metadata["tokenizer.ggml.add_bos_token"] == "true" and "bos_token" in llm.metadata["tokenizer.chat_template"]

@@ -91,16 +91,66 @@ def _copy_tokenizer_fields(writer: Any, source_gguf: Path) -> None:
         writer.add_key_value(key, value, vtype, sub_type=sub)
 
 
+def _sentencepiece_file(tokenizer: Any) -> Path | None:
+    """The SentencePiece model (``tokenizer.model``) a tokenizer was built from, where it is on disk."""
+    for candidate in (getattr(tokenizer, "vocab_file", None),
+                      Path(getattr(tokenizer, "name_or_path", "") or ".") / "tokenizer.model"):
+        if candidate and Path(candidate).is_file() and Path(candidate).name.endswith(".model"):
+            return Path(candidate)
+    return None
+
+
+def _tokenizer_fields_from_sentencepiece(writer: Any, model_file: Path, tokenizer: Any, vocab_size: int) -> None:
+    """llama.cpp's SentencePiece ("llama") vocabulary from ``tokenizer.model``, as its own
+    converter builds it (``_create_vocab_sentencepiece``): every piece with its score and type,
+    the tokenizer's added tokens as control (special) or user-defined, ``[PADi]`` up to the
+    model's vocabulary size; the special ids, add-BOS flag and chat template through gguf-py's
+    SpecialVocab, which reads them from the tokenizer's files."""
+    import gguf
+
+    try:
+        from sentencepiece import SentencePieceProcessor
+    except ImportError:
+        raise EdgekdError("writing a SentencePiece vocabulary to GGUF needs the sentencepiece package",
+                          fix="pip install sentencepiece (or: pip install 'edgekd[export]')") from None
+    T = gguf.TokenType
+    sp = SentencePieceProcessor(model_file=str(model_file))
+    n = max(vocab_size, sp.vocab_size())
+    tokens, scores, types = [f"[PAD{i}]" for i in range(n)], [-1000.0] * n, [T.UNUSED] * n
+    for i in range(sp.vocab_size()):
+        tokens[i], scores[i] = sp.id_to_piece(i), sp.get_score(i)
+        types[i] = (T.UNKNOWN if sp.is_unknown(i) else T.CONTROL if sp.is_control(i) else T.UNUSED if sp.is_unused(i)
+                    else T.BYTE if sp.is_byte(i) else T.NORMAL)
+    for i, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if i < n:
+            tokens[i], scores[i] = added.content, -1000.0
+            types[i] = T.CONTROL if added.special else T.USER_DEFINED
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    # the model's own normalizer: whether it prepends a space ("▁") to the text
+    writer.add_add_space_prefix(sp.encode_as_pieces("a")[0].startswith("\u2581"))
+    gguf.SpecialVocab(model_file.parent, n_vocab=n).add_to_gguf(writer, quiet=True)
+
+
 def _tokenizer_fields_from_hf(writer: Any, tokenizer: Any, pre: str, vocab_size: int, required: tuple[str, ...] = ()) -> None:
-    """Build llama.cpp's BPE ("gpt2") tokenizer metadata from a fast tokenizer's tokenizer.json."""
+    """Build llama.cpp's tokenizer metadata: a byte-level BPE ("gpt2") vocabulary from the fast
+    tokenizer's tokenizer.json, or a SentencePiece one from its ``tokenizer.model``."""
     state = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else None
     # llama.cpp's "gpt2" vocabulary is byte-level BPE; a SentencePiece-style BPE (Gemma, Phi-3-mini:
     # Metaspace, byte fallback) is BPE in tokenizer.json too, and written as gpt2 it would tokenize wrongly
     byte_level = state and "ByteLevel" in json.dumps([state.get("pre_tokenizer"), state.get("decoder")])
+    spm_file = None if byte_level else _sentencepiece_file(tokenizer)
+    if spm_file is not None:
+        _tokenizer_fields_from_sentencepiece(writer, spm_file, tokenizer, vocab_size)
+        return
     if not state or state.get("model", {}).get("type") != "BPE" or not byte_level:
         raise EdgekdError(
-            "only byte-level BPE tokenizers can be written to GGUF by edgekd (this one is not: SentencePiece-style)",
-            fix="load the teacher from its GGUF file (its tokenizer is copied as is), or use a byte-level BPE tokenizer",
+            "this tokenizer is SentencePiece-style but its tokenizer.model is not beside it, and only byte-level BPE "
+            "tokenizers can be written to GGUF from tokenizer.json alone",
+            fix="keep the model's tokenizer.model in its directory, or load the teacher from its GGUF file (its tokenizer is copied as is)",
         )
     vocab = state["model"]["vocab"]
     added = {t["id"]: t for t in state.get("added_tokens", [])}
