@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_profile_args(c)
     c.add_argument("--teacher", default=None, help="Hugging Face model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    c.add_argument("--data", default=None, help="corpus: .txt/.jsonl file, directory of text files, or a saved datasets directory (default: Python's bundled docs)")
+    c.add_argument("--data", default=None, help="corpus: .txt/.jsonl file, directory of text files, a saved datasets directory, or a Hub dataset id owner/name[@revision] (default: Python's bundled docs)")
     c.add_argument("--text-field", default="text", help="JSONL/datasets field holding the text (default: %(default)s)")
     c.add_argument("--output", default="export", help="root directory for runs (default: %(default)s)")
     c.add_argument("--run-name", default=None, help="run directory name (default: <profile>-<teacher>)")

@@ -91,6 +91,34 @@ def test_hf_datasets_directory_uses_its_validation_split(tiny_tokenizer, small_c
     assert corpus.stats["heldout_documents"] == 40
 
 
+def test_a_hub_dataset_id_is_downloaded_and_read_by_datasets(tiny_tokenizer, small_corpus_file, tmp_path, monkeypatch):
+    """A local stand-in for the Hub: a dataset repository of parquet files (train and validation
+    splits, named as on the Hub), fetched through snapshot_download and read by datasets."""
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub
+
+    from edgekd.methods.data import check_corpus_spec
+
+    paras = [p for p in small_corpus_file.read_text().split("\n\n") if p.strip()]
+    repo_dir = tmp_path / "hub" / "someone--docs"
+    (repo_dir / "data").mkdir(parents=True)
+    datasets.Dataset.from_dict({"body": paras[:-30]}).to_parquet(str(repo_dir / "data" / "train-00000-of-00001.parquet"))
+    datasets.Dataset.from_dict({"body": paras[-30:]}).to_parquet(str(repo_dir / "data" / "validation-00000-of-00001.parquet"))
+    asked = []
+
+    def fake_snapshot(repo, revision=None, allow_patterns=None, repo_type="model"):
+        asked.append((repo, revision, repo_type, "*.parquet" in allow_patterns))
+        return str(repo_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    check_corpus_spec("someone/docs@v1")
+    corpus = load_corpus("someone/docs@v1", tiny_tokenizer, block_len=32, text_field="body")
+    assert asked == [("someone/docs", "v1", "dataset", True)] * 2
+    assert corpus.name == "hub-dataset:someone/docs@v1" and corpus.stats["heldout_documents"] == 30
+    with pytest.raises(EdgekdError, match="no 'text' column"):
+        load_corpus("someone/docs", tiny_tokenizer, block_len=32)
+
+
 def test_empty_corpus_error(tiny_tokenizer, tmp_path):
     path = tmp_path / "empty.txt"
     path.write_text("   \n\n  ")

@@ -29,8 +29,8 @@ def test_a_hub_id_is_downloaded_through_huggingface_hub(tmp_path, tiny_model_dir
 
     asked = {}
 
-    def fake_snapshot(repo, revision=None, allow_patterns=None):
-        asked.update(repo=repo, revision=revision, patterns=allow_patterns)
+    def fake_snapshot(repo, revision=None, allow_patterns=None, repo_type="model"):
+        asked.update(repo=repo, revision=revision, patterns=allow_patterns, repo_type=repo_type)
         snapshot = tmp_path / "hub" / repo.replace("/", "--")
         if not snapshot.exists():
             shutil.copytree(tiny_model_dir, snapshot)
@@ -54,6 +54,21 @@ def test_hub_failures_get_one_clear_message(monkeypatch):
     with pytest.raises(EdgekdError) as exc:
         resolve_model_source("Qwen/Qwen3-0.6B")
     assert "not in the local Hugging Face cache" in str(exc.value) and "connect to the internet once" in exc.value.render()
+
+
+def test_offline_a_hub_id_not_in_the_cache_fails_at_once_with_the_fix(capsys):
+    """The real huggingface_hub, offline (as the tests run): one message naming the id, exit 2."""
+    import huggingface_hub.constants
+
+    from edgekd.cli import main
+
+    assert huggingface_hub.constants.HF_HUB_OFFLINE
+    assert main(["compress", "--teacher", "someone/not-cached-model", "--output", "/nonexistent/out"]) == 2
+    err = capsys.readouterr().err
+    assert "someone/not-cached-model is not in the local Hugging Face cache" in err and "Traceback" not in err
+    assert main(["compress", "--data", "someone/not-cached-data", "--output", "/nonexistent/out"]) == 2
+    err = capsys.readouterr().err
+    assert "the dataset someone/not-cached-data is not in the local Hugging Face cache" in err and "local dataset directory" in err
 
 
 def test_directory_without_config(tmp_path):

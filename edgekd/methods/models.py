@@ -48,7 +48,6 @@ def quiet_ml_logging() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*Enum subclass.*")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:  # edgekd shows its own progress; transformers' per-tensor bars are noise
         from transformers.utils import logging as hf_logging
@@ -105,9 +104,14 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")  # owner/name[@re
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
 
 
-def download_from_hub(repo: str, revision: str | None = None) -> Path:
-    """The local snapshot of a Hub model (huggingface_hub's cache: downloaded once, then reused
-    offline), its safetensors weights and tokenizer only; a clear error when it cannot be had."""
+# what a text corpus needs from a Hub dataset repository (datasets' packaged loaders read these)
+HUB_DATA_FILES = ["*.parquet", "*.jsonl", "*.json", "*.jsonl.gz", "*.csv", "*.txt", "*.arrow", "README.md"]
+
+
+def download_from_hub(repo: str, revision: str | None = None, repo_type: str = "model") -> Path:
+    """The local snapshot of a Hub model or dataset (huggingface_hub's cache: downloaded once, with
+    its progress bar, then reused offline): a model's safetensors weights and tokenizer only, a
+    dataset's data files; a clear error when it cannot be had."""
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import (
@@ -118,22 +122,23 @@ def download_from_hub(repo: str, revision: str | None = None) -> Path:
         )
     except ImportError:
         raise EdgekdError(f"{repo!r} looks like a Hugging Face Hub id, and huggingface_hub is not installed",
-                          fix="pip install huggingface_hub, or pass a local model directory") from None
+                          fix=f"pip install huggingface_hub, or pass a local {repo_type} directory") from None
+    patterns = HUB_FILES if repo_type == "model" else HUB_DATA_FILES
     try:
-        path = Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES))
+        path = Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, repo_type=repo_type))
     except GatedRepoError:
-        raise EdgekdError(f"{repo} is a gated model on the Hugging Face Hub",
+        raise EdgekdError(f"{repo} is a gated {repo_type} on the Hugging Face Hub",
                           fix="accept its license on huggingface.co and log in (hf auth login, or set HF_TOKEN)") from None
     except RepositoryNotFoundError:
-        raise EdgekdError(f"no model {repo} on the Hugging Face Hub (or it is private)",
-                          fix="check the id, or log in for a private model (set HF_TOKEN)") from None
+        raise EdgekdError(f"no {repo_type} {repo} on the Hugging Face Hub (or it is private)",
+                          fix="check the id, or log in for a private one (set HF_TOKEN)") from None
     except LocalEntryNotFoundError:
-        raise EdgekdError(f"{repo} is not in the local Hugging Face cache and the Hub cannot be reached",
-                          fix="connect to the internet once (it is cached afterwards), or pass a local model directory") from None
+        raise EdgekdError(f"the {repo_type} {repo} is not in the local Hugging Face cache and the Hub cannot be reached",
+                          fix=f"connect to the internet once (it is cached afterwards), or pass a local {repo_type} directory") from None
     except (HfHubHTTPError, OSError) as exc:
         raise EdgekdError(f"downloading {repo} from the Hugging Face Hub failed ({type(exc).__name__}: {str(exc)[:200]})",
                           fix="retry, or download it yourself and pass the directory") from None
-    if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+    if repo_type == "model" and (not (path / "config.json").is_file() or not any(path.glob("*.safetensors"))):
         raise EdgekdError(f"{repo} on the Hugging Face Hub has no config.json with safetensors weights",
                           fix="pick a transformers model repository, or pass a local directory or .gguf file")
     return path
