@@ -1,4 +1,4 @@
-"""Do the shipped profiles make sense for the teachers people put on these devices (0.1-1.5B)?
+"""Do the shipped profiles make sense for the teachers people put on these devices (0.1-3B)?
 
 For each profile and each architecture (real models' shapes; the planner needs no weights), the
 planner (edgekd.methods.planner) searches formats, depth and MLP width under the profile's
@@ -24,7 +24,11 @@ ARCH = {
     "Qwen3-0.6B": (28, 1024, 3072, 16, 8, 128, 151936, True),
     "Llama-3.2-1B": (16, 2048, 8192, 32, 8, 64, 128256, True),
     "SmolLM3-3B": (36, 2048, 11008, 16, 4, 128, 128256, True),
+    "Gemma-3-270M": (18, 640, 2048, 4, 1, 256, 262144, True),
+    "Gemma-3-1B": (26, 1152, 6912, 4, 1, 256, 262144, True),
 }
+# Gemma 3: every 6th block global, the others attend to a 512-token window
+SLIDING = {"Gemma-3-270M": (15, 512), "Gemma-3-1B": (22, 512)}
 ROLES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 BLOCK_COST = 0.05
 
@@ -58,7 +62,8 @@ def main() -> int:
     for prof_name in builtin_profile_names():
         prof = edgekd.load_profile(prof_name)
         for arch, (layers, hidden, inter, heads, kv, hd, vocab, tied) in ARCH.items():
-            shape = ArchShape(layers, hidden, inter, heads, kv, hd, vocab, tied)
+            sliding, window = SLIDING.get(arch, (0, 0))
+            shape = ArchShape(layers, hidden, inter, heads, kv, hd, vocab, tied, sliding_layers=sliding, sliding_window=window)
             for size_budget in ("profile", "none"):
                 p = prof if size_budget == "profile" else edgekd.load_profile(prof_name, ["budgets.max_model_mb=null"])
                 c = p.compression.planner

@@ -494,3 +494,20 @@ def test_a_sentencepiece_tokenizer_becomes_llama_cpp_s_own_vocabulary(gemma_like
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == want, text
     assert llm.tokenize(b"hi", add_bos=True)[0] == sp.bos_id() == llm.token_bos()
     assert llm.metadata["tokenizer.ggml.add_bos_token"] == "true" and "bos_token" in llm.metadata["tokenizer.chat_template"]
+
+
+def test_the_cost_model_counts_the_kv_cells_llama_cpp_allocates_for_sliding_window_blocks(tiny_tokenizer, tmp_path, capfd):
+    import llama_cpp
+
+    from edgekd.device.costmodel import ArchShape
+
+    model = tiny_gemma3(len(tiny_tokenizer))
+    path = export_gguf(model, tiny_tokenizer, tmp_path / "g3.gguf", FormatPlan.uniform("f16"))
+    assert llamacpp.load(path, n_ctx=4096, threads=1).context_params.swa_full is False
+    llama_cpp.Llama(str(path), n_ctx=4096, n_batch=512, n_ubatch=512, swa_full=False, verbose=True)
+    log = capfd.readouterr().err
+    cells = {kind: int(log.split(f"creating {kind} KV cache, size = ")[1].split()[0]) for kind in ("non-SWA", "    SWA")}
+    shape = ArchShape.from_config(model.config)
+    assert (shape.sliding_layers, shape.sliding_window) == (2, 6)
+    facts = shape.facts(FormatPlan.uniform("f16"))
+    assert facts.cached_positions(4096) == 2 * cells["non-SWA"] + 2 * cells["    SWA"] == 2 * 4096 + 2 * 768

@@ -24,6 +24,7 @@ DEFAULT_MEMORY_EFFICIENCY = 0.6
 # 1.78 MB for SmolLM2's 49,152-entry vocabulary (36.3 bytes per entry) beyond the tensor data.
 TOKENIZER_BYTES_PER_VOCAB_ENTRY = 37
 DEFAULT_COMPUTE_EFFICIENCY = 0.5
+LLAMA_CPP_UBATCH = 512  # llama.cpp's default n_ubatch (its SWA cache holds the window plus one)
 
 
 @dataclass
@@ -37,6 +38,8 @@ class ArchShape:
     vocab: int
     tied_embeddings: bool
     fused_projections: bool = False  # Phi-3: one [q; k; v] and one [gate; up] linear per block
+    sliding_layers: int = 0  # blocks attending to a window of the last sliding_window tokens (Gemma 3)
+    sliding_window: int = 0
 
     @classmethod
     def from_config(cls, cfg: Any) -> ArchShape:
@@ -47,10 +50,14 @@ class ArchShape:
             head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, vocab=cfg.vocab_size,
             tied_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
             fused_projections=getattr(cfg, "model_type", "") == "phi3",
+            sliding_layers=sum(t == "sliding_attention" for t in getattr(cfg, "layer_types", None) or []),
+            sliding_window=int(getattr(cfg, "sliding_window", None) or 0),
         )
 
     def with_layers(self, layers: int) -> ArchShape:
-        return ArchShape(**{**asdict(self), "layers": layers})
+        """The shape with ``layers`` blocks (sliding-window ones in the teacher's proportion)."""
+        sliding = round(self.sliding_layers * layers / self.layers) if self.layers else 0
+        return ArchShape(**{**asdict(self), "layers": layers, "sliding_layers": sliding})
 
     def role_params(self) -> dict[str, int]:
         """Parameters of each linear layer of one block, by role (the GGUF tensor names)."""
@@ -82,7 +89,8 @@ class ArchShape:
         head (the token table is read one row at a time and not counted)."""
         head = plan.format_of("embedding" if self.tied_embeddings else "head").tensor_bytes(self.embedding_params())
         return ModelFacts(tensor_bytes=self.linear_bytes(plan) + head, params=self.layers * self.block_linear_params() + self.embedding_params(),
-                          layers=self.layers, kv_heads=self.kv_heads, head_dim=self.head_dim, heads=self.heads)
+                          layers=self.layers, kv_heads=self.kv_heads, head_dim=self.head_dim, heads=self.heads,
+                          sliding_layers=self.sliding_layers, sliding_window=self.sliding_window)
 
 
 def tensor_data_bytes(shape: ArchShape, plan: FormatPlan) -> float:
@@ -108,15 +116,23 @@ class ModelFacts:
     kv_heads: int
     head_dim: int
     heads: int
+    sliding_layers: int = 0
+    sliding_window: int = 0
+
+    def cached_positions(self, context: int) -> float:
+        """KV-cache cells summed over blocks at ``context`` tokens: a sliding-window block holds
+        llama.cpp's SWA cache, the window plus one micro-batch padded to 256, if that is less."""
+        window = min(context, -(-(self.sliding_window + LLAMA_CPP_UBATCH) // 256) * 256) if self.sliding_layers else 0
+        return (self.layers - self.sliding_layers) * context + self.sliding_layers * window
 
     def kv_bytes(self, context: int, bytes_per_value: int = 2) -> float:
-        return 2.0 * self.layers * context * self.kv_heads * self.head_dim * bytes_per_value
+        return 2.0 * self.cached_positions(context) * self.kv_heads * self.head_dim * bytes_per_value
 
     def decode_flops(self, context: int) -> float:
-        return 2.0 * self.params + 4.0 * self.layers * context * self.heads * self.head_dim
+        return 2.0 * self.params + 4.0 * self.cached_positions(context) * self.heads * self.head_dim
 
     def prefill_flops(self, tokens: int) -> float:
-        return 2.0 * self.params * tokens + 2.0 * self.layers * tokens * tokens * self.heads * self.head_dim
+        return 2.0 * self.params * tokens + 2.0 * self.cached_positions(tokens) * tokens * self.heads * self.head_dim
 
 
 def roofline_rates(facts: ModelFacts, bandwidth_bps: float, flops_ps: float, prompt_tokens: int) -> dict[str, float]:
@@ -207,7 +223,7 @@ ONNXRUNTIME_ARENA_MB = 650  # allocator arenas of a decoding session
 def projected_peak_memory_mb(shape: ArchShape, plan: FormatPlan, context: int, runtime: str) -> float:
     """PROJECTION of the runtime process's peak memory for a model of ``shape`` in ``plan``."""
     weights = tensor_data_bytes(shape, plan) / 1e6
-    kv = 2.0 * shape.layers * context * shape.kv_heads * shape.head_dim * 2 / 1e6  # f16 cache, allocated up front
+    kv = shape.facts(plan).kv_bytes(context) / 1e6  # f16 cache, allocated up front
     if runtime == "llama.cpp":
         return PROCESS_BASELINE_MB + weights + kv + LLAMA_CPP_COMPUTE_MB + LLAMA_CPP_LOGITS_BATCH * shape.vocab * 4 / 1e6
     folded_head = shape.vocab * shape.hidden * 4 / 1e6  # onnxruntime folds the dequantized head to fp32 at start

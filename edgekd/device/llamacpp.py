@@ -66,13 +66,15 @@ def load(path: str | Path, n_ctx: int, threads: int, logits_all: bool = False, n
     ``flash_attn``: llama.cpp itself enables flash attention on CPU by default (``-fa auto``);
     llama-cpp-python turns it off unless asked. Measured on the 30-layer SmolLM2 Q4_0 file it
     decodes 16-19% faster (benchmarks/RESULTS.md, "Decode against the memory-bandwidth limit").
+    Sliding-window blocks (Gemma 3) get llama.cpp's small SWA cache (the window plus one
+    micro-batch), as its own CLI and server allocate it; llama-cpp-python's default is a full-size one.
     """
     llama_cpp = _llama_cpp()
     try:
         llm = llama_cpp.Llama(
             str(path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_ubatch=min(n_batch, n_ctx),
             n_threads=threads, n_threads_batch=threads, logits_all=logits_all, verbose=False,
-            flash_attn=flash_attn,
+            flash_attn=flash_attn, swa_full=False,
         )
         _OPEN.append(llm)
         return llm
