@@ -27,21 +27,12 @@ def builders(tok, phi3_tok):
     import test_families as tf
     from tiny_models import make_tiny_llama
 
-    llama3 = {"rope_type": "llama3", "rope_theta": 100.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-              "original_max_position_embeddings": 32}
     longrope = {"rope_type": "longrope", "rope_theta": 100.0, "partial_rotary_factor": 0.5, "original_max_position_embeddings": 32,
                 "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0, 4.0, 8.0, 16.0]}
 
-    def llama_with(rope):
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, rope_parameters=rope)
-        return tf._randomize_norms(LlamaForCausalLM(cfg).eval())
-
     return {
         "llama": (lambda: make_tiny_llama(len(tok)), tok),
-        "llama (Llama 3 rope)": (lambda: llama_with(llama3), tok),
+        "llama (Llama 3 rope)": (lambda: tf.tiny_llama_rope(len(tok), tf.LLAMA3_ROPE), tok),
         "qwen3": (lambda: tf.tiny_qwen3(len(tok)), tok),
         "smollm3": (lambda: tf.tiny_smollm3(len(tok)), tok),
         "phi3": (lambda: tf.tiny_phi3(len(phi3_tok)), phi3_tok),

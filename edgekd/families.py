@@ -217,6 +217,10 @@ class Family:
         """Set, from a GGUF file's metadata, what transformers' GGUF loader leaves at a default
         (called before a dequantized teacher is saved); nothing for the families it reads fully."""
 
+    def gguf_key(self, name: str) -> str:
+        """The metadata key ``<arch>.<name>`` of this family's GGUF files."""
+        return f"{self.gguf_arch}.{name}"
+
     def pre_tokenizer(self, vocab_size: int) -> str:
         names = dict(self.pre_tokenizers)
         return names.get(vocab_size) or names.get(None) or "gpt-2"
@@ -259,12 +263,13 @@ SMOLLM3 = replace(LLAMA, model_type="smollm3", name="SmolLM3", gguf_arch="smollm
                   gguf_rope_types=("default",), per_layer_config=("layer_types", "no_rope_layers"), gguf_nope_step=4,
                   pre_tokenizers=((128256, "llama-bpe"),))
 
+
 @dataclass(frozen=True)
 class Phi3Family(Family):
     def config_from_gguf(self, config: Any, metadata: dict[str, Any]) -> None:
         """transformers' phi3 loader rotates whole heads and drops LongRoPE: the partial rotary
         factor comes from ``rope.dimension_count``, the factors from the ``rope_factors_*`` tensors."""
-        key = f"{self.gguf_arch}.".__add__
+        key = self.gguf_key
         head_dim = config.hidden_size // config.num_attention_heads
         rope = dict(rope_parameters(config))
         rope["partial_rotary_factor"] = int(metadata.get(key("rope.dimension_count"), head_dim)) / head_dim
@@ -282,12 +287,11 @@ class Phi3Family(Family):
 # Phi-3 / Phi-4-mini: fused [q; k; v] and [gate; up] projections (llama.cpp's attn_qkv and a
 # 2 x n_ff ffn_up), a partial NEOX rotary embedding, LongRoPE factors as two global tensors.
 PHI3 = Phi3Family("phi3", "Phi-3 / Phi-4-mini", gguf_arch="phi3", loads_from_gguf=("phi3",), rotary_rows=(),
-              linears=(("self_attn.qkv_proj", "attn_qkv"), ("self_attn.o_proj", "attn_output"), ("mlp.gate_up_proj", "ffn_up"),
-                       ("mlp.down_proj", "ffn_down")),
-              mlp=MlpChannels(rows=("mlp.gate_up_proj",), cols="mlp.down_proj", size_attr="", fused=True),
-              pre_tokenizers=((200064, "gpt-4o"),), gguf_rope_types=("default", "longrope"),
-              gguf_required_tokens=("<|endoftext|>",))
-
+                  linears=(("self_attn.qkv_proj", "attn_qkv"), ("self_attn.o_proj", "attn_output"),
+                           ("mlp.gate_up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down")),
+                  mlp=MlpChannels(rows=("mlp.gate_up_proj",), cols="mlp.down_proj", size_attr="", fused=True),
+                  pre_tokenizers=((200064, "gpt-4o"),), gguf_rope_types=("default", "longrope"),
+                  gguf_required_tokens=("<|endoftext|>",))
 
 
 @dataclass(frozen=True)
@@ -300,10 +304,16 @@ class Gemma3Family(Family):
     global blocks from the file; it hard-codes the attention scale to 1/sqrt(head_dim)
     (1/sqrt(hidden/heads) in a 62-block model), so ``query_pre_attn_scalar`` must agree."""
 
+    @staticmethod
+    def llama_cpp_query_scalar(config: Any) -> int:
+        """What llama.cpp scales attention by (1/sqrt of this); it reads no key for it."""
+        return config.hidden_size // config.num_attention_heads if config.num_hidden_layers == 62 else config.head_dim
+
     def gguf_hparams(self, config: Any) -> dict[str, Any]:
         out = super().gguf_hparams(config)
-        head_dim = int(config.head_dim)
-        out["attention.key_length"] = out["attention.value_length"] = head_dim
+        # always, even when head_dim = hidden / heads: transformers' GGUF reader takes Gemma's
+        # head_dim from key_length alone (its default is 256)
+        out["attention.key_length"] = out["attention.value_length"] = int(config.head_dim)
         sliding = [t == "sliding_attention" for t in config.layer_types]
         if any(sliding):
             out["attention.sliding_window"] = int(config.sliding_window)
@@ -321,7 +331,7 @@ class Gemma3Family(Family):
         """transformers' loader keeps Gemma 3's defaults for the block pattern (every 6th global),
         the local rope base, rope scaling and the attention scale; read them as llama.cpp does
         (``set_swa_pattern``: block i slides when i % n < n - 1; an array names each block)."""
-        key = f"{self.gguf_arch}.".__add__
+        key = self.gguf_key
         n = config.num_hidden_layers
         pattern = metadata.get(key("attention.sliding_window_pattern"), 6)
         if not metadata.get(key("attention.sliding_window")):
@@ -336,7 +346,7 @@ class Gemma3Family(Family):
             full.update(rope_type="linear", factor=float(metadata[key("rope.scaling.factor")]))
         config.rope_parameters = {"full_attention": full, "sliding_attention": {
             "rope_type": "default", "rope_theta": float(metadata.get(key("rope.freq_base_swa"), 10000.0))}}
-        config.query_pre_attn_scalar = config.hidden_size // config.num_attention_heads if n == 62 else config.head_dim
+        config.query_pre_attn_scalar = self.llama_cpp_query_scalar(config)
         config.final_logit_softcapping = metadata.get(key("final_logit_softcapping")) or None
 
     def unsupported_gguf_config(self, config: Any) -> str | None:
@@ -345,7 +355,7 @@ class Gemma3Family(Family):
             return refusal
         if rope_parameters(config, "sliding_attention").get("rope_type", "default") != "default":
             return "llama.cpp's gemma3 models rotate sliding-window blocks without rope scaling; this model scales them"
-        scale = config.hidden_size // config.num_attention_heads if config.num_hidden_layers == 62 else config.head_dim
+        scale = self.llama_cpp_query_scalar(config)
         if float(config.query_pre_attn_scalar) != float(scale):
             return (f"llama.cpp scales a {config.num_hidden_layers}-block gemma3 model's attention by 1/sqrt({scale}); "
                     f"this model's query_pre_attn_scalar is {config.query_pre_attn_scalar}")

@@ -71,28 +71,34 @@ def test_qwen3_sliding_window_is_refused(tiny_tokenizer, tmp_path):
     assert not (tmp_path / "swa.gguf").exists()
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 100.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+
+
+def tiny_llama_rope(vocab, rope):
+    """A tiny Llama with the given rope parameters and sharp attention, so that where a position's
+    rotation is wrong the logits say so."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+                      pad_token_id=2, rope_parameters=rope)
+    model = _randomize_norms(LlamaForCausalLM(cfg).eval())
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    return model
+
+
 def test_llama3_rope_scaling_is_written_as_rope_freqs(tiny_tokenizer, tmp_path):
     """Llama 3.x's rope scaling changes the low frequencies; the file carries llama.cpp's
     rope_freqs divisors, and llama.cpp then computes what torch does (a model whose frequencies
     differ this much from the default rope's would not)."""
     from gguf import GGUFReader
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    def build(rope):
-        torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-                          bos_token_id=1, eos_token_id=2, pad_token_id=2, rope_parameters=rope)
-        model = _randomize_norms(LlamaForCausalLM(cfg).eval())
-        with torch.no_grad():  # sharp attention, so where a position's rotation is wrong the logits say so
-            for layer in model.model.layers:
-                layer.self_attn.q_proj.weight.mul_(8)
-                layer.self_attn.k_proj.weight.mul_(8)
-        return model
-
-    llama3 = {"rope_type": "llama3", "rope_theta": 100.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-              "original_max_position_embeddings": 32}
-    model, plain = build(llama3), build({"rope_type": "default", "rope_theta": 100.0})
+    model, plain = tiny_llama_rope(len(tiny_tokenizer), LLAMA3_ROPE), tiny_llama_rope(len(tiny_tokenizer), {"rope_type": "default", "rope_theta": 100.0})
     path = export_gguf(model, tiny_tokenizer, tmp_path / "l3.gguf", FormatPlan.uniform("f16"))
     freqs = next(t for t in GGUFReader(str(path)).tensors if t.name == "rope_freqs.weight")
     assert freqs.tensor_type.name == "F32" and int(freqs.shape[0]) == 16 // 2

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..families import FAMILIES
 from ..formats import FormatPlan
 from ..profiles import Hardware
 
@@ -44,12 +45,13 @@ class ArchShape:
     @classmethod
     def from_config(cls, cfg: Any) -> ArchShape:
         heads = cfg.num_attention_heads
+        family = FAMILIES.get(getattr(cfg, "model_type", None))
         return cls(
             layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, intermediate=cfg.intermediate_size,
             heads=heads, kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
             head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, vocab=cfg.vocab_size,
             tied_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
-            fused_projections=getattr(cfg, "model_type", "") == "phi3",
+            fused_projections=family is not None and "attn_qkv" in family.roles(),
             sliding_layers=sum(t == "sliding_attention" for t in getattr(cfg, "layer_types", None) or []),
             sliding_window=int(getattr(cfg, "sliding_window", None) or 0),
         )

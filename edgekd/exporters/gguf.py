@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import kquants as kq
 from ..errors import EdgekdError
-from ..families import family_of
+from ..families import family_of, rope_parameters
 from ..fileio import atomic_path
 from ..formats import FormatPlan, WeightFormat
 from ..versions import edgekd_version
@@ -41,12 +41,14 @@ def _tensor(name: str, w: np.ndarray, fmt: WeightFormat, grid: Any = None) -> tu
     if not fmt.quantized or w.ndim == 1:
         return name, (w if w.ndim == 1 else w.astype(fmt.numpy_dtype)), None
     return name, fmt.pack(fmt.blocks_for(w, grid)), GGMLQuantizationType[fmt.gguf_type]
+
+
 def rope_freqs(config: Any) -> np.ndarray | None:
     """llama.cpp's ``rope_freqs.weight`` for Llama 3 rope scaling, else None: per rotary pair the
     divisor of its frequency, ``inv_freq_default / inv_freq_llama3`` (ggml_rope_ext divides theta
     by it; convert_hf_to_gguf.py writes the same values from the same formula), from transformers'
     own llama3 frequencies so the file rotates exactly as the torch model does."""
-    rope = getattr(config, "rope_parameters", None) or {}
+    rope = rope_parameters(config)
     if rope.get("rope_type") != "llama3":
         return None
     import torch
@@ -65,7 +67,7 @@ def longrope(config: Any) -> tuple[dict[str, float | int], list[tuple[str, np.nd
     long and short per-pair factors as ``rope_factors_long`` / ``rope_factors_short`` (F32). Both
     runtimes pick the long factors past the original context: llama.cpp by the context size it is
     given, transformers by the sequence length."""
-    rope = getattr(config, "rope_parameters", None) or {}
+    rope = rope_parameters(config)
     if rope.get("rope_type") != "longrope":
         return None
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

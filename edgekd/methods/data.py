@@ -125,25 +125,24 @@ def _read_jsonl(path: Path, text_field: str) -> list[Document]:
     return docs
 
 
-def _read_hf_dataset(path: Path, text_field: str, hub_id: str | None = None) -> tuple[list[Document], list[Document] | None]:
-    """A ``save_to_disk`` directory, or (``hub_id``) a Hub dataset's snapshot read by datasets' loaders."""
+def _read_hf_dataset(path: Path, text_field: str, hub_name: str | None = None) -> tuple[list[Document], list[Document] | None]:
+    """A ``save_to_disk`` directory, or (``hub_name``) a Hub dataset's snapshot read by datasets' loaders."""
     try:
         import datasets
     except ImportError:
         raise EdgekdError("reading a datasets directory needs the `datasets` package", fix="pip install datasets") from None
     try:
-        ds = datasets.load_dataset(str(path)) if hub_id else datasets.load_from_disk(str(path))
+        ds = datasets.load_dataset(str(path)) if hub_name else datasets.load_from_disk(str(path))
     except Exception as exc:
-        if hub_id:
-            raise EdgekdError(f"datasets cannot read the Hub dataset {hub_id} ({type(exc).__name__}: {str(exc)[:200]})",
+        if hub_name:
+            raise EdgekdError(f"datasets cannot read the Hub dataset {hub_name} ({type(exc).__name__}: {str(exc)[:200]})",
                               fix="pick a dataset of parquet/JSON/CSV/text files, or pass a local corpus") from None
         raise EdgekdError(f"cannot read the datasets directory {path} ({exc})", fix="save it with Dataset.save_to_disk(path)") from None
-    path = hub_id or path
 
     def docs_of(split: Any, name: str) -> list[Document]:
         if text_field not in split.column_names:
             raise EdgekdError(
-                f"dataset {path} ({name}) has no {text_field!r} column (columns: {split.column_names})",
+                f"dataset {hub_name or path} ({name}) has no {text_field!r} column (columns: {split.column_names})",
                 fix="pass --text-field NAME with the column that holds the text",
             )
         return [Document(f"{name}:{i}", t) for i, t in enumerate(split[text_field]) if isinstance(t, str) and t.strip()]
@@ -159,25 +158,15 @@ def _read_hf_dataset(path: Path, text_field: str, hub_id: str | None = None) -> 
 NOT_FOUND_FIX = "pass a .txt/.jsonl file, a directory of text files, a saved datasets directory, or a Hub dataset id (owner/name)"
 
 
-def _hub_dataset(spec: str | os.PathLike) -> tuple[str, str | None] | None:
-    """(repo, revision) when ``spec`` is a Hub dataset id rather than a path that exists."""
-    from .models import HUB_ID
-
-    if Path(spec).expanduser().exists() or not HUB_ID.fullmatch(str(spec)):
-        return None
-    repo, _, revision = str(spec).partition("@")
-    return repo, revision or None
-
-
 def check_corpus_spec(spec: str | os.PathLike | None) -> None:
     """Up-front check (before a run directory is made) that the corpus exists; a Hub dataset id is
     downloaded here (once, into huggingface_hub's cache), so a missing or unreachable one fails now."""
     if spec is None or str(spec) in ("", "default"):
         return
-    hub = _hub_dataset(spec)
-    if hub is not None:
-        from .models import download_from_hub
+    from .models import download_from_hub, hub_id
 
+    hub = hub_id(spec)
+    if hub is not None:
         download_from_hub(*hub, repo_type="dataset")
     elif not Path(spec).expanduser().exists():
         raise EdgekdError(f"corpus not found: {spec}", fix=NOT_FOUND_FIX)
@@ -187,11 +176,11 @@ def read_documents(spec: str | os.PathLike | None, text_field: str = "text") -> 
     """Return (name, documents, held-out documents if the source already splits them)."""
     if spec is None or str(spec) in ("", "default"):
         return DEFAULT_CORPUS_NAME, default_documents(), None
-    hub = _hub_dataset(spec)
-    if hub is not None:
-        from .models import download_from_hub
+    from .models import download_from_hub, hub_id
 
-        train, held = _read_hf_dataset(download_from_hub(*hub, repo_type="dataset"), text_field, hub_id=str(spec))
+    hub = hub_id(spec)
+    if hub is not None:
+        train, held = _read_hf_dataset(download_from_hub(*hub, repo_type="dataset"), text_field, hub_name=str(spec))
         return f"hub-dataset:{spec}", train, held
     path = Path(spec).expanduser()
     if not path.exists():

@@ -104,6 +104,14 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")  # owner/name[@re
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
 
 
+def hub_id(spec: str | os.PathLike) -> tuple[str, str | None] | None:
+    """(repo, revision) when ``spec`` reads as a Hub id ``owner/name[@revision]`` and is not a path that exists."""
+    if Path(spec).expanduser().exists() or not HUB_ID.fullmatch(str(spec)):
+        return None
+    repo, _, revision = str(spec).partition("@")
+    return repo, revision or None
+
+
 # what a text corpus needs from a Hub dataset repository (datasets' packaged loaders read these)
 HUB_DATA_FILES = ["*.parquet", "*.jsonl", "*.json", "*.jsonl.gz", "*.csv", "*.txt", "*.arrow", "README.md"]
 
@@ -134,7 +142,8 @@ def download_from_hub(repo: str, revision: str | None = None, repo_type: str = "
                           fix="check the id, or log in for a private one (set HF_TOKEN)") from None
     except LocalEntryNotFoundError:
         raise EdgekdError(f"the {repo_type} {repo} is not in the local Hugging Face cache and the Hub cannot be reached",
-                          fix=f"connect to the internet once (it is cached afterwards), or pass a local {repo_type} directory") from None
+                          fix=f"connect to the internet once (it is cached afterwards), or pass a local {repo_type} directory "
+                              f"(no path {repo} exists here)") from None
     except (HfHubHTTPError, OSError) as exc:
         raise EdgekdError(f"downloading {repo} from the Hugging Face Hub failed ({type(exc).__name__}: {str(exc)[:200]})",
                           fix="retry, or download it yourself and pass the directory") from None
@@ -149,10 +158,10 @@ def resolve_model_source(spec: str | os.PathLike | None) -> ModelSource:
     if spec is None or str(spec) in ("", "default"):
         path = default_teacher_path()
         return ModelSource("default", path, DEFAULT_TEACHER_NAME)
+    hub = hub_id(spec)
+    if hub is not None:
+        return ModelSource("hf_dir", download_from_hub(*hub), hub[0])
     path = Path(spec).expanduser()
-    if not path.exists() and HUB_ID.fullmatch(str(spec)):
-        repo, _, revision = str(spec).partition("@")
-        return ModelSource("hf_dir", download_from_hub(repo, revision or None), repo)
     if not path.exists():
         raise EdgekdError(
             f"model not found: {path}",
