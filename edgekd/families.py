@@ -77,7 +77,7 @@ class Family:
         try:
             return operator.attrgetter(self.layers)(model)
         except AttributeError:
-            raise EdgekdError(f"this model has no {self.layers} stack", fix="use a Llama-family decoder") from None
+            raise EdgekdError(f"this model has no {self.layers} stack", fix=f"use a decoder edgekd supports: {supported_text()}") from None
 
     def set_decoder_layers(self, model: Any, layers: Any) -> None:
         parent, _, name = self.layers.rpartition(".")

@@ -296,7 +296,7 @@ def gguf_to_hf_dir(path: Path) -> Path:
     except Exception as exc:
         raise EdgekdError(
             f"transformers could not load {path} ({type(exc).__name__}: {exc})",
-            fix="check that the file is a complete Llama-family GGUF; or convert it to a Hugging Face directory",
+            fix=f"check that the file is a complete GGUF of a supported family ({supported_text()}); or convert it to a Hugging Face directory",
         ) from None
     family_of(model).config_from_gguf(model.config, gguf_metadata(path))
     with atomic_path(target) as tmp:
