@@ -81,12 +81,14 @@ class Hardware(_Strict):
         return self
 
 
-Runtime = Literal["llama.cpp", "onnxruntime"]
+Runtime = Literal["llama.cpp", "onnxruntime", "onnxruntime-genai"]
 ExportFormat = Literal["gguf", "onnx"]
 # One weight format drives QAT and every export; the choices are the registry's (edgekd.formats).
 WeightFormatName = Literal[LINEAR_FORMATS]  # type: ignore[valid-type]
 
-RUNTIME_FORMAT: dict[str, str] = {"llama.cpp": "gguf", "onnxruntime": "onnx"}
+# onnxruntime-genai (what Android / iOS apps call) loads a folder: the decoder .onnx with its
+# genai_config.json and tokenizer; plain onnxruntime loads the .onnx alone
+RUNTIME_FORMAT: dict[str, str] = {"llama.cpp": "gguf", "onnxruntime": "onnx", "onnxruntime-genai": "onnx"}
 
 
 TensorKey = Annotated[str, StringConstraints(pattern=r"^(embedding|head|(blk\.\d+\.)?[a-z][a-z0-9_]*)$")]

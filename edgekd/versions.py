@@ -8,7 +8,7 @@ import platform
 
 TRACKED = [
     "torch", "transformers", "accelerate", "tokenizers", "datasets", "safetensors", "gguf",
-    "onnx", "onnxruntime", "onnxscript", "torchao", "llama-cpp-python", "numpy", "pydantic",
+    "onnx", "onnxruntime", "onnxruntime-genai", "onnxscript", "torchao", "llama-cpp-python", "numpy", "pydantic",
 ]
 
 

@@ -194,11 +194,12 @@ def test_full_depth_profile_runs_qat_and_onnx_export(tmp_path, tiny_model_dir, s
         teacher=tiny_model_dir, profile="phone", data=small_corpus_file, output=tmp_path, run_name="phone", quiet=True,
         overrides=["compression.data.block_len=64", "compression.evaluation.max_heldout_blocks=4",
                    "compression.prune.calibration_blocks=4", "compression.qat.steps=2", "compression.distill.batch_size=2",
-                   "deployment.formats=[onnx, gguf]"],
+                   "deployment.formats=[onnx, gguf]", "compression.planner.candidates=[q4_0]"],
     )
     bench = report.stage("bench")
-    assert set(bench.metrics["all"]) == {"model-q4_0.onnx", "model-q4_0.gguf"}
-    assert bench.settings["budgets_checked_on"] == "model-q4_0.onnx"
+    onnx_file = "model-q4_0-genai/model-q4_0.onnx"
+    assert set(bench.metrics["all"]) == {onnx_file, "model-q4_0.gguf"}
+    assert bench.settings["budgets_checked_on"] == onnx_file
     assert all(b["projection"]["label"].startswith("PROJECTION") for b in bench.metrics["all"].values())
     assert (tmp_path / "phone" / "bench" / "tradeoff.png").stat().st_size > 1000
     md = (tmp_path / "phone" / "report.md").read_text()
@@ -208,9 +209,10 @@ def test_full_depth_profile_runs_qat_and_onnx_export(tmp_path, tiny_model_dir, s
     assert report.stage("prune").metrics["kept_layers"] == 4
     assert report.stage("distill").metrics.get("skipped")
     parity = report.stage("export").metrics["parity"]
-    assert [p["runtime"] for p in parity] == ["onnxruntime", "llama.cpp"] and parity[0]["greedy_match"] is True
-    assert (tmp_path / "phone" / "model-q4_0.onnx").exists()
-    assert report.stage("bench").metrics["bench"]["runtime"].startswith("onnxruntime")
+    assert [p["runtime"] for p in parity] == ["onnxruntime-genai", "llama.cpp"] and parity[0]["greedy_match"] is True
+    folder = tmp_path / "phone" / "model-q4_0-genai"
+    assert {"model-q4_0.onnx", "model-q4_0.onnx.data", "genai_config.json", "tokenizer.json"} <= {f.name for f in folder.iterdir()}
+    assert report.stage("bench").metrics["bench"]["runtime"].startswith("onnxruntime-genai")
 
 
 def test_planner_chooses_formats_and_the_files_follow_its_plan(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides):

@@ -135,6 +135,11 @@ def bench(
 
     prof = profile if isinstance(profile, DeviceProfile) else load_profile(profile, overrides)
     path = Path(model).expanduser()
+    if path.is_dir():
+        from .onnxgenai import decoder_file, folder_of
+
+        if folder_of(path) is not None:  # an onnxruntime-genai folder: its decoder
+            path = decoder_file(path)
     if not path.is_file():
         raise EdgekdError(f"model file not found: {path}", fix="pass the path of an exported model (export/<run>/model-<format>.gguf or .onnx)")
     if repeats < 1 or prompt_tokens < 1 or gen_tokens < 1:

@@ -220,6 +220,21 @@ PROCESS_BASELINE_MB = 47  # the Python process with the runtime imported
 LLAMA_CPP_COMPUTE_MB = 64  # graph and scratch buffers (58-71 MB in the two fits)
 LLAMA_CPP_LOGITS_BATCH = 128  # the logits buffer holds n_batch x vocab fp32 values
 ONNXRUNTIME_ARENA_MB = 650  # allocator arenas of a decoding session
+# onnxruntime-genai, fitted to edgekd bench of the SmolLM2-135M Q4_0 folder (104.2 MB, 1024-token
+# cache): 326 MB peak = 47 baseline + 120 prepacked weights (MLAS's int8-activation layout keeps a
+# per-block sum beside each fp32 scale: 1.31 x the GGUF-size data) + the tied table's mapped pages
+# (the head's prepack reads them, the embedding lookup keeps them) + the fp32 KV buffer allocated
+# for max_length + libraries, heap and the prefill's activations.
+GENAI_PACKED_FACTOR = 1.31
+GENAI_RUNTIME_MB = 80
+
+
+def genai_peak_parts_mb(shape: ArchShape, plan: FormatPlan, context: int) -> dict[str, float]:
+    """PROJECTION of an onnxruntime-genai process's peak memory, by part (MB)."""
+    table = plan.format_of("embedding").tensor_bytes(shape.embedding_params()) / 1e6
+    return {"process": PROCESS_BASELINE_MB, "prepacked weights": GENAI_PACKED_FACTOR * tensor_data_bytes(shape, plan) / 1e6,
+            "mapped table": table if shape.tied_embeddings else 0.0,
+            "kv cache (fp32)": 2 * shape.facts(plan).kv_bytes(context) / 1e6, "runtime": GENAI_RUNTIME_MB}
 
 
 def projected_peak_memory_mb(shape: ArchShape, plan: FormatPlan, context: int, runtime: str) -> float:
@@ -228,5 +243,7 @@ def projected_peak_memory_mb(shape: ArchShape, plan: FormatPlan, context: int, r
     kv = shape.facts(plan).kv_bytes(context) / 1e6  # f16 cache, allocated up front
     if runtime == "llama.cpp":
         return PROCESS_BASELINE_MB + weights + kv + LLAMA_CPP_COMPUTE_MB + LLAMA_CPP_LOGITS_BATCH * shape.vocab * 4 / 1e6
+    if runtime == "onnxruntime-genai":
+        return sum(genai_peak_parts_mb(shape, plan, context).values())
     folded_head = shape.vocab * shape.hidden * 4 / 1e6  # onnxruntime folds the dequantized head to fp32 at start
     return PROCESS_BASELINE_MB + weights + folded_head + ONNXRUNTIME_ARENA_MB

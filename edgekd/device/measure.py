@@ -185,7 +185,49 @@ def measure_onnx(path: Path, threads: int, n_ctx: int, prompt_tokens: int, gen_t
             "facts": dec.model_facts(model_file_mb(path) * 1e6)}
 
 
-MEASURE = {".gguf": measure_gguf, ".onnx": measure_onnx}
+def measure_genai(path: Path, threads: int, n_ctx: int, prompt_tokens: int, gen_tokens: int, repeats: int) -> dict[str, Any]:
+    """The same protocol through onnxruntime-genai's generator (what a phone app calls), its KV
+    buffer allocated for the profile's context length as the app's would be."""
+    import numpy as np
+
+    from . import onnxgenai, onnxrt
+
+    baseline = rss_mb()
+    t0 = time.perf_counter()
+    model = onnxgenai.GenaiModel(onnxgenai.folder_of(path), threads)
+    load_s = time.perf_counter() - t0
+    prompt, gen = random_tokens(model.vocab, prompt_tokens, gen_tokens)
+    # the profile's context where the model holds it (a model trained on less cannot be given more)
+    max_length = max(min(n_ctx, model.context_length), prompt_tokens + gen_tokens + 1)
+    prompt_ids, gen_ids = np.array(prompt, np.int32), np.array(gen, np.int32)
+
+    def prefill() -> None:
+        g = model.generator(max_length)
+        g.append_tokens(prompt_ids)
+        int(np.argmax(g.get_logits()))  # the first token is available
+
+    def decode() -> None:
+        g = model.generator(max_length)
+        for tok in gen_ids:
+            g.append_tokens(tok[None])
+
+    timed = timed_repeats(prefill, decode, prompt_tokens, gen_tokens, repeats)
+    return {"runtime": f"onnxruntime-genai {onnxgenai.version()} (onnxruntime {onnxrt.version()})", "load_s": load_s, **timed,
+            "baseline_rss_mb": baseline, "peak_rss_mb": peak_rss_mb(), "kv_cache_mb": model.kv_cache_mb(max_length),
+            "facts": model.model_facts(model_file_mb(path) * 1e6)}
+
+
+def measure_onnx_file(path: Path, *args: Any) -> dict[str, Any]:
+    """An onnxruntime-genai folder's decoder through onnxruntime-genai where it is installed, else
+    (and for a plain edgekd ONNX file) through onnxruntime."""
+    from . import onnxgenai
+
+    if onnxgenai.folder_of(path) is not None and onnxgenai.available():
+        return measure_genai(path, *args)
+    return measure_onnx(path, *args)
+
+
+MEASURE = {".gguf": measure_gguf, ".onnx": measure_onnx_file}
 
 
 def _kv_cache_mb(facts: dict[str, Any] | None, n_ctx: int, bytes_per_value: int) -> float | None:

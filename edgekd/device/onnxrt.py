@@ -50,6 +50,8 @@ class Decoder:
         shape = next(i for i in self.session.get_inputs() if i.name == self.past_names[0]).shape
         self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # an onnxruntime-genai decoder derives positions from the mask inside GroupQueryAttention
+        self.input_names = {i.name for i in self.session.get_inputs()}
 
     def model_facts(self, file_bytes: float) -> dict[str, float] | None:
         """Parameter count and attention shape for the roofline, from the metadata edgekd writes on export."""
@@ -70,6 +72,7 @@ class Decoder:
             "position_ids": np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq)).copy(),
             **past,
         }
+        feeds = {k: v for k, v in feeds.items() if k in self.input_names}
         outs = self.session.run(self.output_names, feeds)
         presents = {name.replace("present.", "past_key_values."): v for name, v in zip(self.output_names[1:], outs[1:])}
         return outs[0], presents

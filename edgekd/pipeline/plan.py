@@ -37,10 +37,11 @@ def format_plan(profile: DeviceProfile) -> FormatPlan:
 def planned_exports(profile: DeviceProfile, plan: FormatPlan | None = None) -> list:
     """The files the export stage writes for the run's format ``plan`` (default: the profile's),
     in the profile's order (edgekd.exporters.ship.PlannedExport); named after the plan's formats."""
-    from ..exporters.ship import planned_export
+    from ..exporters.ship import onnx_runtime_of, planned_export
 
     plan = plan or format_plan(profile)
-    return [planned_export(container, plan) for container in profile.deployment.formats]
+    onnx_runtime = onnx_runtime_of(profile.deployment.runtime)
+    return [planned_export(container, plan, onnx_runtime) for container in profile.deployment.formats]
 
 
 def budget_file(profile: DeviceProfile, plan: FormatPlan | None = None):

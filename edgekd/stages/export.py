@@ -32,7 +32,10 @@ def export(ctx: RunContext) -> StageRecord:
         with ctx.reporter.task(f"writing {planned.file_name} and checking it in {planned.runtime} {check}".strip()):
             path, result = write_checked(planned, student.model, ctx.teacher.tokenizer, student.plan, ctx.run.root, blocks,
                                          threads, source_gguf=source_gguf, source_name=source.name,
-                                         metadata={"profile": ctx.profile.name})
+                                         metadata={"profile": ctx.profile.name},
+                                         context_length=ctx.profile.deployment.context_length)
+            if result.note:
+                ctx.reporter.info(f"{planned.file_name}: {result.note}")
         checks.append(result.to_dict())
         artifacts[planned.file_name] = planned.file_name
         require(result)
@@ -56,7 +59,8 @@ def _llamacpp_floor(ctx: RunContext, blocks: Any, threads: int) -> dict[str, Any
 
 
 def report_export(record: StageRecord, ctx: RunContext) -> None:
-    rows = [[Path(c["file"]).name, c["runtime"], round(c["kl"], 6), round(c["top1_agreement"], 4), c["max_kl"], c["min_top1"],
+    rows = [[Path(c["file"]).name, c["runtime"] + (f" ({c['note']})" if c.get("note") else ""), round(c["kl"], 6),
+             round(c["top1_agreement"], 4), c["max_kl"], c["min_top1"],
              {True: "yes", False: "NO", None: "n/a"}[c["greedy_match"]], "pass" if c["passed"] else "FAIL"]
             for c in record.metrics["parity"]]
     floor = record.metrics.get("llamacpp_floor")

@@ -1,0 +1,282 @@
+"""Export a decoder as an onnxruntime-genai model folder, carrying the exact block codes of its plan.
+
+The only module that drives onnxruntime-genai's model builder
+(``python -m onnxruntime_genai.models.builder``, the interface its documentation gives). The
+builder writes the graph onnxruntime-genai and its Android / iOS bindings run: one fused
+``GroupQueryAttention`` per block (rotary embedding and an in-place KV cache inside it),
+``SkipSimplifiedLayerNormalization`` for residual + norm, packed Q/K/V products, and a
+``genai_config.json`` with the tokenizer files beside the model.
+
+The builder is run in fp32 and its weights are then swapped for the plan's own codes, never
+re-quantized: its int4 path quantizes with onnxruntime's ``MatMulNBitsQuantizer`` (round to
+nearest on its own scales), which is not the Q4_0 grid QAT trained on. Every ``MatMul`` weight
+of the built graph is matched by content to the student's linear layers (a packed Q/K/V or
+gate/up product is the concatenation of its parts along N, and so are their codes and scales)
+and becomes a ``MatMulNBits`` over exactly the codes and fp16-rounded scales of its format in
+:mod:`edgekd.formats` (Q4_0: zero point 8, block 32). The tied embedding table is stored once:
+a ``MatMulNBits`` for the output head and a ``GatherBlockQuantized`` for the embedding read the
+same codes, so nothing is folded to fp32 at session start. A weight whose format has no
+``MatMulNBits`` form keeps an fp32 initializer holding the values its format ships.
+
+``accuracy_level=4``: the products quantize their activations to int8 per block of 32, as
+llama.cpp's Q4_0/Q8_0 kernels do (its ``ggml_vec_dot_q4_0_q8_0``); onnxruntime has no
+fp32-activation kernel for 8-bit weights (an 8-bit head took 81 ms a token against 0.66 ms with
+int8 activations on this project's benchmark host), and with fp32 activations its 4-bit
+products are 2.4x slower. The parity floor is therefore llama.cpp's, not fp32's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import EdgekdError
+from ..families import family_of
+from ..fileio import atomic_path
+from ..formats import FP32, FormatPlan, WeightFormat
+from .onnx import _packed_codes, _prune_unused, _weight
+
+ACCURACY_LEVEL = 4
+CONFIG_FILE = "genai_config.json"
+FACTS_FILE = "edgekd.json"  # what `edgekd bench` reads for its projection: parameters, weight format
+# HF architectures the model builder of onnxruntime-genai 0.18 builds, among the families edgekd trains
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "SmolLM3ForCausalLM", "Phi3ForCausalLM", "Gemma3ForCausalLM"}
+
+
+def _native(fmt: WeightFormat) -> bool:
+    """A weight in ``fmt`` becomes a MatMulNBits on its own codes: 4- and 8-bit blocks with a zero
+    point (int8 activations make 8-bit products fast, unlike onnxruntime's fp32-activation path)."""
+    return fmt.quantized and fmt.onnx_bits is not None
+
+
+def genai_file_format(plan: FormatPlan | None) -> str:
+    """The format an onnxruntime-genai export of ``plan`` carries: its linear layers' format where
+    MatMulNBits holds it, else f32 weights."""
+    fmt = plan.format_of("linear") if plan is not None else None
+    return fmt.name if fmt is not None and _native(fmt) else FP32
+
+
+def available() -> bool:
+    """onnxruntime-genai (its model builder and runtime) is installed."""
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def unsupported_reason(model: Any) -> str | None:
+    """Why onnxruntime-genai cannot carry ``model`` (None when it can)."""
+    if not available():
+        return "onnxruntime-genai is not installed (pip install onnxruntime-genai)"
+    arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        return f"onnxruntime-genai's model builder does not build {arch}"
+    return None
+
+
+def _run_builder(hf_dir: Path, out_dir: Path, cache_dir: Path) -> None:
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out_dir),
+           "-p", "fp32", "-e", "cpu", "-c", str(cache_dir), "--extra_options", "hf_token=false", "prune_lm_head=true", "fuse_mlp_gate_up=true"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # the model is local; never reach the Hub
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0 or not (out_dir / "model.onnx").is_file():
+        tail = (proc.stderr.strip() or proc.stdout.strip())[-600:]
+        raise EdgekdError("onnxruntime-genai's model builder failed on this model",
+                          details=[tail], fix="export the plain ONNX model instead (onnx_runtime: onnxruntime in the "
+                          "profile's deployment), or GGUF")
+
+
+class _WeightIndex:
+    """The student's linear weights, found by content: the first row of W (a column of W^T) ->
+    candidates; a built MatMul weight is split into the parts it concatenates."""
+
+    def __init__(self) -> None:
+        self.by_row: dict[bytes, list[tuple[np.ndarray, WeightFormat]]] = {}
+
+    def add(self, w: np.ndarray, fmt: WeightFormat) -> None:
+        self.by_row.setdefault(np.ascontiguousarray(w[0]).tobytes(), []).append((w, fmt))
+
+    def split(self, b: np.ndarray) -> list[tuple[np.ndarray, WeightFormat]] | None:
+        """``b`` = [K, N] as the builder stores it: the parts (W [n, K], format) whose W^T concatenate to it."""
+        parts, col = [], 0
+        while col < b.shape[1]:
+            hit = None
+            for w, fmt in self.by_row.get(np.ascontiguousarray(b[:, col]).tobytes(), ()):
+                if col + w.shape[0] <= b.shape[1] and np.array_equal(b[:, col:col + w.shape[0]], w.T):
+                    hit = (w, fmt)
+                    break
+            if hit is None:
+                return None
+            parts.append(hit)
+            col += hit[0].shape[0]
+        return parts
+
+
+def _quantize_built_graph(proto: Any, model: Any, plan: FormatPlan, fixed_grids: dict[str, Any]) -> None:
+    """Swap the fp32 weights of a built graph for the plan's codes (see the module docstring)."""
+    from onnx import helper, numpy_helper
+
+    from ..methods.qat import weight_names
+
+    family = family_of(model)
+    names = weight_names(model)
+    graph = proto.graph
+    index = _WeightIndex()
+    tensors = [(mod, plan.format_of(role, layer)) for layer, role, mod in family.linear_modules(model)]
+    tied = family.tied(model)
+    if not tied:
+        tensors.append((family.head_module(model), plan.format_of("head")))
+    weight_grid = {}  # first row -> the K-quant grid fixed at conversion, for formats that ship fp32 values
+    for mod, fmt in tensors:
+        w = _weight(mod)
+        index.add(w, fmt)
+        weight_grid[w[0].tobytes()] = fixed_grids.get(names[id(mod)])
+    emb = _weight(family.embedding_module(model))
+    emb_fmt = plan.format_of("embedding")
+    emb_grid = fixed_grids.get(names[id(family.embedding_module(model))])
+
+    inits = {i.name: i for i in graph.initializer}
+    producers = {y: n for n in graph.node for y in n.output}
+    new_inits, nodes, replaced, expected = [], [], 0, len(tensors)
+
+    def fp32_init(name: str, value: np.ndarray) -> None:
+        inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value, dtype=np.float32), name))
+
+    def nbits_node(node: Any, tag: str, k: int, n: int, fmt: WeightFormat) -> Any:
+        """A MatMulNBits reading the initializers ``<tag>.qweight`` / ``<tag>.scales``."""
+        return helper.make_node("MatMulNBits", [node.input[0], f"{tag}.qweight", f"{tag}.scales"], list(node.output),
+                                name=f"{node.name}NBits", domain="com.microsoft", K=k, N=n, bits=fmt.onnx_bits,
+                                block_size=fmt.block, accuracy_level=ACCURACY_LEVEL)
+
+    emb_native = _native(emb_fmt)
+    if emb_native:
+        codes, scales = _packed_codes(emb, emb_fmt)
+        new_inits.append(numpy_helper.from_array(codes, "embedding.qweight"))
+        # one table of codes for both; the scales twice (3.5 MB at a 49k vocabulary), as MatMulNBits wants
+        # them [N, blocks] and GatherBlockQuantized of the same rank as the codes
+        new_inits.append(numpy_helper.from_array(scales.reshape(emb.shape[0], -1), "embedding.scales"))
+        new_inits.append(numpy_helper.from_array(scales.reshape(emb.shape[0], -1, 1), "embedding.gather_scales"))
+        new_inits.append(numpy_helper.from_array(np.array([0, 0, -1], np.int64), "embedding.rows_shape"))
+    emb_shipped = None if emb_native else emb_fmt.shipped(emb, emb_grid)
+
+    def is_table(name: str, transposed: bool) -> bool:
+        if name not in inits:
+            return False
+        a = numpy_helper.to_array(inits[name])
+        return a.shape == (emb.T.shape if transposed else emb.shape) and np.array_equal(a.T if transposed else a, emb)
+
+    def table_source(name: str) -> bool:
+        """``name`` holds the embedding table, directly or through a Transpose of the tied head's weight."""
+        if name in producers and producers[name].op_type == "Transpose":
+            return is_table(producers[name].input[0], transposed=True)
+        return is_table(name, transposed=False)
+
+    for node in graph.node:
+        if node.op_type == "Gather" and table_source(node.input[0]):
+            replaced += 1
+            if emb_native:
+                blocks = f"{node.output[0]}/blocks"  # [batch, seq, hidden / block, block] -> [batch, seq, hidden]
+                nodes.append(helper.make_node("GatherBlockQuantized", ["embedding.qweight", node.input[1], "embedding.gather_scales"],
+                                              [blocks], name=f"{node.name}BlockQuantized", domain="com.microsoft",
+                                              gather_axis=0, quantize_axis=2, block_size=emb_fmt.block, bits=emb_fmt.onnx_bits))
+                nodes.append(helper.make_node("Reshape", [blocks, "embedding.rows_shape"], list(node.output), name=f"{node.name}/Reshape"))
+                continue
+        if node.op_type == "MatMul" and node.input[1] in inits:
+            b = numpy_helper.to_array(inits[node.input[1]])
+            if tied and is_table(node.input[1], transposed=True):
+                replaced += 1
+                if emb_native:
+                    n, k = emb.shape
+                    nodes.append(nbits_node(node, "embedding", k, n, emb_fmt))  # the head reads the table's own codes
+                    continue
+                fp32_init(node.input[1], emb_shipped.T)
+                nodes.append(node)
+                continue
+            parts = index.split(b) if b.ndim == 2 else None
+            if parts is None:
+                raise EdgekdError(f"onnxruntime-genai export: the built weight {node.input[1]} is not one of the student's "
+                                  "weights", fix="export the plain ONNX model (onnx_runtime: onnxruntime) or GGUF")
+            replaced += len(parts)
+            fmts = {fmt.name for _, fmt in parts}
+            if len(fmts) == 1 and _native(parts[0][1]):
+                fmt = parts[0][1]
+                codes = [_packed_codes(w, fmt) for w, _ in parts]
+                data = np.concatenate([c for c, _ in codes], axis=0)
+                tag = node.input[1].removesuffix(".weight")
+                new_inits.append(numpy_helper.from_array(data, f"{tag}.qweight"))
+                new_inits.append(numpy_helper.from_array(np.concatenate([s for _, s in codes]), f"{tag}.scales"))
+                nodes.append(nbits_node(node, tag, b.shape[0], b.shape[1], fmt))
+                continue
+            # a part whose format has no MatMulNBits kernel (or mixed formats): the fp32 values each part ships
+            shipped = [fmt.shipped(w, weight_grid.get(w[0].tobytes())) if not fmt.identity else w for w, fmt in parts]
+            fp32_init(node.input[1], np.concatenate(shipped, axis=0).T)
+        nodes.append(node)
+    if replaced < expected + 1:
+        raise EdgekdError(f"onnxruntime-genai export: found {replaced} of {expected + 1} weight uses in the built graph",
+                          fix="export the plain ONNX model (onnx_runtime: onnxruntime) or GGUF")
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(new_inits)
+    _prune_unused(graph)
+
+
+def _write_config(folder: Path, onnx_name: str, context_length: int, meta: dict[str, str]) -> None:
+    path = folder / CONFIG_FILE
+    cfg = json.loads(path.read_text())
+    cfg["model"]["decoder"]["filename"] = onnx_name
+    # the KV cache is allocated for max_length tokens (past_present_share_buffer): the profile's context
+    cfg["search"]["max_length"] = min(int(context_length), int(cfg["model"]["context_length"]))
+    path.write_text(json.dumps(cfg, indent=4))
+    # onnxruntime-genai refuses keys it does not know in its config: edgekd's facts get a file of their own
+    (folder / FACTS_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def export_genai(model: Any, tokenizer: Any, path: str | Path, plan: FormatPlan, context_length: int,
+                 metadata: dict[str, str] | None = None) -> Path:
+    """Write ``model`` as an onnxruntime-genai folder: ``path`` is the decoder (``<folder>/<name>.onnx``,
+    weights in ``<name>.onnx.data``), ``genai_config.json`` and the tokenizer files beside it.
+
+    Returns ``path``. The folder appears complete or not at all."""
+    import onnx
+
+    from ..methods.qat import grids
+
+    reason = unsupported_reason(model)
+    if reason:
+        raise EdgekdError(f"cannot export for onnxruntime-genai: {reason}",
+                          fix="export the plain ONNX model (onnx_runtime: onnxruntime) or GGUF")
+    path = Path(path)
+    folder = path.parent
+    with atomic_path(folder) as tmp:
+        hf, built = tmp / "hf", tmp / "built"
+        model.save_pretrained(hf)
+        tokenizer.save_pretrained(hf)
+        _run_builder(hf, built, tmp / "cache")
+        proto = onnx.load(str(built / "model.onnx"))
+        _quantize_built_graph(proto, model, plan, grids(model))
+        onnx.helper.set_model_props(proto, {
+            "edgekd.params": str(sum(p.numel() for p in model.parameters())),
+            "edgekd.attention_heads": str(model.config.num_attention_heads),
+            "edgekd.weight_format": genai_file_format(plan),
+        })
+        onnx.save_model(proto, str(tmp / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data", size_threshold=1024)
+        for f in built.iterdir():  # genai_config.json, tokenizer and chat-template files
+            if f.suffix not in (".onnx", ".data"):
+                shutil.move(str(f), tmp / f.name)
+        shutil.rmtree(hf)
+        shutil.rmtree(built)
+        shutil.rmtree(tmp / "cache", ignore_errors=True)
+        _write_config(tmp, path.name, context_length, {"params": sum(p.numel() for p in model.parameters()),
+                                                       "weight_format": genai_file_format(plan),
+                                                       **(metadata or {})})
+    return path
