@@ -3,9 +3,12 @@
 For every family, a tiny random model of its transformers config with the family's own features
 switched on (the builders of tests/test_families.py: q/k norms, NoPE blocks, fused projections,
 LongRoPE, Llama 3 rope scaling, Gemma 3's windows and (1 + weight) norms) is written as GGUF in
-Q8_0 and Q4_0 and as an int4 ONNX model, and each runtime's logits are compared with the torch
-model on the same grid (``edgekd.methods.qat.convert``): KL(torch || runtime) and top-1 agreement
-over 3 x 64 random tokens. This is the runtime floor the chain's parity checks sit on.
+Q8_0 and Q4_0, as the plain int4 ONNX decoder and as the onnxruntime-genai folder (with fp32
+activations, accuracy level 0: the graph and codes alone; and as shipped, level 4: int8
+activations), and each runtime's logits are compared with the torch model on the same grid
+(``edgekd.methods.qat.convert``): KL(torch || runtime) and top-1 agreement over 3 x 64 random
+tokens. This is the runtime floor the chain's parity checks sit on. A family onnxruntime-genai's
+model builder refuses gets a row saying why.
 
     .venv/bin/python benchmarks/family_parity.py     # writes results/family_parity.json, about a minute
 """
@@ -46,9 +49,11 @@ def main() -> int:
     import numpy as np
     from tiny_models import train_tiny_tokenizer
 
-    from edgekd.device import llamacpp, onnxrt
+    from edgekd.device import llamacpp, onnxgenai, onnxrt
+    from edgekd.errors import EdgekdError
     from edgekd.exporters.gguf import export_gguf
     from edgekd.exporters.onnx import export_onnx
+    from edgekd.exporters.onnx_genai import export_genai
     from edgekd.formats import FormatPlan
     from edgekd.methods.evaluate import evaluate, torch_logits_fn
     from edgekd.methods.qat import convert
@@ -61,14 +66,24 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for family, (build, tokenizer) in builders(tok, phi3_tok).items():
             model = build()
-            for runtime, fmt in (("llama.cpp", "q8_0"), ("llama.cpp", "q4_0"), ("onnxruntime", "q4_0")):
+            for runtime, fmt in (("llama.cpp", "q8_0"), ("llama.cpp", "q4_0"), ("onnxruntime", "q4_0"),
+                                 ("onnxruntime-genai, fp32 activations", "q4_0"), ("onnxruntime-genai", "q4_0")):
                 plan = FormatPlan.uniform(fmt)
                 ref = torch_logits_fn(convert(copy.deepcopy(model), plan))
                 if runtime == "llama.cpp":
                     path = export_gguf(model, tokenizer, Path(tmp) / f"m-{fmt}.gguf", plan)
                     fn = llamacpp.logits_fn(path, blocks.shape[1], threads=1)
-                else:
+                elif runtime == "onnxruntime":
                     fn = onnxrt.logits_fn(export_onnx(model, Path(tmp) / "m.onnx", plan), threads=1)
+                else:
+                    level = 0 if "fp32" in runtime else 4
+                    try:
+                        path = export_genai(model, tokenizer, Path(tmp) / f"genai{level}" / "m.onnx", plan, 256, accuracy_level=level)
+                    except EdgekdError as exc:
+                        rows.append({"family": family, "runtime": runtime, "format": fmt, "refused": exc.problem})
+                        print(rows[-1], file=sys.stderr, flush=True)
+                        continue
+                    fn = onnxgenai.logits_fn(path, threads=1)
                 m = evaluate(fn, blocks, ref)
                 rows.append({"family": family, "runtime": runtime, "format": fmt, "kl": m.kl_to_teacher, "top1": m.top1_agreement})
                 print(rows[-1], file=sys.stderr, flush=True)
@@ -76,7 +91,10 @@ def main() -> int:
     print("| family | runtime | format | KL(torch \\|\\| runtime) | top-1 |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['family']} | {r['runtime']} | {r['format']} | {r['kl']:.2e} | {100 * r['top1']:.1f}% |")
+        if "refused" in r:
+            print(f"| {r['family']} | {r['runtime']} | {r['format']} | refused: {r['refused']} | |")
+        else:
+            print(f"| {r['family']} | {r['runtime']} | {r['format']} | {r['kl']:.2e} | {100 * r['top1']:.1f}% |")
     return 0
 
 

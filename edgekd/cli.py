@@ -79,9 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  edgekd bench model-q4_0.gguf --profile raspberry-pi-5\n"
         "  edgekd bench model-q4_0.gguf --profile raspberry-pi-5 --json --junit bench.xml\n"
-        "  edgekd bench model-q4_0.onnx --profile phone --energy-log meter.csv\n",
+        "  edgekd bench model-q4_0-genai --profile phone --energy-log meter.csv\n",
     )
-    b.add_argument("model", help="path to a .gguf (llama.cpp) or edgekd .onnx (onnxruntime) file")
+    b.add_argument("model", help="a .gguf (llama.cpp), an onnxruntime-genai folder (or the .onnx in it; onnxruntime-genai "
+                   "where installed, else onnxruntime) or an edgekd .onnx file (onnxruntime)")
     _add_profile_args(b)
     b.add_argument("--threads", type=int, default=None,
                    help="threads (default: deployment.threads, capped at this machine's cores)")

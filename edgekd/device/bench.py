@@ -64,7 +64,8 @@ def _run_in_process(model: Path, profile: DeviceProfile, threads: int, prompt_to
 
     measure = MEASURE.get(model.suffix.lower())
     if measure is None:
-        raise EdgekdError(f"cannot benchmark {model.name}: edgekd bench runs .gguf (llama.cpp) and .onnx (onnxruntime) files",
+        raise EdgekdError(f"cannot benchmark {model.name}: edgekd bench runs .gguf (llama.cpp) files, onnxruntime-genai "
+                          "folders and .onnx (onnxruntime) files",
                           fix="pass a file exported by edgekd compress")
     load_before = os.getloadavg()[0]
     with CpuSampler() as sampler:
@@ -120,7 +121,9 @@ def bench(
     projection: bool = True,
     budgets_on: str = "measured",
 ) -> BenchResult:
-    """Benchmark ``model`` (a .gguf or an edgekd .onnx file) with the settings and budgets of ``profile``.
+    """Benchmark ``model`` (a .gguf, an onnxruntime-genai folder or an edgekd .onnx file) with the
+    settings and budgets of ``profile``. An onnxruntime-genai folder runs through onnxruntime-genai
+    where it is installed, else its decoder through onnxruntime; ``result.runtime`` says which.
 
     Returns a :class:`BenchResult`; ``result.passed`` is False when a measured number
     breaks a budget, and ``result.failures`` says which. Usable inside a pytest test.
@@ -141,7 +144,7 @@ def bench(
         if folder_of(path) is not None:  # an onnxruntime-genai folder: its decoder
             path = decoder_file(path)
     if not path.is_file():
-        raise EdgekdError(f"model file not found: {path}", fix="pass the path of an exported model (export/<run>/model-<format>.gguf or .onnx)")
+        raise EdgekdError(f"model file not found: {path}", fix="pass the path of an exported model (export/<run>/model-<format>.gguf, model-<format>-genai or .onnx)")
     if repeats < 1 or prompt_tokens < 1 or gen_tokens < 1:
         raise EdgekdError("repeats, prompt tokens and generated tokens must be at least 1", fix="pass positive values")
     if budgets_on not in ("measured", "projected"):

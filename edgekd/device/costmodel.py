@@ -41,6 +41,7 @@ class ArchShape:
     fused_projections: bool = False  # Phi-3: one [q; k; v] and one [gate; up] linear per block
     sliding_layers: int = 0  # blocks attending to a window of the last sliding_window tokens (Gemma 3)
     sliding_window: int = 0
+    max_positions: int = 0  # the rotary tables onnxruntime-genai's graph carries hold this many positions
 
     @classmethod
     def from_config(cls, cfg: Any) -> ArchShape:
@@ -52,6 +53,7 @@ class ArchShape:
             head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, vocab=cfg.vocab_size,
             tied_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
             fused_projections=family is not None and "attn_qkv" in family.roles(),
+            max_positions=int(getattr(cfg, "max_position_embeddings", 0) or 0),
             sliding_layers=sum(t == "sliding_attention" for t in getattr(cfg, "layer_types", None) or []),
             sliding_window=int(getattr(cfg, "sliding_window", None) or 0),
         )
@@ -103,8 +105,42 @@ def tensor_data_bytes(shape: ArchShape, plan: FormatPlan) -> float:
     return linear + emb + head + norms
 
 
-def model_bytes(shape: ArchShape, plan: FormatPlan) -> float:
-    """File size of the exported model: tensor data plus the embedded tokenizer and metadata."""
+ONNX_GRAPH_BYTES_PER_BLOCK = 8000  # the .onnx graph itself: 6.8 kB (genai) to 11.7 kB (plain) a block for SmolLM2-135M
+
+
+def onnx_tensor_bytes(fmt: Any, n_weights: int, runtime: str, embedding: bool = False) -> float:
+    """Bytes of ``n_weights`` in an ONNX file: codes with an fp32 scale per block where the runtime
+    holds the format in int form (edgekd.stages.plan.candidate_formats; the plain decoder's
+    embedding: 8-bit codes), else fp32 values."""
+    if runtime == "onnxruntime":
+        native = fmt.onnx_bits == 8 if embedding else fmt.quantized and fmt.onnx_file_format == fmt.name
+    else:
+        native = fmt.quantized and fmt.onnx_bits is not None
+    return n_weights * fmt.onnx_bits / 8 + n_weights / fmt.block * 4 if native else 4.0 * n_weights
+
+
+def onnx_data_bytes(shape: ArchShape, plan: FormatPlan, runtime: str) -> float:
+    """Tensor data of the ONNX export for ``runtime``. A tied table's scales are stored twice in the
+    onnxruntime-genai folder (MatMulNBits and GatherBlockQuantized want them in different shapes)."""
+    roles = shape.role_params()
+    linear = sum(onnx_tensor_bytes(plan.format_of(role, layer), n, runtime) for layer in range(shape.layers) for role, n in roles.items())
+    emb_fmt, n = plan.format_of("embedding"), shape.embedding_params()
+    emb = onnx_tensor_bytes(emb_fmt, n, runtime, embedding=True)
+    rotary = 0.0
+    if runtime == "onnxruntime-genai":
+        if shape.tied_embeddings and emb_fmt.quantized and emb_fmt.onnx_bits:
+            emb += n / emb_fmt.block * 4
+        rotary = 2 * 4.0 * shape.max_positions * shape.head_dim / 2  # fp32 cos and sin tables
+    head = 0 if shape.tied_embeddings else onnx_tensor_bytes(plan.format_of("head"), n, runtime)
+    return linear + emb + head + 4.0 * (2 * shape.layers + 1) * shape.hidden + rotary + ONNX_GRAPH_BYTES_PER_BLOCK * shape.layers
+
+
+def model_bytes(shape: ArchShape, plan: FormatPlan, runtime: str = "llama.cpp") -> float:
+    """File size of the exported model ``runtime`` loads: a GGUF's tensor data plus its embedded
+    tokenizer and metadata, or an ONNX file with its external data (the folder's tokenizer files
+    are not counted, as edgekd bench measures the file)."""
+    if runtime in ("onnxruntime", "onnxruntime-genai"):
+        return onnx_data_bytes(shape, plan, runtime)
     return tensor_data_bytes(shape, plan) + TOKENIZER_BYTES_PER_VOCAB_ENTRY * shape.vocab
 
 
@@ -163,12 +199,12 @@ class Projection:
 
 def project(shape: ArchShape, plan: FormatPlan, hw: Hardware, context: int, prompt_tokens: int = 128,
             memory_efficiency: float = DEFAULT_MEMORY_EFFICIENCY,
-            compute_efficiency: float = DEFAULT_COMPUTE_EFFICIENCY) -> Projection:
-    """Roofline projection of size, decode speed and time to first token on ``hw``."""
+            compute_efficiency: float = DEFAULT_COMPUTE_EFFICIENCY, runtime: str = "llama.cpp") -> Projection:
+    """Roofline projection of size (of the file ``runtime`` loads), decode speed and time to first token on ``hw``."""
     rates = roofline_rates(shape.facts(plan), hw.memory_bandwidth_gbs * 1e9 * memory_efficiency,
                            hw.peak_gflops_fp32 * 1e9 * compute_efficiency, prompt_tokens)
     return Projection(
-        model_mb=model_bytes(shape, plan) / 1e6,
+        model_mb=model_bytes(shape, plan, runtime) / 1e6,
         decode_tokens_per_s=rates["decode_tokens_per_s"],
         ttft_ms=1e3 * prompt_tokens / rates["prefill_tokens_per_s"],
         bound=rates["decode_bound"],

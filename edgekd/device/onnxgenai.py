@@ -129,5 +129,5 @@ def logits_fn(path: str | Path, threads: int = 2):
     folder = folder_of(path)
     if folder is None:
         raise EdgekdError(f"{path} is not an onnxruntime-genai model folder (no {CONFIG_FILE})",
-                          fix="export it with edgekd (formats: [onnx], onnx_runtime: onnxruntime-genai)")
+                          fix="export it with edgekd (deployment.runtime: onnxruntime-genai, as the phone profile has)")
     return GenaiModel(folder, threads).logits

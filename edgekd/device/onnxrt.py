@@ -48,7 +48,7 @@ class Decoder:
             raise EdgekdError(f"{path} is not a KV-cache decoder exported by edgekd (no past_key_values inputs)",
                               fix="export it with edgekd (formats: [onnx])")
         shape = next(i for i in self.session.get_inputs() if i.name == self.past_names[0]).shape
-        self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
+        self.kv_heads, self.head_dim = int(shape[1]), _head_dim(shape[3], Path(path))
         self.output_names = [o.name for o in self.session.get_outputs()]
         # an onnxruntime-genai decoder derives positions from the mask inside GroupQueryAttention
         self.input_names = {i.name for i in self.session.get_inputs()}
@@ -92,6 +92,19 @@ class Decoder:
             logits, past = self.step(np.array([[nxt]]), past, length)
             length += 1
         return out
+
+
+def _head_dim(dim: Any, path: Path) -> int:
+    """The KV cache's last axis: a number in edgekd's plain decoder; named in an onnxruntime-genai
+    decoder, whose genai_config.json beside it gives the head size."""
+    if isinstance(dim, int):
+        return dim
+    config = path.parent / "genai_config.json"
+    if not config.is_file():
+        raise EdgekdError(f"{path}: the KV cache's head size is not fixed in the graph", fix="export it with edgekd")
+    import json
+
+    return int(json.loads(config.read_text())["model"]["decoder"]["head_size"])
 
 
 def logits_fn(path: str | Path, threads: int = 2):

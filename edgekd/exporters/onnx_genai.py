@@ -44,6 +44,7 @@ from ..formats import FP32, FormatPlan, WeightFormat
 from .onnx import _packed_codes, _prune_unused, _weight
 
 ACCURACY_LEVEL = 4
+PLAIN_FIX = "export the plain ONNX decoder instead (--set deployment.runtime=onnxruntime), or GGUF"
 CONFIG_FILE = "genai_config.json"
 FACTS_FILE = "edgekd.json"  # what `edgekd bench` reads for its projection: parameters, weight format
 # HF architectures the model builder of onnxruntime-genai 0.18 builds, among the families edgekd trains
@@ -91,8 +92,7 @@ def _run_builder(hf_dir: Path, out_dir: Path, cache_dir: Path) -> None:
     if proc.returncode != 0 or not (out_dir / "model.onnx").is_file():
         tail = (proc.stderr.strip() or proc.stdout.strip())[-600:]
         raise EdgekdError("onnxruntime-genai's model builder failed on this model",
-                          details=[tail], fix="export the plain ONNX model instead (onnx_runtime: onnxruntime in the "
-                          "profile's deployment), or GGUF")
+                          details=[tail], fix=PLAIN_FIX)
 
 
 class _WeightIndex:
@@ -121,7 +121,7 @@ class _WeightIndex:
         return parts
 
 
-def _quantize_built_graph(proto: Any, model: Any, plan: FormatPlan, fixed_grids: dict[str, Any]) -> None:
+def _quantize_built_graph(proto: Any, model: Any, plan: FormatPlan, fixed_grids: dict[str, Any], accuracy_level: int) -> None:
     """Swap the fp32 weights of a built graph for the plan's codes (see the module docstring)."""
     from onnx import helper, numpy_helper
 
@@ -155,7 +155,7 @@ def _quantize_built_graph(proto: Any, model: Any, plan: FormatPlan, fixed_grids:
         """A MatMulNBits reading the initializers ``<tag>.qweight`` / ``<tag>.scales``."""
         return helper.make_node("MatMulNBits", [node.input[0], f"{tag}.qweight", f"{tag}.scales"], list(node.output),
                                 name=f"{node.name}NBits", domain="com.microsoft", K=k, N=n, bits=fmt.onnx_bits,
-                                block_size=fmt.block, accuracy_level=ACCURACY_LEVEL)
+                                block_size=fmt.block, accuracy_level=accuracy_level)
 
     emb_native = _native(emb_fmt)
     if emb_native:
@@ -204,7 +204,7 @@ def _quantize_built_graph(proto: Any, model: Any, plan: FormatPlan, fixed_grids:
             parts = index.split(b) if b.ndim == 2 else None
             if parts is None:
                 raise EdgekdError(f"onnxruntime-genai export: the built weight {node.input[1]} is not one of the student's "
-                                  "weights", fix="export the plain ONNX model (onnx_runtime: onnxruntime) or GGUF")
+                                  "weights", fix=PLAIN_FIX)
             replaced += len(parts)
             fmts = {fmt.name for _, fmt in parts}
             if len(fmts) == 1 and _native(parts[0][1]):
@@ -222,7 +222,7 @@ def _quantize_built_graph(proto: Any, model: Any, plan: FormatPlan, fixed_grids:
         nodes.append(node)
     if replaced < expected + 1:
         raise EdgekdError(f"onnxruntime-genai export: found {replaced} of {expected + 1} weight uses in the built graph",
-                          fix="export the plain ONNX model (onnx_runtime: onnxruntime) or GGUF")
+                          fix=PLAIN_FIX)
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(new_inits)
@@ -241,9 +241,10 @@ def _write_config(folder: Path, onnx_name: str, context_length: int, meta: dict[
 
 
 def export_genai(model: Any, tokenizer: Any, path: str | Path, plan: FormatPlan, context_length: int,
-                 metadata: dict[str, str] | None = None) -> Path:
+                 metadata: dict[str, str] | None = None, accuracy_level: int = ACCURACY_LEVEL) -> Path:
     """Write ``model`` as an onnxruntime-genai folder: ``path`` is the decoder (``<folder>/<name>.onnx``,
     weights in ``<name>.onnx.data``), ``genai_config.json`` and the tokenizer files beside it.
+    ``accuracy_level`` 0 makes the products take fp32 activations (exact, and slower: for checks).
 
     Returns ``path``. The folder appears complete or not at all."""
     import onnx
@@ -253,7 +254,7 @@ def export_genai(model: Any, tokenizer: Any, path: str | Path, plan: FormatPlan,
     reason = unsupported_reason(model)
     if reason:
         raise EdgekdError(f"cannot export for onnxruntime-genai: {reason}",
-                          fix="export the plain ONNX model (onnx_runtime: onnxruntime) or GGUF")
+                          fix=PLAIN_FIX)
     path = Path(path)
     folder = path.parent
     with atomic_path(folder) as tmp:
@@ -262,7 +263,7 @@ def export_genai(model: Any, tokenizer: Any, path: str | Path, plan: FormatPlan,
         tokenizer.save_pretrained(hf)
         _run_builder(hf, built, tmp / "cache")
         proto = onnx.load(str(built / "model.onnx"))
-        _quantize_built_graph(proto, model, plan, grids(model))
+        _quantize_built_graph(proto, model, plan, grids(model), accuracy_level)
         onnx.helper.set_model_props(proto, {
             "edgekd.params": str(sum(p.numel() for p in model.parameters())),
             "edgekd.attention_heads": str(model.config.num_attention_heads),

@@ -175,7 +175,7 @@ def candidates(search: Search, profile: Any) -> tuple[list[Candidate], list[dict
             for _, kept_kl, choice in _frontier(search, shape):  # fewest bytes first, falling KL
                 plan = _as_plan(search, choice)
                 format_kl = _raw_format_kl(search, choice, shape.layers / search.shape.layers)
-                p = project(shape, plan, hw, dep.context_length)
+                p = project(shape, plan, hw, dep.context_length, runtime=dep.runtime)
                 cand = Candidate(layers, keep, fraction, plan, p.model_mb, p.decode_tokens_per_s, p.ttft_ms,
                                  projected_peak_memory_mb(shape, plan, dep.context_length, dep.runtime), format_kl, prune_kl,
                                  kept_kl + (1 - r_d) * prune_kl)
