@@ -129,3 +129,29 @@ def test_unsupported_model_falls_back_to_the_plain_decoder(tiny, tiny_tokenizer,
     path, result = write_checked(planned_export("onnx", Q4, GENAI), tiny, tiny_tokenizer, Q4, tmp_path, blocks, threads=1)
     assert result.runtime == "onnxruntime" and result.passed and "does not build X" in result.note
     assert path.is_file() and folder_of(path) is None  # no genai_config.json: edgekd bench uses onnxruntime
+
+
+def test_planner_predicts_the_folder_size(folders, tiny):
+    """The size the planner checks max_model_mb against is the file edgekd bench measures."""
+    from edgekd.device.costmodel import ArchShape, model_bytes
+    from edgekd.device.measure import model_file_mb
+
+    predicted = model_bytes(ArchShape.from_config(tiny.config), Q4, "onnxruntime-genai") / 1e6
+    assert predicted == pytest.approx(model_file_mb(folders[4]), rel=0.1)
+
+
+def test_mixed_plan_keeps_every_part_in_its_own_int_form(tiny_tokenizer, tmp_path):
+    """attn_v and ffn_up at Q8_0 beside Q4_0: Q/K/V and gate/up stay separate products (a packed one
+    would have to hold one format), 4- and 8-bit MatMulNBits, exact with fp32 activations."""
+    import onnx
+    from conftest import make_tiny_llama
+
+    plan = FormatPlan.uniform("q4_0", {"attn_v": "q8_0", "ffn_up": "q8_0"})
+    model = convert(make_tiny_llama(len(tiny_tokenizer), layers=2, seed=4), plan)
+    path = export_genai(model, tiny_tokenizer, tmp_path / "f" / "model.onnx", plan, CONTEXT, accuracy_level=0)
+    nodes = [n for n in onnx.load(str(path)).graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 2 * 7 + 1 and {dict((a.name, a.i) for a in n.attribute)["bits"] for n in nodes} == {4, 8}
+    ids = _prompts(len(tiny_tokenizer))
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(GenaiModel(path.parent, threads=1).logits(ids) - ref).max() < 1e-4

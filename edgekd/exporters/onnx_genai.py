@@ -84,9 +84,17 @@ def unsupported_reason(model: Any) -> str | None:
     return None
 
 
-def _run_builder(hf_dir: Path, out_dir: Path, cache_dir: Path) -> None:
+def _same_format(model: Any, plan: FormatPlan, roles: tuple[str, ...]) -> bool:
+    """Every block gives ``roles`` one format: their products can be packed into one MatMulNBits."""
+    return all(len({plan.format_of(role, layer).name for role in roles}) == 1 for layer in range(model.config.num_hidden_layers))
+
+
+def _run_builder(hf_dir: Path, out_dir: Path, cache_dir: Path, fuse_qkv: bool, fuse_gate_up: bool) -> None:
+    # prune_lm_head: the head for the last position only (prefill computes one row of logits, as an app needs)
+    options = ["hf_token=false", "prune_lm_head=true", f"fuse_qkv={str(fuse_qkv).lower()}",
+               f"fuse_mlp_gate_up={str(fuse_gate_up).lower()}"]
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out_dir),
-           "-p", "fp32", "-e", "cpu", "-c", str(cache_dir), "--extra_options", "hf_token=false", "prune_lm_head=true", "fuse_mlp_gate_up=true"]
+           "-p", "fp32", "-e", "cpu", "-c", str(cache_dir), "--extra_options", *options]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # the model is local; never reach the Hub
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not (out_dir / "model.onnx").is_file():
@@ -261,7 +269,10 @@ def export_genai(model: Any, tokenizer: Any, path: str | Path, plan: FormatPlan,
         hf, built = tmp / "hf", tmp / "built"
         model.save_pretrained(hf)
         tokenizer.save_pretrained(hf)
-        _run_builder(hf, built, tmp / "cache")
+        # packed Q/K/V and gate/up products where each block gives their parts one format (a mixed
+        # plan, say attn_v at Q8_0, keeps them apart so every part stays in its own int form)
+        _run_builder(hf, built, tmp / "cache", fuse_qkv=_same_format(model, plan, ("attn_q", "attn_k", "attn_v")),
+                     fuse_gate_up=_same_format(model, plan, ("ffn_gate", "ffn_up")))
         proto = onnx.load(str(built / "model.onnx"))
         _quantize_built_graph(proto, model, plan, grids(model), accuracy_level)
         onnx.helper.set_model_props(proto, {

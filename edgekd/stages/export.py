@@ -61,7 +61,8 @@ def _llamacpp_floor(ctx: RunContext, blocks: Any, threads: int) -> dict[str, Any
 def report_export(record: StageRecord, ctx: RunContext) -> None:
     rows = [[Path(c["file"]).name, c["runtime"] + (f" ({c['note']})" if c.get("note") else ""), round(c["kl"], 6),
              round(c["top1_agreement"], 4), c["max_kl"], c["min_top1"],
-             {True: "yes", False: "NO", None: "n/a"}[c["greedy_match"]], "pass" if c["passed"] else "FAIL"]
+             {True: "yes", False: "NO", None: "n/a"}[c["greedy_match"]] + (f" ({c['greedy_detail']})" if c.get("greedy_detail") else ""),
+             "pass" if c["passed"] else "FAIL"]
             for c in record.metrics["parity"]]
     floor = record.metrics.get("llamacpp_floor")
     if floor:
