@@ -53,7 +53,7 @@ def main() -> int:
     from edgekd.errors import EdgekdError
     from edgekd.exporters.gguf import export_gguf
     from edgekd.exporters.onnx import export_onnx
-    from edgekd.exporters.onnx_genai import export_genai
+    from edgekd.exporters.onnx_genai import export_genai, unsupported_reason
     from edgekd.formats import FormatPlan
     from edgekd.methods.evaluate import evaluate, torch_logits_fn
     from edgekd.methods.qat import convert
@@ -66,8 +66,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for family, (build, tokenizer) in builders(tok, phi3_tok).items():
             model = build()
-            for runtime, fmt in (("llama.cpp", "q8_0"), ("llama.cpp", "q4_0"), ("onnxruntime", "q4_0"),
-                                 ("onnxruntime-genai, fp32 activations", "q4_0"), ("onnxruntime-genai", "q4_0")):
+            # the plain ONNX export last: torch.export leaves the model's rotary buffers unfit for deepcopy
+            for runtime, fmt in (("llama.cpp", "q8_0"), ("llama.cpp", "q4_0"), ("onnxruntime-genai, fp32 activations", "q4_0"),
+                                 ("onnxruntime-genai", "q4_0"), ("onnxruntime", "q4_0")):
                 plan = FormatPlan.uniform(fmt)
                 ref = torch_logits_fn(convert(copy.deepcopy(model), plan))
                 if runtime == "llama.cpp":
@@ -77,6 +78,10 @@ def main() -> int:
                     fn = onnxrt.logits_fn(export_onnx(model, Path(tmp) / "m.onnx", plan), threads=1)
                 else:
                     level = 0 if "fp32" in runtime else 4
+                    reason = unsupported_reason(model)
+                    if reason:
+                        rows.append({"family": family, "runtime": runtime, "format": fmt, "refused": reason})
+                        continue
                     try:
                         path = export_genai(model, tokenizer, Path(tmp) / f"genai{level}" / "m.onnx", plan, 256, accuracy_level=level)
                     except EdgekdError as exc:

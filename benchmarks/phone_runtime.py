@@ -56,6 +56,27 @@ def shipped_student(run: str | None):
     return load_hf(run_dir / SHIPPED_DIR), teacher.tokenizer, plan, f"QAT student of {run_dir}"
 
 
+def logit_noise(path: Path, model, blocks, threads: int) -> dict:
+    """How far int8 activations move the logits: |runtime - torch| over every position and token,
+    and the change of torch's top-1 margin (what the greedy check's DECISIVE_MARGIN must exceed)."""
+    import numpy as np
+    import torch
+
+    from edgekd.device.onnxgenai import GenaiModel
+
+    rt = GenaiModel(path.parent, threads).logits(blocks)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(blocks.astype(np.int64))).logits.float().numpy()
+    diff = np.abs(rt - ref)
+    top2 = np.argsort(ref, axis=-1)[..., -2:]
+    margin = lambda x: np.take_along_axis(x, top2[..., 1:], -1) - np.take_along_axis(x, top2[..., :1], -1)  # noqa: E731
+    dm = np.abs(margin(rt) - margin(ref)).ravel()
+    return {"abs_logit_diff_median": float(np.median(diff)), "abs_logit_diff_p99": float(np.percentile(diff, 99)),
+            "abs_logit_diff_max": float(diff.max()), "top1_margin_change_median": float(np.median(dm)),
+            "top1_margin_change_p99": float(np.percentile(dm, 99)), "top1_margin_change_max": float(dm.max()),
+            "positions": int(dm.size)}
+
+
 def lscpu_flags() -> str:
     out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Flags")), "")
@@ -90,6 +111,7 @@ def main() -> int:
                                      source_name=src.name, context_length=context)
         files[name], parity[name] = path, result.to_dict()
 
+    noise = logit_noise(files["onnxruntime-genai folder"], model, blocks[:2], args.threads)
     runs = {name: [] for name in files}
     for r in range(args.rounds):
         for name, path in files.items():
@@ -123,7 +145,8 @@ def main() -> int:
     targets["peak_memory_mb"]["met"] = og["peak_rss_mb"] <= memory_limit
     targets["ttft_vs_llamacpp"]["met"] = targets["ttft_vs_llamacpp"]["value"] <= 1.0
     out = {"model": label, "plan": plan.to_dict(), "threads": args.threads, "rounds": args.rounds, "context_length": context,
-           "lscpu_flags": lscpu_flags(), "rows": rows, "targets": targets, "parity": parity, "parity_blocks": int(len(blocks))}
+           "lscpu_flags": lscpu_flags(), "rows": rows, "targets": targets, "parity": parity, "parity_blocks": int(len(blocks)),
+           "genai_logit_noise": noise}
     write_result("phone_runtime", out)
     print(f"{label}; {args.threads} threads, medians of {args.rounds} rounds (each `edgekd bench`, 3 repeats)\n")
     print("| file | runtime | file MB | decode tok/s | prefill tok/s | TTFT ms (128 tokens) | peak RSS MB | KV cache MB |")
@@ -138,6 +161,9 @@ def main() -> int:
     for name, p in parity.items():
         greedy = p["greedy_detail"] or {True: "identical", False: "DIFFERENT", None: "n/a"}[p["greedy_match"]]
         print(f"| {name} | {p['runtime']} | {p['kl']:.5f} | {p['top1_agreement']:.4f} | {greedy} |")
+    print(f"\nint8 activations, onnxruntime-genai vs torch over {noise['positions']} positions: |logit diff| median "
+          f"{noise['abs_logit_diff_median']:.3f}, p99 {noise['abs_logit_diff_p99']:.3f}; top-1 margin change median "
+          f"{noise['top1_margin_change_median']:.3f}, p99 {noise['top1_margin_change_p99']:.3f}, max {noise['top1_margin_change_max']:.3f}")
     return 0
 
 

@@ -155,3 +155,49 @@ def test_mixed_plan_keeps_every_part_in_its_own_int_form(tiny_tokenizer, tmp_pat
     with torch.no_grad():
         ref = model(torch.from_numpy(ids)).logits.numpy()
     assert np.abs(GenaiModel(path.parent, threads=1).logits(ids) - ref).max() < 1e-4
+
+
+def _mistral(vocab):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    return MistralForCausalLM(MistralConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                            max_position_embeddings=256, tie_word_embeddings=True)).eval()
+
+
+def _qwen2(vocab):  # q/k/v biases
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                        tie_word_embeddings=True)).eval()
+
+
+def _family(name, vocab):
+    import test_families as tf
+
+    return {"qwen3": lambda: tf.tiny_qwen3(vocab), "llama3-rope": lambda: tf.tiny_llama_rope(vocab, tf.LLAMA3_ROPE),
+            "mistral": lambda: _mistral(vocab), "qwen2": lambda: _qwen2(vocab), "smollm3": lambda: tf.tiny_smollm3(vocab),
+            "gemma3": lambda: tf.tiny_gemma3(vocab)}[name]()
+
+
+@pytest.mark.parametrize("name", ["qwen3", "llama3-rope", "mistral", "qwen2"])
+def test_families_the_builder_takes_reproduce_torch(name, tiny_tokenizer, tmp_path):
+    model = convert(_family(name, len(tiny_tokenizer)), Q4)
+    path = export_genai(model, tiny_tokenizer, tmp_path / "f" / "model.onnx", Q4, CONTEXT, accuracy_level=0)
+    ids = _prompts(len(tiny_tokenizer))
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).logits.numpy()
+    runtime = GenaiModel(path.parent, threads=1)
+    assert np.abs(runtime.logits(ids) - ref).max() < 1e-4
+    assert runtime.greedy(ids[0], 8) == torch_greedy(model, tiny_tokenizer, ids[0], 8)
+
+
+@pytest.mark.parametrize("name", ["smollm3", "gemma3"])
+def test_families_the_builder_fails_on_ship_the_plain_decoder_with_the_reason(name, tiny_tokenizer, tmp_path):
+    model = convert(_family(name, len(tiny_tokenizer)), Q4)
+    blocks = np.random.default_rng(2).integers(3, len(tiny_tokenizer), size=(2, 40))
+    path, result = write_checked(planned_export("onnx", Q4, GENAI), model, tiny_tokenizer, Q4, tmp_path, blocks, threads=1)
+    assert result.runtime == "onnxruntime" and result.passed and "model builder" in result.note

@@ -47,9 +47,18 @@ ACCURACY_LEVEL = 4
 PLAIN_FIX = "export the plain ONNX decoder instead (--set deployment.runtime=onnxruntime), or GGUF"
 CONFIG_FILE = "genai_config.json"
 FACTS_FILE = "edgekd.json"  # what `edgekd bench` reads for its projection: parameters, weight format
-# HF architectures the model builder of onnxruntime-genai 0.18 builds, among the families edgekd trains
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                           "SmolLM3ForCausalLM", "Phi3ForCausalLM", "Gemma3ForCausalLM"}
+# HF architectures of edgekd's families that onnxruntime-genai 0.18's model builder builds with
+# transformers 5 (tested: tests/test_export_genai.py, benchmarks/family_parity.py) ...
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+# ... and where it fails, measured, so the plain decoder ships instead
+BUILDER_FAILS = {
+    "SmolLM3ForCausalLM": "onnxruntime-genai 0.18's model builder fails on SmolLM3's blocks without rotary "
+                          "(KeyError 'position_ids' in make_attention_qk_rope: its fused-rotary graph has no position input)",
+    "Phi3ForCausalLM": "onnxruntime-genai 0.18's model builder does not read transformers 5's Phi-3 rope parameters "
+                       "(KeyError 'multi_cache' in make_rotary_embedding_multi_cache)",
+    "Gemma3ForCausalLM": "onnxruntime-genai 0.18's model builder does not read transformers 5's per-layer-type Gemma 3 "
+                         "rope parameters (KeyError 'rope_type' in make_rope_init)",
+}
 
 
 def _native(fmt: WeightFormat) -> bool:
@@ -79,9 +88,15 @@ def unsupported_reason(model: Any) -> str | None:
     if not available():
         return "onnxruntime-genai is not installed (pip install onnxruntime-genai)"
     arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    if arch in BUILDER_FAILS:
+        return BUILDER_FAILS[arch]
     if arch not in SUPPORTED_ARCHITECTURES:
         return f"onnxruntime-genai's model builder does not build {arch}"
     return None
+
+
+class BuilderFailed(EdgekdError):
+    """onnxruntime-genai's model builder could not build this model (the plain decoder can ship instead)."""
 
 
 def _same_format(model: Any, plan: FormatPlan, roles: tuple[str, ...]) -> bool:
@@ -99,8 +114,7 @@ def _run_builder(hf_dir: Path, out_dir: Path, cache_dir: Path, fuse_qkv: bool, f
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not (out_dir / "model.onnx").is_file():
         tail = (proc.stderr.strip() or proc.stdout.strip())[-600:]
-        raise EdgekdError("onnxruntime-genai's model builder failed on this model",
-                          details=[tail], fix=PLAIN_FIX)
+        raise BuilderFailed("onnxruntime-genai's model builder failed on this model", details=[tail], fix=PLAIN_FIX)
 
 
 class _WeightIndex:

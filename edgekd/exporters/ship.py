@@ -72,11 +72,14 @@ def write_checked(export: PlannedExport, model: Any, tokenizer: Any, plan: Forma
                                   torch_fn, blocks)
     reason = None
     if export.runtime == GENAI:
-        from .onnx_genai import unsupported_reason
+        from .onnx_genai import BuilderFailed, unsupported_reason
 
         reason = unsupported_reason(model)
         if reason is None:
-            return path, _write_checked_genai(export, model, tokenizer, plan, path, blocks, threads, context_length, metadata)
+            try:
+                return path, _write_checked_genai(export, model, tokenizer, plan, path, blocks, threads, context_length, metadata)
+            except BuilderFailed as exc:  # a model the builder should take but does not: the plain decoder ships
+                reason = f"{exc.problem}: {(exc.details or [''])[-1][-200:]}"
     from ..device.onnxrt import Decoder
     from .onnx import export_onnx, onnx_file_format
 
