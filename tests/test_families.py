@@ -177,7 +177,7 @@ def test_a_qwen3_teacher_through_the_whole_chain(tmp_path, tiny_tokenizer, small
                              quiet=True, overrides=[*tiny_profile_overrides, "compression.prune.keep_layers=2",
                                                     "deployment.formats=[gguf, onnx]"])
     parity = report.stage("export").metrics["parity"]
-    assert [p["runtime"] for p in parity] == ["llama.cpp", "onnxruntime"] and all(p["passed"] for p in parity)
+    assert [p["runtime"] for p in parity] == ["llama.cpp", "onnxruntime-genai"] and all(p["passed"] for p in parity)
     assert parity[1]["greedy_match"] is True
     assert report.stage("prune").metrics["kept_layers"] == 2 and report.teacher["architecture"] == "qwen3"
 
@@ -288,6 +288,7 @@ def test_a_phi3_teacher_through_the_whole_chain(tmp_path, phi3_tokenizer, small_
                                                     "deployment.formats=[gguf, onnx]"])
     parity = report.stage("export").metrics["parity"]
     assert [p["runtime"] for p in parity] == ["llama.cpp", "onnxruntime"] and all(p["passed"] for p in parity)
+    assert "model builder" in parity[1]["note"]  # the plain decoder, with onnxruntime-genai's reason
     assert parity[1]["greedy_match"] is True and report.stage("prune").metrics["student"]["intermediate_size"] == 64
 
 
@@ -407,6 +408,7 @@ def test_a_gemma3_teacher_through_the_whole_chain(tmp_path, tiny_tokenizer, smal
                              quiet=True, overrides=[*tiny_profile_overrides, "deployment.formats=[gguf, onnx]"])
     parity = report.stage("export").metrics["parity"]
     assert [p["runtime"] for p in parity] == ["llama.cpp", "onnxruntime"] and all(p["passed"] for p in parity)
+    assert "model builder" in parity[1]["note"]  # the plain decoder, with onnxruntime-genai's reason
     assert parity[1]["greedy_match"] is True and report.teacher["architecture"] == "gemma3_text"
 
 
