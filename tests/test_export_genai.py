@@ -201,3 +201,23 @@ def test_families_the_builder_fails_on_ship_the_plain_decoder_with_the_reason(na
     blocks = np.random.default_rng(2).integers(3, len(tiny_tokenizer), size=(2, 40))
     path, result = write_checked(planned_export("onnx", Q4, GENAI), model, tiny_tokenizer, Q4, tmp_path, blocks, threads=1)
     assert result.runtime == "onnxruntime" and result.passed and "model builder" in result.note
+
+
+def test_untied_head_and_an_embedding_without_int_form(tiny_tokenizer, tmp_path):
+    """An untied model: the head in its own Q8_0 codes, an f16 embedding table stored as the fp32
+    values f16 ships (GatherBlockQuantized holds only block codes)."""
+    import onnx
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(5)
+    cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    plan = FormatPlan.uniform("q4_0", {"embedding": "f16", "head": "q8_0"})
+    model = convert(LlamaForCausalLM(cfg).eval(), plan)
+    path = export_genai(model, tiny_tokenizer, tmp_path / "f" / "model.onnx", plan, CONTEXT, accuracy_level=0)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "GatherBlockQuantized" not in ops and ops.count("MatMulNBits") == 2 * 4 + 1
+    ids = _prompts(len(tiny_tokenizer))
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(GenaiModel(path.parent, threads=1).logits(ids) - ref).max() < 1e-4

@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import EdgekdError
 
 CONFIG_FILE = "genai_config.json"
-FACTS_FILE = "edgekd.json"  # written beside it by edgekd's exporter
+FACTS_FILE = "edgekd.json"  # written beside it by edgekd's exporter: parameters and weight format, for the projection
 
 
 def _og():
@@ -28,6 +28,7 @@ def _og():
 
 
 def available() -> bool:
+    """onnxruntime-genai (its runtime, and the model builder that ships with it) is installed."""
     try:
         import onnxruntime_genai  # noqa: F401
     except ImportError:

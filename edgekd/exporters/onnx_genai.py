@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from ..device.onnxgenai import CONFIG_FILE, FACTS_FILE, available
 from ..errors import EdgekdError
 from ..families import family_of
 from ..fileio import atomic_path
@@ -45,8 +46,6 @@ from .onnx import _packed_codes, _prune_unused, _weight
 
 ACCURACY_LEVEL = 4
 PLAIN_FIX = "export the plain ONNX decoder instead (--set deployment.runtime=onnxruntime), or GGUF"
-CONFIG_FILE = "genai_config.json"
-FACTS_FILE = "edgekd.json"  # what `edgekd bench` reads for its projection: parameters, weight format
 # HF architectures of edgekd's families that onnxruntime-genai 0.18's model builder builds with
 # transformers 5 (tested: tests/test_export_genai.py, benchmarks/family_parity.py) ...
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
@@ -72,15 +71,6 @@ def genai_file_format(plan: FormatPlan | None) -> str:
     MatMulNBits holds it, else f32 weights."""
     fmt = plan.format_of("linear") if plan is not None else None
     return fmt.name if fmt is not None and _native(fmt) else FP32
-
-
-def available() -> bool:
-    """onnxruntime-genai (its model builder and runtime) is installed."""
-    try:
-        import onnxruntime_genai  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def unsupported_reason(model: Any) -> str | None:
@@ -212,6 +202,8 @@ def _quantize_built_graph(proto: Any, model: Any, plan: FormatPlan, fixed_grids:
                                               gather_axis=0, quantize_axis=2, block_size=emb_fmt.block, bits=emb_fmt.onnx_bits))
                 nodes.append(helper.make_node("Reshape", [blocks, "embedding.rows_shape"], list(node.output), name=f"{node.name}/Reshape"))
                 continue
+            if node.input[0] in inits:  # an untied table of its own: the values its format ships
+                fp32_init(node.input[0], emb_shipped)
         if node.op_type == "MatMul" and node.input[1] in inits:
             b = numpy_helper.to_array(inits[node.input[1]])
             if tied and is_table(node.input[1], transposed=True):
