@@ -221,3 +221,13 @@ def test_untied_head_and_an_embedding_without_int_form(tiny_tokenizer, tmp_path)
     with torch.no_grad():
         ref = model(torch.from_numpy(ids)).logits.numpy()
     assert np.abs(GenaiModel(path.parent, threads=1).logits(ids) - ref).max() < 1e-4
+
+
+def test_bench_without_onnxruntime_genai_runs_the_decoder_in_onnxruntime(folders, monkeypatch):
+    import edgekd
+    import edgekd.device.onnxgenai as og_side
+
+    monkeypatch.setattr(og_side, "available", lambda: False)
+    r = edgekd.bench(folders[4].parent, "phone", threads=1, repeats=1, prompt_tokens=16, gen_tokens=8, isolated=False,
+                     overrides=["deployment.context_length=64"], projection=False)
+    assert r.runtime.startswith("onnxruntime ") and "genai" not in r.runtime and r.tg_tokens_per_s.median > 0

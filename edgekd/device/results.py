@@ -101,7 +101,8 @@ def print_bench(result: BenchResult, console: Any) -> None:
     t.add_row("file MB", f"{result.file_mb:.1f}", "")
     t.add_row("peak RSS MB", f"{result.peak_rss_mb:.0f}", f"baseline {result.baseline_rss_mb:.0f}")
     if result.kv_cache_mb is not None:
-        t.add_row(f"KV cache MB @ {result.context_length} ctx", f"{result.kv_cache_mb:.1f}", "f16")
+        t.add_row(f"KV cache MB @ {result.context_length} ctx", f"{result.kv_cache_mb:.1f}",
+                  "f16" if result.runtime.startswith("llama.cpp") else "fp32")  # llama.cpp caches f16; the ONNX decoders fp32
     t.add_row("CPU-s / token", f"{result.cpu_s_per_token:.4f}", "")
     e = result.energy
     t.add_row("energy mJ / token", f"{e['energy_mj_per_token']:.1f}", e["method"])
