@@ -34,39 +34,33 @@ PROFILE = "phone"
 def shipped_student(run: str | None):
     """(model, tokenizer, plan, label): the run's QAT student, or the teacher round-tripped to the
     phone plan's grid (same shapes and formats; speed and memory do not depend on the values)."""
-    import json
-
     import edgekd
     from edgekd.formats import FormatPlan
     from edgekd.methods.models import load_causal_lm, resolve_model_source
     from edgekd.methods.qat import convert
-    from edgekd.pipeline.context import COMPRESSION_PLAN, SHIPPED_DIR, load_hf
+    from edgekd.pipeline.context import SHIPPED_DIR, read_compression_plan
     from edgekd.pipeline.plan import format_plan
+    from edgekd.stages.qat import load_shipped_model
 
     teacher = load_causal_lm(resolve_model_source(None))
     if run is None:
         plan = format_plan(edgekd.load_profile(PROFILE))
         return convert(teacher.model, plan), teacher.tokenizer, plan, "default teacher on the phone plan's grid (stand-in)"
-    run_dir = Path(run)
-    from edgekd.methods.planner import Candidate
-
-    plan_file = run_dir.joinpath(*COMPRESSION_PLAN)
-    plan = (Candidate.from_dict(json.loads(plan_file.read_text())["chosen"]).formats if plan_file.exists()
-            else FormatPlan.uniform(edgekd.load_profile(PROFILE).deployment.weight_format))
-    return load_hf(run_dir / SHIPPED_DIR), teacher.tokenizer, plan, f"QAT student of {run_dir}"
+    chosen = read_compression_plan(Path(run))
+    plan = chosen.formats if chosen is not None else FormatPlan.uniform(edgekd.load_profile(PROFILE).deployment.weight_format)
+    return load_shipped_model(Path(run) / SHIPPED_DIR), teacher.tokenizer, plan, f"QAT student of {run}"
 
 
 def logit_noise(path: Path, model, blocks, threads: int) -> dict:
     """How far int8 activations move the logits: |runtime - torch| over every position and token,
     and the change of torch's top-1 margin (what the greedy check's DECISIVE_MARGIN must exceed)."""
     import numpy as np
-    import torch
 
     from edgekd.device.onnxgenai import GenaiModel
+    from edgekd.methods.evaluate import torch_logits_fn
 
     rt = GenaiModel(path.parent, threads).logits(blocks)
-    with torch.no_grad():
-        ref = model(torch.from_numpy(blocks.astype(np.int64))).logits.float().numpy()
+    ref = torch_logits_fn(model)(blocks)
     diff = np.abs(rt - ref)
     top2 = np.argsort(ref, axis=-1)[..., -2:]
     margin = lambda x: np.take_along_axis(x, top2[..., 1:], -1) - np.take_along_axis(x, top2[..., :1], -1)  # noqa: E731

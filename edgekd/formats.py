@@ -114,6 +114,18 @@ class WeightFormat:
             return w if self.numpy_dtype is np.float32 else w.to(torch.float16).float()
         return self.torch_quantize(w, clip)
 
+    def onnx_int_form(self, runtime: str, embedding: bool = False) -> bool:
+        """An ONNX file for ``runtime`` stores this format as its block codes (``MatMulNBits``, or
+        ``GatherBlockQuantized`` for an ``embedding`` table), not as fp32 values. onnxruntime-genai
+        files take int8 activations, which make 4- and 8-bit products fast; the plain onnxruntime
+        decoder keeps fp32 activations, where only this format's ``onnx_file_format`` has a kernel
+        (Q4_0), and stores a table as 8-bit codes."""
+        if runtime == "onnxruntime-genai":
+            return self.quantized and self.onnx_bits is not None
+        if embedding:
+            return self.onnx_bits == 8
+        return self.quantized and self.onnx_file_format == self.name and self.onnx_bits is not None
+
     def unsigned_codes(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(codes uint8 [rows, cols] offset to zero point 2^(bits-1), fp32 scales [rows, cols/32])."""
         blocks = self.quantize(w)

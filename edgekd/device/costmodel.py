@@ -105,18 +105,15 @@ def tensor_data_bytes(shape: ArchShape, plan: FormatPlan) -> float:
     return linear + emb + head + norms
 
 
-ONNX_GRAPH_BYTES_PER_BLOCK = 8000  # the .onnx graph itself: 6.8 kB (genai) to 11.7 kB (plain) a block for SmolLM2-135M
+ONNX_GRAPH_BYTES_PER_BLOCK = 8000  # the .onnx graph itself, SmolLM2-135M: 6.8 kB a block (genai), 6.1 kB (plain)
 
 
 def onnx_tensor_bytes(fmt: Any, n_weights: int, runtime: str, embedding: bool = False) -> float:
     """Bytes of ``n_weights`` in an ONNX file: codes with an fp32 scale per block where the runtime
-    holds the format in int form (edgekd.stages.plan.candidate_formats; the plain decoder's
-    embedding: 8-bit codes), else fp32 values."""
-    if runtime == "onnxruntime":
-        native = fmt.onnx_bits == 8 if embedding else fmt.quantized and fmt.onnx_file_format == fmt.name
-    else:
-        native = fmt.quantized and fmt.onnx_bits is not None
-    return n_weights * fmt.onnx_bits / 8 + n_weights / fmt.block * 4 if native else 4.0 * n_weights
+    holds the format in int form (``WeightFormat.onnx_int_form``), else fp32 values."""
+    if fmt.onnx_int_form(runtime, embedding):
+        return n_weights * fmt.onnx_bits / 8 + n_weights / fmt.block * 4
+    return 4.0 * n_weights
 
 
 def onnx_data_bytes(shape: ArchShape, plan: FormatPlan, runtime: str) -> float:
@@ -128,7 +125,7 @@ def onnx_data_bytes(shape: ArchShape, plan: FormatPlan, runtime: str) -> float:
     emb = onnx_tensor_bytes(emb_fmt, n, runtime, embedding=True)
     rotary = 0.0
     if runtime == "onnxruntime-genai":
-        if shape.tied_embeddings and emb_fmt.quantized and emb_fmt.onnx_bits:
+        if shape.tied_embeddings and emb_fmt.onnx_int_form(runtime, embedding=True):
             emb += n / emb_fmt.block * 4
         rotary = 2 * 4.0 * shape.max_positions * shape.head_dim / 2  # fp32 cos and sin tables
     head = 0 if shape.tied_embeddings else onnx_tensor_bytes(plan.format_of("head"), n, runtime)

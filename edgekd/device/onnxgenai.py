@@ -49,9 +49,13 @@ def folder_of(path: str | Path) -> Path | None:
     return folder if (folder / CONFIG_FILE).is_file() else None
 
 
+def read_config(folder: Path) -> dict[str, Any]:
+    """The folder's genai_config.json."""
+    return json.loads((Path(folder) / CONFIG_FILE).read_text())
+
+
 def decoder_file(folder: Path) -> Path:
-    cfg = json.loads((folder / CONFIG_FILE).read_text())
-    return folder / cfg["model"]["decoder"]["filename"]
+    return folder / read_config(folder)["model"]["decoder"]["filename"]
 
 
 class GenaiModel:
@@ -60,7 +64,7 @@ class GenaiModel:
     def __init__(self, folder: str | Path, threads: int):
         og = _og()
         self.folder = Path(folder)
-        self.meta = json.loads((self.folder / CONFIG_FILE).read_text())
+        self.meta = read_config(self.folder)
         try:
             config = og.Config(str(self.folder))
             config.clear_providers()  # the CPU
@@ -122,7 +126,7 @@ class GenaiModel:
         gen.append_tokens(np.asarray(prompt, dtype=np.int32))
         while not gen.is_done():
             gen.generate_next_token()
-        return [int(t) for t in gen.get_sequence(0)[len(prompt):]][:new_tokens]
+        return [int(t) for t in gen.get_sequence(0)[len(prompt):]]
 
 
 def logits_fn(path: str | Path, threads: int = 2):

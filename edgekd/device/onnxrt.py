@@ -97,14 +97,14 @@ class Decoder:
 def _head_dim(dim: Any, path: Path) -> int:
     """The KV cache's last axis: a number in edgekd's plain decoder; named in an onnxruntime-genai
     decoder, whose genai_config.json beside it gives the head size."""
+    from .onnxgenai import folder_of, read_config
+
     if isinstance(dim, int):
         return dim
-    config = path.parent / "genai_config.json"
-    if not config.is_file():
+    folder = folder_of(path)
+    if folder is None:
         raise EdgekdError(f"{path}: the KV cache's head size is not fixed in the graph", fix="export it with edgekd")
-    import json
-
-    return int(json.loads(config.read_text())["model"]["decoder"]["head_size"])
+    return int(read_config(folder)["model"]["decoder"]["head_size"])
 
 
 def logits_fn(path: str | Path, threads: int = 2):

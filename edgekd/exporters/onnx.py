@@ -128,11 +128,6 @@ def _packed_codes(w: np.ndarray, fmt: WeightFormat) -> tuple[np.ndarray, np.ndar
     return codes.reshape(n, k // fmt.block, -1), scales.reshape(-1)
 
 
-def _onnx_native(fmt: WeightFormat) -> bool:
-    """A linear weight in ``fmt`` becomes a MatMulNBits on its own codes."""
-    return fmt.quantized and fmt.onnx_file_format == fmt.name and fmt.onnx_bits is not None
-
-
 def _weight(module: Any) -> np.ndarray:
     return module.weight.detach().float().cpu().numpy()
 
@@ -148,16 +143,16 @@ def _quantize_graph(proto: Any, model: Any, plan: FormatPlan) -> Any:
     linear_by_digest: dict[str, tuple[np.ndarray, WeightFormat]] = {}  # digest of W^T -> (W, format)
     for layer, role, mod in family.linear_modules(model):
         fmt = plan.format_of(role, layer)
-        if _onnx_native(fmt):
+        if fmt.onnx_int_form("onnxruntime"):
             w = _weight(mod)
             linear_by_digest[_digest(w.T)] = (w, fmt)
     n_linear = len(linear_by_digest)
-    if not family.tied(model) and _onnx_native(plan.format_of("head")):
+    if not family.tied(model) and plan.format_of("head").onnx_int_form("onnxruntime"):
         head = _weight(family.head_module(model))
         linear_by_digest[_digest(head.T)] = (head, plan.format_of("head"))
     emb = _weight(family.embedding_module(model))
     emb_fmt = plan.format_of("embedding")
-    emb_native = emb_fmt.onnx_bits == 8
+    emb_native = emb_fmt.onnx_int_form("onnxruntime", embedding=True)
     emb_digest = _digest(emb) if emb_native else None
 
     inits = {i.name: i for i in graph.initializer}
@@ -282,6 +277,17 @@ def _kept_on_their_grids(proto: Any, model: Any, plan: FormatPlan) -> None:
                 init.CopyFrom(numpy_helper.from_array(hit.astype(np.float32), init.name))
 
 
+def set_bench_facts(proto: Any, model: Any, weight_format: str) -> dict[str, str]:
+    """Write what `edgekd bench` needs for its roofline projection into the model's metadata,
+    readable through onnxruntime alone (edgekd.device.onnxrt.Decoder.model_facts); returns it."""
+    import onnx
+
+    facts = {"params": str(sum(p.numel() for p in model.parameters())),
+             "attention_heads": str(model.config.num_attention_heads), "weight_format": weight_format}
+    onnx.helper.set_model_props(proto, {f"edgekd.{k}": v for k, v in facts.items()})
+    return facts
+
+
 def _prune_unused(graph: Any) -> None:
     outputs = {o.name for o in graph.output}
     while True:
@@ -316,12 +322,7 @@ def export_onnx(model: Any, path: str | Path, plan: FormatPlan | None = None) ->
         proto = _quantize_graph(proto, model, plan)
     if plan is not None:
         _kept_on_their_grids(proto, model, plan)
-    # what `edgekd bench` needs for its roofline projection, readable through onnxruntime alone
-    onnx.helper.set_model_props(proto, {
-        "edgekd.params": str(sum(p.numel() for p in model.parameters())),
-        "edgekd.attention_heads": str(model.config.num_attention_heads),
-        "edgekd.weight_format": weight_format,
-    })
+    set_bench_facts(proto, model, weight_format)
     path = Path(path)
     data_name = f"{path.name}.data"
     size = sum(i.ByteSize() for i in proto.graph.initializer)

@@ -4,7 +4,8 @@ The only module that drives onnxruntime-genai's model builder
 (``python -m onnxruntime_genai.models.builder``, the interface its documentation gives). The
 builder writes the graph onnxruntime-genai and its Android / iOS bindings run: one fused
 ``GroupQueryAttention`` per block (rotary embedding and an in-place KV cache inside it),
-``SkipSimplifiedLayerNormalization`` for residual + norm, packed Q/K/V products, and a
+``SkipSimplifiedLayerNormalization`` for residual + norm, Q/K/V and gate/up products packed
+where a block gives their parts one format, the head for the last position only, and a
 ``genai_config.json`` with the tokenizer files beside the model.
 
 The builder is run in fp32 and its weights are then swapped for the plan's own codes, never
@@ -42,9 +43,10 @@ from ..errors import EdgekdError
 from ..families import family_of
 from ..fileio import atomic_path
 from ..formats import FP32, FormatPlan, WeightFormat
-from .onnx import _packed_codes, _prune_unused, _weight
+from .onnx import _packed_codes, _prune_unused, _weight, set_bench_facts
 
 ACCURACY_LEVEL = 4
+GENAI = "onnxruntime-genai"
 PLAIN_FIX = "export the plain ONNX decoder instead (--set deployment.runtime=onnxruntime), or GGUF"
 # HF architectures of edgekd's families that onnxruntime-genai 0.18's model builder builds with
 # transformers 5 (tested: tests/test_export_genai.py, benchmarks/family_parity.py) ...
@@ -60,17 +62,11 @@ BUILDER_FAILS = {
 }
 
 
-def _native(fmt: WeightFormat) -> bool:
-    """A weight in ``fmt`` becomes a MatMulNBits on its own codes: 4- and 8-bit blocks with a zero
-    point (int8 activations make 8-bit products fast, unlike onnxruntime's fp32-activation path)."""
-    return fmt.quantized and fmt.onnx_bits is not None
-
-
 def genai_file_format(plan: FormatPlan | None) -> str:
     """The format an onnxruntime-genai export of ``plan`` carries: its linear layers' format where
     MatMulNBits holds it, else f32 weights."""
     fmt = plan.format_of("linear") if plan is not None else None
-    return fmt.name if fmt is not None and _native(fmt) else FP32
+    return fmt.name if fmt is not None and fmt.onnx_int_form(GENAI) else FP32
 
 
 def unsupported_reason(model: Any) -> str | None:
@@ -169,7 +165,7 @@ def _quantize_built_graph(proto: Any, model: Any, plan: FormatPlan, fixed_grids:
                                 name=f"{node.name}NBits", domain="com.microsoft", K=k, N=n, bits=fmt.onnx_bits,
                                 block_size=fmt.block, accuracy_level=accuracy_level)
 
-    emb_native = _native(emb_fmt)
+    emb_native = emb_fmt.onnx_int_form(GENAI, embedding=True)
     if emb_native:
         codes, scales = _packed_codes(emb, emb_fmt)
         new_inits.append(numpy_helper.from_array(codes, "embedding.qweight"))
@@ -181,10 +177,11 @@ def _quantize_built_graph(proto: Any, model: Any, plan: FormatPlan, fixed_grids:
     emb_shipped = None if emb_native else emb_fmt.shipped(emb, emb_grid)
 
     def is_table(name: str, transposed: bool) -> bool:
-        if name not in inits:
+        """The initializer ``name`` holds the embedding table (shape first: most weights are not it)."""
+        if name not in inits or tuple(inits[name].dims) != (emb.T.shape if transposed else emb.shape):
             return False
         a = numpy_helper.to_array(inits[name])
-        return a.shape == (emb.T.shape if transposed else emb.shape) and np.array_equal(a.T if transposed else a, emb)
+        return np.array_equal(a.T if transposed else a, emb)
 
     def table_source(name: str) -> bool:
         """``name`` holds the embedding table, directly or through a Transpose of the tied head's weight."""
@@ -205,7 +202,6 @@ def _quantize_built_graph(proto: Any, model: Any, plan: FormatPlan, fixed_grids:
             if node.input[0] in inits:  # an untied table of its own: the values its format ships
                 fp32_init(node.input[0], emb_shipped)
         if node.op_type == "MatMul" and node.input[1] in inits:
-            b = numpy_helper.to_array(inits[node.input[1]])
             if tied and is_table(node.input[1], transposed=True):
                 replaced += 1
                 if emb_native:
@@ -215,13 +211,14 @@ def _quantize_built_graph(proto: Any, model: Any, plan: FormatPlan, fixed_grids:
                 fp32_init(node.input[1], emb_shipped.T)
                 nodes.append(node)
                 continue
+            b = numpy_helper.to_array(inits[node.input[1]])
             parts = index.split(b) if b.ndim == 2 else None
             if parts is None:
                 raise EdgekdError(f"onnxruntime-genai export: the built weight {node.input[1]} is not one of the student's "
                                   "weights", fix=PLAIN_FIX)
             replaced += len(parts)
             fmts = {fmt.name for _, fmt in parts}
-            if len(fmts) == 1 and _native(parts[0][1]):
+            if len(fmts) == 1 and parts[0][1].onnx_int_form(GENAI):
                 fmt = parts[0][1]
                 codes = [_packed_codes(w, fmt) for w, _ in parts]
                 data = np.concatenate([c for c, _ in codes], axis=0)
@@ -250,7 +247,6 @@ def _write_config(folder: Path, onnx_name: str, context_length: int, meta: dict[
     # the KV cache is allocated for max_length tokens (past_present_share_buffer): the profile's context
     cfg["search"]["max_length"] = min(int(context_length), int(cfg["model"]["context_length"]))
     path.write_text(json.dumps(cfg, indent=4))
-    # onnxruntime-genai refuses keys it does not know in its config: edgekd's facts get a file of their own
     (folder / FACTS_FILE).write_text(json.dumps(meta, indent=2))
 
 
@@ -281,11 +277,8 @@ def export_genai(model: Any, tokenizer: Any, path: str | Path, plan: FormatPlan,
                      fuse_gate_up=_same_format(model, plan, ("ffn_gate", "ffn_up")))
         proto = onnx.load(str(built / "model.onnx"))
         _quantize_built_graph(proto, model, plan, grids(model), accuracy_level)
-        onnx.helper.set_model_props(proto, {
-            "edgekd.params": str(sum(p.numel() for p in model.parameters())),
-            "edgekd.attention_heads": str(model.config.num_attention_heads),
-            "edgekd.weight_format": genai_file_format(plan),
-        })
+        # in the graph for plain onnxruntime, and in edgekd.json for onnxruntime-genai (its config refuses unknown keys)
+        facts = set_bench_facts(proto, model, genai_file_format(plan))
         onnx.save_model(proto, str(tmp / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=f"{path.name}.data", size_threshold=1024)
         for f in built.iterdir():  # genai_config.json, tokenizer and chat-template files
@@ -294,7 +287,5 @@ def export_genai(model: Any, tokenizer: Any, path: str | Path, plan: FormatPlan,
         shutil.rmtree(hf)
         shutil.rmtree(built)
         shutil.rmtree(tmp / "cache", ignore_errors=True)
-        _write_config(tmp, path.name, context_length, {"params": sum(p.numel() for p in model.parameters()),
-                                                       "weight_format": genai_file_format(plan),
-                                                       **(metadata or {})})
+        _write_config(tmp, path.name, context_length, {**facts, **(metadata or {})})
     return path

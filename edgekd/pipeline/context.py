@@ -89,10 +89,8 @@ class RunContext:
 
     def planned(self) -> Any:
         """The planner's chosen plan (edgekd.methods.planner.Candidate), or None when nothing was planned."""
-        if self.compression_plan is None and self.run.path(*COMPRESSION_PLAN).exists():
-            from ..methods.planner import Candidate
-
-            self.compression_plan = Candidate.from_dict(json.loads(self.run.path(*COMPRESSION_PLAN).read_text())["chosen"])
+        if self.compression_plan is None:
+            self.compression_plan = read_compression_plan(self.run.root)
         return self.compression_plan
 
     # ------------------------------------------------------------ artifacts, loaded on resume
@@ -126,6 +124,16 @@ class RunContext:
 
             self.exports = [Exported(e, self.run.path(e.file_name)) for e in planned_exports(self.profile, self.format_plan())]
         return self.exports
+
+
+def read_compression_plan(run_root: Path) -> Any:
+    """The plan stage's chosen plan in a run directory (edgekd.methods.planner.Candidate), or None."""
+    path = Path(run_root).joinpath(*COMPRESSION_PLAN)
+    if not path.exists():
+        return None
+    from ..methods.planner import Candidate
+
+    return Candidate.from_dict(json.loads(path.read_text())["chosen"])
 
 
 def load_hf(path: Path) -> Any:

@@ -21,19 +21,18 @@ def needs_planner(profile: Any) -> bool:
 
 def candidate_formats(profile: Any) -> tuple[list[str], list[str]]:
     """The planner's format choices; where the budgets are checked on an ONNX file it keeps to what
-    that runtime holds in int form (onnxruntime: Q4_0 blocks; onnxruntime-genai: 4- and 8-bit): other formats are stored as fp32 there,
+    that runtime holds in int form (``WeightFormat.onnx_int_form``): other formats are stored as fp32 there,
     outside the size the plan counts. A GGUF-first profile that also exports ONNX gets a larger
     ONNX file for such tensors (still exact)."""
     from ..formats import FORMATS
 
     p = profile.compression.planner
     linear, embedding = list(p.candidates), list(p.embedding_candidates)
-    if profile.deployment.runtime == "onnxruntime":
-        linear = [n for n in linear if FORMATS[n].onnx_file_format == n] or [profile.deployment.weight_format]
-        embedding = [n for n in embedding if FORMATS[n].onnx_bits == 8] or [FORMATS[profile.deployment.weight_format].embedding]
-    elif profile.deployment.runtime == "onnxruntime-genai":  # MatMulNBits with int8 activations: 4- and 8-bit blocks
-        linear = [n for n in linear if FORMATS[n].quantized and FORMATS[n].onnx_bits] or [profile.deployment.weight_format]
-        embedding = [n for n in embedding if FORMATS[n].onnx_bits] or [FORMATS[profile.deployment.weight_format].embedding]
+    runtime = profile.deployment.runtime
+    if runtime in ("onnxruntime", "onnxruntime-genai"):
+        linear = [n for n in linear if FORMATS[n].onnx_int_form(runtime)] or [profile.deployment.weight_format]
+        embedding = ([n for n in embedding if FORMATS[n].onnx_int_form(runtime, embedding=True)]
+                     or [FORMATS[profile.deployment.weight_format].embedding])
     return linear, embedding
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from ..methods.planner import describe
@@ -96,14 +97,19 @@ def _holds_the_teacher_exactly(ctx: RunContext, model: Any, plan: Any) -> bool:
 def shipped(ctx: RunContext) -> Shipped:
     """The shipped student: from this process, or from the run directory when qat finished earlier."""
     if ctx.shipped is None:
-        from .. import kquants as kq
-        from ..methods.qat import GRIDS_ATTRIBUTE, GRIDS_FILE
-        from ..pipeline.context import load_hf
-
-        model = load_hf(ctx.run.path(SHIPPED_DIR))
-        setattr(model, GRIDS_ATTRIBUTE, kq.load_grids(ctx.run.path(SHIPPED_DIR, GRIDS_FILE)))
-        ctx.shipped = Shipped(model, ctx.format_plan(), shipped_heldout(ctx))
+        ctx.shipped = Shipped(load_shipped_model(ctx.run.path(SHIPPED_DIR)), ctx.format_plan(), shipped_heldout(ctx))
     return ctx.shipped
+
+
+def load_shipped_model(directory: Path) -> Any:
+    """The QAT student a run wrote (``<run>/student-qat``), with the K-quant grids its exporters write codes on."""
+    from .. import kquants as kq
+    from ..methods.qat import GRIDS_ATTRIBUTE, GRIDS_FILE
+    from ..pipeline.context import load_hf
+
+    model = load_hf(directory)
+    setattr(model, GRIDS_ATTRIBUTE, kq.load_grids(Path(directory) / GRIDS_FILE))
+    return model
 
 
 def shipped_heldout(ctx: RunContext) -> Any:
