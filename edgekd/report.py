@@ -31,6 +31,7 @@ class StageRecord:
     artifacts: dict[str, str] = field(default_factory=dict)  # label -> path relative to the run dir
     wall_time_s: float = 0.0
     status: str = "done"
+    peak_rss_mb: float | None = None  # the process's peak resident memory during the stage (edgekd.pipeline.peak_memory)
 
 
 @dataclass
@@ -171,8 +172,9 @@ def render_markdown(report: Report, run_dir: Path | None = None) -> str:
     if report.stages:
         total = sum(s.wall_time_s for s in report.stages) or 1.0
         lines += ["## Stages", ""]
-        rows = [[s.name, s.status, round(s.wall_time_s, 1), f"{100 * s.wall_time_s / total:.0f}%"] for s in report.stages]
-        lines += _table(["stage", "status", "wall time (s)", "share"], rows) + [""]
+        rows = [[s.name, s.status, round(s.wall_time_s, 1), f"{100 * s.wall_time_s / total:.0f}%", s.peak_rss_mb]
+                for s in report.stages]
+        lines += _table(["stage", "status", "wall time (s)", "share", "peak resident memory (MiB, measured)"], rows) + [""]
         for s in report.stages:
             if s.metrics or s.settings:
                 lines += [f"### {s.name}", ""]

@@ -22,6 +22,7 @@ from ..stages import STAGES
 from ..stages.bench import budget_checks
 from ..versions import edgekd_version, host_info, library_versions
 from .context import RunContext, RunInputs
+from .peak_memory import peak_memory
 from .plan import ALWAYS_RUN, plan_stages
 from .rundir import RunDir, now_iso
 from .timebudget import TimeBudget, budget_notes, parse_duration
@@ -36,8 +37,10 @@ def _run_stages(ctx: RunContext) -> None:
             report.stages.append(done)
             continue
         t0 = time.perf_counter()
-        record = STAGES[stage_name].run(ctx)
+        with peak_memory() as peak:
+            record = STAGES[stage_name].run(ctx)
         record.wall_time_s = round(time.perf_counter() - t0, 3)
+        record.peak_rss_mb = round(peak.peak_mb, 1) if peak.peak_mb is not None else None
         run.record(record)
         report.stages.append(record)
         report.save(run.root)  # a readable (status: running) report after every stage
