@@ -202,6 +202,10 @@ class Compression(_Strict):
     # wall-clock budget of a whole run ("45m", "1h30m"): training steps are fitted to it from the
     # step time measured on this machine (edgekd.pipeline.timebudget); null: the steps as set
     time_budget: str | None = None
+    # memory the run may use, in GB (null: what this process holds plus what the machine has free).
+    # Training steps that would not fit turn on activation checkpointing, bf16 optimizer moments and
+    # smaller micro-batches, in that order, before refusing (edgekd.methods.memory)
+    memory_gb: float | None = Field(default=None, gt=0)
     data: DataSettings = Field(default_factory=DataSettings)
 
     @model_validator(mode="after")

@@ -172,9 +172,10 @@ def render_markdown(report: Report, run_dir: Path | None = None) -> str:
     if report.stages:
         total = sum(s.wall_time_s for s in report.stages) or 1.0
         lines += ["## Stages", ""]
-        rows = [[s.name, s.status, round(s.wall_time_s, 1), f"{100 * s.wall_time_s / total:.0f}%", s.peak_rss_mb]
-                for s in report.stages]
-        lines += _table(["stage", "status", "wall time (s)", "share", "peak resident memory (MiB, measured)"], rows) + [""]
+        rows = [[s.name, s.status, round(s.wall_time_s, 1), f"{100 * s.wall_time_s / total:.0f}%", s.peak_rss_mb,
+                 s.metrics.get("predicted_peak_rss_mb")] for s in report.stages]
+        lines += _table(["stage", "status", "wall time (s)", "share", "peak resident memory (MiB, measured)",
+                         "predicted peak (MiB, PROJECTION)"], rows) + [""]
         for s in report.stages:
             if s.metrics or s.settings:
                 lines += [f"### {s.name}", ""]

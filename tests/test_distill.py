@@ -11,9 +11,7 @@ import torch
 from edgekd import EdgekdError
 from edgekd.methods.distill import (
     DistillConfig,
-    check_memory,
     distill,
-    estimate_training_memory,
     sample_indices,
 )
 from edgekd.methods.prune import make_student
@@ -88,29 +86,6 @@ def test_distillation_reduces_kl_to_teacher():
     assert after < 0.7 * before
     assert out.tokens == 40 * 4 * 24 and len(out.history) == 40
     assert not student.training
-
-
-def test_memory_check_refuses_with_suggestions():
-    from conftest import make_tiny_llama
-
-    t = make_tiny_llama(100)
-    est = estimate_training_memory(t, t, batch_size=4, block_len=64, attention_loss=True, hidden_loss=True)
-    assert est["total"] == pytest.approx(sum(v for k, v in est.items() if k != "total"))
-    check_memory(est, available_bytes=1e12)  # plenty: no error
-    with pytest.raises(EdgekdError) as exc:
-        check_memory(est, available_bytes=1e5)
-    text = str(exc.value)
-    assert "distillation needs about" in text and "batch_size" in text and "grad_accum" in text and "compression.distill.logit_cache" in text
-
-
-def test_memory_estimate_grows_with_batch_and_attention():
-    from conftest import make_tiny_llama
-
-    t = make_tiny_llama(100)
-    small = estimate_training_memory(t, t, 2, 64, False, False)["total"]
-    big = estimate_training_memory(t, t, 8, 64, False, False)["total"]
-    attn = estimate_training_memory(t, t, 8, 64, True, False)["total"]
-    assert small < big < attn
 
 
 def test_logit_cache_matches_live_teacher_at_full_k_and_skips_the_teacher(tmp_path):

@@ -34,8 +34,15 @@ import torch
 from ..errors import EdgekdError
 from ..families import family_of
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from .losses import attention_kl, hidden_state_loss, kd_loss
-from .memory import check_memory, estimate_training_memory
+from .chunked_head import chunked_kd_loss, forward_to_hidden, head_of
+from .losses import attention_kl, hidden_state_loss
+from .memory import (
+    MemoryPlan,
+    fit_memory,
+    memory_limit_bytes,
+    training_layout,
+)
+from .optim import make_optimizer
 from .precision import forward_precision, resolve_precision
 
 
@@ -59,6 +66,9 @@ class DistillConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     precision: str = "fp32"  # "fp32" or "bf16" (autocast forward passes); see resolve_precision
+    # memory savings (edgekd.methods.memory.fit_memory turns them on when a step would not fit)
+    gradient_checkpointing: bool = False
+    optimizer_state: str = "fp32"  # AdamW's moments: "fp32" or "bf16" (edgekd.methods.optim)
 
     @classmethod
     def from_settings(cls, s: Any, steps: int | None = None, learning_rate: float | None = None) -> DistillConfig:
@@ -159,16 +169,16 @@ def distill_step_losses(student: Any, teacher: Any, ids: torch.Tensor, cfg: Dist
     live_logits = want_logits and cached is None
     autocast = functools.partial(forward_precision, cfg.precision, ids.device.type)
     with torch.no_grad(), autocast():
-        t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=want_hidden, output_attentions=want_attn) \
-            if (live_logits or want_hidden or want_attn) else None
+        t_out, t_hidden = forward_to_hidden(teacher, ids, output_hidden_states=want_hidden, output_attentions=want_attn) \
+            if (live_logits or want_hidden or want_attn) else (None, None)
     with autocast():
-        s_out = student(input_ids=ids, use_cache=False, output_hidden_states=want_hidden, output_attentions=want_attn)
-    labels = ids[:, 1:]
-    s_logits = s_out.logits[:, :-1]
-    t_logits = t_out.logits[:, :-1] if (t_out is not None and live_logits) else None
-    terms = kd_loss(s_logits, t_logits, labels, cfg.alpha if want_logits else 0.0, cfg.temperature, cfg.kl,
-                    teacher_cached=cached if (want_logits and cached is not None) else None)
-    total = cfg.w_logit * terms["loss"] if cfg.w_logit > 0 else terms["ce"]
+        s_out, s_hidden = forward_to_hidden(student, ids, output_hidden_states=want_hidden, output_attentions=want_attn)
+        # the head and the logit losses a chunk of positions at a time: no (batch, seq, vocab) logits
+        terms = chunked_kd_loss(s_hidden[:, :-1], head_of(student), ids[:, 1:], cfg.alpha if want_logits else 0.0,
+                                cfg.temperature, cfg.kl, teacher_hidden=t_hidden[:, :-1] if live_logits else None,
+                                teacher_head=head_of(teacher) if live_logits else None,
+                                teacher_cached=cached if (want_logits and cached is not None) else None)
+    total = (cfg.w_logit if cfg.w_logit > 0 else 1.0) * terms["loss"]  # with no logit weight, the loss is CE alone
     out = {"ce": terms["ce"], "kd": terms["kd"]}
     if want_hidden:
         s_h, t_h = _hidden_pairs(s_out, t_out, layer_map, teacher)
@@ -232,66 +242,68 @@ def distill(
     extra = list(param_groups or [])
     taken = {id(p) for g in extra for p in g["params"]}
     groups = [{"params": [p for p in student.parameters() if id(p) not in taken], "lr_scale": 1.0}, *extra]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(groups, cfg.learning_rate, cfg.weight_decay, cfg.optimizer_state)
 
     start_step, tokens, history = 0, 0, []
     ckpt = latest_checkpoint(run_dir) if (run_dir is not None and resume) else None
     if ckpt is not None:
         start_step, tokens, history = load_checkpoint(ckpt, student, optimizer)
-    model, optimizer = accelerator.prepare(student, optimizer)
-    teacher = teacher.to(accelerator.device)
-    unwrapped = accelerator.unwrap_model(model)
-    seen: list[int] = []
-    block_len = train_blocks.shape[1]
-    t_start = time.perf_counter()
-    done, stopped = start_step, False
-    for step in range(start_step, cfg.steps):
-        t0 = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr_at(step) * group.get("lr_scale", 1.0)
-        sums: dict[str, float] = {}
-        for micro in range(cfg.grad_accum):
-            idx = sample_indices(step, micro, cfg, len(train_blocks), rank, world)
-            seen.extend(idx.tolist())
-            ids = torch.from_numpy(train_blocks[idx].astype(np.int64)).to(accelerator.device)
-            sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else contextlib.nullcontext()
-            cached = None
-            if logit_cache is not None:
-                cached = (*(t.to(accelerator.device) for t in logit_cache.batch(idx)), logit_cache.kind)
-            with sync:
-                terms = distill_step_losses(model, teacher, ids, cfg, layer_map, cached)
-                accelerator.backward(terms["loss"] / cfg.grad_accum)
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-        if cfg.max_grad_norm:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if after_step:
-            after_step()
-        step_tokens = cfg.batch_size * cfg.grad_accum * world * block_len
-        tokens += step_tokens
-        dt = time.perf_counter() - t0
-        record = {"step": step + 1, "lr": cfg.lr_at(step), **sums, "tokens_per_s": step_tokens / dt, "step_s": dt}
-        history.append(record)
-        done = step + 1
-        if run_dir is not None and accelerator.is_main_process and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            save_checkpoint(run_dir, unwrapped, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                             done, tokens, history, cfg)
-        accelerator.wait_for_everyone()
-        if progress:
-            extra = " ".join(f"{k} {sums[k]:.3f}" for k in ("loss", "ce", "kd", "hidden", "attention") if k in sums)
-            progress(1, status=f"{extra} | {record['tokens_per_s']:.0f} tok/s")
-        if on_step:
-            on_step(done)
-        if deadline is not None and done < cfg.steps:
-            pace = float(np.median([h["step_s"] for h in history[-5:]]))
-            if time.perf_counter() + pace > deadline:
-                if run_dir is not None and accelerator.is_main_process and done % cfg.checkpoint_every:
-                    save_checkpoint(run_dir, unwrapped, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                                    done, tokens, history, cfg)
-                stopped = True
-                break
+    scratch = run_dir if run_dir is not None and run_dir.exists() else None
+    with training_layout(student, teacher, cfg, scratch):
+        model, optimizer = accelerator.prepare(student, optimizer)
+        teacher = teacher.to(accelerator.device)
+        unwrapped = accelerator.unwrap_model(model)
+        seen: list[int] = []
+        block_len = train_blocks.shape[1]
+        t_start = time.perf_counter()
+        done, stopped = start_step, False
+        for step in range(start_step, cfg.steps):
+            t0 = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr_at(step) * group.get("lr_scale", 1.0)
+            sums: dict[str, float] = {}
+            for micro in range(cfg.grad_accum):
+                idx = sample_indices(step, micro, cfg, len(train_blocks), rank, world)
+                seen.extend(idx.tolist())
+                ids = torch.from_numpy(train_blocks[idx].astype(np.int64)).to(accelerator.device)
+                sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else contextlib.nullcontext()
+                cached = None
+                if logit_cache is not None:
+                    cached = (*(t.to(accelerator.device) for t in logit_cache.batch(idx)), logit_cache.kind)
+                with sync:
+                    terms = distill_step_losses(model, teacher, ids, cfg, layer_map, cached)
+                    accelerator.backward(terms["loss"] / cfg.grad_accum)
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+            if cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if after_step:
+                after_step()
+            step_tokens = cfg.batch_size * cfg.grad_accum * world * block_len
+            tokens += step_tokens
+            dt = time.perf_counter() - t0
+            record = {"step": step + 1, "lr": cfg.lr_at(step), **sums, "tokens_per_s": step_tokens / dt, "step_s": dt}
+            history.append(record)
+            done = step + 1
+            if run_dir is not None and accelerator.is_main_process and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+                save_checkpoint(run_dir, unwrapped, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+                                 done, tokens, history, cfg)
+            accelerator.wait_for_everyone()
+            if progress:
+                extra = " ".join(f"{k} {sums[k]:.3f}" for k in ("loss", "ce", "kd", "hidden", "attention") if k in sums)
+                progress(1, status=f"{extra} | {record['tokens_per_s']:.0f} tok/s")
+            if on_step:
+                on_step(done)
+            if deadline is not None and done < cfg.steps:
+                pace = float(np.median([h["step_s"] for h in history[-5:]]))
+                if time.perf_counter() + pace > deadline:
+                    if run_dir is not None and accelerator.is_main_process and done % cfg.checkpoint_every:
+                        save_checkpoint(run_dir, unwrapped, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+                                        done, tokens, history, cfg)
+                    stopped = True
+                    break
     if want_attn:
         unwrapped.set_attn_implementation("sdpa")
         teacher.set_attn_implementation("sdpa")
@@ -299,28 +311,50 @@ def distill(
     return DistillOutcome(done if stopped else cfg.steps, tokens, time.perf_counter() - t_start, start_step, history, seen, stopped)
 
 
-def check_fits(teacher: Any, student: Any, cfg: DistillConfig, block_len: int) -> dict[str, float]:
-    """The memory estimate of one step with ``cfg``; a clear error when it does not fit here."""
-    _, want_hidden, want_attn = _needs(cfg)
-    estimate = estimate_training_memory(teacher, student, cfg.batch_size, block_len, attention_loss=want_attn, hidden_loss=want_hidden)
-    check_memory(estimate)
-    return estimate
+def quantized_param_count(model: Any) -> int:
+    """Weights under a parametrization (QAT's fake quantization), each shared tensor once."""
+    from torch.nn.utils import parametrize
+
+    seen: dict[int, int] = {}
+    for m in model.modules():
+        if parametrize.is_parametrized(m, "weight"):
+            original = m.parametrizations.weight.original
+            seen[original.data_ptr()] = original.numel()
+    return sum(seen.values())
+
+
+def apply_memory_settings(cfg: DistillConfig, memory: MemoryPlan) -> None:
+    """Give ``cfg`` the memory settings of ``memory`` (the plan fit_memory chose for it)."""
+    cfg.gradient_checkpointing, cfg.optimizer_state = memory.gradient_checkpointing, memory.optimizer_state
+    cfg.batch_size, cfg.grad_accum = memory.batch_size, memory.grad_accum
+
+
+def plan_memory(student: Any, teacher: Any, cfg: DistillConfig, block_len: int, logit_cache: Any = None,
+                limit_gb: float | None = None, stage: str = "distillation") -> tuple[DistillConfig, MemoryPlan]:
+    """The config a step of ``cfg`` fits in memory with (memory savings turned on as needed) and its
+    predicted peak; a clear error when nothing fits (edgekd.methods.memory.fit_memory)."""
+    return fit_memory(teacher, student, cfg, block_len, memory_limit_bytes(limit_gb), stage=stage,
+                      quantized_params=quantized_param_count(student), cached=logit_cache is not None)
 
 
 def run_distillation(student: Any, teacher: Any, train_blocks: np.ndarray, cfg: DistillConfig, layer_map: list[int],
                      label: str, reporter: Any = None, run_dir: Path | None = None, logit_cache: Any = None,
                      param_groups: list[dict[str, Any]] | None = None,
                      after_step: Callable[[], None] | None = None,
-                     deadline: float | None = None) -> tuple[DistillOutcome, dict[str, float]]:
-    """Check that a step fits in memory, then train with a progress bar named ``label``; resumes
-    from ``run_dir``'s checkpoints. Returns the outcome and the memory estimate."""
+                     deadline: float | None = None, memory: MemoryPlan | None = None,
+                     limit_gb: float | None = None) -> tuple[DistillOutcome, MemoryPlan]:
+    """Fit a step in memory (unless ``memory``, a plan for ``cfg``, is given), then train with a
+    progress bar named ``label``; resumes from ``run_dir``'s checkpoints. Returns the outcome and
+    the memory plan; ``cfg`` carries the memory settings it trained with."""
     from ..progress import Reporter
 
-    estimate = check_fits(teacher, student, cfg, train_blocks.shape[1])
+    if memory is None:
+        fitted, memory = plan_memory(student, teacher, cfg, train_blocks.shape[1], logit_cache, limit_gb)
+        apply_memory_settings(cfg, memory)
     with (reporter or Reporter(quiet=True)).task(label, total=cfg.steps, unit="steps") as advance:
         outcome = distill(student, teacher, train_blocks, cfg, layer_map, run_dir=run_dir, resume=True, progress=advance,
                           logit_cache=logit_cache, param_groups=param_groups, after_step=after_step, deadline=deadline)
-    return outcome, estimate
+    return outcome, memory
 
 
 def probe_step_seconds(student: Any, teacher: Any, train_blocks: np.ndarray, cfg: DistillConfig, layer_map: list[int],
@@ -335,14 +369,15 @@ def probe_step_seconds(student: Any, teacher: Any, train_blocks: np.ndarray, cfg
     student.train()
     times = []
     try:
-        for step in range(probes):
-            t0 = time.perf_counter()
-            for micro in range(cfg.grad_accum):
-                idx = sample_indices(step, micro, cfg, len(train_blocks), 0, 1)
-                ids = torch.from_numpy(train_blocks[idx].astype(np.int64)).to(next(student.parameters()).device)
-                cached = None if logit_cache is None else (*(t.to(ids.device) for t in logit_cache.batch(idx)), logit_cache.kind)
-                distill_step_losses(student, teacher, ids, cfg, layer_map, cached)["loss"].backward()
-            times.append(time.perf_counter() - t0)
+        with training_layout(student, teacher, cfg):
+            for step in range(probes):
+                t0 = time.perf_counter()
+                for micro in range(cfg.grad_accum):
+                    idx = sample_indices(step, micro, cfg, len(train_blocks), 0, 1)
+                    ids = torch.from_numpy(train_blocks[idx].astype(np.int64)).to(next(student.parameters()).device)
+                    cached = None if logit_cache is None else (*(t.to(ids.device) for t in logit_cache.batch(idx)), logit_cache.kind)
+                    distill_step_losses(student, teacher, ids, cfg, layer_map, cached)["loss"].backward()
+                times.append(time.perf_counter() - t0)
     finally:
         student.zero_grad(set_to_none=True)
         student.eval()

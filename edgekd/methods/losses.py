@@ -36,6 +36,22 @@ def _log_mix(logp: torch.Tensor, logq: torch.Tensor, b: float) -> torch.Tensor:
     return torch.logsumexp(torch.stack([logp + math.log(b), logq + math.log1p(-b)]), dim=0)
 
 
+def divergence_per_position(logp_s: torch.Tensor, logp_t: torch.Tensor, kind: str, beta: float | None = None) -> torch.Tensor:
+    """The divergence ``kind`` between teacher and student log-probabilities, per position (no T^2)."""
+    if kind == "forward":
+        return _kl_from_logp(logp_t, logp_s)
+    if kind == "reverse":
+        return _kl_from_logp(logp_s, logp_t)
+    if kind == "skew":
+        b = 0.1 if beta is None else beta
+        return _kl_from_logp(logp_t, _log_mix(logp_t, logp_s, b))
+    if kind == "jsd":
+        b = 0.5 if beta is None else beta
+        logm = _log_mix(logp_t, logp_s, b)
+        return b * _kl_from_logp(logp_t, logm) + (1 - b) * _kl_from_logp(logp_s, logm)
+    raise ValueError(f"unknown logit loss {kind!r}; choose from {LOGIT_KINDS}")
+
+
 def logit_divergence(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -50,18 +66,21 @@ def logit_divergence(
     t = float(temperature)
     logp_s = F.log_softmax(student_logits.float() / t, dim=-1)
     logp_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    if kind == "forward":
-        per_pos = _kl_from_logp(logp_t, logp_s)
-    elif kind == "reverse":
-        per_pos = _kl_from_logp(logp_s, logp_t)
-    elif kind == "skew":
-        b = 0.1 if beta is None else beta
-        per_pos = _kl_from_logp(logp_t, _log_mix(logp_t, logp_s, b))
-    else:  # jsd
-        b = 0.5 if beta is None else beta
-        logm = _log_mix(logp_t, logp_s, b)
-        per_pos = b * _kl_from_logp(logp_t, logm) + (1 - b) * _kl_from_logp(logp_s, logm)
-    return _masked_mean(per_pos, mask) * t * t
+    return _masked_mean(divergence_per_position(logp_s, logp_t, kind, beta), mask) * t * t
+
+
+def cached_kl_per_position(student_logits: torch.Tensor, idx: torch.Tensor, teacher_logp: torch.Tensor, cache_kind: str,
+                           temperature: float) -> torch.Tensor:
+    """KL(p_t || p_s) per position (no T^2) from a logit cache: ``cache_kind`` "topk" or "sample"
+    (:func:`topk_forward_kl`, :func:`sampled_forward_kl`)."""
+    logp_s = F.log_softmax(student_logits.float() / float(temperature), dim=-1)
+    s_at = logp_s.gather(-1, idx.long())
+    t_at = teacher_logp.float()
+    if cache_kind == "sample":
+        return (t_at - s_at).mean(-1)
+    t_rest = torch.log1p(-t_at.exp().sum(-1).clamp(max=1 - 1e-6))
+    s_rest = torch.log1p(-s_at.exp().sum(-1).clamp(max=1 - 1e-6))
+    return (t_at.exp() * (t_at - s_at)).sum(-1) + t_rest.exp() * (t_rest - s_rest)
 
 
 def topk_forward_kl(
@@ -77,13 +96,7 @@ def topk_forward_kl(
     the teacher's top-k (the DistillKit-style logit cache): KL over k + 1 outcomes.
     """
     t = float(temperature)
-    logp_s = F.log_softmax(student_logits.float() / t, dim=-1)
-    s_top = logp_s.gather(-1, teacher_topk_idx.long())
-    t_top = teacher_topk_logp.float()
-    t_rest = torch.log1p(-t_top.exp().sum(-1).clamp(max=1 - 1e-6))
-    s_rest = torch.log1p(-s_top.exp().sum(-1).clamp(max=1 - 1e-6))
-    per_pos = (t_top.exp() * (t_top - s_top)).sum(-1) + t_rest.exp() * (t_rest - s_rest)
-    return _masked_mean(per_pos, mask) * t * t
+    return _masked_mean(cached_kl_per_position(student_logits, teacher_topk_idx, teacher_topk_logp, "topk", t), mask) * t * t
 
 
 def sampled_forward_kl(
@@ -102,10 +115,7 @@ def sampled_forward_kl(
     student then fails to match.
     """
     t = float(temperature)
-    logp_s = F.log_softmax(student_logits.float() / t, dim=-1)
-    s_at = logp_s.gather(-1, sample_idx.long())
-    per_pos = (teacher_sample_logp.float() - s_at).mean(-1)
-    return _masked_mean(per_pos, mask) * t * t
+    return _masked_mean(cached_kl_per_position(student_logits, sample_idx, teacher_sample_logp, "sample", t), mask) * t * t
 
 
 def kd_loss(
@@ -123,6 +133,7 @@ def kd_loss(
     -100 marks positions to ignore. Pass ``teacher_cached`` (indices, log-probs at T, kind) instead of
     full ``teacher_logits`` to use the cache (forward KL only); kind "sample": the indices are
     tokens drawn from the teacher (:func:`sampled_forward_kl`), "topk": its top-k (:func:`topk_forward_kl`).
+    The same loss without the (..., V) logits in memory: edgekd.methods.chunked_head.
     """
     mask = labels != -100
     ce = F.cross_entropy(student_logits.float().flatten(0, -2), labels.flatten(), ignore_index=-100)
@@ -183,14 +194,20 @@ def attention_kl(
     """
     if len(student_attn) != len(teacher_attn) or not student_attn:
         raise ValueError("need the same, non-zero number of student and teacher attention maps")
-    eps = 1e-9
-    losses = []
-    for a_s, a_t in zip(student_attn, teacher_attn):
-        a_s, a_t = a_s.float(), a_t.float()
-        per_row = (a_t * (torch.log(a_t + eps) - torch.log(a_s + eps))).sum(-1)  # (B, H, Q)
-        per_row = per_row.mean(1)  # heads
-        losses.append(_masked_mean(per_row, mask))
+    from torch.utils.checkpoint import checkpoint
+
+    losses = [checkpoint(_attention_kl_layer, a_s, a_t, mask, use_reentrant=False) if a_s.requires_grad
+              else _attention_kl_layer(a_s, a_t, mask) for a_s, a_t in zip(student_attn, teacher_attn)]
     return torch.stack(losses).mean()
+
+
+def _attention_kl_layer(a_s: torch.Tensor, a_t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One layer's KL, recomputed in backward: its fp32 copies of both maps would otherwise stay
+    for backward, four (batch, heads, T, T) tensors per mapped layer."""
+    eps = 1e-9
+    a_s, a_t = a_s.float(), a_t.float()
+    per_row = (a_t * (torch.log(a_t + eps) - torch.log(a_s + eps))).sum(-1)  # (B, H, Q)
+    return _masked_mean(per_row.mean(1), mask)  # heads, then query positions
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

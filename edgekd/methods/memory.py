@@ -1,52 +1,253 @@
-"""Will a distillation step fit in memory? An estimate from the shapes, checked before training starts."""
+"""Will a training step fit in memory? A prediction from the shapes, the settings that make it fit,
+and the layout those settings give the models while they train.
+
+The prediction is the process's resident memory now (interpreter, libraries, the models as they
+are held) plus what one optimizer step of distillation or QAT-KD adds, part by part, minus what
+the training layout saves. The coefficients per part are counted from the tensors autograd keeps
+(Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", count
+them the same way) and checked against the measured peak of each stage
+(``benchmarks/memory_fit.py``; the run report puts both side by side).
+
+When the plain recipe does not fit, :func:`fit_memory` turns on, in order of cost, activation
+checkpointing (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost": ~30% more
+compute), AdamW moments in bf16 (edgekd.methods.optim: no compute, 4 bytes per parameter less),
+then smaller micro-batches with more accumulation (the same tokens per step and the same batches,
+so the same gradients, slower matmuls). It refuses only when all of them together do not fit,
+naming the smallest memory that would.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..errors import EdgekdError
+from ..families import family_of
+
+HEADROOM = 0.9  # of the memory limit a step may plan to use: the rest absorbs allocator slack
+CHECKPOINT_COST = 0.3  # the extra compute of recomputing every block once in backward
 
 
-def estimate_training_memory(teacher: Any, student: Any, batch_size: int, block_len: int, attention_loss: bool, hidden_loss: bool) -> dict[str, float]:
-    """Rough peak memory (bytes) of one distillation step in fp32.
+def _params(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())
 
-    Weights: teacher 4 B/param; student 4 (weights) + 4 (grads) + 8 (AdamW moments).
-    Activations kept for backward: about 34 * h bytes per token per layer in 16-bit
-    (Korthikanti et al. 2022), doubled for fp32, plus 4 * heads * T bytes per token per layer
-    for eager attention probabilities; logits (B, T, V) in fp32 for teacher and student, times
-    about 4 for log-softmax, softmax and their gradients.
+
+def _dims(config: Any) -> tuple[int, int, int, int, int, int]:
+    h = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    return h, config.intermediate_size, heads, kv, head_dim, config.num_hidden_layers
+
+
+def layer_activation_bytes_per_token(config: Any, act_bytes: int) -> int:
+    """What autograd keeps for backward, per token, in one decoder block (sdpa attention).
+
+    fp32: the residual stream at the block's input and after attention, and the two RMSNorm
+    inputs (4 x h x 4 B). In the forward passes' precision (``act_bytes``): the inputs of the
+    Q/K/V, O, gate/up and down products, their outputs, the rotated Q and K, the attention
+    output, and the MLP's activation and product (h x 2 + q x 4 + kv x 4 + i x 5).
     """
+    h, inter, heads, kv, hd, _ = _dims(config)
+    q, k = heads * hd, kv * hd
+    return 4 * h * 4 + act_bytes * (2 * h + 4 * q + 4 * k + 5 * inter)
+
+
+@dataclass
+class MemoryPlan:
+    """A training step's memory: predicted peak parts (bytes) and the settings they assume."""
+
+    parts: dict[str, float]
+    gradient_checkpointing: bool
+    optimizer_state: str
+    batch_size: int
+    grad_accum: int
+    teacher_bf16: bool
+
+    @property
+    def total(self) -> float:
+        return float(sum(self.parts.values()))
+
+    def settings(self) -> dict[str, Any]:
+        return {"gradient_checkpointing": self.gradient_checkpointing, "optimizer_state": self.optimizer_state,
+                "batch_size": self.batch_size, "grad_accum": self.grad_accum, "teacher_linears_bf16": self.teacher_bf16}
+
+    def describe(self) -> str:
+        return ", ".join(f"{k.replace('_', ' ')} {v / 1e9:.2f} GB" for k, v in self.parts.items())
+
+
+def estimate_training_memory(teacher: Any, student: Any, cfg: Any, block_len: int, *, quantized_params: int = 0,
+                             cached: bool = False, resident_bytes: float | None = None) -> MemoryPlan:
+    """The predicted peak resident bytes of one training step of ``cfg`` (edgekd.methods.distill.DistillConfig).
+
+    ``quantized_params``: weights under QAT's fake quantization (their round trips are kept for
+    backward); ``cached``: the teacher's logits come from the logit cache; ``resident_bytes``: the
+    process's resident memory now (measured when None), which already holds both models.
+    """
+    from ..pipeline.peak_memory import current_rss_mb
+    from .chunked_head import chunk_positions
+
     sc, tc = student.config, teacher.config
-    n_student = sum(p.numel() for p in student.parameters())
-    n_teacher = sum(p.numel() for p in teacher.parameters())
-    tokens = batch_size * block_len
-    act_per_layer = tokens * sc.hidden_size * 34 * 2
-    if attention_loss:
-        act_per_layer += tokens * sc.num_attention_heads * block_len * 4 * 2
-    activations = sc.num_hidden_layers * act_per_layer
-    teacher_kept = 0
-    if hidden_loss:
-        teacher_kept += (tc.num_hidden_layers + 1) * tokens * tc.hidden_size * 4
-    if attention_loss:
-        teacher_kept += tc.num_hidden_layers * tokens * tc.num_attention_heads * block_len * 4
-    logits = tokens * sc.vocab_size * 4 * 4 * 2
-    est = {
-        "teacher_weights": n_teacher * 4, "student_weights_grads_adam": n_student * 16,
-        "student_activations": activations, "teacher_targets": teacher_kept, "logits": logits,
-    }
-    est["total"] = float(sum(est.values()))
-    return est
+    bf16 = cfg.precision == "bf16"
+    act = 2 if bf16 else 4
+    want_logits, want_hidden, want_attn = cfg.w_logit > 0 and cfg.alpha > 0, cfg.w_hidden > 0, cfg.w_attention > 0
+    tokens = cfg.batch_size * block_len
+    h, _, heads, _, _, layers = _dims(sc)
+    th, _, t_heads, _, _, t_layers = _dims(tc)
+    n_student = _params(student)
+    per_layer = layer_activation_bytes_per_token(sc, act) * tokens
+    if cfg.gradient_checkpointing:  # each block's input is kept; one block's activations live at a time in backward
+        activations = layers * tokens * h * 4 + per_layer
+    else:
+        activations = layers * per_layer
+    if want_attn:  # eager attention: softmax output (fp32) and its cast, for every student block, kept by the loss
+        activations += layers * cfg.batch_size * heads * block_len ** 2 * (4 + act)
+    teacher_live = (want_logits and not cached) or want_hidden or want_attn
+    targets = 0
+    if teacher_live and want_hidden:
+        targets += (t_layers + 1) * tokens * th * 4
+    if teacher_live and want_attn:
+        targets += t_layers * cfg.batch_size * t_heads * block_len ** 2 * act
+    if teacher_live:  # the teacher's forward pass: one block's working set at a time
+        targets += layer_activation_bytes_per_token(tc, act) * tokens
+    vocab = sc.vocab_size
+    chunk = min(chunk_positions(vocab), tokens)
+    head = vocab * h * 4 + tokens * h * 4 + 12 * chunk * vocab * 4  # dL/dW, dL/dh, one chunk's softmaxes and gradients
+    if teacher_live and want_logits:
+        head += tokens * th * 4  # the teacher's final hidden states
+    if quantized_params:  # the round-tripped weights the products keep for backward (one block's when recomputed)
+        kept = quantized_params / max(layers, 1) if cfg.gradient_checkpointing else quantized_params
+        qat = kept * act + quantized_params * 4 * 0.1  # plus the round trip's transient of the largest tensors
+    else:
+        qat = 0
+    state = 4 if cfg.optimizer_state == "bf16" else 8
+    teacher_bf16 = bf16
+    saved = bf16_linear_params(teacher) * 2 if teacher_bf16 else 0
+    resident = resident_bytes if resident_bytes is not None else current_rss_mb() * 2**20
+    parts = {"resident_now": resident, "teacher_linears_to_bf16": -saved, "gradients": n_student * 4.0,
+             "optimizer_state": n_student * float(state), "activations": float(activations), "teacher_targets": float(targets),
+             "head_chunks": float(head), "qat_round_trips": float(qat)}
+    return MemoryPlan(parts, cfg.gradient_checkpointing, cfg.optimizer_state, cfg.batch_size, cfg.grad_accum, teacher_bf16)
 
 
-def check_memory(estimate: dict[str, float], available_bytes: float | None = None, headroom: float = 0.85) -> None:
+def memory_limit_bytes(limit_gb: float | None = None) -> float:
+    """The memory this process may use: ``limit_gb`` when given, else what it holds plus what is free."""
+    if limit_gb is not None:
+        return float(limit_gb) * 1e9
     import psutil
 
-    available = available_bytes if available_bytes is not None else psutil.virtual_memory().available
-    if estimate["total"] > headroom * available:
-        parts = ", ".join(f"{k.replace('_', ' ')} {v / 1e9:.2f} GB" for k, v in estimate.items() if k != "total")
-        raise EdgekdError(
-            f"distillation needs about {estimate['total'] / 1e9:.1f} GB but only {available / 1e9:.1f} GB of memory is available ({parts})",
-            fix="lower compression.distill.batch_size (and raise grad_accum to keep the tokens per step), "
-            "shorten compression.data.block_len, drop the attention loss (its maps grow with block_len^2), "
-            "or cache the teacher's logits (compression.distill.logit_cache)",
-        )
+    return float(psutil.virtual_memory().available + psutil.Process().memory_info().rss)
+
+
+def _savings_ladder(cfg: Any) -> Iterator[Any]:
+    """``cfg`` with more and more memory saved, cheapest first."""
+    cfg = replace(cfg)
+    yield cfg
+    if not cfg.gradient_checkpointing:
+        cfg = replace(cfg, gradient_checkpointing=True)
+        yield cfg
+    if cfg.optimizer_state != "bf16":
+        cfg = replace(cfg, optimizer_state="bf16")
+        yield cfg
+    while cfg.batch_size > 1:
+        half = cfg.batch_size // 2
+        if cfg.batch_size % half or half * 2 != cfg.batch_size:
+            break
+        cfg = replace(cfg, batch_size=half, grad_accum=cfg.grad_accum * 2)
+        yield cfg
+
+
+def fit_memory(teacher: Any, student: Any, cfg: Any, block_len: int, limit_bytes: float, *, stage: str = "distillation",
+               quantized_params: int = 0, cached: bool = False) -> tuple[Any, MemoryPlan]:
+    """The first config on the savings ladder whose predicted peak fits ``HEADROOM`` of the limit,
+    and its plan; a clear refusal naming the memory that would fit when none does."""
+    resident = None
+    last = None
+    for candidate in _savings_ladder(cfg):
+        plan = estimate_training_memory(teacher, student, candidate, block_len, quantized_params=quantized_params,
+                                        cached=cached, resident_bytes=resident)
+        resident = plan.parts["resident_now"]
+        if plan.total <= HEADROOM * limit_bytes:
+            return candidate, plan
+        last = (candidate, plan)
+    candidate, plan = last
+    need = plan.total / HEADROOM
+    raise EdgekdError(
+        f"{stage} needs about {plan.total / 1e9:.1f} GB even with every memory saving "
+        f"({', '.join(f'{k}={v}' for k, v in plan.settings().items())}), but this run may use {limit_bytes / 1e9:.1f} GB "
+        f"({plan.describe()})",
+        fix=f"run it on a machine with at least {need / 1e9:.1f} GB of memory free (or raise compression.memory_gb), "
+        "shorten compression.data.block_len, drop the attention loss (its maps grow with block_len^2), "
+        "or prune the student further (compression.prune.keep_layers)",
+    )
+
+
+def bf16_linear_params(model: Any) -> int:
+    """Weights of ``model``'s linear layers that are not its (tied) token embedding."""
+    embedding = family_of(model).embedding_module(model).weight
+    return sum(m.weight.numel() for m in model.modules()
+               if isinstance(m, torch.nn.Linear) and m.weight.data_ptr() != embedding.data_ptr())
+
+
+@contextlib.contextmanager
+def training_layout(student: Any, teacher: Any, cfg: Any, scratch: Path | None = None) -> Iterator[None]:
+    """The models as ``cfg`` trains them, restored afterwards.
+
+    With bf16 forward passes the frozen teacher's linear weights are held in bf16: autocast
+    rounds them to bf16 for every product anyway, so the teacher computes exactly what it did,
+    in half the memory. Its fp32 weights wait in a file in ``scratch`` and come back unchanged.
+    ``cfg.gradient_checkpointing``: transformers' gradient checkpointing on the student.
+    """
+    from safetensors.torch import load_file, save_file
+
+    base = getattr(student, "module", student)
+    if cfg.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    embedding = family_of(teacher).embedding_module(teacher).weight
+    linears = {name: m for name, m in teacher.named_modules()
+               if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float32 and m.weight.data_ptr() != embedding.data_ptr()}
+    tmp = None
+    try:
+        if cfg.precision == "bf16" and linears:
+            for stale in Path(scratch).glob("teacher-fp32-*") if scratch is not None else ():  # left by a killed run
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp = tempfile.TemporaryDirectory(dir=scratch, prefix="teacher-fp32-")
+            save_file({n: m.weight.data.contiguous() for n, m in linears.items()}, str(Path(tmp.name) / "linears.safetensors"))
+            for m in linears.values():
+                m.weight.data = m.weight.data.to(torch.bfloat16)
+        yield
+    finally:
+        if cfg.gradient_checkpointing:
+            base.gradient_checkpointing_disable()
+        if tmp is not None:
+            weights = load_file(str(Path(tmp.name) / "linears.safetensors"))
+            for n, m in linears.items():
+                m.weight.data = weights[n].to(m.weight.device)
+            tmp.cleanup()
+
+
+def predict_export_peak(model: Any, plan: Any, runtime: str = "llama.cpp", resident_bytes: float | None = None) -> float:
+    """The predicted peak resident bytes of writing ``model``'s file and checking it in ``runtime``.
+
+    The writer holds every quantized tensor until the file is written (the file's size), the
+    largest tensor passes through fp32 copies while it is quantized, and the runtime's check maps
+    the whole file and adds its compute buffers; the fp32 model is already resident.
+    """
+    from ..device.costmodel import ArchShape, model_bytes
+    from ..pipeline.peak_memory import current_rss_mb
+
+    resident = resident_bytes if resident_bytes is not None else current_rss_mb() * 2**20
+    file_bytes = model_bytes(ArchShape.from_config(model.config), plan, runtime)
+    largest = max(p.numel() for p in model.parameters())
+    return resident + EXPORT_FILE_COPIES * file_bytes + EXPORT_LARGEST_COPIES * largest * 4
+
+
+EXPORT_FILE_COPIES = 2.0  # the writer's buffers and the runtime's mapping of the file
+EXPORT_LARGEST_COPIES = 3.0  # fp32 copies of the largest tensor while it is quantized

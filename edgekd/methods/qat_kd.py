@@ -16,7 +16,7 @@ import numpy as np
 
 from ..formats import FormatPlan
 from .clip_search import clip_factors, clippable
-from .distill import DistillConfig, DistillOutcome, probe_step_seconds, run_distillation
+from .distill import DistillConfig, DistillOutcome, apply_memory_settings, plan_memory, probe_step_seconds, run_distillation
 from .qat import LEARNED_CLIP_LR_SCALE, convert, learned_clip_stats, prepare
 
 
@@ -37,7 +37,7 @@ class QatResult:
     method: str  # "QAT-KD", "clipped scales", "round-to-nearest" or "no quantization"
     clip_stats: dict[str, float] = field(default_factory=dict)
     outcome: DistillOutcome | None = None
-    memory_estimate: dict[str, float] | None = None
+    memory: Any = None  # edgekd.methods.memory.MemoryPlan of the training step
     learned_clip: dict[str, float] = field(default_factory=dict)
 
 
@@ -45,12 +45,14 @@ def qat_kd(student: Any, teacher: Any, train_blocks: np.ndarray, calibration_blo
            cfg: DistillConfig | None, *, clip_search: bool = True, learn_clip: bool = False,
            clip_lr_scale: float = LEARNED_CLIP_LR_SCALE, layer_map: list[int] | None = None,
            run_dir: Path | None = None, reporter: Any = None, logit_cache: Any = None,
-           fit_steps: Callable[[Callable[[], float]], int] | None = None, deadline: float | None = None) -> QatResult:
+           fit_steps: Callable[[Callable[[], float]], int] | None = None, deadline: float | None = None,
+           memory_gb: float | None = None) -> QatResult:
     """Quantize ``student`` (in place) onto ``plan``'s exact grids, training it with ``cfg``
     (None or 0 steps: no training) from the unquantized ``teacher``; checkpoints under ``run_dir``.
     ``fit_steps(probe)``: the number of steps to train, given ``probe()``, the measured seconds
     of one step of the prepared model (a time budget); ``deadline``: training stops early there
-    (edgekd.methods.distill.distill)."""
+    (edgekd.methods.distill.distill); ``memory_gb``: the memory limit training must fit
+    (edgekd.methods.memory.fit_memory; None: the machine's)."""
     from ..progress import Reporter
 
     reporter = reporter or Reporter(quiet=True)
@@ -66,11 +68,14 @@ def qat_kd(student: Any, teacher: Any, train_blocks: np.ndarray, calibration_blo
     elif cfg is not None and cfg.steps > 0:
         prepared = prepare(student, plan, clips, learn_clip=learn_clip and linear.grid is not None, clip_lr_scale=clip_lr_scale)
         layer_map = layer_map or list(range(student.config.num_hidden_layers))
+        _, memory = plan_memory(student, teacher, cfg, train_blocks.shape[1], logit_cache, memory_gb, stage="QAT-KD")
+        apply_memory_settings(cfg, memory)
         if fit_steps is not None:
             cfg.steps = fit_steps(lambda: probe_step_seconds(student, teacher, train_blocks, cfg, layer_map, logit_cache))
-        result.outcome, result.memory_estimate = run_distillation(
+        result.outcome, result.memory = run_distillation(
             student, teacher, train_blocks, cfg, layer_map,
-            f"QAT-KD to {linear.name}", reporter, run_dir, logit_cache, prepared.param_groups, prepared.after_step, deadline)
+            f"QAT-KD to {linear.name}", reporter, run_dir, logit_cache, prepared.param_groups, prepared.after_step, deadline,
+            memory=memory)
         result.learned_clip = learned_clip_stats(student)
         result.method = "QAT-KD"
     convert(student, plan, clips)

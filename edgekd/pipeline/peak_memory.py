@@ -1,14 +1,18 @@
 """The peak resident memory of one stage of a run, measured.
 
-On Linux the kernel keeps the process's resident high-water mark (``VmHWM`` in
-``/proc/self/status``) and resets it to the current resident size when ``5`` is written to
-``/proc/self/clear_refs`` (proc(5)): reset before a stage, read after it, and the number is the
-stage's exact peak. Elsewhere a sampling thread reads the resident size every 20 ms (a peak
-shorter than that can be missed, so the value is labelled ``sampled``).
+Linux keeps the process's resident high-water mark (``VmHWM`` in ``/proc/self/status``). When a
+stage raises it, the new mark is the stage's exact peak. When the stage stays below an earlier
+stage's peak, a thread sampling the resident size every 10 ms gives the stage's own (a peak
+shorter than that can be missed; ``method`` says which). The mark is never reset (proc(5)'s
+``clear_refs``), since that would also reset what ``/usr/bin/time`` and ``getrusage`` report.
+Elsewhere only the sampler runs.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import re
 import threading
 from collections.abc import Iterator
@@ -17,29 +21,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _STATUS = Path("/proc/self/status")
-_CLEAR_REFS = Path("/proc/self/clear_refs")
+SAMPLE_S = 0.01
 
 
 @dataclass
 class PeakMemory:
+    start_mb: float = 0.0  # resident at the start
     peak_mb: float | None = None
     method: str = ""  # "VmHWM" (exact) or "sampled"
 
 
-def _vm(field: str) -> float | None:
+def _high_water_mark_mb() -> float | None:
     try:
-        m = re.search(rf"^{field}:\s+(\d+) kB", _STATUS.read_text(), re.MULTILINE)
+        m = re.search(r"^VmHWM:\s+(\d+) kB", _STATUS.read_text(), re.MULTILINE)
     except OSError:
         return None
     return int(m.group(1)) / 1024 if m else None
-
-
-def _reset_high_water_mark() -> bool:
-    try:
-        _CLEAR_REFS.write_text("5")
-    except OSError:
-        return False
-    return True
 
 
 def current_rss_mb() -> float:
@@ -48,21 +45,27 @@ def current_rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap back to the OS (glibc's ``malloc_trim``), so the
+    resident size at a stage's start is what it holds, not what earlier stages freed."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass  # not glibc
+
+
 @contextmanager
 def peak_memory() -> Iterator[PeakMemory]:
     """``with peak_memory() as pm: ...``; afterwards ``pm.peak_mb`` is the block's peak resident MiB."""
-    pm = PeakMemory()
-    if _reset_high_water_mark() and _vm("VmHWM") is not None:
-        try:
-            yield pm
-        finally:
-            pm.peak_mb, pm.method = _vm("VmHWM"), "VmHWM"
-        return
+    pm = PeakMemory(start_mb=current_rss_mb())
+    mark_before = _high_water_mark_mb()
     stop = threading.Event()
-    peak = [current_rss_mb()]
+    peak = [pm.start_mb]
 
     def sample() -> None:
-        while not stop.wait(0.02):
+        while not stop.wait(SAMPLE_S):
             peak[0] = max(peak[0], current_rss_mb())
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -72,4 +75,9 @@ def peak_memory() -> Iterator[PeakMemory]:
     finally:
         stop.set()
         thread.join()
-        pm.peak_mb, pm.method = max(peak[0], current_rss_mb()), "sampled"
+        sampled = max(peak[0], current_rss_mb())
+        mark = _high_water_mark_mb()
+        if mark is not None and mark_before is not None and mark > mark_before:
+            pm.peak_mb, pm.method = mark, "VmHWM"
+        else:
+            pm.peak_mb, pm.method = sampled, "sampled"

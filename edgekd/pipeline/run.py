@@ -22,7 +22,7 @@ from ..stages import STAGES
 from ..stages.bench import budget_checks
 from ..versions import edgekd_version, host_info, library_versions
 from .context import RunContext, RunInputs
-from .peak_memory import peak_memory
+from .peak_memory import peak_memory, release_freed_memory
 from .plan import ALWAYS_RUN, plan_stages
 from .rundir import RunDir, now_iso
 from .timebudget import TimeBudget, budget_notes, parse_duration
@@ -36,6 +36,7 @@ def _run_stages(ctx: RunContext) -> None:
             ctx.reporter.info(f"  {stage_name}: done earlier, reused")
             report.stages.append(done)
             continue
+        release_freed_memory()
         t0 = time.perf_counter()
         with peak_memory() as peak:
             record = STAGES[stage_name].run(ctx)

@@ -56,6 +56,12 @@ def fit_to_time_budget(ctx: RunContext, stage: str, steps: int, probe: Any, late
     return fitted_steps(ctx.run.path(stage), decide)
 
 
+def memory_metrics(memory: Any) -> dict[str, Any]:
+    """A training stage's predicted peak (PROJECTION, compared with the measured one in the report) and its parts."""
+    return {"predicted_peak_rss_mb": round(memory.total / 2**20, 1),
+            "predicted_peak_parts_mb": {k: round(v / 2**20, 1) for k, v in memory.parts.items()}}
+
+
 def _save_student(ctx: RunContext, model: Any) -> None:
     from ..fileio import atomic_path
 
@@ -65,7 +71,7 @@ def _save_student(ctx: RunContext, model: Any) -> None:
 
 
 def distill(ctx: RunContext) -> StageRecord:
-    from ..methods.distill import DistillConfig, probe_step_seconds, run_distillation
+    from ..methods.distill import DistillConfig, plan_memory, probe_step_seconds, run_distillation
     from ..methods.logit_cache import live_target_bytes_per_token
     from ..plots import loss_curves_plot
 
@@ -80,6 +86,8 @@ def distill(ctx: RunContext) -> StageRecord:
         return StageRecord("distill", settings={"steps": 0}, metrics={"skipped": "nothing was pruned; the student equals the teacher"},
                            artifacts=artifacts)
     cache = cached_teacher(ctx)
+    fitted_cfg, memory = plan_memory(student.model, ctx.teacher.model, cfg, ctx.corpus.block_len, cache, ctx.profile.compression.memory_gb)
+    cfg = fitted_cfg
     fitted = fit_to_time_budget(ctx, "distill", cfg.steps, lambda: probe_step_seconds(
         student.model, ctx.teacher.model, ctx.corpus.train, cfg, student.layer_map, cache), later=[ctx.profile.compression.qat.steps])
     cfg.steps = fitted["steps"] if fitted else cfg.steps
@@ -87,13 +95,13 @@ def distill(ctx: RunContext) -> StageRecord:
     if ctx.time_budget is not None:  # this stage's share of the training time left; QAT's steps come after
         later = ctx.profile.compression.qat.steps
         deadline = ctx.time_budget.deadline(fitted["planned_steps"] / (fitted["planned_steps"] + later) if fitted else 1.0)
-    outcome, estimate = run_distillation(student.model, ctx.teacher.model, ctx.corpus.train, cfg, student.layer_map, "distilling",
-                                         ctx.reporter, ctx.run.path("distill"), cache, deadline=deadline)
+    outcome, memory = run_distillation(student.model, ctx.teacher.model, ctx.corpus.train, cfg, student.layer_map, "distilling",
+                                       ctx.reporter, ctx.run.path("distill"), cache, deadline=deadline, memory=memory)
     _save_student(ctx, student.model)
     loss_curves_plot(ctx.run.path("distill", "loss.png"), outcome.history, "distillation losses")
     return StageRecord(
         "distill", settings={**asdict(cfg), **({"time_budget": fitted} if fitted else {})},
-        metrics={**outcome.summary(), "memory_estimate_gb": round(estimate["total"] / 1e9, 2),
+        metrics={**outcome.summary(), **memory_metrics(memory),
                  "logit_cache": ctx.profile.compression.distill.logit_cache is not None,
                  "live_targets_if_cached_bytes_per_token": live_target_bytes_per_token(teacher_cfg, ctx.corpus.block_len)},
         artifacts={**artifacts, "loss curves": "distill/loss.png"},

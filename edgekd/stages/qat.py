@@ -9,7 +9,7 @@ from typing import Any
 from ..methods.planner import describe
 from ..pipeline.context import SHIPPED_DIR, RunContext, Shipped
 from ..report import StageRecord
-from .distill import cached_teacher, fit_to_time_budget
+from .distill import cached_teacher, fit_to_time_budget, memory_metrics
 
 PREDICTION_TABLE = "Planner prediction against the measurement"
 EXACT_NOTE = "exact: every tensor of the teacher is already on its planned grid (a teacher distributed in these formats); no QAT steps"
@@ -48,7 +48,8 @@ def qat(ctx: RunContext) -> StageRecord:
                     clip_search=qs.clip_search and not exact, learn_clip=qs.learn_clip, layer_map=student.layer_map,
                     run_dir=ctx.run.path("qat"), reporter=ctx.reporter, logit_cache=cached_teacher(ctx),
                     fit_steps=fit if ctx.time_budget is not None else None,
-                    deadline=ctx.time_budget.deadline() if ctx.time_budget is not None else None)
+                    deadline=ctx.time_budget.deadline() if ctx.time_budget is not None else None,
+                    memory_gb=ctx.profile.compression.memory_gb)
     metrics: dict[str, Any] = dict(result.clip_stats)
     artifacts = {"QAT student (weights on the shipped grid)": SHIPPED_DIR}
     if result.outcome is not None:
@@ -60,6 +61,7 @@ def qat(ctx: RunContext) -> StageRecord:
             settings["time_budget"] = fitted
         metrics.update(result.outcome.summary())
         metrics.update(result.learned_clip)
+        metrics.update(memory_metrics(result.memory))
     else:
         settings["steps"] = 0
         settings["method"] = EXACT_NOTE if exact else METHOD_NOTE[result.method].format(plan.name)

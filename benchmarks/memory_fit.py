@@ -1,0 +1,201 @@
+"""Peak resident memory of the training and export stages, measured against the memory check's prediction.
+
+    .venv/bin/python benchmarks/memory_fit.py --model default [--steps 2]      # the 135M default teacher
+    .venv/bin/python benchmarks/memory_fit.py --model qwen3-0.6b [--memory-gb 12]
+    .venv/bin/python benchmarks/memory_fit.py --run export/<dir>               # a finished compress run's stages
+
+In one process, each stage as the pipeline runs it: the student (the default run's depth-pruned
+one; for Qwen3-0.6B, a randomly initialised model with Qwen3-0.6B's configuration, 24 of its 28
+blocks), ``--steps`` distillation steps with the Pi 5 profile's recipe (batch 4 x 256 tokens,
+logit + hidden-state + attention losses), as many QAT-KD steps onto Q4_0, and the GGUF export with
+its llama.cpp parity check. Before each stage freed memory is handed back to the OS; each stage's
+peak is the kernel's high-water mark (edgekd.pipeline.peak_memory) and its prediction is the one
+the stage makes before it starts (edgekd.methods.memory). ``--memory-gb``: the limit the memory
+check fits the training settings to (a 16 GB laptop leaves ~12 GB to a run). Writes
+``results/memory_fit_<model>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import write_result
+
+QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                 num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1e6,
+                 tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645)
+QWEN3_KEEP = list(range(24))  # the student: 24 of the 28 blocks
+
+
+def synthetic_byte_bpe(vocab_size: int):
+    """A byte-level BPE tokenizer with exactly ``vocab_size`` tokens (all 2-byte merges, then 3-byte
+    ones): a stand-in with a real vocabulary's size for a model whose tokenizer is not on this machine."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    alphabet = sorted(alphabet)
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    merges = []
+    for a in alphabet:
+        for b in alphabet:
+            if len(vocab) >= vocab_size - 3:
+                break
+            vocab[a + b] = len(vocab)
+            merges.append((a, b))
+    pairs = [t for t in list(vocab) if len(t) == 2]
+    for ab in pairs:
+        for c in alphabet:
+            if len(vocab) >= vocab_size - 3:
+                break
+            vocab[ab + c] = len(vocab)
+            merges.append((ab, c))
+    for special in ("<unk>", "<|endoftext|>", "<|im_end|>"):
+        vocab[special] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>")
+
+
+def setup(model: str):
+    """(teacher, tokenizer, train blocks, calibration blocks, heldout blocks, student, layer map)."""
+    import numpy as np
+    import torch
+
+    from common import default_setup, pruned_student_plan
+
+    if model == "default":
+        s = default_setup()
+        plan = pruned_student_plan(s)
+        return s.teacher.model, s.teacher.tokenizer, s.train, s.calibration, s.heldout, plan.make_student(s.teacher.model), plan.layer_map
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from edgekd.methods.data import calibration_blocks, load_corpus
+
+    torch.manual_seed(0)
+    teacher = Qwen3ForCausalLM(Qwen3Config(**QWEN3_06B)).eval()
+    tokenizer = synthetic_byte_bpe(QWEN3_06B["vocab_size"])
+    corpus = load_corpus(None, tokenizer, 256, 0.1)
+    train = corpus.train[:256].astype(np.int32)
+    return teacher, tokenizer, train, calibration_blocks(train, 8), corpus.heldout[:4], setup_student(teacher), QWEN3_KEEP
+
+
+def setup_student(teacher):
+    from edgekd.methods.prune import make_student
+
+    return make_student(teacher, QWEN3_KEEP).eval()
+
+
+def stage_row(name: str, pm, predicted_mb: float | None, seconds: float, **extra) -> dict:
+    row = {"stage": name, "peak_mb": round(pm.peak_mb, 1), "method": pm.method, "start_mb": round(pm.start_mb, 1),
+           "predicted_mb": round(predicted_mb, 1) if predicted_mb is not None else None, "seconds": round(seconds, 1), **extra}
+    if predicted_mb:
+        row["predicted_over_measured"] = round(predicted_mb / pm.peak_mb, 3)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def measure(model: str, steps: int, memory_gb: float | None, out: Path, force: list[str] = ()) -> dict:
+    from common import PROFILE
+
+    import edgekd
+    from edgekd.exporters.ship import planned_export, write_checked
+    from edgekd.formats import FormatPlan
+    from edgekd.methods.distill import DistillConfig, plan_memory, run_distillation
+    from edgekd.methods.memory import predict_export_peak
+    from edgekd.methods.qat_kd import qat_config, qat_kd
+    from edgekd.pipeline.peak_memory import peak_memory, release_freed_memory
+
+    rows = []
+    t0 = time.perf_counter()
+    with peak_memory() as pm:
+        teacher, tokenizer, train, calib, heldout, student, layer_map = setup(model)
+    rows.append(stage_row("load teacher, corpus, student", pm, None, time.perf_counter() - t0,
+                          teacher_params=sum(p.numel() for p in teacher.parameters()),
+                          student_params=sum(p.numel() for p in student.parameters())))
+    prof = edgekd.load_profile(PROFILE)
+    cfg = DistillConfig.from_settings(prof.compression.distill, steps=steps)
+    cfg.checkpoint_every = 10**6
+    for key in force:
+        setattr(cfg, *{"ckpt": ("gradient_checkpointing", True), "bf16": ("optimizer_state", "bf16")}[key])
+    release_freed_memory()
+    fitted, memory = plan_memory(student, teacher, cfg, train.shape[1], None, memory_gb)
+    t0 = time.perf_counter()
+    with peak_memory() as pm:
+        outcome, memory = run_distillation(student, teacher, train, fitted, layer_map, "distilling", memory=memory)
+    rows.append(stage_row("distill", pm, memory.total / 2**20, time.perf_counter() - t0, settings=memory.settings(),
+                          step_s=[round(h["step_s"], 2) for h in outcome.history],
+                          parts_mb={k: round(v / 2**20, 1) for k, v in memory.parts.items()}))
+    del outcome, student
+    release_freed_memory()
+    # QAT on the full-depth student, as the default run does (its planner keeps all 30 blocks)
+    student, layer_map = (copy.deepcopy(teacher), None) if model == "default" else (setup_student(teacher), QWEN3_KEEP)
+    plan = FormatPlan.uniform("q4_0")
+    qcfg = qat_config(prof.compression.distill, prof.compression.qat)
+    qcfg.steps, qcfg.checkpoint_every = steps, 10**6
+    for key in force:
+        setattr(qcfg, *{"ckpt": ("gradient_checkpointing", True), "bf16": ("optimizer_state", "bf16")}[key])
+    release_freed_memory()
+    t0 = time.perf_counter()
+    with peak_memory() as pm:
+        result = qat_kd(student, teacher, train, calib, plan, qcfg, layer_map=layer_map, memory_gb=memory_gb)
+    rows.append(stage_row("qat", pm, result.memory.total / 2**20, time.perf_counter() - t0, settings=result.memory.settings(),
+                          step_s=[round(h["step_s"], 2) for h in result.outcome.history],
+                          parts_mb={k: round(v / 2**20, 1) for k, v in result.memory.parts.items()}))
+    release_freed_memory()
+    export = planned_export("gguf", plan)
+    predicted = predict_export_peak(result.model, plan, "gguf")
+    t0 = time.perf_counter()
+    with peak_memory() as pm:
+        path, check = write_checked(export, result.model, tokenizer, plan, out, heldout[:2], 2)
+    rows.append(stage_row("export", pm, predicted / 2**20, time.perf_counter() - t0, file_mb=round(path.stat().st_size / 2**20, 1),
+                          parity=check.to_dict()))
+    return {"model": model, "steps": steps, "memory_gb": memory_gb, "stages": rows,
+            "process_peak_mb": max(r["peak_mb"] for r in rows)}
+
+
+def from_run(run: Path) -> dict:
+    report = json.loads((run / "report.json").read_text())
+    rows = []
+    for s in report["stages"]:
+        predicted = s["metrics"].get("predicted_peak_rss_mb")
+        row = {"stage": s["name"], "peak_mb": s.get("peak_rss_mb"), "predicted_mb": predicted, "seconds": s["wall_time_s"]}
+        if predicted and s.get("peak_rss_mb"):
+            row["predicted_over_measured"] = round(predicted / s["peak_rss_mb"], 3)
+        rows.append(row)
+    return {"run": str(run), "stages": rows, "process_peak_mb": max(r["peak_mb"] or 0 for r in rows)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=["default", "qwen3-0.6b"], default="default")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--memory-gb", type=float, default=None)
+    ap.add_argument("--run", type=Path, default=None)
+    ap.add_argument("--force", action="append", default=[], choices=["ckpt", "bf16"],
+                    help="turn a memory saving on whatever the check says (to measure its effect)")
+    ap.add_argument("--out", type=Path, default=Path("export/memory-fit"))
+    args = ap.parse_args()
+    flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    if args.run is not None:
+        result, name = from_run(args.run), f"memory_fit_run_{args.run.name}"
+    else:
+        args.out.mkdir(parents=True, exist_ok=True)
+        suffix = "".join(f"_{f}" for f in args.force)
+        result, name = measure(args.model, args.steps, args.memory_gb, args.out, args.force), f"memory_fit_{args.model}{suffix}"
+    result["lscpu_flags"] = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("Flags")), "")
+    write_result(name, result)
+    print(json.dumps({k: v for k, v in result.items() if k != "lscpu_flags"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""The output head and the logit losses, a chunk of positions at a time: no (batch, seq, vocab) tensor.
+
+A distillation step's largest tensors are the logits: (batch, seq, vocab) in fp32 for the student
+and the teacher, and their softmaxes and gradients, several copies of each (1.6 GB at batch 4 x 256
+tokens on a 49,152-token vocabulary; 5 GB on Qwen3's 151,936). Here the models stop at their final
+hidden states (``logits_to_keep=1``: transformers computes one position's logits) and the head
+product ``h W^T``, the softmaxes and the losses run over :func:`chunk_positions` positions at a time.
+The gradient of each chunk with respect to the hidden states and the head weight is taken inside
+the forward pass (``torch.autograd.grad`` over the chunk), so the backward pass holds dL/dh
+(positions x hidden) and dL/dW (vocab x hidden) and no logits at all: the design of Liger Kernel's
+fused linear cross-entropy (Hsu et al. 2024, "Liger Kernel: Efficient Triton Kernels for LLM
+Training") and Apple's cut cross-entropy (Wijmans et al. 2025, "Cut Your Losses in Large-Vocabulary
+Language Models"), here in plain torch so it runs on CPUs, GPUs and under autocast alike, for every
+logit loss of edgekd.methods.losses and the teacher-logit cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..families import family_of
+from .losses import LOGIT_KINDS, cached_kl_per_position, divergence_per_position
+
+CHUNK_LOGIT_BYTES = 32 * 2**20  # one chunk's fp32 logits; a chunk's softmaxes and gradients take ~10x this
+
+
+def chunk_positions(vocab_size: int) -> int:
+    """Positions per chunk: ``CHUNK_LOGIT_BYTES`` of fp32 logits, at least 16 rows for the matmul's sake."""
+    return max(16, CHUNK_LOGIT_BYTES // (4 * vocab_size))
+
+
+def unwrapped(model: Any) -> Any:
+    """The model under a DistributedDataParallel (or similar) wrapper."""
+    return getattr(model, "module", model)
+
+
+@dataclass
+class Head:
+    """A model's output head as a function of its final (normed) hidden states."""
+
+    weight: torch.Tensor  # (vocab, hidden); under QAT the straight-through round trip of the master weight
+    bias: torch.Tensor | None = None
+    softcap: float | None = None  # Gemma's final_logit_softcapping: logits = c tanh(z / c)
+
+    def logits(self, hidden: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+        z = F.linear(hidden, self.weight if weight is None else weight, self.bias if bias is None else bias)
+        if self.softcap:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+
+def head_of(model: Any) -> Head:
+    """The head of ``model``, its weight read once (a parametrized weight computes its round trip here)."""
+    model = unwrapped(model)
+    head = model.get_output_embeddings()
+    return Head(head.weight, head.bias, getattr(model.config, "final_logit_softcapping", None))
+
+
+@contextmanager
+def final_hidden(model: Any) -> Iterator[list[torch.Tensor]]:
+    """Inside the block, every forward pass of ``model`` appends its final norm's output to the list."""
+    model = unwrapped(model)
+    seen: list[torch.Tensor] = []
+    handle = family_of(model).final_norm_module(model).register_forward_hook(lambda _m, _i, out: seen.append(out))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def forward_to_hidden(model: Any, ids: torch.Tensor, **kwargs: Any) -> tuple[Any, torch.Tensor]:
+    """``model``'s outputs (logits of the last position only) and its final hidden states (B, T, h)."""
+    with final_hidden(model) as seen:
+        out = model(input_ids=ids, use_cache=False, logits_to_keep=1, **kwargs)
+    return out, seen[-1]
+
+
+class _GradInForward(torch.autograd.Function):
+    """Sum of ``chunk_loss`` over chunks of rows; each chunk's gradients are taken in the forward pass."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                chunk_loss: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]], chunk: int) -> tuple:
+        grad_h = torch.zeros_like(hidden)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32)  # summed over chunks in fp32 whatever the weight's dtype
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
+        totals = torch.zeros(3, dtype=torch.float64, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            with torch.enable_grad():
+                h = hidden[start:start + chunk].detach().requires_grad_()
+                w = weight.detach().requires_grad_()
+                b = bias.detach().requires_grad_() if bias is not None else None
+                loss, ce, kd = chunk_loss(h, w, b, start, start + chunk)
+                grads = torch.autograd.grad(loss, [h, w] + ([b] if b is not None else []))
+            grad_h[start:start + chunk] = grads[0]
+            grad_w += grads[1]
+            if grad_b is not None:
+                grad_b += grads[2]
+            totals += torch.stack([loss.detach(), ce.detach(), kd.detach()]).double()
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype), *([grad_b.to(bias.dtype)] if grad_b is not None else []))
+        out = totals.float()
+        loss, ce, kd = out[0], out[1], out[2]
+        ctx.mark_non_differentiable(ce, kd)
+        return loss, ce, kd
+
+    @staticmethod
+    def backward(ctx: Any, g_loss: torch.Tensor, _g_ce: Any, _g_kd: Any) -> tuple:
+        grad_h, grad_w, *rest = ctx.saved_tensors
+        grad_b = rest[0] * g_loss if rest else None
+        return grad_h * g_loss, grad_w * g_loss, grad_b, None, None
+
+
+def chunked_kd_loss(
+    student_hidden: torch.Tensor,
+    student_head: Head,
+    labels: torch.Tensor,
+    alpha: float,
+    temperature: float,
+    kind: str = "forward",
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_head: Head | None = None,
+    teacher_cached: tuple[torch.Tensor, torch.Tensor, str] | None = None,
+    chunk: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """edgekd.methods.losses.kd_loss from the final hidden states, a chunk of positions at a time.
+
+    ``student_hidden`` (B, T, h) and ``teacher_hidden`` are aligned with ``labels`` (B, T) (position t
+    predicts labels[t]; -100 is ignored), as are the cache's (indices, log-probs, kind) in
+    ``teacher_cached``. Same values and gradients as ``kd_loss`` on the full logits.
+    """
+    if kind not in LOGIT_KINDS:
+        raise ValueError(f"unknown logit loss {kind!r}; choose from {LOGIT_KINDS}")
+    if alpha > 0 and teacher_cached is None and (teacher_hidden is None or teacher_head is None):
+        raise ValueError("pass the teacher's hidden states and head, or its cached logits")
+    if teacher_cached is not None and kind != "forward":
+        raise ValueError("the logit cache supports forward KL only")
+    t = float(temperature)
+    hs = student_hidden.flatten(0, -2)
+    flat_labels = labels.flatten()
+    valid = flat_labels != -100
+    n_valid = valid.sum().clamp_min(1).to(torch.float32)
+    th = teacher_hidden.flatten(0, -2) if teacher_hidden is not None else None
+    cached = None
+    if teacher_cached is not None:
+        idx, logp, cache_kind = teacher_cached
+        cached = (idx.flatten(0, -2), logp.flatten(0, -2), cache_kind)
+    chunk = chunk or chunk_positions(student_head.weight.shape[0])
+
+    def chunk_loss(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, start: int, end: int) -> tuple:
+        s_logits = student_head.logits(h, w, b).float()
+        lab, m = flat_labels[start:end], valid[start:end].to(torch.float32)
+        ce = F.cross_entropy(s_logits, lab, ignore_index=-100, reduction="sum") / n_valid
+        if alpha == 0:
+            kd = torch.zeros((), device=h.device)
+        elif cached is not None:
+            kd = (cached_kl_per_position(s_logits, cached[0][start:end], cached[1][start:end], cached[2], t) * m).sum() / n_valid * t * t
+        else:
+            with torch.no_grad():
+                logp_t = F.log_softmax(teacher_head.logits(th[start:end]).float() / t, dim=-1)
+            logp_s = F.log_softmax(s_logits / t, dim=-1)
+            kd = (divergence_per_position(logp_s, logp_t, kind) * m).sum() / n_valid * t * t
+        return (1 - alpha) * ce + alpha * kd, ce, kd
+
+    w, b = student_head.weight, student_head.bias
+    if teacher_head is not None:
+        teacher_head = _cast_once(teacher_head, hs.device)
+    dtype = _autocast_dtype(hs.device)
+    if dtype is not None:  # cast once, not per chunk (autocast would keep a cast copy of every chunk's leaf)
+        w, b = w.to(dtype), (b.to(dtype) if b is not None else None)
+    if torch.is_grad_enabled() and (hs.requires_grad or w.requires_grad):
+        loss, ce, kd = _GradInForward.apply(hs, w, b, chunk_loss, chunk)
+    else:
+        with torch.no_grad():
+            parts = [chunk_loss(hs[s:s + chunk], w, b, s, s + chunk) for s in range(0, hs.shape[0], chunk)]
+        loss, ce, kd = (torch.stack([p[i] for p in parts]).sum() for i in range(3))
+    return {"ce": ce, "kd": kd, "loss": loss}
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+def _cast_once(head: Head, device: torch.device) -> Head:
+    """A frozen head with its weight already in autocast's dtype."""
+    dtype = _autocast_dtype(device)
+    if dtype is None or head.weight.dtype == dtype:
+        return head
+    with torch.no_grad():
+        return Head(head.weight.to(dtype), head.bias.to(dtype) if head.bias is not None else None, head.softcap)
+
+
+@torch.no_grad()
+def chunked_kl_sum(student_hidden: torch.Tensor, student_head: Head, teacher_hidden: torch.Tensor, teacher_head: Head,
+                   chunk: int | None = None) -> float:
+    """Sum over positions of KL(p_teacher || p_student) at temperature 1, in float64 (an evaluation)."""
+    hs, th = student_hidden.flatten(0, -2), teacher_hidden.flatten(0, -2)
+    chunk = chunk or chunk_positions(student_head.weight.shape[0])
+    total = 0.0
+    for s in range(0, hs.shape[0], chunk):
+        logp_s = F.log_softmax(student_head.logits(hs[s:s + chunk]).float(), dim=-1)
+        logp_t = F.log_softmax(teacher_head.logits(th[s:s + chunk]).float(), dim=-1)
+        total += float((logp_t.exp() * (logp_t - logp_s)).sum(dtype=torch.float64))
+    return total
