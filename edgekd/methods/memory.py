@@ -89,7 +89,7 @@ def estimate_training_memory(teacher: Any, student: Any, cfg: Any, block_len: in
 
     ``quantized_params``: weights under QAT's fake quantization (their round trips are kept for
     backward); ``cached``: the teacher's logits come from the logit cache; ``resident_bytes``: the
-    process's resident memory now (measured when None), which already holds both models.
+    process's resident memory now (measured when None), which already holds both models in fp32.
     """
     from ..pipeline.peak_memory import current_rss_mb
     from .chunked_head import chunk_positions
@@ -102,13 +102,15 @@ def estimate_training_memory(teacher: Any, student: Any, cfg: Any, block_len: in
     h, _, heads, _, _, layers = _dims(sc)
     th, _, t_heads, _, _, t_layers = _dims(tc)
     n_student = _params(student)
+    vocab = sc.vocab_size
+    table = vocab * h * 4  # the token embedding (and a tied head) in fp32
+    ckpt = cfg.gradient_checkpointing
     per_layer = layer_activation_bytes_per_token(sc, act) * tokens
-    if cfg.gradient_checkpointing:  # each block's input is kept; one block's activations live at a time in backward
-        activations = layers * tokens * h * 4 + per_layer
-    else:
-        activations = layers * per_layer
-    if want_attn:  # eager attention: softmax output (fp32) and its cast, for every student block, kept by the loss
-        activations += layers * cfg.batch_size * heads * block_len ** 2 * (4 + act)
+    # each block's input is kept when blocks are recomputed; one block's activations live at a time in backward
+    activations = layers * tokens * h * 4 + per_layer if ckpt else layers * per_layer
+    maps = cfg.batch_size * heads * block_len ** 2
+    if want_attn:  # eager attention: the maps the loss reads (and, kept for backward, the fp32 softmax)
+        activations += layers * maps * (act if ckpt else 4 + act) + maps * 16  # + one layer's KL, recomputed
     teacher_live = (want_logits and not cached) or want_hidden or want_attn
     targets = 0
     if teacher_live and want_hidden:
@@ -117,24 +119,31 @@ def estimate_training_memory(teacher: Any, student: Any, cfg: Any, block_len: in
         targets += t_layers * cfg.batch_size * t_heads * block_len ** 2 * act
     if teacher_live:  # the teacher's forward pass: one block's working set at a time
         targets += layer_activation_bytes_per_token(tc, act) * tokens
-    vocab = sc.vocab_size
     chunk = min(chunk_positions(vocab), tokens)
-    head = vocab * h * 4 + tokens * h * 4 + 12 * chunk * vocab * 4  # dL/dW, dL/dh, one chunk's softmaxes and gradients
+    # dL/dW and dL/dh of the chunked head, one chunk's softmaxes and gradients, and the table's
+    # gradient from the embedding lookup with the sum that adds the head's into it
+    head = table + tokens * h * 4 + HEAD_CHUNK_COPIES * chunk * vocab * 4 + 2 * table
     if teacher_live and want_logits:
         head += tokens * th * 4  # the teacher's final hidden states
-    if quantized_params:  # the round-tripped weights the products keep for backward (one block's when recomputed)
-        kept = quantized_params / max(layers, 1) if cfg.gradient_checkpointing else quantized_params
-        qat = kept * act + quantized_params * 4 * 0.1  # plus the round trip's transient of the largest tensors
-    else:
-        qat = 0
+    linear_params = bf16_linear_params(student)
+    if quantized_params:  # the round-tripped weights the products keep (one block's when recomputed), the table's
+        kept = (quantized_params - vocab * h) / max(layers, 1) if ckpt else quantized_params
+        weights = kept * act + table * 1.5
+    else:  # autocast keeps a cast copy of every trainable weight it multiplies, for the whole forward pass
+        weights = linear_params * 2 if bf16 else 0
     state = 4 if cfg.optimizer_state == "bf16" else 8
     teacher_bf16 = bf16
     saved = bf16_linear_params(teacher) * 2 if teacher_bf16 else 0
     resident = resident_bytes if resident_bytes is not None else current_rss_mb() * 2**20
     parts = {"resident_now": resident, "teacher_linears_to_bf16": -saved, "gradients": n_student * 4.0,
              "optimizer_state": n_student * float(state), "activations": float(activations), "teacher_targets": float(targets),
-             "head_chunks": float(head), "qat_round_trips": float(qat)}
+             "head_and_table_gradients": float(head), "weight_copies": float(weights)}
+    parts["allocator_slack"] = ALLOCATOR_SLACK * sum(v for k, v in parts.items() if k not in ("resident_now", "teacher_linears_to_bf16"))
     return MemoryPlan(parts, cfg.gradient_checkpointing, cfg.optimizer_state, cfg.batch_size, cfg.grad_accum, teacher_bf16)
+
+
+HEAD_CHUNK_COPIES = 8  # (chunk, vocab) fp32 tensors alive at once in a chunk's loss and its gradient
+ALLOCATOR_SLACK = 0.1  # freed blocks the heap keeps resident, as a share of what the step allocates
 
 
 def memory_limit_bytes(limit_gb: float | None = None) -> float:
@@ -168,6 +177,9 @@ def fit_memory(teacher: Any, student: Any, cfg: Any, block_len: int, limit_bytes
                quantized_params: int = 0, cached: bool = False) -> tuple[Any, MemoryPlan]:
     """The first config on the savings ladder whose predicted peak fits ``HEADROOM`` of the limit,
     and its plan; a clear refusal naming the memory that would fit when none does."""
+    from ..pipeline.peak_memory import release_freed_memory
+
+    release_freed_memory()  # what the process holds, not what an earlier step freed and the heap kept
     resident = None
     last = None
     for candidate in _savings_ladder(cfg):
@@ -203,6 +215,8 @@ def training_layout(student: Any, teacher: Any, cfg: Any, scratch: Path | None =
     With bf16 forward passes the frozen teacher's linear weights are held in bf16: autocast
     rounds them to bf16 for every product anyway, so the teacher computes exactly what it did,
     in half the memory. Its fp32 weights wait in a file in ``scratch`` and come back unchanged.
+    Its other tensors are copied out of the file a teacher is usually memory-mapped from
+    (transformers maps safetensors), so that mapping, resident once read, is released too.
     ``cfg.gradient_checkpointing``: transformers' gradient checkpointing on the student.
     """
     from safetensors.torch import load_file, save_file
@@ -218,10 +232,14 @@ def training_layout(student: Any, teacher: Any, cfg: Any, scratch: Path | None =
         if cfg.precision == "bf16" and linears:
             for stale in Path(scratch).glob("teacher-fp32-*") if scratch is not None else ():  # left by a killed run
                 shutil.rmtree(stale, ignore_errors=True)
-            tmp = tempfile.TemporaryDirectory(dir=scratch, prefix="teacher-fp32-")
+            tmp = tempfile.TemporaryDirectory(dir=scratch, prefix="teacher-fp32-", ignore_cleanup_errors=True)
             save_file({n: m.weight.data.contiguous() for n, m in linears.items()}, str(Path(tmp.name) / "linears.safetensors"))
-            for m in linears.values():
-                m.weight.data = m.weight.data.to(torch.bfloat16)
+            with torch.no_grad():
+                for m in linears.values():
+                    m.weight.data = m.weight.data.to(torch.bfloat16)
+                for t in [*teacher.parameters(), *teacher.buffers()]:
+                    if t.dtype != torch.bfloat16:
+                        t.data = t.data.clone()
         yield
     finally:
         if cfg.gradient_checkpointing:
@@ -230,6 +248,7 @@ def training_layout(student: Any, teacher: Any, cfg: Any, scratch: Path | None =
             weights = load_file(str(Path(tmp.name) / "linears.safetensors"))
             for n, m in linears.items():
                 m.weight.data = weights[n].to(m.weight.device)
+            del weights
             tmp.cleanup()
 
 

@@ -16,7 +16,14 @@ import numpy as np
 
 from ..formats import FormatPlan
 from .clip_search import clip_factors, clippable
-from .distill import DistillConfig, DistillOutcome, apply_memory_settings, plan_memory, probe_step_seconds, run_distillation
+from .distill import (
+    DistillConfig,
+    DistillOutcome,
+    apply_memory_settings,
+    plan_memory,
+    probe_step_seconds,
+    run_distillation,
+)
 from .qat import LEARNED_CLIP_LR_SCALE, convert, learned_clip_stats, prepare
 
 
