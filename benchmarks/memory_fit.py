@@ -69,7 +69,6 @@ def setup(model: str):
     """(teacher, tokenizer, train blocks, calibration blocks, heldout blocks, student, layer map)."""
     import numpy as np
     import torch
-
     from common import default_setup, pruned_student_plan
 
     if model == "default":
@@ -92,6 +91,17 @@ def setup_student(teacher):
     from edgekd.methods.prune import make_student
 
     return make_student(teacher, QWEN3_KEEP).eval()
+
+
+FORCE = {"ckpt": {"gradient_checkpointing": True}, "bf16": {"optimizer_state": "bf16"},
+         "micro2": {"batch_size": 2, "grad_accum": 2}, "micro1": {"batch_size": 1, "grad_accum": 4}}
+
+
+def forced(cfg, force) -> None:
+    """Turn the named memory savings on in ``cfg`` whatever the memory check would choose."""
+    for key in force:
+        for field, value in FORCE[key].items():
+            setattr(cfg, field, value)
 
 
 def stage_row(name: str, pm, predicted_mb: float | None, seconds: float, **extra) -> dict:
@@ -124,8 +134,7 @@ def measure(model: str, steps: int, memory_gb: float | None, out: Path, force: l
     prof = edgekd.load_profile(PROFILE)
     cfg = DistillConfig.from_settings(prof.compression.distill, steps=steps)
     cfg.checkpoint_every = 10**6
-    for key in force:
-        setattr(cfg, *{"ckpt": ("gradient_checkpointing", True), "bf16": ("optimizer_state", "bf16")}[key])
+    forced(cfg, force)
     release_freed_memory()
     fitted, memory = plan_memory(student, teacher, cfg, train.shape[1], None, memory_gb)
     t0 = time.perf_counter()
@@ -141,8 +150,7 @@ def measure(model: str, steps: int, memory_gb: float | None, out: Path, force: l
     plan = FormatPlan.uniform("q4_0")
     qcfg = qat_config(prof.compression.distill, prof.compression.qat)
     qcfg.steps, qcfg.checkpoint_every = steps, 10**6
-    for key in force:
-        setattr(qcfg, *{"ckpt": ("gradient_checkpointing", True), "bf16": ("optimizer_state", "bf16")}[key])
+    forced(qcfg, force)
     release_freed_memory()
     t0 = time.perf_counter()
     with peak_memory() as pm:
@@ -180,7 +188,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--memory-gb", type=float, default=None)
     ap.add_argument("--run", type=Path, default=None)
-    ap.add_argument("--force", action="append", default=[], choices=["ckpt", "bf16"],
+    ap.add_argument("--force", action="append", default=[], choices=sorted(FORCE),
                     help="turn a memory saving on whatever the check says (to measure its effect)")
     ap.add_argument("--out", type=Path, default=Path("export/memory-fit"))
     args = ap.parse_args()

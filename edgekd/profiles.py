@@ -206,6 +206,9 @@ class Compression(_Strict):
     # Training steps that would not fit turn on activation checkpointing, bf16 optimizer moments and
     # smaller micro-batches, in that order, before refusing (edgekd.methods.memory)
     memory_gb: float | None = Field(default=None, gt=0)
+    # memory a run prefers to stay within (GB): the savings that keep the whole batch (checkpointing,
+    # bf16 optimizer moments) are turned on to get there; never a reason to refuse. null: only memory_gb
+    memory_target_gb: float | None = Field(default=3.0, gt=0)
     data: DataSettings = Field(default_factory=DataSettings)
 
     @model_validator(mode="after")

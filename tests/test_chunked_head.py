@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from tiny_models import make_tiny_llama
 
 from edgekd.methods.chunked_head import chunked_kd_loss, chunked_kl_sum, forward_to_hidden, head_of
 from edgekd.methods.losses import LOGIT_KINDS, kd_loss
-
-from tiny_models import make_tiny_llama
 
 V = 97  # not a multiple of the chunk: the last chunk is short
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from edgekd import EdgekdError
 from edgekd.methods.distill import (
     DistillConfig,
     distill,

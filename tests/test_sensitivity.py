@@ -34,3 +34,29 @@ def test_costs_order_as_the_formats_do_and_the_model_is_untouched(tiny):
 
     all4 = predicted_format_kl(s, FormatPlan.uniform("q4_0", {"embedding": "q4_0"}), tuple(r for r in s.formats if r != "embedding"))
     assert all4 == pytest.approx(sum(c["q4_0"] for c in s.formats.values()))
+
+
+def test_the_kl_meter_matches_full_logits_and_width_pruning_matches_a_pruned_copy(tiny):
+    """The chunked meter against the plain KL on full log-probabilities, and the in-place width
+    pruning against a pruned deep copy; the model comes back with its own modules."""
+    import copy
+
+    from edgekd.methods.prune import apply_mlp_channels, mlp_channel_importance, select_mlp_channels
+    from edgekd.methods.sensitivity import _KLMeter, mlp_width_applied
+
+    blocks = np.random.default_rng(1).integers(0, 128, size=(3, 32))
+    meter = _KLMeter(tiny, blocks, batch_size=2)
+    channels = select_mlp_channels(mlp_channel_importance(tiny, blocks), 0.5)
+    pruned = copy.deepcopy(tiny)
+    apply_mlp_channels(pruned, channels)
+    ids = torch.from_numpy(blocks.astype(np.int64))
+    with torch.no_grad():
+        t = torch.log_softmax(tiny(input_ids=ids).logits[:, :-1].float(), -1)
+        s = torch.log_softmax(pruned(input_ids=ids).logits[:, :-1].float(), -1)
+    want = float((t.exp() * (t - s)).sum() / (3 * 31))
+    modules = [m for m in tiny.modules()]
+    with mlp_width_applied(tiny, channels):
+        assert tiny.config.intermediate_size == 64
+        assert meter.kl(tiny) == pytest.approx(want, rel=1e-4)
+    assert [m for m in tiny.modules()] == modules and tiny.config.intermediate_size == 128
+    assert meter.kl(tiny) == pytest.approx(0.0, abs=1e-6)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..families import family_of
 from .losses import LOGIT_KINDS, cached_kl_per_position, divergence_per_position
 
-CHUNK_LOGIT_BYTES = 16 * 2**20  # one chunk's fp32 logits; a chunk's softmaxes and gradients take ~10x this
+CHUNK_LOGIT_BYTES = 32 * 2**20  # one chunk's fp32 logits; a chunk's softmaxes and gradients take ~10x this
 
 
 def chunk_positions(vocab_size: int) -> int:

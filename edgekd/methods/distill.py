@@ -38,6 +38,7 @@ from .chunked_head import chunked_kd_loss, forward_to_hidden, head_of
 from .losses import attention_kl, hidden_state_loss
 from .memory import (
     MemoryPlan,
+    device_resident_bytes,
     fit_memory,
     memory_limit_bytes,
     training_layout,
@@ -249,12 +250,15 @@ def distill(
     if ckpt is not None:
         start_step, tokens, history = load_checkpoint(ckpt, student, optimizer)
     scratch = run_dir if run_dir is not None and run_dir.exists() else None
-    with training_layout(student, teacher, cfg, scratch):
+    with training_layout(student, teacher, cfg, scratch, distributed=world > 1):
         model, optimizer = accelerator.prepare(student, optimizer)
         teacher = teacher.to(accelerator.device)
         unwrapped = accelerator.unwrap_model(model)
         seen: list[int] = []
         block_len = train_blocks.shape[1]
+        inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
+        if hasattr(inner, "init_state"):  # moments allocated before the first step's activations, not among them
+            inner.init_state()
         t_start = time.perf_counter()
         done, stopped = start_step, False
         for step in range(start_step, cfg.steps):
@@ -330,11 +334,17 @@ def apply_memory_settings(cfg: DistillConfig, memory: MemoryPlan) -> None:
 
 
 def plan_memory(student: Any, teacher: Any, cfg: DistillConfig, block_len: int, logit_cache: Any = None,
-                limit_gb: float | None = None, stage: str = "distillation") -> tuple[DistillConfig, MemoryPlan]:
+                limit_gb: float | None = None, stage: str = "distillation",
+                quantized_params: int | None = None, target_gb: float | None = None) -> tuple[DistillConfig, MemoryPlan]:
     """The config a step of ``cfg`` fits in memory with (memory savings turned on as needed) and its
-    predicted peak; a clear error when nothing fits (edgekd.methods.memory.fit_memory)."""
+    predicted peak; a clear error when nothing fits (edgekd.methods.memory.fit_memory).
+    ``quantized_params``: weights QAT will fake-quantize (default: those parametrized now);
+    ``target_gb``: the soft memory target (compression.memory_target_gb)."""
+    quantized = quantized_param_count(student) if quantized_params is None else quantized_params
     return fit_memory(teacher, student, cfg, block_len, memory_limit_bytes(limit_gb), stage=stage,
-                      quantized_params=quantized_param_count(student), cached=logit_cache is not None)
+                      quantized_params=quantized, cached=logit_cache is not None,
+                      resident_bytes=device_resident_bytes(teacher, student),
+                      target_bytes=target_gb * 1e9 if target_gb is not None else None)
 
 
 def run_distillation(student: Any, teacher: Any, train_blocks: np.ndarray, cfg: DistillConfig, layer_map: list[int],
@@ -342,14 +352,14 @@ def run_distillation(student: Any, teacher: Any, train_blocks: np.ndarray, cfg: 
                      param_groups: list[dict[str, Any]] | None = None,
                      after_step: Callable[[], None] | None = None,
                      deadline: float | None = None, memory: MemoryPlan | None = None,
-                     limit_gb: float | None = None) -> tuple[DistillOutcome, MemoryPlan]:
+                     limit_gb: float | None = None, target_gb: float | None = None) -> tuple[DistillOutcome, MemoryPlan]:
     """Fit a step in memory (unless ``memory``, a plan for ``cfg``, is given), then train with a
     progress bar named ``label``; resumes from ``run_dir``'s checkpoints. Returns the outcome and
     the memory plan; ``cfg`` carries the memory settings it trained with."""
     from ..progress import Reporter
 
     if memory is None:
-        fitted, memory = plan_memory(student, teacher, cfg, train_blocks.shape[1], logit_cache, limit_gb)
+        fitted, memory = plan_memory(student, teacher, cfg, train_blocks.shape[1], logit_cache, limit_gb, target_gb=target_gb)
         apply_memory_settings(cfg, memory)
     with (reporter or Reporter(quiet=True)).task(label, total=cfg.steps, unit="steps") as advance:
         outcome = distill(student, teacher, train_blocks, cfg, layer_map, run_dir=run_dir, resume=True, progress=advance,

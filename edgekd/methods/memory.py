@@ -120,9 +120,9 @@ def estimate_training_memory(teacher: Any, student: Any, cfg: Any, block_len: in
     if teacher_live:  # the teacher's forward pass: one block's working set at a time
         targets += layer_activation_bytes_per_token(tc, act) * tokens
     chunk = min(chunk_positions(vocab), tokens)
-    # dL/dW and dL/dh of the chunked head, one chunk's softmaxes and gradients, and the table's
-    # gradient from the embedding lookup with the sum that adds the head's into it
-    head = table + tokens * h * 4 + HEAD_CHUNK_COPIES * chunk * vocab * 4 + 2 * table
+    # dL/dW and dL/dh of the chunked head, one chunk's softmaxes and gradients, and the lookup's
+    # gradient: sparse into a tied head's (training_layout), else a second table
+    head = table + tokens * h * 4 + HEAD_CHUNK_COPIES * chunk * vocab * 4 + (0 if family_of(student).tied(student) else table)
     if teacher_live and want_logits:
         head += tokens * th * 4  # the teacher's final hidden states
     linear_params = bf16_linear_params(student)
@@ -146,13 +146,29 @@ HEAD_CHUNK_COPIES = 8  # (chunk, vocab) fp32 tensors alive at once in a chunk's 
 ALLOCATOR_SLACK = 0.1  # freed blocks the heap keeps resident, as a share of what the step allocates
 
 
+CUDA_CONTEXT_BYTES = 0.5e9  # the CUDA context and kernels (outside torch's allocator)
+
+
 def memory_limit_bytes(limit_gb: float | None = None) -> float:
-    """The memory this process may use: ``limit_gb`` when given, else what it holds plus what is free."""
+    """The memory a training step may use: ``limit_gb`` when given; else, where training runs on a
+    GPU (edgekd.methods.distill: Accelerate's device), that GPU's memory; else what this process
+    holds plus what the machine has free."""
     if limit_gb is not None:
         return float(limit_gb) * 1e9
+    if torch.cuda.is_available():
+        return float(torch.cuda.mem_get_info()[1])
     import psutil
 
     return float(psutil.virtual_memory().available + psutil.Process().memory_info().rss)
+
+
+def device_resident_bytes(teacher: Any, student: Any) -> float | None:
+    """On a GPU, what the step starts from there: both models (moved there by the training loop),
+    what torch holds on it already and the CUDA context; None on the CPU (the process's RSS is measured)."""
+    if not torch.cuda.is_available():
+        return None
+    on_host = sum(t.numel() * t.element_size() for m in (teacher, student) for t in m.parameters() if t.device.type != "cuda")
+    return float(on_host + torch.cuda.memory_allocated() + CUDA_CONTEXT_BYTES)
 
 
 def _savings_ladder(cfg: Any) -> Iterator[Any]:
@@ -174,22 +190,37 @@ def _savings_ladder(cfg: Any) -> Iterator[Any]:
 
 
 def fit_memory(teacher: Any, student: Any, cfg: Any, block_len: int, limit_bytes: float, *, stage: str = "distillation",
-               quantized_params: int = 0, cached: bool = False) -> tuple[Any, MemoryPlan]:
-    """The first config on the savings ladder whose predicted peak fits ``HEADROOM`` of the limit,
-    and its plan; a clear refusal naming the memory that would fit when none does."""
+               quantized_params: int = 0, cached: bool = False, resident_bytes: float | None = None,
+               target_bytes: float | None = None) -> tuple[Any, MemoryPlan]:
+    """The config a step runs with, and its plan: the first on the savings ladder whose predicted
+    peak fits ``HEADROOM`` of the hard ``limit_bytes``; with a soft ``target_bytes``, the first
+    under the target without splitting the batch (micro-batches cost QAT twice its step time,
+    measured), else the most saving of those that fits the limit. A clear refusal naming the
+    memory that would fit when nothing does. ``resident_bytes``: the process's resident memory
+    (measured, after trimming the heap, when None)."""
     from ..pipeline.peak_memory import release_freed_memory
 
-    release_freed_memory()  # what the process holds, not what an earlier step freed and the heap kept
-    resident = None
-    last = None
+    if resident_bytes is None:
+        release_freed_memory()  # what the process holds, not what an earlier step freed and the heap kept
+    resident = resident_bytes
+    ladder = []
     for candidate in _savings_ladder(cfg):
         plan = estimate_training_memory(teacher, student, candidate, block_len, quantized_params=quantized_params,
                                         cached=cached, resident_bytes=resident)
         resident = plan.parts["resident_now"]
-        if plan.total <= HEADROOM * limit_bytes:
+        ladder.append((candidate, plan, plan.total <= HEADROOM * limit_bytes))
+    whole_batch = [(c, p, fits) for c, p, fits in ladder if c.batch_size == cfg.batch_size]
+    if target_bytes is not None:
+        for candidate, plan, fits in whole_batch:
+            if fits and plan.total <= target_bytes:
+                return candidate, plan
+        fitting = [(c, p) for c, p, fits in whole_batch if fits]
+        if fitting:
+            return fitting[-1]
+    for candidate, plan, fits in ladder:
+        if fits:
             return candidate, plan
-        last = (candidate, plan)
-    candidate, plan = last
+    candidate, plan, _ = ladder[-1]
     need = plan.total / HEADROOM
     raise EdgekdError(
         f"{stage} needs about {plan.total / 1e9:.1f} GB even with every memory saving "
@@ -203,13 +234,20 @@ def fit_memory(teacher: Any, student: Any, cfg: Any, block_len: int, limit_bytes
 
 def bf16_linear_params(model: Any) -> int:
     """Weights of ``model``'s linear layers that are not its (tied) token embedding."""
-    embedding = family_of(model).embedding_module(model).weight
-    return sum(m.weight.numel() for m in model.modules()
-               if isinstance(m, torch.nn.Linear) and m.weight.data_ptr() != embedding.data_ptr())
+    embedding = _stored_weight(family_of(model).embedding_module(model))
+    return sum(_stored_weight(m).numel() for m in model.modules()
+               if isinstance(m, torch.nn.Linear) and _stored_weight(m) is not embedding)
+
+
+def _stored_weight(module: Any) -> torch.Tensor:
+    """A module's weight Parameter; under a parametrization (QAT), the original it is computed from."""
+    from torch.nn.utils import parametrize
+
+    return module.parametrizations.weight.original if parametrize.is_parametrized(module, "weight") else module.weight
 
 
 @contextlib.contextmanager
-def training_layout(student: Any, teacher: Any, cfg: Any, scratch: Path | None = None) -> Iterator[None]:
+def training_layout(student: Any, teacher: Any, cfg: Any, scratch: Path | None = None, distributed: bool = False) -> Iterator[None]:
     """The models as ``cfg`` trains them, restored afterwards.
 
     With bf16 forward passes the frozen teacher's linear weights are held in bf16: autocast
@@ -218,12 +256,21 @@ def training_layout(student: Any, teacher: Any, cfg: Any, scratch: Path | None =
     Its other tensors are copied out of the file a teacher is usually memory-mapped from
     (transformers maps safetensors), so that mapping, resident once read, is released too.
     ``cfg.gradient_checkpointing``: transformers' gradient checkpointing on the student.
+
+    A student whose token embedding is its head too looks tokens up with a sparse gradient: the
+    head's dense gradient reaches the shared table first in backward and the lookup's rows are
+    added into it in place, instead of a second (vocab, hidden) gradient and their sum (not when
+    ``distributed``: DistributedDataParallel reduces dense gradients only).
     """
     from safetensors.torch import load_file, save_file
 
     base = getattr(student, "module", student)
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lookup = family_of(base).embedding_module(base)
+    sparse_lookup = not distributed and family_of(base).tied(base) and isinstance(lookup, torch.nn.Embedding) and not lookup.sparse
+    if sparse_lookup:
+        lookup.sparse = True
     embedding = family_of(teacher).embedding_module(teacher).weight
     linears = {name: m for name, m in teacher.named_modules()
                if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float32 and m.weight.data_ptr() != embedding.data_ptr()}
@@ -244,6 +291,8 @@ def training_layout(student: Any, teacher: Any, cfg: Any, scratch: Path | None =
     finally:
         if cfg.gradient_checkpointing:
             base.gradient_checkpointing_disable()
+        if sparse_lookup:
+            lookup.sparse = False
         if tmp is not None:
             weights = load_file(str(Path(tmp.name) / "linears.safetensors"))
             for n, m in linears.items():
@@ -252,12 +301,14 @@ def training_layout(student: Any, teacher: Any, cfg: Any, scratch: Path | None =
             tmp.cleanup()
 
 
-def predict_export_peak(model: Any, plan: Any, runtime: str = "llama.cpp", resident_bytes: float | None = None) -> float:
-    """The predicted peak resident bytes of writing ``model``'s file and checking it in ``runtime``.
+def predict_export_peak(model: Any, plan: Any, runtime: str = "llama.cpp", context: int = 256,
+                        resident_bytes: float | None = None) -> float:
+    """The predicted peak resident bytes of writing ``model``'s file and checking it in ``runtime``
+    on blocks of ``context`` tokens.
 
     The writer holds every quantized tensor until the file is written (the file's size), the
-    largest tensor passes through fp32 copies while it is quantized, and the runtime's check maps
-    the whole file and adds its compute buffers; the fp32 model is already resident.
+    largest tensor passes through fp32 working copies while it is quantized, the runtime maps the
+    whole file, and the check holds both sides' logits for a block; the fp32 model is resident.
     """
     from ..device.costmodel import ArchShape, model_bytes
     from ..pipeline.peak_memory import current_rss_mb
@@ -265,8 +316,10 @@ def predict_export_peak(model: Any, plan: Any, runtime: str = "llama.cpp", resid
     resident = resident_bytes if resident_bytes is not None else current_rss_mb() * 2**20
     file_bytes = model_bytes(ArchShape.from_config(model.config), plan, runtime)
     largest = max(p.numel() for p in model.parameters())
-    return resident + EXPORT_FILE_COPIES * file_bytes + EXPORT_LARGEST_COPIES * largest * 4
+    logits = context * model.config.vocab_size * 4
+    return resident + EXPORT_FILE_COPIES * file_bytes + EXPORT_LARGEST_COPIES * largest * 4 + EXPORT_LOGIT_COPIES * logits
 
 
 EXPORT_FILE_COPIES = 2.0  # the writer's buffers and the runtime's mapping of the file
-EXPORT_LARGEST_COPIES = 3.0  # fp32 copies of the largest tensor while it is quantized
+EXPORT_LARGEST_COPIES = 6.0  # fp32 working copies of the largest tensor while it is quantized
+EXPORT_LOGIT_COPIES = 4.0  # a block's logits from the runtime and torch, and their log-softmaxes

@@ -140,6 +140,12 @@ def quantized_tensors(model: Any, plan: FormatPlan) -> list[tuple[Any, WeightFor
     return [(mod, fmt) for mod, fmt, _ in out]
 
 
+def fake_quantized_params(model: Any, plan: FormatPlan) -> int:
+    """Weights :func:`prepare` fake-quantizes under ``plan`` (a tied table once)."""
+    seen = {id(mod.weight): mod.weight.numel() for mod, fmt in quantized_tensors(model, plan) if not fmt.identity}
+    return sum(seen.values())
+
+
 def weight_names(model: Any) -> dict[int, str]:
     """``id(module)`` -> the state-dict name of its weight (the key grids are saved under)."""
     return {id(mod): f"{name}.weight" for name, mod in model.named_modules(remove_duplicate=False)}

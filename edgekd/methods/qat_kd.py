@@ -24,7 +24,7 @@ from .distill import (
     probe_step_seconds,
     run_distillation,
 )
-from .qat import LEARNED_CLIP_LR_SCALE, convert, learned_clip_stats, prepare
+from .qat import LEARNED_CLIP_LR_SCALE, convert, fake_quantized_params, learned_clip_stats, prepare
 
 
 def qat_config(distill_settings: Any, qat_settings: Any) -> DistillConfig:
@@ -53,30 +53,34 @@ def qat_kd(student: Any, teacher: Any, train_blocks: np.ndarray, calibration_blo
            clip_lr_scale: float = LEARNED_CLIP_LR_SCALE, layer_map: list[int] | None = None,
            run_dir: Path | None = None, reporter: Any = None, logit_cache: Any = None,
            fit_steps: Callable[[Callable[[], float]], int] | None = None, deadline: float | None = None,
-           memory_gb: float | None = None) -> QatResult:
+           memory_gb: float | None = None, memory_target_gb: float | None = None) -> QatResult:
     """Quantize ``student`` (in place) onto ``plan``'s exact grids, training it with ``cfg``
     (None or 0 steps: no training) from the unquantized ``teacher``; checkpoints under ``run_dir``.
     ``fit_steps(probe)``: the number of steps to train, given ``probe()``, the measured seconds
     of one step of the prepared model (a time budget); ``deadline``: training stops early there
     (edgekd.methods.distill.distill); ``memory_gb``: the memory limit training must fit
-    (edgekd.methods.memory.fit_memory; None: the machine's)."""
+    (edgekd.methods.memory.fit_memory; None: the machine's), ``memory_target_gb`` the soft target."""
     from ..progress import Reporter
 
     reporter = reporter or Reporter(quiet=True)
     linear = plan.format_of("linear")
     clips: dict[Any, Any] = {}
     stats: dict[str, float] = {}
+    train = cfg is not None and cfg.steps > 0 and linear.quantized
+    memory = None
+    if train:  # before the clip search's calibration pass grows the heap
+        _, memory = plan_memory(student, teacher, cfg, train_blocks.shape[1], logit_cache, memory_gb, stage="QAT-KD",
+                                quantized_params=fake_quantized_params(student, plan), target_gb=memory_target_gb)
+        apply_memory_settings(cfg, memory)
     if clip_search and clippable(student, plan):
         with reporter.task("searching scale clip factors (calibration pass)"):
             clips, stats = clip_factors(student, plan, calibration_blocks)
     result = QatResult(student, plan, "clipped scales" if clips else "round-to-nearest", stats)
     if not linear.quantized:
         result.method = "no quantization"
-    elif cfg is not None and cfg.steps > 0:
+    elif train:
         prepared = prepare(student, plan, clips, learn_clip=learn_clip and linear.grid is not None, clip_lr_scale=clip_lr_scale)
         layer_map = layer_map or list(range(student.config.num_hidden_layers))
-        _, memory = plan_memory(student, teacher, cfg, train_blocks.shape[1], logit_cache, memory_gb, stage="QAT-KD")
-        apply_memory_settings(cfg, memory)
         if fit_steps is not None:
             cfg.steps = fit_steps(lambda: probe_step_seconds(student, teacher, train_blocks, cfg, layer_map, logit_cache))
         result.outcome, result.memory = run_distillation(

@@ -86,8 +86,9 @@ def distill(ctx: RunContext) -> StageRecord:
         return StageRecord("distill", settings={"steps": 0}, metrics={"skipped": "nothing was pruned; the student equals the teacher"},
                            artifacts=artifacts)
     cache = cached_teacher(ctx)
-    fitted_cfg, memory = plan_memory(student.model, ctx.teacher.model, cfg, ctx.corpus.block_len, cache, ctx.profile.compression.memory_gb)
-    cfg = fitted_cfg
+    compression = ctx.profile.compression
+    cfg, memory = plan_memory(student.model, ctx.teacher.model, cfg, ctx.corpus.block_len, cache, compression.memory_gb,
+                              target_gb=compression.memory_target_gb)
     fitted = fit_to_time_budget(ctx, "distill", cfg.steps, lambda: probe_step_seconds(
         student.model, ctx.teacher.model, ctx.corpus.train, cfg, student.layer_map, cache), later=[ctx.profile.compression.qat.steps])
     cfg.steps = fitted["steps"] if fitted else cfg.steps

@@ -20,8 +20,12 @@ def export(ctx: RunContext) -> StageRecord:
     from ..exporters.ship import write_checked
     from ..pipeline.plan import planned_exports
 
+    from ..methods.memory import predict_export_peak
+
     student = shipped(ctx)
     blocks = ctx.heldout_blocks()[:PARITY_BLOCKS]
+    predicted = max(predict_export_peak(student.model, student.plan, p.runtime, blocks.shape[1])
+                    for p in planned_exports(ctx.profile, student.plan))
     source = ctx.teacher.source
     source_gguf = source.path if source.kind in ("gguf", "default") else None
     threads = usable_threads(ctx.profile.deployment.threads)
@@ -43,7 +47,8 @@ def export(ctx: RunContext) -> StageRecord:
     floor = _llamacpp_floor(ctx, blocks, threads) if any(p.container == "gguf" for p in planned_exports(ctx.profile, student.plan)) else None
     return StageRecord("export", settings={"formats": ctx.profile.deployment.formats, "weight_format": student.plan.name,
                                            "parity_blocks": int(len(blocks))},
-                       metrics={"parity": checks, "llamacpp_floor": floor}, artifacts=artifacts)
+                       metrics={"parity": checks, "llamacpp_floor": floor, "predicted_peak_rss_mb": round(predicted / 2**20, 1)},
+                       artifacts=artifacts)
 
 
 def _llamacpp_floor(ctx: RunContext, blocks: Any, threads: int) -> dict[str, Any] | None:

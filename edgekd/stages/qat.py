@@ -49,7 +49,7 @@ def qat(ctx: RunContext) -> StageRecord:
                     run_dir=ctx.run.path("qat"), reporter=ctx.reporter, logit_cache=cached_teacher(ctx),
                     fit_steps=fit if ctx.time_budget is not None else None,
                     deadline=ctx.time_budget.deadline() if ctx.time_budget is not None else None,
-                    memory_gb=ctx.profile.compression.memory_gb)
+                    memory_gb=ctx.profile.compression.memory_gb, memory_target_gb=ctx.profile.compression.memory_target_gb)
     metrics: dict[str, Any] = dict(result.clip_stats)
     artifacts = {"QAT student (weights on the shipped grid)": SHIPPED_DIR}
     if result.outcome is not None:
