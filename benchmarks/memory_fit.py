@@ -113,7 +113,39 @@ def stage_row(name: str, pm, predicted_mb: float | None, seconds: float, **extra
     return row
 
 
-def measure(model: str, steps: int, memory_gb: float | None, out: Path, force: list[str] = ()) -> dict:
+def inference_stages(teacher, student, train, calib, heldout, layer_map, sensitivity: bool) -> list[dict]:
+    """The no-grad stages of a run, each with the prediction its pipeline stage makes."""
+    from edgekd.methods.evaluate import evaluate, torch_logits_fn
+    from edgekd.methods.memory import predict_evaluation_peak, predict_forward_peak
+    from edgekd.methods.prune import score_blocks
+    from edgekd.methods.sensitivity import measure_sensitivity, predict_sensitivity_peak
+    from edgekd.pipeline.peak_memory import peak_memory, release_freed_memory
+
+    rows = []
+
+    def run(name, predict, fn):
+        release_freed_memory()
+        predicted = predict()
+        t0 = time.perf_counter()
+        with peak_memory() as pm:
+            fn()
+        rows.append(stage_row(name, pm, predicted / 2**20, time.perf_counter() - t0))
+
+    run("evaluate_teacher", lambda: predict_evaluation_peak(teacher.config, heldout.shape[1], False),
+        lambda: evaluate(torch_logits_fn(teacher), heldout))
+    if sensitivity:
+        blocks = calib[:8]
+        run("sensitivity", lambda: predict_sensitivity_peak(teacher, blocks),
+            lambda: measure_sensitivity(teacher, blocks, ["q4_0", "q8_0", "q4_k"], (0.75,)))
+    run("score_blocks", lambda: predict_forward_peak(teacher.config, 4, calib.shape[1], logit_copies=1, hidden_copies=2),
+        lambda: score_blocks(teacher, calib))
+    # the prune stage's evaluation, the student already made (its copy is in the stage's prediction)
+    run("evaluate_student", lambda: predict_evaluation_peak(student.config, heldout.shape[1], True),
+        lambda: evaluate(torch_logits_fn(student), heldout, torch_logits_fn(teacher)))
+    return rows
+
+
+def measure(model: str, steps: int, memory_gb: float | None, out: Path, force: list[str] = (), sensitivity: bool = False) -> dict:
     from common import PROFILE
 
     import edgekd
@@ -132,6 +164,7 @@ def measure(model: str, steps: int, memory_gb: float | None, out: Path, force: l
                           teacher_params=sum(p.numel() for p in teacher.parameters()),
                           student_params=sum(p.numel() for p in student.parameters())))
     prof = edgekd.load_profile(PROFILE)
+    rows += inference_stages(teacher, student, train, calib, heldout, layer_map, sensitivity)
     cfg = DistillConfig.from_settings(prof.compression.distill, steps=steps)
     cfg.checkpoint_every = 10**6
     forced(cfg, force)
@@ -188,6 +221,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--memory-gb", type=float, default=None)
     ap.add_argument("--run", type=Path, default=None)
+    ap.add_argument("--sensitivity", action="store_true", help="also the sensitivity stage (three formats, one width)")
     ap.add_argument("--force", action="append", default=[], choices=sorted(FORCE),
                     help="turn a memory saving on whatever the check says (to measure its effect)")
     ap.add_argument("--out", type=Path, default=Path("export/memory-fit"))
@@ -198,7 +232,7 @@ def main() -> int:
     else:
         args.out.mkdir(parents=True, exist_ok=True)
         suffix = "".join(f"_{f}" for f in args.force)
-        result, name = measure(args.model, args.steps, args.memory_gb, args.out, args.force), f"memory_fit_{args.model}{suffix}"
+        result, name = measure(args.model, args.steps, args.memory_gb, args.out, args.force, args.sensitivity), f"memory_fit_{args.model}{suffix}"
     result["lscpu_flags"] = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("Flags")), "")
     write_result(name, result)
     print(json.dumps({k: v for k, v in result.items() if k != "lscpu_flags"}, indent=1))

@@ -266,7 +266,7 @@ def training_layout(student: Any, teacher: Any, cfg: Any, scratch: Path | None =
 
     base = getattr(student, "module", student)
     if cfg.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _checkpointing(base, True)
     lookup = family_of(base).embedding_module(base)
     sparse_lookup = not distributed and family_of(base).tied(base) and isinstance(lookup, torch.nn.Embedding) and not lookup.sparse
     if sparse_lookup:
@@ -290,7 +290,7 @@ def training_layout(student: Any, teacher: Any, cfg: Any, scratch: Path | None =
         yield
     finally:
         if cfg.gradient_checkpointing:
-            base.gradient_checkpointing_disable()
+            _checkpointing(base, False)
         if sparse_lookup:
             lookup.sparse = False
         if tmp is not None:
@@ -299,6 +299,19 @@ def training_layout(student: Any, teacher: Any, cfg: Any, scratch: Path | None =
                 m.weight.data = weights[n].to(m.weight.device)
             del weights
             tmp.cleanup()
+
+
+def _checkpointing(model: Any, on: bool) -> None:
+    """transformers' activation checkpointing (named gradient checkpointing before 5.x), non-reentrant."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def predict_export_peak(model: Any, plan: Any, runtime: str = "llama.cpp", context: int = 256,
@@ -323,3 +336,40 @@ def predict_export_peak(model: Any, plan: Any, runtime: str = "llama.cpp", conte
 EXPORT_FILE_COPIES = 2.0  # the writer's buffers and the runtime's mapping of the file
 EXPORT_LARGEST_COPIES = 6.0  # fp32 working copies of the largest tensor while it is quantized
 EXPORT_LOGIT_COPIES = 4.0  # a block's logits from the runtime and torch, and their log-softmaxes
+
+
+def _resident_now() -> float:
+    from ..pipeline.peak_memory import current_rss_mb
+
+    return current_rss_mb() * 2**20
+
+
+def predict_forward_peak(config: Any, batch: int, block_len: int, *, logit_copies: float = 1.0, hidden_copies: float = 0.0,
+                         extra_bytes: float = 0.0, resident_bytes: float | None = None) -> float:
+    """The predicted peak resident bytes of a no-grad stage that runs ``config``'s model on batches of
+    ``batch`` blocks: what is resident now, one block's fp32 working set (inference frees each
+    block's tensors before the next), ``logit_copies`` (batch, T, vocab) fp32 logits,
+    ``hidden_copies`` (batch, T, hidden) states per layer boundary, and ``extra_bytes``."""
+    resident = resident_bytes if resident_bytes is not None else _resident_now()
+    tokens = batch * block_len
+    working = layer_activation_bytes_per_token(config, 4) * tokens
+    logits = tokens * config.vocab_size * 4 * logit_copies
+    hidden = (config.num_hidden_layers + 1) * tokens * config.hidden_size * 4 * hidden_copies
+    return resident + working + logits + hidden + extra_bytes
+
+
+EVAL_BATCH = 4  # edgekd.methods.evaluate.evaluate's batch of blocks
+
+
+def predict_evaluation_peak(config: Any, block_len: int, with_teacher: bool, extra_bytes: float = 0.0) -> float:
+    """Held-out evaluation (edgekd.methods.evaluate): a batch's logits of the model (and the
+    teacher's), and one block's log-softmaxes and KL terms in numpy (three block-sized arrays, five with a teacher)."""
+    per_block = (5 if with_teacher else 3) / EVAL_BATCH
+    return predict_forward_peak(config, EVAL_BATCH, block_len, logit_copies=(2 if with_teacher else 1) + per_block,
+                                extra_bytes=extra_bytes)
+
+
+def kept_bytes(model: Any, keep: list[int]) -> float:
+    """fp32 bytes of a depth-pruned copy of ``model`` keeping blocks ``keep``."""
+    layers = [sum(p.numel() for p in layer.parameters()) for layer in family_of(model).decoder_layers(model)]
+    return float((_params(model) - sum(layers) + sum(layers[i] for i in keep)) * 4)

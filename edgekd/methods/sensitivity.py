@@ -160,6 +160,20 @@ def measure_sensitivity(model: Any, blocks: np.ndarray, candidates: list[str], m
     return Sensitivity(meter.tokens, formats, skipped, width, time.perf_counter() - t0)
 
 
+def predict_sensitivity_peak(model: Any, blocks: np.ndarray) -> float:
+    """The predicted peak resident bytes of :func:`measure_sensitivity`: a batch's forward pass and
+    chunked KL, the teacher's stored hidden states, and the largest tensor group twice (its
+    originals kept while its round trips are measured)."""
+    from .chunked_head import chunk_positions
+    from .memory import predict_forward_peak
+
+    largest = max(sum(m.weight.numel() for m in mods) for mods in _group_modules(model).values()) * 4
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    stored = blocks.shape[0] * blocks.shape[1] * hidden * 4
+    chunk_kl = 6 * chunk_positions(vocab) * vocab * 4
+    return predict_forward_peak(model.config, 4, blocks.shape[1], logit_copies=0, extra_bytes=2 * largest + stored + chunk_kl)
+
+
 def _fitting(candidates: list[str], modules: list[Any]) -> list[str]:
     """The candidate formats every tensor of a group can be stored in (K-quants need rows a multiple of 256)."""
     return [n for n in candidates if all(FORMATS[n].fits(m.weight.shape[1]) for m in modules)]

@@ -111,14 +111,16 @@ def distill(ctx: RunContext) -> StageRecord:
 
 def evaluate_student(ctx: RunContext) -> StageRecord:
     from ..methods.evaluate import evaluate, torch_logits_fn
+    from ..methods.memory import predict_evaluation_peak
     from ..methods.models import model_summary
 
     student = ctx.current_student().model
     blocks = ctx.heldout_blocks()
+    predicted = predict_evaluation_peak(student.config, blocks.shape[1], with_teacher=True)
     with ctx.reporter.task("evaluating student on held-out blocks", total=len(blocks), unit="blocks") as advance:
         m = evaluate(torch_logits_fn(student), blocks, torch_logits_fn(ctx.teacher.model), progress=advance)
     return StageRecord("evaluate_student", settings={"heldout_blocks": len(blocks)},
-                       metrics={**m.to_dict(), "student": model_summary(student)})
+                       metrics={**m.to_dict(), "student": model_summary(student), "predicted_peak_rss_mb": round(predicted / 2**20, 1)})
 
 
 def report_student(record: StageRecord, ctx: RunContext) -> None:

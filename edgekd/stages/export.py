@@ -18,9 +18,8 @@ def export(ctx: RunContext) -> StageRecord:
     """Write every format the profile names, then prove each file reproduces the torch model."""
     from ..exporters.checks import require
     from ..exporters.ship import write_checked
-    from ..pipeline.plan import planned_exports
-
     from ..methods.memory import predict_export_peak
+    from ..pipeline.plan import planned_exports
 
     student = shipped(ctx)
     blocks = ctx.heldout_blocks()[:PARITY_BLOCKS]

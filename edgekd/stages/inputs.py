@@ -47,12 +47,14 @@ def load_corpus(ctx: Any) -> StageRecord:
 
 def evaluate_teacher(ctx: Any) -> StageRecord:
     from ..methods.evaluate import evaluate, torch_logits_fn
+    from ..methods.memory import predict_evaluation_peak
 
     blocks = ctx.heldout_blocks()
+    predicted = predict_evaluation_peak(ctx.teacher.model.config, blocks.shape[1], with_teacher=False)
     with ctx.reporter.task("evaluating teacher on held-out blocks", total=len(blocks), unit="blocks") as advance:
         metrics = evaluate(torch_logits_fn(ctx.teacher.model), blocks, progress=advance)
     return StageRecord("evaluate_teacher", settings={"heldout_blocks": len(blocks), "block_len": int(blocks.shape[1])},
-                       metrics=metrics.to_dict())
+                       metrics={**metrics.to_dict(), "predicted_peak_rss_mb": round(predicted / 2**20, 1)})
 
 
 def report_teacher(record: StageRecord, ctx: Any) -> None:

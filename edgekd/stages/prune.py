@@ -17,8 +17,12 @@ def score_blocks(ctx: Any) -> StageRecord:
     from ..methods.prune import loss_increase_scores, score_blocks
 
     settings = ctx.profile.compression.prune
+    from ..methods.memory import predict_forward_peak
+
     calib = ctx.calibration_blocks()
     model = ctx.teacher.model
+    # the logits of a batch, and every block boundary's hidden states with their unit-normalised copies
+    predicted = predict_forward_peak(model.config, 4, calib.shape[1], logit_copies=1, hidden_copies=2)
     with ctx.reporter.task("scoring blocks (calibration pass)", total=len(calib), unit="blocks") as advance:
         scores = score_blocks(model, calib, progress=advance)
     if settings.method == "loss_increase":
@@ -26,12 +30,14 @@ def score_blocks(ctx: Any) -> StageRecord:
             scores.loss_increase = loss_increase_scores(model, calib, progress=advance)
     atomic_write_json(ctx.run.path(*SCORES), scores.to_dict())
     return StageRecord("score_blocks", settings={"method": settings.method, "calibration_blocks": len(calib)},
-                       metrics={"calibration_tokens": scores.calibration_tokens}, artifacts={"block scores": "prune/scores.json"})
+                       metrics={"calibration_tokens": scores.calibration_tokens, "predicted_peak_rss_mb": round(predicted / 2**20, 1)},
+                       artifacts={"block scores": "prune/scores.json"})
 
 
 def prune(ctx: Any) -> StageRecord:
     from ..fileio import atomic_write_json
     from ..methods.evaluate import evaluate, torch_logits_fn
+    from ..methods.memory import kept_bytes, predict_evaluation_peak
     from ..methods.models import model_summary
     from ..methods.planner import describe
     from ..methods.prune import BlockScores, plan_pruning, resolve_keep_layers, select_layers
@@ -51,6 +57,8 @@ def prune(ctx: Any) -> StageRecord:
         keep = select_layers(scores, resolve_keep_layers(settings.keep_layers, n_layers), settings.method)
         fraction, reason = settings.mlp_keep_fraction, {"reason": f"keep_layers={settings.keep_layers} from the profile"}
     plan = plan_pruning(teacher, keep, fraction, ctx.calibration_blocks(), reason)
+    predicted = predict_evaluation_peak(teacher.config, ctx.heldout_blocks().shape[1], with_teacher=True,
+                                        extra_bytes=kept_bytes(teacher, keep))  # the student copy, then its evaluation
     pruned_model = plan.make_student(teacher)
     _check_exportable(ctx, pruned_model)
     ctx.prune_plan = plan
@@ -72,7 +80,8 @@ def prune(ctx: Any) -> StageRecord:
         settings={"method": settings.method, "keep_layers": settings.keep_layers, "mlp_keep_fraction": settings.mlp_keep_fraction},
         metrics={"kept_layers": len(keep), "removed_blocks": removed, "layer_map": plan.layer_map,
                  "intermediate_size": student.config.intermediate_size, "depth_plan": plan.depth_plan,
-                 "student": model_summary(student), "heldout": m.to_dict(), "block_table": rows},
+                 "student": model_summary(student), "heldout": m.to_dict(), "block_table": rows,
+                 "predicted_peak_rss_mb": round(predicted / 2**20, 1)},
         artifacts={"prune plan": "prune/plan.json", "block scores plot": "prune/scores.png"},
     )
 

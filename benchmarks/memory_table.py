@@ -1,0 +1,69 @@
+"""What compressing a model of a given size needs in memory: the memory check's prediction (a PROJECTION).
+
+    .venv/bin/python benchmarks/memory_table.py
+
+For each architecture (config shapes as in profile_fit.py; models built on torch's meta device, so
+nothing is allocated), the predicted peak of one QAT-KD step of the full-depth student with the
+Pi 5 profile's recipe (batch 4 x 256 tokens, bf16 forward passes, logit loss), the heaviest
+training stage of a default run: plain, with what the default 3 GB target turns on (activation
+checkpointing and bf16 AdamW moments), and on a GPU (the same parts without the host process).
+The prediction is checked against measured peaks by memory_fit.py (135M and Qwen3-0.6B shapes).
+Writes ``results/memory_table.json`` and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from common import PROFILE, write_result
+from profile_fit import ARCH
+
+PROCESS_BASE = 0.25e9  # interpreter, torch, transformers: measured resident before any model (memory_fit.py)
+
+
+def meta_model(shape: tuple):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    layers, hidden, inter, heads, kv, head_dim, vocab, tied = shape
+    config = LlamaConfig(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
+                         num_key_value_heads=kv, head_dim=head_dim, vocab_size=vocab, tie_word_embeddings=tied)
+    with torch.device("meta"):
+        return LlamaForCausalLM(config)
+
+
+def main() -> int:
+    import edgekd
+    from edgekd.formats import FormatPlan
+    from edgekd.methods.memory import estimate_training_memory
+    from edgekd.methods.qat import fake_quantized_params
+    from edgekd.methods.qat_kd import qat_config
+
+    prof = edgekd.load_profile(PROFILE)
+    rows = []
+    for name, shape in ARCH.items():
+        model = meta_model(shape)
+        params = sum(p.numel() for p in model.parameters())
+        quantized = fake_quantized_params(model, FormatPlan.uniform("q4_0"))
+        row = {"model": name, "params": params}
+        for label, settings in (("plain", {}), ("default", {"gradient_checkpointing": True, "optimizer_state": "bf16"})):
+            cfg = qat_config(prof.compression.distill, prof.compression.qat)
+            cfg.precision = "bf16"
+            for k, v in settings.items():
+                setattr(cfg, k, v)
+            resident = PROCESS_BASE + 2 * params * 4  # teacher and student in fp32
+            plan = estimate_training_memory(model, model, cfg, 256, quantized_params=quantized, resident_bytes=resident)
+            row[f"{label}_gb"] = round(plan.total / 1e9, 2)
+            if label == "default":
+                row["gpu_gb"] = round((plan.total - PROCESS_BASE) / 1e9, 2)
+        rows.append(row)
+    write_result("memory_table", {"stage": "QAT-KD step, full-depth student, batch 4 x 256, bf16", "rows": rows})
+    print("| model | parameters | plain recipe (GB) | default: checkpointing + bf16 moments (GB) | on a GPU (GB of GPU memory) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['params'] / 1e9:.2f} B | {r['plain_gb']} | {r['default_gb']} | {r['gpu_gb']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
