@@ -168,7 +168,7 @@ def distill_step_losses(student: Any, teacher: Any, ids: torch.Tensor, cfg: Dist
     """Loss terms of one micro-batch. ``cached``: the teacher's cached (indices, log-probs, kind) for it."""
     want_logits, want_hidden, want_attn = _needs(cfg)
     live_logits = want_logits and cached is None
-    autocast = functools.partial(forward_precision, cfg.precision, ids.device.type)
+    autocast = functools.partial(forward_precision, cfg.precision, ids.device.type, not cfg.gradient_checkpointing)
     with torch.no_grad(), autocast():
         t_out, t_hidden = forward_to_hidden(teacher, ids, output_hidden_states=want_hidden, output_attentions=want_attn) \
             if (live_logits or want_hidden or want_attn) else (None, None)

@@ -129,8 +129,8 @@ def estimate_training_memory(teacher: Any, student: Any, cfg: Any, block_len: in
     if quantized_params:  # the round-tripped weights the products keep (one block's when recomputed), the table's
         kept = (quantized_params - vocab * h) / max(layers, 1) if ckpt else quantized_params
         weights = kept * act + table * 1.5
-    else:  # autocast keeps a cast copy of every trainable weight it multiplies, for the whole forward pass
-        weights = linear_params * 2 if bf16 else 0
+    else:  # the bf16 copy of every trainable weight, kept for backward (none kept when blocks are recomputed)
+        weights = linear_params * 2 if bf16 and not ckpt else 0
     state = 4 if cfg.optimizer_state == "bf16" else 8
     teacher_bf16 = bf16
     saved = bf16_linear_params(teacher) * 2 if teacher_bf16 else 0

@@ -28,9 +28,11 @@ def resolve_precision(setting: str) -> str:
     return setting
 
 
-def forward_precision(precision: str, device_type: str) -> Any:
+def forward_precision(precision: str, device_type: str, cache_casts: bool = True) -> Any:
     """Autocast context for the forward passes: bf16 matmuls, fp32 master weights (mixed precision,
-    Micikevicius et al. 2018; bf16 needs no loss scaling). The losses upcast to fp32 themselves."""
+    Micikevicius et al. 2018; bf16 needs no loss scaling). The losses upcast to fp32 themselves.
+    ``cache_casts=False``: no bf16 copy of every weight kept for the whole forward pass (with
+    activation checkpointing nothing reuses them: each weight is cast again where it is recomputed)."""
     if precision == "bf16":
-        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16, cache_enabled=cache_casts)
     return contextlib.nullcontext()
