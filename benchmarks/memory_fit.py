@@ -27,6 +27,8 @@ from pathlib import Path
 
 from common import write_result
 
+from edgekd.errors import EdgekdError
+
 QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
                  num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1e6,
                  tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645)
@@ -232,7 +234,12 @@ def main() -> int:
     else:
         args.out.mkdir(parents=True, exist_ok=True)
         suffix = "".join(f"_{f}" for f in args.force)
-        result, name = measure(args.model, args.steps, args.memory_gb, args.out, args.force, args.sensitivity), f"memory_fit_{args.model}{suffix}"
+        try:
+            result = measure(args.model, args.steps, args.memory_gb, args.out, args.force, args.sensitivity)
+        except EdgekdError as exc:  # the memory check refused a stage: that is the measurement
+            result = {"model": args.model, "memory_gb": args.memory_gb, "refused": str(exc)}
+            print(exc, file=sys.stderr)
+        name = f"memory_fit_{args.model}{suffix}"
     result["lscpu_flags"] = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("Flags")), "")
     write_result(name, result)
     print(json.dumps({k: v for k, v in result.items() if k != "lscpu_flags"}, indent=1))

@@ -262,8 +262,6 @@ def training_layout(student: Any, teacher: Any, cfg: Any, scratch: Path | None =
     added into it in place, instead of a second (vocab, hidden) gradient and their sum (not when
     ``distributed``: DistributedDataParallel reduces dense gradients only).
     """
-    from safetensors.torch import load_file, save_file
-
     base = getattr(student, "module", student)
     if cfg.gradient_checkpointing:
         _checkpointing(base, True)
@@ -280,12 +278,10 @@ def training_layout(student: Any, teacher: Any, cfg: Any, scratch: Path | None =
             for stale in Path(scratch).glob("teacher-fp32-*") if scratch is not None else ():  # left by a killed run
                 shutil.rmtree(stale, ignore_errors=True)
             tmp = tempfile.TemporaryDirectory(dir=scratch, prefix="teacher-fp32-", ignore_cleanup_errors=True)
-            save_file({n: m.weight.data.contiguous() for n, m in linears.items()}, str(Path(tmp.name) / "linears.safetensors"))
+            parked = _park(linears, Path(tmp.name) / "linears.f32")
             with torch.no_grad():
-                for m in linears.values():
-                    m.weight.data = m.weight.data.to(torch.bfloat16)
                 for t in [*teacher.parameters(), *teacher.buffers()]:
-                    if t.dtype != torch.bfloat16:
+                    if t.dtype == torch.float32:  # out of the file mapping (the linears are bf16 copies now)
                         t.data = t.data.clone()
         yield
     finally:
@@ -294,11 +290,33 @@ def training_layout(student: Any, teacher: Any, cfg: Any, scratch: Path | None =
         if sparse_lookup:
             lookup.sparse = False
         if tmp is not None:
-            weights = load_file(str(Path(tmp.name) / "linears.safetensors"))
-            for n, m in linears.items():
-                m.weight.data = weights[n].to(m.weight.device)
-            del weights
+            _unpark(linears, parked, Path(tmp.name) / "linears.f32")
             tmp.cleanup()
+
+
+def _park(linears: dict[str, Any], path: Path) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """Write each linear's fp32 weight to ``path`` and swap it for its bf16 copy, one tensor at a
+    time (a whole-model serializer would hold a second copy of every weight while it writes)."""
+    where, offset = {}, 0
+    with open(path, "wb") as f, torch.no_grad():
+        for name, m in linears.items():
+            w = m.weight.data
+            w.detach().cpu().contiguous().numpy().tofile(f)
+            where[name] = (offset, tuple(w.shape))
+            offset += w.numel() * 4
+            m.weight.data = w.to(torch.bfloat16)
+    return where
+
+
+def _unpark(linears: dict[str, Any], where: dict[str, tuple[int, tuple[int, ...]]], path: Path) -> None:
+    """The fp32 weights back from :func:`_park`'s file, bit for bit, one tensor at a time."""
+    import numpy as np
+
+    with torch.no_grad():
+        for name, m in linears.items():
+            offset, shape = where[name]
+            values = np.fromfile(path, dtype=np.float32, count=int(np.prod(shape)), offset=offset).reshape(shape)
+            m.weight.data = torch.from_numpy(values).to(m.weight.device)
 
 
 def _checkpointing(model: Any, on: bool) -> None:
