@@ -82,20 +82,29 @@ def forward_to_hidden(model: Any, ids: torch.Tensor, **kwargs: Any) -> tuple[Any
 
 
 class _GradInForward(torch.autograd.Function):
-    """Sum of ``chunk_loss`` over chunks of rows; each chunk's gradients are taken in the forward pass."""
+    """Sum of ``chunk_loss`` over chunks of rows; each chunk's gradients are taken in the forward pass.
+
+    ``weight`` (and ``bias``) come in their own dtype (fp32 master weights, or QAT's fp32 round
+    trip); under autocast they are cast to its dtype once, here, for the chunks' products, and
+    their gradient is summed in fp32 and handed back as is: no cast copy of the table outlives
+    the forward pass and no second gradient-sized tensor is made in backward.
+    """
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 chunk_loss: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]], chunk: int) -> tuple:
+        dtype = _autocast_dtype(hidden.device)
+        w_c = weight.detach().to(dtype) if dtype is not None else weight.detach()
+        b_c = (bias.detach().to(dtype) if dtype is not None else bias.detach()) if bias is not None else None
         grad_h = torch.zeros_like(hidden)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32)  # summed over chunks in fp32 whatever the weight's dtype
+        grad_w = torch.zeros_like(weight, dtype=torch.float32)
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
         totals = torch.zeros(3, dtype=torch.float64, device=hidden.device)
+        w = w_c.requires_grad_()
+        b = b_c.requires_grad_() if b_c is not None else None
         for start in range(0, hidden.shape[0], chunk):
             with torch.enable_grad():
                 h = hidden[start:start + chunk].detach().requires_grad_()
-                w = weight.detach().requires_grad_()
-                b = bias.detach().requires_grad_() if bias is not None else None
                 loss, ce, kd = chunk_loss(h, w, b, start, start + chunk)
                 grads = torch.autograd.grad(loss, [h, w] + ([b] if b is not None else []))
             grad_h[start:start + chunk] = grads[0]
@@ -103,6 +112,7 @@ class _GradInForward(torch.autograd.Function):
             if grad_b is not None:
                 grad_b += grads[2]
             totals += torch.stack([loss.detach(), ce.detach(), kd.detach()]).double()
+        del w, b, w_c, b_c
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype), *([grad_b.to(bias.dtype)] if grad_b is not None else []))
         out = totals.float()
         loss, ce, kd = out[0], out[1], out[2]
@@ -112,8 +122,9 @@ class _GradInForward(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g_loss: torch.Tensor, _g_ce: Any, _g_kd: Any) -> tuple:
         grad_h, grad_w, *rest = ctx.saved_tensors
-        grad_b = rest[0] * g_loss if rest else None
-        return grad_h * g_loss, grad_w * g_loss, grad_b, None, None
+        ones = bool(g_loss == 1)  # the usual case: the loss itself; no scaled copy of the table's gradient
+        scale = (lambda t: t) if ones else (lambda t: t * g_loss)
+        return scale(grad_h), scale(grad_w), scale(rest[0]) if rest else None, None, None
 
 
 def chunked_kd_loss(
@@ -170,14 +181,12 @@ def chunked_kd_loss(
     w, b = student_head.weight, student_head.bias
     if teacher_head is not None:
         teacher_head = _cast_once(teacher_head, hs.device)
-    dtype = _autocast_dtype(hs.device)
-    if dtype is not None:  # cast once, not per chunk (autocast would keep a cast copy of every chunk's leaf)
-        w, b = w.to(dtype), (b.to(dtype) if b is not None else None)
     if torch.is_grad_enabled() and (hs.requires_grad or w.requires_grad):
         loss, ce, kd = _GradInForward.apply(hs, w, b, chunk_loss, chunk)
     else:
         with torch.no_grad():
-            parts = [chunk_loss(hs[s:s + chunk], w, b, s, s + chunk) for s in range(0, hs.shape[0], chunk)]
+            head = _cast_once(Head(w, b), hs.device)  # cast once, not per chunk
+            parts = [chunk_loss(hs[s:s + chunk], head.weight, head.bias, s, s + chunk) for s in range(0, hs.shape[0], chunk)]
         loss, ce, kd = (torch.stack([p[i] for p in parts]).sum() for i in range(3))
     return {"ce": ce, "kd": kd, "loss": loss}
 

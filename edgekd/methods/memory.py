@@ -123,8 +123,9 @@ def estimate_training_memory(teacher: Any, student: Any, cfg: Any, block_len: in
     # dL/dW and dL/dh of the chunked head, one chunk's softmaxes and gradients, and the lookup's
     # gradient: sparse into a tied head's (training_layout), else a second table
     head = table + tokens * h * 4 + HEAD_CHUNK_COPIES * chunk * vocab * 4 + (0 if family_of(student).tied(student) else table)
+    head += vocab * h * act if bf16 else 0  # the head's cast for the chunks' products, during the forward pass
     if teacher_live and want_logits:
-        head += tokens * th * 4  # the teacher's final hidden states
+        head += tokens * th * 4 + (vocab * th * act if bf16 else 0)  # the teacher's final hidden states, its head's cast
     linear_params = bf16_linear_params(student)
     if quantized_params:  # the round-tripped weights the products keep (one block's when recomputed), the table's
         kept = (quantized_params - vocab * h) / max(layers, 1) if ckpt else quantized_params
