@@ -13,6 +13,7 @@ Writes ``results/memory_table.json`` and prints a Markdown table.
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from common import PROFILE, write_result
@@ -33,6 +34,7 @@ def meta_model(shape: tuple):
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
     import edgekd
     from edgekd.formats import FormatPlan
     from edgekd.methods.memory import estimate_training_memory

@@ -48,7 +48,7 @@ def test_fit_memory_turns_savings_on_cheapest_first_from_a_constructed_limit():
     cfg = _cfg()
     totals = {"plain": _total(teacher, student, cfg), "ckpt": _total(teacher, student, _cfg(gradient_checkpointing=True)),
               "bf16": _total(teacher, student, _cfg(gradient_checkpointing=True, optimizer_state="bf16")),
-              "micro": _total(teacher, student, _cfg(gradient_checkpointing=True, optimizer_state="bf16", batch_size=2))}
+              "micro": _total(teacher, student, _cfg(gradient_checkpointing=True, optimizer_state="bf16", batch_size=2, grad_accum=2))}
 
     def fitted(total):
         chosen, plan = fit_memory(teacher, student, cfg, 128, total / HEADROOM * 1.0001, resident_bytes=RESIDENT)
