@@ -91,7 +91,6 @@ def estimate_training_memory(teacher: Any, student: Any, cfg: Any, block_len: in
     backward); ``cached``: the teacher's logits come from the logit cache; ``resident_bytes``: the
     process's resident memory now (measured when None), which already holds both models in fp32.
     """
-    from ..pipeline.peak_memory import current_rss_mb
     from .chunked_head import chunk_positions
 
     sc, tc = student.config, teacher.config
@@ -137,7 +136,7 @@ def estimate_training_memory(teacher: Any, student: Any, cfg: Any, block_len: in
     state = 4 if cfg.optimizer_state == "bf16" else 8
     teacher_bf16 = bf16
     saved = bf16_linear_params(teacher) * 2 if teacher_bf16 else 0
-    resident = resident_bytes if resident_bytes is not None else current_rss_mb() * 2**20
+    resident = resident_bytes if resident_bytes is not None else _resident_now()
     parts = {"resident_now": resident, "teacher_linears_to_bf16": -saved, "gradients": n_student * 4.0,
              "optimizer_state": n_student * float(state), "activations": float(activations), "teacher_targets": float(targets),
              "head_and_table_gradients": float(head), "weight_copies": float(weights)}
@@ -163,7 +162,7 @@ def memory_limit_bytes(limit_gb: float | None = None) -> float:
         return float(torch.cuda.mem_get_info()[1])
     import psutil
 
-    return float(psutil.virtual_memory().available + psutil.Process().memory_info().rss)
+    return float(psutil.virtual_memory().available + _resident_now())
 
 
 def device_resident_bytes(teacher: Any, student: Any) -> float | None:
@@ -273,9 +272,9 @@ def training_layout(student: Any, teacher: Any, cfg: Any, scratch: Path | None =
     sparse_lookup = not distributed and family_of(base).tied(base) and isinstance(lookup, torch.nn.Embedding) and not lookup.sparse
     if sparse_lookup:
         lookup.sparse = True
-    embedding = family_of(teacher).embedding_module(teacher).weight
+    embedding = _stored_weight(family_of(teacher).embedding_module(teacher))
     linears = {name: m for name, m in teacher.named_modules()
-               if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float32 and m.weight.data_ptr() != embedding.data_ptr()}
+               if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float32 and m.weight is not embedding}
     tmp = None
     try:
         if cfg.precision == "bf16" and linears:
@@ -346,9 +345,8 @@ def predict_export_peak(model: Any, plan: Any, runtime: str = "llama.cpp", conte
     whole file, and the check holds both sides' logits for a block; the fp32 model is resident.
     """
     from ..device.costmodel import ArchShape, model_bytes
-    from ..pipeline.peak_memory import current_rss_mb
 
-    resident = resident_bytes if resident_bytes is not None else current_rss_mb() * 2**20
+    resident = resident_bytes if resident_bytes is not None else _resident_now()
     file_bytes = model_bytes(ArchShape.from_config(model.config), plan, runtime)
     largest = max(p.numel() for p in model.parameters())
     logits = context * model.config.vocab_size * 4

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import re
 import threading
@@ -39,21 +40,33 @@ def _high_water_mark_mb() -> float | None:
     return int(m.group(1)) / 1024 if m else None
 
 
-def current_rss_mb() -> float:
+@functools.lru_cache(maxsize=1)
+def _this_process():
     import psutil
 
-    return psutil.Process().memory_info().rss / 2**20
+    return psutil.Process()
+
+
+def current_rss_mb() -> float:
+    return _this_process().memory_info().rss / 2**20
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    """glibc, looked up once (``find_library`` starts a subprocess); None elsewhere."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):
+        return None
 
 
 def release_freed_memory() -> None:
     """Collect garbage and hand freed heap back to the OS (glibc's ``malloc_trim``), so the
     resident size at a stage's start is what it holds, not what earlier stages freed."""
     gc.collect()
-    name = ctypes.util.find_library("c")
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass  # not glibc
+    trim = getattr(_libc(), "malloc_trim", None)  # glibc only
+    if trim is not None:
+        trim(0)
 
 
 @contextmanager
