@@ -172,3 +172,43 @@ def test_peak_memory_sees_an_allocation_inside_the_block():
         del block
     assert pm.peak_mb is not None and pm.peak_mb >= pm.start_mb + 250
     assert pm.method in ("VmHWM", "sampled")
+
+
+def _train(cfg, qat: bool = False):
+    from edgekd.formats import FormatPlan
+    from edgekd.methods.distill import distill
+    from edgekd.methods.qat import prepare
+
+    teacher, student = _models()
+    if qat:
+        prepare(student, FormatPlan.uniform("q4_0"))
+    blocks = np.random.default_rng(3).integers(0, 300, size=(8, 32)).astype(np.int32)
+    distill(student, teacher, blocks, cfg, [0, 3])
+    return student
+
+
+@pytest.mark.parametrize("qat,max_norm", [(False, 0.0), (True, 0.0), (True, 1e-3)])
+def test_bf16_gradients_train_exactly_as_fp32_ones_under_bf16_autocast(qat, max_norm):
+    kw = dict(steps=3, batch_size=2, w_hidden=1.0, precision="bf16", optimizer_state="bf16", max_grad_norm=max_norm,
+              gradient_checkpointing=True, checkpoint_every=10**6)
+    plain = _train(DistillConfig(**kw), qat)
+    held = _train(DistillConfig(**kw, gradient_dtype="bf16"), qat)
+    for (name, a), b in zip(plain.state_dict().items(), held.state_dict().values()):
+        if max_norm:  # the clip's norm is summed in another order: equal to rounding (1% of one step of lr 1e-4,
+            # where Adam's eps amplifies an ulp of a tiny clipped gradient)
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=name)
+        else:
+            assert torch.equal(a, b), name
+
+
+def test_bf16_gradients_are_a_rung_of_the_ladder_and_count_half():
+    teacher, student = _models()
+    cfg = _cfg(precision="bf16", gradient_checkpointing=True, optimizer_state="bf16")
+    fp32_grads = estimate_training_memory(teacher, student, cfg, 128, resident_bytes=RESIDENT)
+    bf16_grads = estimate_training_memory(teacher, student, _cfg(precision="bf16", gradient_checkpointing=True,
+                                          optimizer_state="bf16", gradient_dtype="bf16"), 128, resident_bytes=RESIDENT)
+    assert bf16_grads.parts["gradients"] < fp32_grads.parts["gradients"] and bf16_grads.gradient_dtype == "bf16"
+    chosen, plan = fit_memory(teacher, student, _cfg(precision="bf16"), 128, bf16_grads.total / HEADROOM * 1.0001,
+                              resident_bytes=RESIDENT)
+    assert (chosen.gradient_checkpointing, chosen.optimizer_state, chosen.gradient_dtype, chosen.batch_size) == (True, "bf16", "bf16", 4)
+    assert plan.settings()["gradient_dtype"] == "bf16"

@@ -44,12 +44,15 @@ class ParityResult:
         return asdict(self)
 
 
+PARITY_BATCH = 1  # blocks whose logits both sides hold at once: a runtime computes one block at a time anyway
+
+
 def check_parity(path: Path, runtime: str, weight_format: str, runtime_fn: Any, torch_fn: Any, blocks: np.ndarray,
                  greedy_match: bool | None = None, limits: tuple[float, float] | None = None,
                  greedy_detail: str = "") -> ParityResult:
     """``greedy_match``: the caller's greedy-decoding verdict (None: not checked); False fails the file."""
     max_kl, min_top1 = limits or parity_limits(weight_format, runtime)
-    m = evaluate(runtime_fn, blocks, teacher_fn=torch_fn)
+    m = evaluate(runtime_fn, blocks, teacher_fn=torch_fn, batch_size=PARITY_BATCH)
     ok = m.kl_to_teacher <= max_kl and m.top1_agreement >= min_top1 and greedy_match is not False
     return ParityResult(str(path), runtime, weight_format, m.kl_to_teacher, m.top1_agreement, max_kl, min_top1,
                         m.tokens, bool(ok), greedy_match, greedy_detail=greedy_detail)

@@ -38,12 +38,14 @@ from .chunked_head import chunked_kd_loss, forward_to_hidden, head_of
 from .losses import attention_kl, hidden_state_loss
 from .memory import (
     MemoryPlan,
+    bf16_gradients_apply,
+    bf16_product_weights,
     device_resident_bytes,
     fit_memory,
     memory_limit_bytes,
     training_layout,
 )
-from .optim import make_optimizer
+from .optim import Bf16Gradients, clip_grad_norm, make_optimizer
 from .precision import forward_precision, resolve_precision
 
 
@@ -70,6 +72,7 @@ class DistillConfig:
     # memory savings (edgekd.methods.memory.fit_memory turns them on when a step would not fit)
     gradient_checkpointing: bool = False
     optimizer_state: str = "fp32"  # AdamW's moments: "fp32" or "bf16" (edgekd.methods.optim)
+    gradient_dtype: str = "fp32"  # "bf16": linear weights' gradients kept in bf16 (optim.Bf16Gradients; exact under bf16)
 
     @classmethod
     def from_settings(cls, s: Any, steps: int | None = None, learning_rate: float | None = None) -> DistillConfig:
@@ -259,6 +262,9 @@ def distill(
         inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
         if hasattr(inner, "init_state"):  # moments allocated before the first step's activations, not among them
             inner.init_state()
+        held = None
+        if bf16_gradients_apply(cfg, world) and hasattr(inner, "held"):
+            held = inner.held = Bf16Gradients(bf16_product_weights(unwrapped))
         t_start = time.perf_counter()
         done, stopped = start_step, False
         for step in range(start_step, cfg.steps):
@@ -279,7 +285,9 @@ def distill(
                     accelerator.backward(terms["loss"] / cfg.grad_accum)
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-            if cfg.max_grad_norm:
+            if cfg.max_grad_norm and held is not None:
+                clip_grad_norm(list(model.parameters()), cfg.max_grad_norm, held)
+            elif cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -308,6 +316,9 @@ def distill(
                                         done, tokens, history, cfg)
                     stopped = True
                     break
+    if held is not None:
+        held.remove()
+        inner.held = None
     if want_attn:
         unwrapped.set_attn_implementation("sdpa")
         teacher.set_attn_implementation("sdpa")
@@ -330,6 +341,7 @@ def quantized_param_count(model: Any) -> int:
 def apply_memory_settings(cfg: DistillConfig, memory: MemoryPlan) -> None:
     """Give ``cfg`` the memory settings of ``memory`` (the plan fit_memory chose for it)."""
     cfg.gradient_checkpointing, cfg.optimizer_state = memory.gradient_checkpointing, memory.optimizer_state
+    cfg.gradient_dtype = memory.gradient_dtype
     cfg.batch_size, cfg.grad_accum = memory.batch_size, memory.grad_accum
 
 
@@ -378,6 +390,7 @@ def probe_step_seconds(student: Any, teacher: Any, train_blocks: np.ndarray, cfg
         teacher.set_attn_implementation("eager")
     student.train()
     times = []
+    held = Bf16Gradients(bf16_product_weights(student)) if bf16_gradients_apply(cfg) else None  # the step's own memory
     try:
         with training_layout(student, teacher, cfg):
             for step in range(probes):
@@ -389,6 +402,8 @@ def probe_step_seconds(student: Any, teacher: Any, train_blocks: np.ndarray, cfg
                     distill_step_losses(student, teacher, ids, cfg, layer_map, cached)["loss"].backward()
                 times.append(time.perf_counter() - t0)
     finally:
+        if held is not None:
+            held.remove()
         student.zero_grad(set_to_none=True)
         student.eval()
         if want_attn:

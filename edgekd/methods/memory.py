@@ -11,6 +11,7 @@ them the same way) and checked against the measured peak of each stage
 When the plain recipe does not fit, :func:`fit_memory` turns on, in order of cost, activation
 checkpointing (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost": ~30% more
 compute), AdamW moments in bf16 (edgekd.methods.optim: no compute, 4 bytes per parameter less),
+the linear weights' gradients in bf16 (exact under bf16 autocast, 2 bytes per weight less),
 then smaller micro-batches with more accumulation (the same tokens per step and the same batches,
 so the same gradients, slower matmuls). It refuses only when all of them together do not fit,
 naming the smallest memory that would.
@@ -70,6 +71,7 @@ class MemoryPlan:
     batch_size: int
     grad_accum: int
     teacher_bf16: bool
+    gradient_dtype: str = "fp32"
 
     @property
     def total(self) -> float:
@@ -77,6 +79,7 @@ class MemoryPlan:
 
     def settings(self) -> dict[str, Any]:
         return {"gradient_checkpointing": self.gradient_checkpointing, "optimizer_state": self.optimizer_state,
+                "gradient_dtype": self.gradient_dtype,
                 "batch_size": self.batch_size, "grad_accum": self.grad_accum, "teacher_linears_bf16": self.teacher_bf16}
 
     def describe(self) -> str:
@@ -134,14 +137,26 @@ def estimate_training_memory(teacher: Any, student: Any, cfg: Any, block_len: in
     if cfg.grad_accum > 1:  # a later micro-batch's gradients are made whole, then added to the kept ones
         head += table * ACCUMULATION_COPIES
     state = 4 if cfg.optimizer_state == "bf16" else 8
+    gradients = n_student * 4.0
+    if bf16_gradients_apply(cfg):  # held in bf16 as each is finished; one fp32 gradient at a time before that
+        held = [p.numel() for p in bf16_product_weights(student)]
+        gradients -= sum(held) * 2.0 - max(held, default=0) * 4.0
     teacher_bf16 = bf16
     saved = bf16_linear_params(teacher) * 2 if teacher_bf16 else 0
     resident = resident_bytes if resident_bytes is not None else _resident_now()
-    parts = {"resident_now": resident, "teacher_linears_to_bf16": -saved, "gradients": n_student * 4.0,
+    parts = {"resident_now": resident, "teacher_linears_to_bf16": -saved, "gradients": gradients,
              "optimizer_state": n_student * float(state), "activations": float(activations), "teacher_targets": float(targets),
              "head_and_table_gradients": float(head), "weight_copies": float(weights)}
     parts["allocator_slack"] = ALLOCATOR_SLACK * sum(v for k, v in parts.items() if k not in ("resident_now", "teacher_linears_to_bf16"))
-    return MemoryPlan(parts, cfg.gradient_checkpointing, cfg.optimizer_state, cfg.batch_size, cfg.grad_accum, teacher_bf16)
+    return MemoryPlan(parts, cfg.gradient_checkpointing, cfg.optimizer_state, cfg.batch_size, cfg.grad_accum, teacher_bf16,
+                      cfg.gradient_dtype if bf16_gradients_apply(cfg) else "fp32")
+
+
+def bf16_gradients_apply(cfg: Any, world: int = 1) -> bool:
+    """Whether ``cfg``'s (edgekd.methods.distill.DistillConfig) gradients of bf16 products can be
+    kept in bf16 exactly (edgekd.methods.optim.Bf16Gradients)."""
+    return (cfg.gradient_dtype == "bf16" and cfg.precision == "bf16" and cfg.optimizer_state == "bf16"
+            and cfg.grad_accum == 1 and world == 1)
 
 
 ACCUMULATION_COPIES = 1.5  # measured: 1 x 4 micro-batches peaked 0.93 GB above the whole batch (Qwen3-0.6B shape, 0.62 GB table)
@@ -184,11 +199,14 @@ def _savings_ladder(cfg: Any) -> Iterator[Any]:
     if cfg.optimizer_state != "bf16":
         cfg = replace(cfg, optimizer_state="bf16")
         yield cfg
+    if cfg.gradient_dtype != "bf16" and cfg.precision == "bf16" and cfg.grad_accum == 1:
+        cfg = replace(cfg, gradient_dtype="bf16")
+        yield cfg
     while cfg.batch_size > 1:
         half = cfg.batch_size // 2
         if cfg.batch_size % half or half * 2 != cfg.batch_size:
             break
-        cfg = replace(cfg, batch_size=half, grad_accum=cfg.grad_accum * 2)
+        cfg = replace(cfg, batch_size=half, grad_accum=cfg.grad_accum * 2, gradient_dtype="fp32")  # accumulated in fp32
         yield cfg
 
 
@@ -235,11 +253,20 @@ def fit_memory(teacher: Any, student: Any, cfg: Any, block_len: int, limit_bytes
     )
 
 
+def bf16_product_weights(model: Any) -> list[torch.Tensor]:
+    """The weight Parameters of ``model``'s linear layers that are not its (tied) token embedding:
+    each used by one product a step, which bf16 autocast computes in bf16."""
+    embedding = _stored_weight(family_of(model).embedding_module(model))
+    weights: dict[int, torch.Tensor] = {}
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and _stored_weight(m) is not embedding:
+            weights.setdefault(id(_stored_weight(m)), _stored_weight(m))
+    return list(weights.values())
+
+
 def bf16_linear_params(model: Any) -> int:
     """Weights of ``model``'s linear layers that are not its (tied) token embedding."""
-    embedding = _stored_weight(family_of(model).embedding_module(model))
-    return sum(_stored_weight(m).numel() for m in model.modules()
-               if isinstance(m, torch.nn.Linear) and _stored_weight(m) is not embedding)
+    return sum(w.numel() for w in bf16_product_weights(model))
 
 
 def _stored_weight(module: Any) -> torch.Tensor:

@@ -129,7 +129,9 @@ def measure_sensitivity(model: Any, blocks: np.ndarray, candidates: list[str], m
     groups = _group_modules(model)
     formats: dict[str, dict[str, float]] = {}
     for group, modules in groups.items():
-        originals = [m.weight.data.clone() for m in modules]
+        # the tensors themselves, not copies: round trips are new tensors, and a copy would move a
+        # memory-mapped teacher's weights into the heap while the mapping stays resident (both held)
+        originals = [m.weight.data for m in modules]
         formats[group] = {}
         for name in _fitting(candidates, modules):
             fmt = FORMATS[name]

@@ -53,12 +53,14 @@ def export(ctx: RunContext) -> StageRecord:
 def _llamacpp_floor(ctx: RunContext, blocks: Any, threads: int) -> dict[str, Any] | None:
     """llama.cpp's own noise floor: the teacher's GGUF (weights equal to the fp32 teacher) against the fp32 teacher."""
     from ..device import llamacpp
+    from ..exporters.checks import PARITY_BATCH
     from ..methods.evaluate import evaluate, torch_logits_fn
 
     source = ctx.teacher.source
     if source.kind not in ("gguf", "default"):
         return None
-    m = evaluate(llamacpp.logits_fn(source.path, blocks.shape[1], threads), blocks, torch_logits_fn(ctx.teacher.model))
+    m = evaluate(llamacpp.logits_fn(source.path, blocks.shape[1], threads), blocks, torch_logits_fn(ctx.teacher.model),
+                 batch_size=PARITY_BATCH)
     return {"file": source.path.name, "kl": m.kl_to_teacher, "top1_agreement": m.top1_agreement, "tokens": m.tokens}
 
 
