@@ -23,10 +23,12 @@ def export(ctx: RunContext) -> StageRecord:
 
     student = shipped(ctx)
     blocks = ctx.heldout_blocks()[:PARITY_BLOCKS]
-    predicted = max(predict_export_peak(student.model, student.plan, p.runtime, blocks.shape[1])
-                    for p in planned_exports(ctx.profile, student.plan))
     source = ctx.teacher.source
     source_gguf = source.path if source.kind in ("gguf", "default") else None
+    gguf_planned = any(p.container == "gguf" for p in planned_exports(ctx.profile, student.plan))
+    floor_bytes = source_gguf.stat().st_size if source_gguf is not None and gguf_planned else 0.0  # the noise floor's file
+    predicted = max(predict_export_peak(student.model, student.plan, p.runtime, blocks.shape[1], reference_file_bytes=floor_bytes)
+                    for p in planned_exports(ctx.profile, student.plan))
     threads = usable_threads(ctx.profile.deployment.threads)
     artifacts, checks = {}, []
     ctx.exports = []
@@ -43,7 +45,7 @@ def export(ctx: RunContext) -> StageRecord:
         artifacts[planned.file_name] = planned.file_name
         require(result)
         ctx.exports.append(Exported(planned, path))
-    floor = _llamacpp_floor(ctx, blocks, threads) if any(p.container == "gguf" for p in planned_exports(ctx.profile, student.plan)) else None
+    floor = _llamacpp_floor(ctx, blocks, threads) if gguf_planned else None
     return StageRecord("export", settings={"formats": ctx.profile.deployment.formats, "weight_format": student.plan.name,
                                            "parity_blocks": int(len(blocks))},
                        metrics={"parity": checks, "llamacpp_floor": floor, "predicted_peak_rss_mb": round(predicted / 2**20, 1)},
