@@ -95,7 +95,7 @@ def setup_student(teacher):
     return make_student(teacher, QWEN3_KEEP).eval()
 
 
-FORCE = {"ckpt": {"gradient_checkpointing": True}, "bf16": {"optimizer_state": "bf16"},
+FORCE = {"ckpt": {"gradient_checkpointing": True}, "bf16": {"optimizer_state": "bf16"}, "grads": {"gradient_dtype": "bf16"},
          "micro2": {"batch_size": 2, "grad_accum": 2}, "micro1": {"batch_size": 1, "grad_accum": 4}}
 
 
