@@ -29,7 +29,7 @@ def _plain(hs, head, labels, th, thead, **kw):
 
 
 @pytest.mark.parametrize("kind", LOGIT_KINDS)
-@pytest.mark.parametrize("bias,softcap", [(False, None), (True, 5.0)])
+@pytest.mark.parametrize("bias,softcap", [(False, None), (True, None), (True, 5.0)])  # forward KL without softcap: closed form
 def test_chunked_kd_loss_matches_plain_values_and_gradients(kind, bias, softcap):
     hs, head, labels, th, thead = _inputs(bias=bias, softcap=softcap)
     kw = dict(alpha=0.7, temperature=2.0, kind=kind)
@@ -101,3 +101,26 @@ def test_a_tied_model_gets_the_same_gradients_through_its_hidden_states():
     got["loss"].backward()
     for n, p in student.named_parameters():
         torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_closed_form_gradient_matches_autograd_under_bf16_autocast():
+    """The default loss's closed-form logit gradient (forward KL + CE, chunked) against autograd through
+    the plain loss on full logits, both under bf16 autocast."""
+    hs, head, labels, th, thead = _inputs(seed=3, t=40)
+    kw = dict(alpha=0.7, temperature=2.0, kind="forward")
+    grads = []
+    for chunked in (True, False):
+        for p in (hs, head.weight):
+            p.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if chunked:
+                out = chunked_kd_loss(hs, head, labels, teacher_hidden=th, teacher_head=thead, chunk=16, **kw)
+            else:
+                out = _plain(hs, head, labels, th, thead, **kw)
+        out["loss"].backward()
+        grads.append((out, hs.grad.clone(), head.weight.grad.clone()))
+    (a, ga_h, ga_w), (b, gb_h, gb_w) = grads
+    for k in ("loss", "ce", "kd"):
+        assert a[k].item() == pytest.approx(b[k].item(), rel=1e-3), k
+    torch.testing.assert_close(ga_h, gb_h, rtol=2e-2, atol=2e-4)  # bf16 products on both sides
+    torch.testing.assert_close(ga_w, gb_w, rtol=2e-2, atol=2e-4)

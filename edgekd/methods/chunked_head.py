@@ -92,7 +92,8 @@ class _GradInForward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                chunk_loss: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]], chunk: int) -> tuple:
+                chunk_loss: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]], chunk: int,
+                logit_grad: Callable[..., tuple] | None = None) -> tuple:
         dtype = _autocast_dtype(hidden.device)
         w_c = weight.detach().to(dtype) if dtype is not None else weight.detach()
         b_c = (bias.detach().to(dtype) if dtype is not None else bias.detach()) if bias is not None else None
@@ -100,17 +101,27 @@ class _GradInForward(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32)
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
         totals = torch.zeros(3, dtype=torch.float64, device=hidden.device)
-        w = w_c.requires_grad_()
-        b = b_c.requires_grad_() if b_c is not None else None
+        w = w_c.requires_grad_(logit_grad is None)
+        b = b_c.requires_grad_(logit_grad is None) if b_c is not None else None
         for start in range(0, hidden.shape[0], chunk):
-            with torch.enable_grad():
-                h = hidden[start:start + chunk].detach().requires_grad_()
-                loss, ce, kd = chunk_loss(h, w, b, start, start + chunk)
-                grads = torch.autograd.grad(loss, [h, w] + ([b] if b is not None else []))
-            grad_h[start:start + chunk] = grads[0]
-            grad_w += grads[1]
-            if grad_b is not None:
-                grad_b += grads[2]
+            if logit_grad is not None:  # the gradient w.r.t. the logits in closed form: the products' backward by hand
+                h = hidden[start:start + chunk].detach()
+                h_c = h.to(w.dtype)
+                loss, ce, kd, dz = logit_grad(F.linear(h_c, w, b).float(), start, start + chunk)
+                dz = dz.to(w.dtype)
+                grad_h[start:start + chunk] = dz @ w
+                grad_w += dz.t() @ h_c
+                if grad_b is not None:
+                    grad_b += dz.float().sum(0)
+            else:
+                with torch.enable_grad():
+                    h = hidden[start:start + chunk].detach().requires_grad_()
+                    loss, ce, kd = chunk_loss(h, w, b, start, start + chunk)
+                    grads = torch.autograd.grad(loss, [h, w] + ([b] if b is not None else []))
+                grad_h[start:start + chunk] = grads[0]
+                grad_w += grads[1]
+                if grad_b is not None:
+                    grad_b += grads[2]
             totals += torch.stack([loss.detach(), ce.detach(), kd.detach()]).double()
         del w, b, w_c, b_c
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype), *([grad_b.to(bias.dtype)] if grad_b is not None else []))
@@ -124,7 +135,7 @@ class _GradInForward(torch.autograd.Function):
         grad_h, grad_w, *rest = ctx.saved_tensors
         ones = bool(g_loss == 1)  # the usual case: the loss itself; no scaled copy of the table's gradient
         scale = (lambda t: t) if ones else (lambda t: t * g_loss)
-        return scale(grad_h), scale(grad_w), scale(rest[0]) if rest else None, None, None
+        return scale(grad_h), scale(grad_w), scale(rest[0]) if rest else None, None, None, None
 
 
 def chunked_kd_loss(
@@ -178,17 +189,60 @@ def chunked_kd_loss(
             kd = (divergence_per_position(logp_s, logp_t, kind) * m).sum() / n_valid * t * t
         return (1 - alpha) * ce + alpha * kd, ce, kd
 
+    def forward_kl_grad(z: torch.Tensor, start: int, end: int) -> tuple:
+        with torch.no_grad():
+            t_logits = teacher_head.logits(th[start:end]).float()
+        return forward_kl_and_ce_with_grad(z, t_logits, flat_labels[start:end], valid[start:end], n_valid, alpha, t)
+
     w, b = student_head.weight, student_head.bias
     if teacher_head is not None:
         teacher_head = _cast_once(teacher_head, hs.device)
+    # the default loss (forward KL on the live teacher + CE) has a closed-form logit gradient: a third
+    # of the (chunk, vocab) temporaries autograd keeps, and no graph per chunk
+    closed_form = kind == "forward" and alpha > 0 and cached is None and not student_head.softcap and not teacher_head.softcap
     if torch.is_grad_enabled() and (hs.requires_grad or w.requires_grad):
-        loss, ce, kd = _GradInForward.apply(hs, w, b, chunk_loss, chunk)
+        loss, ce, kd = _GradInForward.apply(hs, w, b, chunk_loss, chunk, forward_kl_grad if closed_form else None)
     else:
         with torch.no_grad():
             head = _cast_once(Head(w, b), hs.device)  # cast once, not per chunk
             parts = [chunk_loss(hs[s:s + chunk], head.weight, head.bias, s, s + chunk) for s in range(0, hs.shape[0], chunk)]
         loss, ce, kd = (torch.stack([p[i] for p in parts]).sum() for i in range(3))
     return {"ce": ce, "kd": kd, "loss": loss}
+
+
+@torch.no_grad()
+def forward_kl_and_ce_with_grad(z: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
+                                n_valid: torch.Tensor, alpha: float, t: float) -> tuple:
+    """``(1 - alpha) CE + alpha t^2 KL(p_t || q_s)`` over a chunk of fp32 logits ``z`` (rows; ``valid``
+    masks them, sums divided by ``n_valid``), its parts, and its gradient w.r.t. ``z`` in closed form:
+    ``(1 - alpha) (softmax(z) - onehot) + alpha t (softmax(z / t) - softmax(z_t / t))`` (Hinton et al.
+    2015's soft-target gradient), computed in place in four (rows, vocab) buffers (``z`` and
+    ``t_logits`` are overwritten).
+    """
+    with torch.autocast(z.device.type, enabled=False):  # the row sums below are matmuls autocast would round to bf16
+        return _forward_kl_and_ce_with_grad(z, t_logits, labels, valid, n_valid, alpha, t)
+
+
+def _forward_kl_and_ce_with_grad(z: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
+                                 n_valid: torch.Tensor, alpha: float, t: float) -> tuple:
+    m = valid.to(torch.float32) / n_valid
+    log_p = t_logits.div_(t)
+    log_p -= torch.logsumexp(log_p, -1, keepdim=True)  # teacher log-probabilities at temperature t
+    log_q = z / t
+    log_q -= torch.logsumexp(log_q, -1, keepdim=True)  # student's
+    p = log_p.exp()
+    kl = torch.einsum("ij,ij->i", p, log_p) - torch.einsum("ij,ij->i", p, log_q)
+    dz = log_q.exp_().sub_(p).mul_((alpha * t) * m[:, None])  # log_q's buffer holds the gradient now
+    del log_p
+    lse = torch.logsumexp(z, -1, keepdim=True)
+    safe = labels.clamp_min(0)[:, None]
+    ce_rows = (lse - z.gather(-1, safe)).squeeze(-1)
+    soft = p.copy_(z).sub_(lse).exp_()  # p's buffer: softmax(z)
+    soft.scatter_add_(-1, safe, torch.full_like(lse, -1.0))
+    dz.add_(soft.mul_((1 - alpha) * m[:, None]))
+    ce = (ce_rows * m).sum()
+    kd = (kl * m).sum() * (t * t)
+    return (1 - alpha) * ce + alpha * kd, ce, kd, dz
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:

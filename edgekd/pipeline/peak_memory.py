@@ -60,13 +60,18 @@ def _libc():
         return None
 
 
-def release_freed_memory() -> None:
-    """Collect garbage and hand freed heap back to the OS (glibc's ``malloc_trim``), so the
-    resident size at a stage's start is what it holds, not what earlier stages freed."""
-    gc.collect()
-    trim = getattr(_libc(), "malloc_trim", None)  # glibc only
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc's ``malloc_trim``; nothing elsewhere)."""
+    trim = getattr(_libc(), "malloc_trim", None)
     if trim is not None:
         trim(0)
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap back to the OS, so the resident size at a stage's
+    start is what it holds, not what earlier stages freed."""
+    gc.collect()
+    trim_heap()
 
 
 @contextmanager
