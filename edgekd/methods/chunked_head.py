@@ -11,7 +11,10 @@ the forward pass (``torch.autograd.grad`` over the chunk), so the backward pass 
 fused linear cross-entropy (Hsu et al. 2024, "Liger Kernel: Efficient Triton Kernels for LLM
 Training") and Apple's cut cross-entropy (Wijmans et al. 2025, "Cut Your Losses in Large-Vocabulary
 Language Models"), here in plain torch so it runs on CPUs, GPUs and under autocast alike, for every
-logit loss of edgekd.methods.losses and the teacher-logit cache.
+logit loss of edgekd.methods.losses and the teacher-logit cache. The default loss (forward KL on
+the live teacher plus CE) skips autograd inside the chunk: its gradient w.r.t. the logits has a
+closed form (:func:`forward_kl_and_ce_with_grad`), so a chunk holds four (positions, vocab)
+buffers instead of the dozen autograd's softmaxes keep, and no graph is built per chunk.
 """
 
 from __future__ import annotations
