@@ -246,7 +246,7 @@ def fit_memory(teacher: Any, student: Any, cfg: Any, block_len: int, limit_bytes
     for candidate, plan, fits in ladder:
         if fits:
             return candidate, plan
-    candidate, plan, _ = ladder[-1]
+    candidate, plan, _ = min(ladder, key=lambda rung: rung[1].total)  # the closest (not the last: accumulation costs)
     need = plan.total / HEADROOM
     raise EdgekdError(
         f"{stage} needs about {plan.total / 1e9:.1f} GB even with every memory saving "
