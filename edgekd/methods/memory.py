@@ -396,28 +396,10 @@ EXPORT_LOGIT_COPIES = 4.0  # a block's logits from the runtime and torch, and th
 def _resident_now() -> float:
     """What the process holds now, plus the parts of memory-mapped weight files not read yet: a
     model transformers maps from safetensors becomes resident as its first forward pass reads it."""
-    from ..pipeline.peak_memory import current_rss_mb
+    from ..pipeline.peak_memory import current_rss_mb, mapped_unread_bytes
 
     return current_rss_mb() * 2**20 + mapped_unread_bytes()
 
-
-def mapped_unread_bytes(suffix: str = ".safetensors") -> float:
-    """Bytes of the process's mappings of ``suffix`` files that are not resident (Linux; 0 elsewhere)."""
-    total, size, path = 0, 0, ""
-    try:
-        with open("/proc/self/smaps") as f:
-            for line in f:
-                head = line.split(None, 1)[0]
-                if head == "Size:":
-                    size = int(line.split()[1]) * 1024
-                elif head == "Rss:" and path.endswith(suffix):
-                    total += max(size - int(line.split()[1]) * 1024, 0)
-                elif "-" in head and not head.endswith(":"):  # a mapping's header line: its range, then its file
-                    parts = line.split()
-                    path = parts[5] if len(parts) > 5 else ""
-    except OSError:
-        return 0.0
-    return float(total)
 
 
 def predict_forward_peak(config: Any, batch: int, block_len: int, *, logit_copies: float = 1.0, hidden_copies: float = 0.0,

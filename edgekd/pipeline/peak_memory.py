@@ -51,6 +51,25 @@ def current_rss_mb() -> float:
     return _this_process().memory_info().rss / 2**20
 
 
+def mapped_unread_bytes(suffix: str = ".safetensors") -> float:
+    """Bytes of the process's mappings of ``suffix`` files that are not resident (Linux; 0 elsewhere)."""
+    total, size, path = 0, 0, ""
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split(None, 1)[0]
+                if head == "Size:":
+                    size = int(line.split()[1]) * 1024
+                elif head == "Rss:" and path.endswith(suffix):
+                    total += max(size - int(line.split()[1]) * 1024, 0)
+                elif "-" in head and not head.endswith(":"):  # a mapping's header line: its range, then its file
+                    parts = line.split()
+                    path = parts[5] if len(parts) > 5 else ""
+    except OSError:
+        return 0.0
+    return float(total)
+
+
 @functools.lru_cache(maxsize=1)
 def _libc():
     """glibc, looked up once (``find_library`` starts a subprocess); None elsewhere."""
