@@ -57,11 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  edgekd compress --profile raspberry-pi-5\n"
         "  edgekd compress --profile phone --teacher ./hf-dir --data docs/ --run-name phone-v2\n"
         "  edgekd compress --profile raspberry-pi-5 --resume       continue an interrupted run\n"
-        "  edgekd compress --profile laptop --time-budget 30m      fit the training steps to 30 minutes\n",
+        "  edgekd compress --profile laptop --time-budget 30m      fit the training steps to 30 minutes\n"
+        "  edgekd compress --profile raspberry-pi-5 --data teacher  no corpus: train on the teacher's samples\n",
     )
     _add_profile_args(c)
     c.add_argument("--teacher", default=None, help="Hugging Face model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    c.add_argument("--data", default=None, help="corpus: .txt/.jsonl file, directory of text files, a saved datasets directory, or a Hub dataset id owner/name[@revision] (default: Python's bundled docs)")
+    c.add_argument("--data", default=None, help="corpus: .txt/.jsonl file, directory of text files, a saved datasets directory, or a Hub dataset id owner/name[@revision], or 'teacher': no corpus, the teacher's own samples (default: Python's bundled docs)")
+    c.add_argument("--prompts", default=None, metavar="FILE.jsonl",
+                   help='prompts for the teacher\'s samples, one {"messages": [...]} (rendered by the chat template) or '
+                   '{"prompt": "..."} per line (see compression.data.generation and .mixture)')
     c.add_argument("--text-field", default="text", help="JSONL/datasets field holding the text (default: %(default)s)")
     c.add_argument("--output", default="export", help="root directory for runs (default: %(default)s)")
     c.add_argument("--run-name", default=None, help="run directory name (default: <profile>-<teacher>)")
@@ -168,7 +172,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         teacher=args.teacher, profile=args.profile, data=args.data, output=args.output,
         run_name=args.run_name, overrides=args.overrides, overwrite=args.overwrite, resume=args.resume,
         trust_remote_code=args.trust_remote_code, text_field=args.text_field, quiet=args.quiet or args.json,
-        time_budget=args.time_budget,
+        time_budget=args.time_budget, prompts=args.prompts,
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))

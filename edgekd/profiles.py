@@ -134,10 +134,59 @@ class PruneSettings(_Strict):
     calibration_blocks: int = Field(default=16, gt=0)
 
 
+class GenerationSettings(_Strict):
+    """The teacher's samples (edgekd.methods.generate): sequence-level KD's data, and with
+    ``--data teacher`` the whole corpus (data-free QAT)."""
+
+    tokens: int = Field(default=65536, gt=0)  # training tokens to generate (prompts included, EOS-separated)
+    # corpus: the first prompt_tokens of training blocks; none: a first token drawn from the
+    # vocabulary (LLM-QAT); chat: the chat template's empty user turn; auto: corpus, or none without
+    # one. --prompts FILE (JSONL of {"messages": [...]} or {"prompt": "..."}) replaces them
+    prompts: Literal["auto", "corpus", "none", "chat"] = "auto"
+    prompt_tokens: int = Field(default=16, gt=0)
+    new_tokens: int = Field(default=240, gt=0)
+    temperature: float = Field(default=1.0, ge=0)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    # auto: torch with batched KV-cache decoding (measured faster than llama.cpp's one sequence at a
+    # time on the default teacher; benchmarks/RESULTS.md, "Distillation data"); llama.cpp: the teacher's GGUF
+    engine: Literal["auto", "torch", "llama.cpp"] = "auto"
+    batch_size: int = Field(default=16, gt=0)
+    seed: int = 0
+
+
+class OnPolicySettings(_Strict):
+    """On-policy distillation (GKD, Agarwal et al. 2024): the student continues prompts, the teacher scores them."""
+
+    prompt_tokens: int = Field(default=32, gt=0)  # the first tokens of a training block
+    new_tokens: int = Field(default=64, gt=0)
+    temperature: float = Field(default=1.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    # the divergence on the sampled positions; reverse KL (MiniLLM) asks the student to generate what the teacher would
+    kl: Literal["forward", "reverse", "skew", "jsd"] = "reverse"
+
+
+class DataMixture(_Strict):
+    """Shares of each training batch (distillation and QAT): corpus blocks, blocks of the teacher's
+    samples, and the student's own continuations scored by the teacher (on-policy)."""
+
+    corpus: float = Field(default=1.0, ge=0)
+    teacher_samples: float = Field(default=0.0, ge=0)
+    on_policy: float = Field(default=0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _some_data(self) -> DataMixture:
+        if self.corpus + self.teacher_samples <= 0:
+            raise ValueError("corpus + teacher_samples must be above 0: on-policy prompts come from their blocks")
+        return self
+
+
 class DataSettings(_Strict):
     # every stage packs the corpus into blocks of this many tokens: calibration, distillation,
     # QAT, the logit cache and held-out evaluation
     block_len: int = Field(default=256, ge=16)
+    mixture: DataMixture = Field(default_factory=DataMixture)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    on_policy: OnPolicySettings = Field(default_factory=OnPolicySettings)
 
 
 class LogitCacheSettings(_Strict):

@@ -11,8 +11,8 @@ import torch
 from edgekd.methods.distill import (
     DistillConfig,
     distill,
-    sample_indices,
 )
+from edgekd.methods.mixture import Mixture
 from edgekd.methods.prune import make_student
 
 WORKER = Path(__file__).parent / "helpers" / "distill_worker.py"
@@ -22,6 +22,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).re
 def run_worker(out_dir, steps, kill_at=None):
     args = [sys.executable, str(WORKER), str(out_dir), str(steps)] + ([str(kill_at)] if kill_at else [])
     return subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def sample_indices(step, micro, cfg, n_blocks, rank, world):
+    return Mixture.single(n_blocks).indices(step, micro, cfg, rank, world)[0]
 
 
 def test_data_order_is_a_pure_function_and_ranks_are_disjoint():

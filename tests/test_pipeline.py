@@ -92,7 +92,7 @@ def test_cli_exit_1_when_a_budget_fails(tmp_path, tiny_model_dir, small_corpus_f
         return StageRecord("bench_stub")
 
     monkeypatch.setitem(STAGES, "bench_stub", Stage(fake_bench_stage))
-    monkeypatch.setattr(pipeline_run, "plan_stages", lambda prof: ["load_teacher", "load_corpus", "bench_stub"])
+    monkeypatch.setattr(pipeline_run, "plan_stages", lambda prof, data_free=False: ["load_teacher", "load_corpus", "bench_stub"])
     sets = [a for o in tiny_profile_overrides for a in ("--set", o)]
     code = main(["compress", "--teacher", str(tiny_model_dir), "--data", str(small_corpus_file),
                  "--output", str(tmp_path), "--quiet", *sets])

@@ -143,3 +143,9 @@ def quantize(source: str | Path, out_path: str | Path, ftype: str, threads: int 
         if rc != 0:
             raise EdgekdError(f"llama.cpp failed to quantize {source} to {ftype} (code {rc})", fix="check the F16 file")
     return out_path
+
+
+def last_logits(llm: Any) -> np.ndarray:
+    """The logits of the last position ``llm.eval`` computed (a copy): llama-cpp-python keeps them in
+    ``scores`` only with ``logits_all``, so they are read from the context's own buffer."""
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).astype(np.float32)

@@ -46,6 +46,8 @@ from .memory import (
     memory_limit_bytes,
     training_layout,
 )
+from .mixture import Mixture
+from .on_policy import on_policy_rows, step_rng
 from .optim import Bf16Gradients, clip_grad_norm, make_optimizer
 from .precision import forward_precision, resolve_precision
 
@@ -74,6 +76,8 @@ class DistillConfig:
     gradient_checkpointing: bool = False
     optimizer_state: str = "fp32"  # AdamW's moments: "fp32" or "bf16" (edgekd.methods.optim)
     gradient_dtype: str = "fp32"  # "bf16": linear weights' gradients kept in bf16 (optim.Bf16Gradients; exact under bf16)
+    # share of each batch that is the student's own samples (edgekd.methods.mixture; its own backward pass)
+    on_policy_share: float = 0.0
 
     @classmethod
     def from_settings(cls, s: Any, steps: int | None = None, learning_rate: float | None = None) -> DistillConfig:
@@ -119,25 +123,9 @@ class DistillOutcome:
             "resumed_from_step": self.resumed_from_step, "stopped_at_deadline": self.stopped_at_deadline,
             "final_loss": mean("loss"), "final_ce": mean("ce"), "final_kd": mean("kd"),
             "final_hidden": mean("hidden"), "final_attention": mean("attention"),
-            "tokens_per_s": mean("tokens_per_s"),
+            "tokens_per_s": mean("tokens_per_s"), "final_on_policy_kd": mean("on_policy_kd"),
+            "sampling_tokens_per_s": mean("sampling_tokens_per_s"),
         }
-
-
-def sample_indices(step: int, micro: int, cfg: DistillConfig, n_blocks: int, rank: int, world: int) -> np.ndarray:
-    """Block indices for (step, micro-batch) on ``rank``: a pure function, so resume replays the data."""
-    per_rank = cfg.batch_size
-    base = ((step * cfg.grad_accum + micro) * world + rank) * per_rank
-    positions = np.arange(base, base + per_rank)
-    out = np.empty(per_rank, dtype=np.int64)
-    for i, p in enumerate(positions):
-        epoch, offset = divmod(int(p), n_blocks)
-        out[i] = _epoch_permutation(cfg.seed, epoch, n_blocks)[offset]
-    return out
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_permutation(seed: int, epoch: int, n_blocks: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n_blocks)
 
 
 # ---------------------------------------------------------------- forward passes
@@ -196,6 +184,44 @@ def distill_step_losses(student: Any, teacher: Any, ids: torch.Tensor, cfg: Dist
     return out
 
 
+def micro_step(model: Any, teacher: Any, blocks: np.ndarray, cfg: DistillConfig, layer_map: list[int], mixture: Mixture,
+               step: int, micro: int, rank: int, world: int, device: Any, logit_cache: Any = None,
+               sync: Callable[[bool], Any] = lambda last: contextlib.nullcontext(),
+               backward: Callable[[torch.Tensor], None] = lambda loss: loss.backward()) -> tuple[dict[str, float], list[int]]:
+    """Forward and backward passes of one micro-batch: its offline rows, then its on-policy rows
+    (each part weighted by its share of the batch, each with its own backward pass, so one part's
+    graph is freed before the other's forward). ``sync(last)``: the context a part runs in
+    (Accelerate's no_sync unless it is the step's last). Returns the loss terms and the offline rows."""
+    idx, prompt_rows = mixture.indices(step, micro, cfg, rank, world)
+    total, out = len(idx) + len(prompt_rows), {}
+    if len(idx):
+        ids = torch.from_numpy(blocks[idx].astype(np.int64)).to(device)
+        cached = None if logit_cache is None else (*(t.to(device) for t in logit_cache.batch(idx)), logit_cache.kind)
+        with sync(not len(prompt_rows)):
+            terms = distill_step_losses(model, teacher, ids, cfg, layer_map, cached)
+            backward(terms["loss"] * (len(idx) / total))
+        out = {k: float(v.detach()) for k, v in terms.items()}
+        out["loss"] *= len(idx) / total
+    if len(prompt_rows):
+        with sync(True):
+            terms, seconds = on_policy_rows(model, teacher, blocks, prompt_rows, mixture.policy, cfg,
+                                            step_rng(cfg.seed, step, micro, rank), device)
+            backward(terms["loss"] * (len(prompt_rows) / total))
+        out["loss"] = out.get("loss", 0.0) + float(terms["loss"].detach()) * len(prompt_rows) / total
+        out["on_policy_kd"] = float(terms["on_policy_kd"].detach())
+        out["sampling_tokens_per_s"] = len(prompt_rows) * mixture.policy.new_tokens / max(seconds, 1e-9)
+    return out, idx.tolist()
+
+
+def check_mixture(mixture: Mixture, cfg: DistillConfig, n_blocks: int) -> None:
+    if sum(mixture.sizes) != n_blocks:
+        raise ValueError(f"the mixture's pools hold {sum(mixture.sizes)} blocks, the training blocks {n_blocks}")
+    if abs(mixture.on_policy_share - cfg.on_policy_share) > 1e-9:
+        raise ValueError("cfg.on_policy_share does not match the mixture's on-policy share")
+    if any(w > 0 and size == 0 for w, size in zip(mixture.weights, mixture.sizes)):
+        raise EdgekdError("a data source with a share of the batch has no blocks", fix="give it data, or set its share to 0")
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -213,6 +239,7 @@ def distill(
     param_groups: list[dict[str, Any]] | None = None,
     after_step: Callable[[], None] | None = None,
     deadline: float | None = None,
+    mixture: Mixture | None = None,
 ) -> DistillOutcome:
     """Train ``student`` in place for ``cfg.steps`` optimizer steps; checkpoints under ``run_dir``.
 
@@ -225,6 +252,8 @@ def distill(
     optimizer groups of the caller's own (an ``lr_scale`` multiplies the schedule's rate),
     taken out of the main group; ``after_step`` runs after every optimizer step. QAT passes
     both for learned clip factors (edgekd.methods.qat.prepare); the loop knows nothing of them.
+    ``mixture``: how batches are drawn from ``train_blocks`` (its pools, stacked) and how many rows
+    are on-policy (edgekd.methods.mixture); default: every row a block of the one pool.
     """
     if logit_cache is not None and abs(logit_cache.temperature - cfg.temperature) > 1e-9:
         raise ValueError("the logit cache was built at another temperature")
@@ -234,6 +263,8 @@ def distill(
         raise ValueError(f"layer map has {len(layer_map)} entries for {student.config.num_hidden_layers} student layers")
     if len(train_blocks) < 1:
         raise EdgekdError("no training blocks", fix="pass a larger corpus")
+    mixture = mixture or Mixture.single(len(train_blocks))
+    check_mixture(mixture, cfg, len(train_blocks))
     _, want_hidden, want_attn = _needs(cfg)
     if want_attn:  # attention probabilities are only materialised by the eager implementation
         student.set_attn_implementation("eager")
@@ -274,18 +305,14 @@ def distill(
                 group["lr"] = cfg.lr_at(step) * group.get("lr_scale", 1.0)
             sums: dict[str, float] = {}
             for micro in range(cfg.grad_accum):
-                idx = sample_indices(step, micro, cfg, len(train_blocks), rank, world)
-                seen.extend(idx.tolist())
-                ids = torch.from_numpy(train_blocks[idx].astype(np.int64)).to(accelerator.device)
-                sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else contextlib.nullcontext()
-                cached = None
-                if logit_cache is not None:
-                    cached = (*(t.to(accelerator.device) for t in logit_cache.batch(idx)), logit_cache.kind)
-                with sync:
-                    terms = distill_step_losses(model, teacher, ids, cfg, layer_map, cached)
-                    accelerator.backward(terms["loss"] / cfg.grad_accum)
+                def sync(last: bool, micro: int = micro) -> Any:
+                    return accelerator.no_sync(model) if micro < cfg.grad_accum - 1 or not last else contextlib.nullcontext()
+
+                terms, rows = micro_step(model, teacher, train_blocks, cfg, layer_map, mixture, step, micro, rank, world,
+                                         accelerator.device, logit_cache, sync, lambda loss: accelerator.backward(loss / cfg.grad_accum))
+                seen.extend(rows)
                 for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+                    sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
             if cfg.max_grad_norm and held is not None:
                 clip_grad_norm(list(model.parameters()), cfg.max_grad_norm, held)
             elif cfg.max_grad_norm:
@@ -298,7 +325,7 @@ def distill(
                 trim_heap()
             if after_step:
                 after_step()
-            step_tokens = cfg.batch_size * cfg.grad_accum * world * block_len
+            step_tokens = mixture.row_tokens(cfg.batch_size, block_len) * cfg.grad_accum * world
             tokens += step_tokens
             dt = time.perf_counter() - t0
             record = {"step": step + 1, "lr": cfg.lr_at(step), **sums, "tokens_per_s": step_tokens / dt, "step_s": dt}
@@ -309,7 +336,7 @@ def distill(
                                  done, tokens, history, cfg)
             accelerator.wait_for_everyone()
             if progress:
-                extra = " ".join(f"{k} {sums[k]:.3f}" for k in ("loss", "ce", "kd", "hidden", "attention") if k in sums)
+                extra = " ".join(f"{k} {sums[k]:.3f}" for k in ("loss", "ce", "kd", "hidden", "attention", "on_policy_kd") if k in sums)
                 progress(1, status=f"{extra} | {record['tokens_per_s']:.0f} tok/s")
             if on_step:
                 on_step(done)
@@ -369,7 +396,8 @@ def run_distillation(student: Any, teacher: Any, train_blocks: np.ndarray, cfg: 
                      param_groups: list[dict[str, Any]] | None = None,
                      after_step: Callable[[], None] | None = None,
                      deadline: float | None = None, memory: MemoryPlan | None = None,
-                     limit_gb: float | None = None, target_gb: float | None = None) -> tuple[DistillOutcome, MemoryPlan]:
+                     limit_gb: float | None = None, target_gb: float | None = None,
+                     mixture: Mixture | None = None) -> tuple[DistillOutcome, MemoryPlan]:
     """Fit a step in memory (unless ``memory``, a plan for ``cfg``, is given), then train with a
     progress bar named ``label``; resumes from ``run_dir``'s checkpoints. Returns the outcome and
     the memory plan; ``cfg`` carries the memory settings it trained with."""
@@ -380,15 +408,18 @@ def run_distillation(student: Any, teacher: Any, train_blocks: np.ndarray, cfg: 
         apply_memory_settings(cfg, memory)
     with (reporter or Reporter(quiet=True)).task(label, total=cfg.steps, unit="steps") as advance:
         outcome = distill(student, teacher, train_blocks, cfg, layer_map, run_dir=run_dir, resume=True, progress=advance,
-                          logit_cache=logit_cache, param_groups=param_groups, after_step=after_step, deadline=deadline)
+                          logit_cache=logit_cache, param_groups=param_groups, after_step=after_step, deadline=deadline,
+                          mixture=mixture)
     return outcome, memory
 
 
 def probe_step_seconds(student: Any, teacher: Any, train_blocks: np.ndarray, cfg: DistillConfig, layer_map: list[int],
-                       logit_cache: Any = None, probes: int = 3) -> float:
+                       logit_cache: Any = None, probes: int = 3, mixture: Mixture | None = None) -> float:
     """Seconds one training step of ``cfg`` takes here: forward and backward passes of real batches
-    (the first warms up and is not counted), gradients then dropped and no weight changed. The
-    optimizer's own update is not timed: a few percent of a step for AdamW on these models."""
+    (the first warms up and is not counted), on-policy sampling included, gradients then dropped
+    and no weight changed. The optimizer's own update is not timed: a few percent of a step for
+    AdamW on these models."""
+    mixture = mixture or Mixture.single(len(train_blocks))
     _, _, want_attn = _needs(cfg)
     if want_attn:
         student.set_attn_implementation("eager")
@@ -401,10 +432,8 @@ def probe_step_seconds(student: Any, teacher: Any, train_blocks: np.ndarray, cfg
             for step in range(probes):
                 t0 = time.perf_counter()
                 for micro in range(cfg.grad_accum):
-                    idx = sample_indices(step, micro, cfg, len(train_blocks), 0, 1)
-                    ids = torch.from_numpy(train_blocks[idx].astype(np.int64)).to(next(student.parameters()).device)
-                    cached = None if logit_cache is None else (*(t.to(ids.device) for t in logit_cache.batch(idx)), logit_cache.kind)
-                    distill_step_losses(student, teacher, ids, cfg, layer_map, cached)["loss"].backward()
+                    micro_step(student, teacher, train_blocks, cfg, layer_map, mixture, step, micro, 0, 1,
+                               next(student.parameters()).device, logit_cache)
                 times.append(time.perf_counter() - t0)
     finally:
         if held is not None:

@@ -53,13 +53,15 @@ def qat_kd(student: Any, teacher: Any, train_blocks: np.ndarray, calibration_blo
            clip_lr_scale: float = LEARNED_CLIP_LR_SCALE, layer_map: list[int] | None = None,
            run_dir: Path | None = None, reporter: Any = None, logit_cache: Any = None,
            fit_steps: Callable[[Callable[[], float]], int] | None = None, deadline: float | None = None,
-           memory_gb: float | None = None, memory_target_gb: float | None = None) -> QatResult:
+           memory_gb: float | None = None, memory_target_gb: float | None = None, mixture: Any = None) -> QatResult:
     """Quantize ``student`` (in place) onto ``plan``'s exact grids, training it with ``cfg``
     (None or 0 steps: no training) from the unquantized ``teacher``; checkpoints under ``run_dir``.
     ``fit_steps(probe)``: the number of steps to train, given ``probe()``, the measured seconds
     of one step of the prepared model (a time budget); ``deadline``: training stops early there
     (edgekd.methods.distill.distill); ``memory_gb``: the memory limit training must fit
-    (edgekd.methods.memory.fit_memory; None: the machine's), ``memory_target_gb`` the soft target."""
+    (edgekd.methods.memory.fit_memory; None: the machine's), ``memory_target_gb`` the soft target;
+    ``mixture``: how batches are drawn (edgekd.methods.mixture; on-policy rows sample with the
+    fake-quantized weights)."""
     from ..progress import Reporter
 
     reporter = reporter or Reporter(quiet=True)
@@ -82,11 +84,12 @@ def qat_kd(student: Any, teacher: Any, train_blocks: np.ndarray, calibration_blo
         prepared = prepare(student, plan, clips, learn_clip=learn_clip and linear.grid is not None, clip_lr_scale=clip_lr_scale)
         layer_map = layer_map or list(range(student.config.num_hidden_layers))
         if fit_steps is not None:
-            cfg.steps = fit_steps(lambda: probe_step_seconds(student, teacher, train_blocks, cfg, layer_map, logit_cache))
+            cfg.steps = fit_steps(lambda: probe_step_seconds(student, teacher, train_blocks, cfg, layer_map, logit_cache,
+                                                             mixture=mixture))
         result.outcome, result.memory = run_distillation(
             student, teacher, train_blocks, cfg, layer_map,
             f"QAT-KD to {linear.name}", reporter, run_dir, logit_cache, prepared.param_groups, prepared.after_step, deadline,
-            memory=memory)
+            memory=memory, mixture=mixture)
         result.learned_clip = learned_clip_stats(student)
         result.method = "QAT-KD"
     convert(student, plan, clips)

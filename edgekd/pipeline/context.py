@@ -21,6 +21,8 @@ from .rundir import RunDir
 
 STUDENT_DIR = "student"  # the distilled student (Hugging Face directory)
 SHIPPED_DIR = "student-qat"  # the student with its weights on the shipped grid
+SAMPLES_DIR = "teacher-samples"  # the teacher's samples: shards per split, and their blocks
+TEACHER_DATA = "teacher"  # --data teacher: no corpus, the teacher's samples are the training data (data-free)
 PRUNE_PLAN = ("prune", "plan.json")
 COMPRESSION_PLAN = ("plan", "plan.json")
 
@@ -31,6 +33,16 @@ class RunInputs:
     data: Any = None  # --data
     text_field: str = "text"
     trust_remote_code: bool = False
+    prompts: Any = None  # --prompts: a JSONL file of prompts for the teacher's samples
+
+    @property
+    def data_free(self) -> bool:
+        return is_data_free(self.data)
+
+
+def is_data_free(data: Any) -> bool:
+    """``--data teacher``: the teacher generates the whole corpus."""
+    return data is not None and str(data) == TEACHER_DATA
 
 
 @dataclass
@@ -72,10 +84,45 @@ class RunContext:
     exports: list[Exported] = field(default_factory=list)
     bench: Any = None  # edgekd.device.results.BenchResult of the file the budgets are checked on
     time_budget: Any = None  # edgekd.pipeline.timebudget.TimeBudget, when the run has one
+    sample_blocks: Any = None  # the teacher's samples packed into blocks (a pool of the training mixture)
 
     # ------------------------------------------------------------ shared inputs
     def heldout_blocks(self) -> Any:
         return self.corpus.heldout[: self.profile.compression.evaluation.max_heldout_blocks]
+
+    def teacher_sample_blocks(self) -> Any:
+        """The teacher's samples as a training pool, or None (none in the mixture, or --data teacher: they are the corpus)."""
+        if self.inputs.data_free or not self.profile.compression.data.mixture.teacher_samples:
+            return None
+        if self.sample_blocks is None:
+            import numpy as np
+
+            self.sample_blocks = np.load(self.run.path(SAMPLES_DIR, "blocks.npy"))
+        return self.sample_blocks
+
+    def training_blocks(self) -> Any:
+        """Every training pool, stacked in the order of :meth:`mixture`'s sizes: the corpus, then the teacher's samples."""
+        import numpy as np
+
+        samples = self.teacher_sample_blocks()
+        return self.corpus.train if samples is None else np.concatenate([self.corpus.train, samples])
+
+    def mixture(self) -> Any:
+        """How a training batch is drawn (edgekd.methods.mixture.Mixture), from the profile's ``compression.data``."""
+        from ..errors import EdgekdError
+        from ..methods.mixture import Mixture, OnPolicy
+
+        data = self.profile.compression.data
+        m, samples = data.mixture, self.teacher_sample_blocks()
+        sizes, weights = (len(self.corpus.train),), (m.corpus + (m.teacher_samples if self.inputs.data_free else 0.0),)
+        if samples is not None:
+            sizes, weights = (*sizes, len(samples)), (*weights, m.teacher_samples)
+        policy = OnPolicy.from_settings(data.on_policy) if m.on_policy > 0 else None
+        if policy is not None and min(policy.prompt_tokens, data.block_len - 1) + policy.new_tokens > data.block_len:
+            raise EdgekdError(f"on-policy rows of {policy.prompt_tokens} + {policy.new_tokens} tokens are longer than a "
+                              f"training block ({data.block_len}): the memory check sizes a step by its blocks",
+                              fix="lower compression.data.on_policy.new_tokens or prompt_tokens")
+        return Mixture(sizes, weights, m.on_policy, policy)
 
     def calibration_blocks(self) -> Any:
         from ..methods.data import calibration_blocks

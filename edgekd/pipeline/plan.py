@@ -8,11 +8,15 @@ from ..profiles import RUNTIME_FORMAT, DeviceProfile
 ALWAYS_RUN = {"load_teacher", "load_corpus"}  # cheap, and their objects live in memory: redone on --resume
 
 
-def plan_stages(profile: DeviceProfile) -> list[str]:
-    """The stages edgekd runs for ``profile``, in order."""
+def plan_stages(profile: DeviceProfile, data_free: bool = False) -> list[str]:
+    """The stages edgekd runs for ``profile``, in order; ``data_free``: ``--data teacher``, the
+    teacher's samples are the corpus."""
     from ..stages.plan import needs_planner
 
-    stages = ["load_teacher", "load_corpus", "evaluate_teacher"]
+    stages = ["load_teacher", "load_corpus"]
+    if data_free or profile.compression.data.mixture.teacher_samples > 0:
+        stages += ["teacher_samples"]
+    stages += ["evaluate_teacher"]
     if needs_planner(profile):
         stages += ["sensitivity", "plan"]
     comp = profile.compression

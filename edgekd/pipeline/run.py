@@ -21,7 +21,7 @@ from ..report import Report
 from ..stages import STAGES
 from ..stages.bench import budget_checks
 from ..versions import edgekd_version, host_info, library_versions
-from .context import RunContext, RunInputs
+from .context import RunContext, RunInputs, is_data_free
 from .peak_memory import peak_memory, release_freed_memory
 from .plan import ALWAYS_RUN, plan_stages
 from .rundir import RunDir, now_iso
@@ -74,12 +74,15 @@ def compress(
     text_field: str = "text",
     quiet: bool = False,
     time_budget: str | float | None = None,
+    prompts: str | Path | None = None,
 ) -> Report:
     """Compress ``teacher`` for the device ``profile`` and return the run's :class:`Report`.
 
     ``teacher``: a Hugging Face model directory, a GGUF file, or None for the embedded
     SmolLM2-135M-Instruct. ``data``: a text/JSONL file, a directory, a saved datasets
-    directory, or None for Python's bundled documentation. ``report.passed`` tells
+    directory, None for Python's bundled documentation, or ``"teacher"``: no corpus, the
+    teacher's samples are the training data (data-free). ``prompts``: a JSONL file of prompts
+    for the teacher's samples (``compression.data.generation``). ``report.passed`` tells
     whether every measured budget of the profile holds. ``time_budget`` ("30m"; default: the
     profile's ``compression.time_budget``) fits the training steps to a wall-clock budget.
     """
@@ -90,7 +93,12 @@ def compress(
     prof = profile if isinstance(profile, DeviceProfile) else load_profile(profile, overrides)
     # fail fast on bad paths, before any directory is made
     source = resolve_model_source(teacher)
-    check_corpus_spec(data)
+    if not is_data_free(data):
+        check_corpus_spec(data)
+    if prompts is not None:
+        from ..methods.generate import check_prompt_file
+
+        check_prompt_file(prompts)
     budget = time_budget if time_budget is not None else prof.compression.time_budget
     budget_s = None if budget is None else parse_duration(budget)
     name = run_name or f"{prof.name}-{_slug(source.name)}"
@@ -102,14 +110,15 @@ def compress(
         "teacher": source.describe(),
         "data": str(data or "default"),
         "text_field": text_field,
+        **({"prompts": str(prompts)} if prompts is not None else {}),
     }
     resumed = run.open(run_config, overwrite=overwrite, resume=resume)
     report = Report(
         run_name=name, run_dir=str(run.root), profile=prof.model_dump(mode="json"),
         edgekd_version=edgekd_version(), created_at=now_iso(),
-        host=host_info(), versions=library_versions(), plan=plan_stages(prof),
+        host=host_info(), versions=library_versions(), plan=plan_stages(prof, is_data_free(data)),
     )
-    ctx = RunContext(prof, run, report, reporter, RunInputs(teacher, data, text_field, trust_remote_code))
+    ctx = RunContext(prof, run, report, reporter, RunInputs(teacher, data, text_field, trust_remote_code, prompts))
     if budget_s is not None:
         spent = sum(rec.wall_time_s for stage in report.plan if stage not in ALWAYS_RUN and (rec := run.completed(stage)))
         ctx.time_budget = TimeBudget(budget_s, spent_before_s=spent)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import bench, distill, export, inputs, plan, prune, qat
+from . import bench, distill, export, inputs, plan, prune, qat, samples
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class Stage:
 STAGES: dict[str, Stage] = {
     "load_teacher": Stage(inputs.load_teacher),
     "load_corpus": Stage(inputs.load_corpus),
+    "teacher_samples": Stage(samples.teacher_samples),
     "evaluate_teacher": Stage(inputs.evaluate_teacher, inputs.report_teacher),
     "sensitivity": Stage(plan.sensitivity),
     "plan": Stage(plan.plan, plan.report_plan),

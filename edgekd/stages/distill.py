@@ -17,7 +17,7 @@ def teacher_logits(ctx: RunContext) -> StageRecord:
 
     ds = ctx.profile.compression.distill
     spec = ds.logit_cache
-    train = ctx.corpus.train
+    train = ctx.training_blocks()
     what = f"{spec.k} sampled tokens" if spec.kind == "sample" else f"top-{spec.k} logits"
     with ctx.reporter.task(f"caching the teacher's {what} per position", total=len(train), unit="blocks") as advance:
         cache = logit_cache.build(ctx.teacher.model, train, spec.k, ds.temperature, ctx.run.path(CACHE_DIR),
@@ -36,7 +36,7 @@ def cached_teacher(ctx: RunContext) -> Any:
     ds = ctx.profile.compression.distill
     if ds.logit_cache is None:
         return None
-    return logit_cache.load(ctx.run.path(CACHE_DIR), ds.logit_cache.k, ds.temperature, ctx.corpus.train, ds.logit_cache.kind)
+    return logit_cache.load(ctx.run.path(CACHE_DIR), ds.logit_cache.k, ds.temperature, ctx.training_blocks(), ds.logit_cache.kind)
 
 
 def fit_to_time_budget(ctx: RunContext, stage: str, steps: int, probe: Any, later: list[int] = ()) -> dict | None:
@@ -54,6 +54,16 @@ def fit_to_time_budget(ctx: RunContext, stage: str, steps: int, probe: Any, late
                 "training_seconds_left": round(left, 1), "later_stage_steps": list(later)}
 
     return fitted_steps(ctx.run.path(stage), decide)
+
+
+def mixture_settings(mixture: Any, cfg: Any) -> dict[str, Any]:
+    """The rows each batch takes from each data source (edgekd.methods.mixture), for the record."""
+    counts, on_policy = mixture.slots(cfg.batch_size)
+    names = ["corpus", "teacher_samples"][: len(counts)]
+    out: dict[str, Any] = {"batch_rows": {**dict(zip(names, counts)), "on_policy": on_policy}}
+    if mixture.policy is not None:
+        out["on_policy"] = asdict(mixture.policy)
+    return out
 
 
 def memory_metrics(memory: Any) -> dict[str, Any]:
@@ -87,21 +97,23 @@ def distill(ctx: RunContext) -> StageRecord:
                            artifacts=artifacts)
     cache = cached_teacher(ctx)
     compression = ctx.profile.compression
+    train, mixture = ctx.training_blocks(), ctx.mixture()
+    cfg.on_policy_share = mixture.on_policy_share
     cfg, memory = plan_memory(student.model, ctx.teacher.model, cfg, ctx.corpus.block_len, cache, compression.memory_gb,
                               target_gb=compression.memory_target_gb)
     fitted = fit_to_time_budget(ctx, "distill", cfg.steps, lambda: probe_step_seconds(
-        student.model, ctx.teacher.model, ctx.corpus.train, cfg, student.layer_map, cache), later=[ctx.profile.compression.qat.steps])
+        student.model, ctx.teacher.model, train, cfg, student.layer_map, cache, mixture=mixture), later=[ctx.profile.compression.qat.steps])
     cfg.steps = fitted["steps"] if fitted else cfg.steps
     deadline = None
     if ctx.time_budget is not None:  # this stage's share of the training time left; QAT's steps come after
         later = ctx.profile.compression.qat.steps
         deadline = ctx.time_budget.deadline(fitted["planned_steps"] / (fitted["planned_steps"] + later) if fitted else 1.0)
-    outcome, memory = run_distillation(student.model, ctx.teacher.model, ctx.corpus.train, cfg, student.layer_map, "distilling",
-                                       ctx.reporter, ctx.run.path("distill"), cache, deadline=deadline, memory=memory)
+    outcome, memory = run_distillation(student.model, ctx.teacher.model, train, cfg, student.layer_map, "distilling",
+                                       ctx.reporter, ctx.run.path("distill"), cache, deadline=deadline, memory=memory, mixture=mixture)
     _save_student(ctx, student.model)
     loss_curves_plot(ctx.run.path("distill", "loss.png"), outcome.history, "distillation losses")
     return StageRecord(
-        "distill", settings={**asdict(cfg), **({"time_budget": fitted} if fitted else {})},
+        "distill", settings={**asdict(cfg), **mixture_settings(mixture, cfg), **({"time_budget": fitted} if fitted else {})},
         metrics={**outcome.summary(), **memory_metrics(memory),
                  "logit_cache": ctx.profile.compression.distill.logit_cache is not None,
                  "live_targets_if_cached_bytes_per_token": live_target_bytes_per_token(teacher_cfg, ctx.corpus.block_len)},

@@ -35,6 +35,9 @@ def load_corpus(ctx: Any) -> StageRecord:
     }
     if (corpus_dir / "corpus.json").exists():
         ctx.corpus = Corpus.load(corpus_dir)  # resume: the exact same blocks
+    elif ctx.inputs.data_free:  # the teacher_samples stage makes the corpus
+        return StageRecord("load_corpus", settings={**settings, "source": "teacher"},
+                           metrics={"note": "no corpus: the teacher's samples are the training data (teacher_samples stage)"})
     else:
         with ctx.reporter.task("tokenising corpus"):
             ctx.corpus = load_corpus(ctx.inputs.data, ctx.teacher.tokenizer, settings["block_len"],

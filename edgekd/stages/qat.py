@@ -9,7 +9,7 @@ from typing import Any
 from ..methods.planner import describe
 from ..pipeline.context import SHIPPED_DIR, RunContext, Shipped
 from ..report import StageRecord
-from .distill import cached_teacher, fit_to_time_budget, memory_metrics
+from .distill import cached_teacher, fit_to_time_budget, memory_metrics, mixture_settings
 
 PREDICTION_TABLE = "Planner prediction against the measurement"
 EXACT_NOTE = "exact: every tensor of the teacher is already on its planned grid (a teacher distributed in these formats); no QAT steps"
@@ -32,6 +32,8 @@ def qat(ctx: RunContext) -> StageRecord:
     qs = ctx.profile.compression.qat
     student = ctx.current_student()
     cfg = qat_config(ctx.profile.compression.distill, qs)
+    mixture = ctx.mixture()
+    cfg.on_policy_share = mixture.on_policy_share
     exact = _holds_the_teacher_exactly(ctx, student.model, plan)
     if exact:  # nothing to recover: the plan's grids already hold the teacher's weights
         cfg.steps = 0
@@ -44,18 +46,20 @@ def qat(ctx: RunContext) -> StageRecord:
         fitted.update(fit_to_time_budget(ctx, "qat", cfg.steps, probe) or {})
         return fitted.get("steps", cfg.steps)
 
-    result = qat_kd(student.model, ctx.teacher.model, ctx.corpus.train, ctx.calibration_blocks(), plan, cfg,
+    result = qat_kd(student.model, ctx.teacher.model, ctx.training_blocks(), ctx.calibration_blocks(), plan, cfg,
                     clip_search=qs.clip_search and not exact, learn_clip=qs.learn_clip, layer_map=student.layer_map,
                     run_dir=ctx.run.path("qat"), reporter=ctx.reporter, logit_cache=cached_teacher(ctx),
                     fit_steps=fit if ctx.time_budget is not None else None,
                     deadline=ctx.time_budget.deadline() if ctx.time_budget is not None else None,
-                    memory_gb=ctx.profile.compression.memory_gb, memory_target_gb=ctx.profile.compression.memory_target_gb)
+                    memory_gb=ctx.profile.compression.memory_gb, memory_target_gb=ctx.profile.compression.memory_target_gb,
+                    mixture=mixture)
     metrics: dict[str, Any] = dict(result.clip_stats)
     artifacts = {"QAT student (weights on the shipped grid)": SHIPPED_DIR}
     if result.outcome is not None:
         loss_curves_plot(ctx.run.path("qat", "loss.png"), result.outcome.history, f"QAT-KD losses ({plan.name})")
         artifacts["QAT loss curves"] = "qat/loss.png"
         settings.update(asdict(cfg))
+        settings.update(mixture_settings(mixture, cfg))
         settings["clip_lr_scale"] = LEARNED_CLIP_LR_SCALE
         if fitted:
             settings["time_budget"] = fitted

@@ -1,0 +1,192 @@
+"""Distillation data at equal wall time: corpus only, + teacher samples, + on-policy rows, data-free.
+
+For the default run's pruned 24-block student (distillation recipe of the Pi 5 profile) and for
+the full-depth Q4_0 QAT-KD (the profile's QAT recipe), each row gets the same wall-clock budget on
+this machine: the teacher's samples a row uses are generated inside its budget, and its training
+steps are fitted to what is left from the measured step time (as ``edgekd compress`` fits them).
+
+Columns: KL / top-1 / perplexity on the held-out split and on out-of-domain text (CPython's
+LICENSE.txt), and two generation measures that need no outside data: the teacher's per-token NLL
+of the student's sampled continuations of held-out prompts (lower: the student generates what the
+teacher would), and the rate of repeated 4-grams in greedy continuations (against the teacher's own).
+It also measures the two generation engines side by side (torch batched vs llama.cpp).
+
+    .venv/bin/python benchmarks/data_sources.py --budget-min 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import default_setup, license_blocks, pruned_student_plan, write_result
+
+from edgekd.formats import FormatPlan
+from edgekd.methods import generate as gen
+from edgekd.methods.distill import (
+    DistillConfig,
+    apply_memory_settings,
+    plan_memory,
+    probe_step_seconds,
+    run_distillation,
+)
+from edgekd.methods.evaluate import evaluate, torch_logits_fn
+from edgekd.methods.mixture import Mixture, OnPolicy
+from edgekd.methods.on_policy import student_samples
+from edgekd.methods.qat_kd import qat_config, qat_kd
+from edgekd.methods.sampling import torch_continue
+
+PROMPT_TOKENS, SAMPLE_TOKENS, GREEDY_TOKENS = 32, 64, 96
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budget-min", type=float, default=6.0, help="wall-clock minutes per row (samples + training)")
+    ap.add_argument("--sample-tokens", type=int, default=8192, help="teacher samples for the mixture rows")
+    ap.add_argument("--data-free-tokens", type=int, default=16384, help="teacher samples for the data-free rows")
+    ap.add_argument("--only", choices=["distill", "qat"], default=None)
+    ap.add_argument("--rows", default=None, help="comma-separated row numbers (0-3) to run, e.g. for a quick check")
+    ap.add_argument("--out", default="data_sources")
+    args = ap.parse_args()
+    setup = default_setup()
+    teacher, tok = setup.teacher.model, setup.teacher.tokenizer
+    block_len = setup.profile.compression.data.block_len
+    ood = license_blocks(tok, block_len)
+    prompts = setup.heldout[:, :PROMPT_TOKENS].astype(np.int64)
+    result = {"budget_min": args.budget_min, "engines": engine_speeds(setup), "rows": []}
+    teacher_greedy = torch_continue(teacher, prompts, GREEDY_TOKENS, np.random.default_rng(0), temperature=0.0)
+    result["teacher_repeated_4grams"] = repeated_ngrams(teacher_greedy[:, PROMPT_TOKENS:])
+    spec = setup.profile.compression.data.generation
+    base = gen.Generation.from_settings(spec)
+    scratch = Path("export/data-sources")
+
+    def samples(kind: str, tokens: int) -> tuple[np.ndarray, float]:
+        s = replace(base, tokens=tokens, seed=11)
+        t0 = time.perf_counter()
+        src = gen.prompt_source(kind, tok, s, setup.train)
+        out = gen.generate(teacher, tok, src, s, scratch / f"{kind}-{tokens}-{time.time_ns()}")
+        return out.blocks(block_len), time.perf_counter() - t0
+
+    policy = OnPolicy.from_settings(setup.profile.compression.data.on_policy)
+    rows = [("corpus only", "corpus", 0.0, 0.0), ("corpus + teacher samples", "corpus", 0.5, 0.0),
+            ("corpus + teacher samples + on-policy", "corpus", 0.25, 0.25), ("data-free (teacher samples only)", "none", 1.0, 0.0)]
+    for stage in ("distill", "qat"):
+        if args.only and stage != args.only:
+            continue
+        for i, (name, prompt_kind, w_samples, w_on) in enumerate(rows):
+            if args.rows is not None and str(i) not in args.rows.split(","):
+                continue
+            t_row = time.perf_counter()
+            pools, weights, gen_s = [setup.train], [1.0 - w_samples - w_on], 0.0
+            if w_samples:
+                blocks, gen_s = samples(prompt_kind, args.data_free_tokens if prompt_kind == "none" else args.sample_tokens)
+                if prompt_kind == "none":
+                    pools, weights = [blocks], [1.0]
+                else:
+                    pools, weights = [setup.train, blocks], [weights[0], w_samples]
+            mixture = Mixture(tuple(len(p) for p in pools), tuple(weights), w_on, policy if w_on else None)
+            train = np.concatenate(pools)
+            calib = pools[0][np.linspace(0, len(pools[0]) - 1, 16).astype(int)]
+            deadline = t_row + args.budget_min * 60
+            student, outcome = (distill_row if stage == "distill" else qat_row)(setup, train, calib, mixture, deadline)
+            row = {"stage": stage, "row": name, "generation_s": round(gen_s, 1), "steps": outcome.steps,
+                   "training_tokens": outcome.tokens, "wall_time_s": round(time.perf_counter() - t_row, 1),
+                   "sampling_tokens_per_s": outcome.summary()["sampling_tokens_per_s"]}
+            row.update(quality(student, teacher, setup.heldout, ood, prompts))
+            result["rows"].append(row)
+            print_row(row)
+            write_result(args.out, result)
+    print_table(result)
+    return 0
+
+
+def distill_row(setup, train, calib, mixture, deadline):
+    teacher = setup.teacher.model
+    plan = pruned_student_plan(setup)
+    student = plan.make_student(teacher)
+    cfg = DistillConfig.from_settings(setup.profile.compression.distill, steps=10_000)
+    cfg.on_policy_share = mixture.on_policy_share
+    cfg, memory = plan_memory(student, teacher, cfg, train.shape[1], target_gb=setup.profile.compression.memory_target_gb)
+    apply_memory_settings(cfg, memory)
+    per_step = probe_step_seconds(student, teacher, train, cfg, plan.layer_map, mixture=mixture)
+    cfg.steps = max(1, int((deadline - time.perf_counter()) / per_step))
+    outcome, _ = run_distillation(student, teacher, train, cfg, plan.layer_map, "distilling", deadline=deadline,
+                                  memory=memory, mixture=mixture)
+    return student, outcome
+
+
+def qat_row(setup, train, calib, mixture, deadline):
+    teacher = setup.teacher.model
+    student = copy.deepcopy(teacher)
+    cfg = qat_config(setup.profile.compression.distill, setup.profile.compression.qat)
+    cfg.on_policy_share = mixture.on_policy_share
+    result = qat_kd(student, teacher, train, calib, FormatPlan.uniform("q4_0"), cfg, clip_search=True,
+                    fit_steps=lambda probe: max(1, int((deadline - time.perf_counter()) / probe())), deadline=deadline,
+                    memory_target_gb=setup.profile.compression.memory_target_gb, mixture=mixture)
+    return result.model, result.outcome
+
+
+@torch.no_grad()
+def quality(student, teacher, heldout, ood, prompts) -> dict:
+    student.eval()
+    out = {}
+    for split, blocks in (("heldout", heldout), ("ood", ood)):
+        m = evaluate(torch_logits_fn(student), blocks, torch_logits_fn(teacher))
+        out.update({f"{split}_kl": m.kl_to_teacher, f"{split}_top1": m.top1_agreement, f"{split}_ppl": m.perplexity})
+    sampled = student_samples(student, prompts, OnPolicy(PROMPT_TOKENS, SAMPLE_TOKENS, 1.0, 1.0), np.random.default_rng(5))
+    ids = torch.from_numpy(sampled)
+    logp = torch.log_softmax(teacher(ids).logits[:, PROMPT_TOKENS - 1:-1].float(), -1)
+    out["teacher_nll_of_samples"] = float(-logp.gather(-1, ids[:, PROMPT_TOKENS:, None]).mean())
+    greedy = torch_continue(student, prompts, GREEDY_TOKENS, np.random.default_rng(0), temperature=0.0)
+    out["repeated_4grams"] = repeated_ngrams(greedy[:, PROMPT_TOKENS:])
+    return out
+
+
+def repeated_ngrams(rows: np.ndarray, n: int = 4) -> float:
+    """Share of each continuation's n-grams that repeat an earlier one of the same continuation (mean over rows)."""
+    rates = []
+    for row in rows:
+        grams = [tuple(row[i:i + n]) for i in range(len(row) - n + 1)]
+        rates.append(1 - len(set(grams)) / len(grams))
+    return float(np.mean(rates))
+
+
+def engine_speeds(setup) -> dict:
+    """Tokens/s of the teacher's sampling in torch (batched) and in llama.cpp (one sequence), same prompts."""
+    s = replace(gen.Generation.from_settings(setup.profile.compression.data.generation), tokens=1, new_tokens=64, batch_size=16)
+    src = gen.prompt_source("corpus", setup.teacher.tokenizer, s, setup.train)
+    out = {}
+    for engine in ("torch", "llama.cpp"):
+        e = replace(s, engine=engine, batch_size=16 if engine == "torch" else 4)
+        r = gen.generate(setup.teacher.model, setup.teacher.tokenizer, src, e, Path(f"export/data-sources/engine-{engine}-{time.time_ns()}"),
+                         gguf_path=setup.source.path)
+        out[engine] = {"tokens_per_s": round(r.tokens_per_s, 1), "batch": e.batch_size}
+    print(f"generation engines: {out}")
+    return out
+
+
+def print_row(r: dict) -> None:
+    print(f"{r['stage']:8s} {r['row']:40s} steps {r['steps']:4d} gen {r['generation_s']:6.1f}s | held-out KL {r['heldout_kl']:.4f} "
+          f"top1 {r['heldout_top1']:.3f} ppl {r['heldout_ppl']:.2f} | OOD KL {r['ood_kl']:.4f} ppl {r['ood_ppl']:.2f} | "
+          f"teacher NLL {r['teacher_nll_of_samples']:.3f} rep4 {r['repeated_4grams']:.3f}", flush=True)
+
+
+def print_table(result: dict) -> None:
+    print(f"\nteacher's own repeated 4-grams (greedy): {result['teacher_repeated_4grams']:.3f}; engines: {result['engines']}")
+    print("| stage | data | steps | samples (s) | held-out KL | top-1 | ppl | OOD KL | OOD top-1 | OOD ppl | "
+          "teacher NLL of student samples | repeated 4-grams (greedy) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        print(f"| {r['stage']} | {r['row']} | {r['steps']} | {r['generation_s']:.0f} | {r['heldout_kl']:.4f} | {r['heldout_top1']:.3f} | "
+              f"{r['heldout_ppl']:.2f} | {r['ood_kl']:.4f} | {r['ood_top1']:.3f} | {r['ood_ppl']:.2f} | "
+              f"{r['teacher_nll_of_samples']:.3f} | {r['repeated_4grams']:.3f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""The teacher's own text: prompts, sampled continuations written to the run directory, packed into blocks.
+
+Sequence-level KD (Kim & Rush 2016) trains the student on what the teacher generates, so an
+instruct teacher's student keeps the teacher's behaviour instead of adapting to reference text;
+with no corpus at all the samples are the whole training set (data-free QAT: LLM-QAT, Liu et al.
+2023, found generated data better than real text for 4-bit QAT).
+
+Prompts: the first tokens of corpus blocks, a JSONL file (chat messages rendered by the
+tokenizer's chat template, or plain text), nothing (a first token drawn from the vocabulary, as
+LLM-QAT starts its samples), or the chat template's empty turn. Generation runs in shards of one
+batch each, written atomically; shard i is sampled with the seed ``(seed, i)``, so a killed run
+resumes with the shards it has and ends with the same samples as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import EdgekdError
+from ..fileio import atomic_write_bytes, atomic_write_json
+from .data import _npy_bytes, pack
+from .sampling import llama_cpp_continue, torch_continue
+
+PROMPT_KINDS = ("corpus", "none", "chat", "file")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What one set of samples is made with (edgekd.profiles.GenerationSettings, resolved)."""
+
+    tokens: int
+    prompt_tokens: int
+    new_tokens: int
+    temperature: float
+    top_p: float
+    engine: str  # "torch" or "llama.cpp"
+    batch_size: int
+    seed: int
+
+    @classmethod
+    def from_settings(cls, s: Any, tokens: int | None = None, seed: int | None = None) -> Generation:
+        return cls(s.tokens if tokens is None else tokens, s.prompt_tokens, s.new_tokens, s.temperature, s.top_p,
+                   "torch" if s.engine == "auto" else s.engine, s.batch_size, s.seed if seed is None else seed)
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def resolve_prompt_kind(kind: str, has_corpus: bool, prompt_file: Any = None) -> str:
+    if prompt_file is not None:
+        return "file"
+    if kind == "auto":
+        return "corpus" if has_corpus else "none"
+    if kind == "corpus" and not has_corpus:
+        raise EdgekdError("generation.prompts is 'corpus' but this run has no corpus (--data teacher)",
+                          fix="set compression.data.generation.prompts to none or chat, or pass --prompts FILE")
+    return kind
+
+
+def prompt_source(kind: str, tokenizer: Any, settings: Generation, corpus_blocks: np.ndarray | None = None,
+                  prompt_file: Any = None) -> Callable[[int, int], list[list[int]]]:
+    """``prompts(shard, n)``: the shard's ``n`` prompts (token ids), a pure function of the shard."""
+    if kind == "corpus":
+        if corpus_blocks is None or len(corpus_blocks) == 0:
+            raise EdgekdError("no corpus blocks to take prompts from", fix="pass --data, or --prompts FILE")
+        p = min(settings.prompt_tokens, corpus_blocks.shape[1] - 1)
+
+        def from_corpus(shard: int, n: int) -> list[list[int]]:
+            rows = np.random.default_rng([settings.seed, shard, 1]).choice(len(corpus_blocks), n)
+            return [corpus_blocks[r, :p].astype(np.int64).tolist() for r in rows]
+        return from_corpus
+    if kind == "none":
+        ordinary = np.setdiff1d(np.arange(len(tokenizer)), np.asarray(tokenizer.all_special_ids, dtype=np.int64))
+        start = tokenizer("", add_special_tokens=True)["input_ids"]  # the tokenizer's own BOS, if it adds one
+
+        def from_nothing(shard: int, n: int) -> list[list[int]]:
+            firsts = np.random.default_rng([settings.seed, shard, 1]).choice(ordinary, n)
+            return [[*start, int(t)] for t in firsts]
+        return from_nothing
+    if kind == "chat":
+        turn = chat_prompt(tokenizer, [{"role": "user", "content": ""}])
+        return lambda shard, n: [list(turn) for _ in range(n)]
+    if kind == "file":
+        prompts = read_prompt_file(prompt_file, tokenizer)
+
+        def from_file(shard: int, n: int) -> list[list[int]]:
+            return [prompts[(shard * n + i) % len(prompts)] for i in range(n)]
+        return from_file
+    raise ValueError(f"unknown prompt kind {kind!r}")
+
+
+def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """``messages`` through the tokenizer's chat template, ending with the assistant's turn opened."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise EdgekdError("the teacher's tokenizer has no chat template, so chat messages cannot be rendered",
+                          fix='give the prompts as plain text ({"prompt": "..."} lines), or use a teacher with a chat template')
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(ids["input_ids"])
+
+
+def check_prompt_file(path: Any) -> None:
+    """Up-front check (before a run directory is made) that the prompt file exists."""
+    if not Path(path).expanduser().is_file():
+        raise EdgekdError(f"prompt file not found: {path}", fix='pass a JSONL file with one {"messages": [...]} or {"prompt": "..."} per line')
+
+
+def read_prompt_file(path: Any, tokenizer: Any) -> list[list[int]]:
+    """Prompts from a JSONL file: ``{"messages": [{"role": ..., "content": ...}, ...]}`` (chat
+    template applied) or ``{"prompt": "text"}`` per line."""
+    check_prompt_file(path)
+    path = Path(path).expanduser()
+    prompts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise EdgekdError(f"{path}:{n} is not JSON ({exc.msg})", fix="write one JSON object per line") from None
+        if isinstance(row, dict) and isinstance(row.get("messages"), list):
+            prompts.append(chat_prompt(tokenizer, row["messages"]))
+        elif isinstance(row, dict) and isinstance(row.get("prompt"), str):
+            prompts.append(tokenizer(row["prompt"], add_special_tokens=True)["input_ids"])
+        else:
+            raise EdgekdError(f"{path}:{n} has neither a 'messages' list nor a 'prompt' string",
+                              fix='write {"messages": [{"role": "user", "content": "..."}]} or {"prompt": "..."}')
+    if not prompts or not any(prompts):
+        raise EdgekdError(f"{path} holds no prompts", fix="add at least one line")
+    return [p for p in prompts if p]
+
+
+# ---------------------------------------------------------------- sampling in shards
+
+
+@dataclass
+class Samples:
+    stream: np.ndarray  # every sample (prompt + continuation, cut after its first EOS) followed by EOS, int32
+    shards: int
+    generated_now: int  # shards generated by this call (the rest were on disk)
+    tokens_per_s: float | None  # of the shards generated now
+    engine: str
+
+    def blocks(self, block_len: int) -> np.ndarray:
+        return pack(self.stream, block_len)
+
+
+def shard_count(settings: Generation) -> int:
+    per_shard = settings.batch_size * (settings.prompt_tokens + settings.new_tokens)
+    return max(1, math.ceil(settings.tokens / per_shard))
+
+
+def generate(teacher: Any, tokenizer: Any, prompts: Callable[[int, int], list[list[int]]], settings: Generation,
+             directory: Path, gguf_path: Any = None, progress: Callable[..., None] | None = None) -> Samples:
+    """The teacher's samples under ``directory``: shards already there (same settings) are reused."""
+    directory = Path(directory)
+    meta = {**asdict(settings), "eos": tokenizer.eos_token_id}
+    meta_path = directory / "meta.json"
+    if meta_path.exists() and json.loads(meta_path.read_text()) != meta:
+        for old in directory.glob("shard-*.npy"):  # made with other settings: not these samples
+            old.unlink()
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(meta_path, meta)
+    engine = _engine(settings, teacher, gguf_path)
+    n_shards, pieces, made, t_gen, n_gen = shard_count(settings), [], 0, 0.0, 0
+    for shard in range(n_shards):
+        path = directory / f"shard-{shard:05d}.npy"
+        if path.exists():
+            pieces.append(np.load(path))
+            if progress:
+                progress(1)
+            continue
+        rng = np.random.default_rng([settings.seed, shard])
+        t0 = time.perf_counter()
+        shard_prompts = prompts(shard, settings.batch_size)
+        rows = engine(shard_prompts, rng, tokenizer.eos_token_id)
+        t_gen += time.perf_counter() - t0
+        stream = _join(rows, [len(p) for p in shard_prompts], tokenizer.eos_token_id)
+        n_gen += sum(len(r) - len(p) for r, p in zip(rows, shard_prompts))  # sampled tokens, not prompts
+        atomic_write_bytes(path, _npy_bytes(stream))
+        pieces.append(stream)
+        made += 1
+        if progress:
+            progress(1, status=f"{n_gen / max(t_gen, 1e-9):.0f} tok/s")
+    stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+    return Samples(stream, n_shards, made, n_gen / t_gen if t_gen else None, settings.engine)
+
+
+def _engine(settings: Generation, teacher: Any, gguf_path: Any) -> Callable[..., list[list[int]]]:
+    """``run(prompts, rng, eos)``: each prompt continued by up to ``settings.new_tokens`` sampled tokens."""
+    temperature, top_p, new = settings.temperature, settings.top_p, settings.new_tokens
+    if settings.engine == "llama.cpp":
+        if gguf_path is None:
+            raise EdgekdError("generation.engine llama.cpp needs the teacher as a GGUF file",
+                              fix="pass --teacher model.gguf, or set compression.data.generation.engine=torch")
+        from ..device import llamacpp
+
+        llm = llamacpp.load(gguf_path, n_ctx=settings.prompt_tokens * 4 + new + 8, threads=_threads())
+        return lambda prompts, rng, eos: [llama_cpp_continue(llm, p, new, rng, temperature, top_p, eos) for p in prompts]
+
+    def run_torch(prompts: list[list[int]], rng: np.random.Generator, eos: int | None) -> list[list[int]]:
+        out: list[list[int] | None] = [None] * len(prompts)
+        by_length: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_length.setdefault(len(p), []).append(i)
+        for length in sorted(by_length):  # equal-length prompts run as one batch
+            rows = by_length[length]
+            done = torch_continue(teacher, np.asarray([prompts[i] for i in rows]), new, rng, temperature, top_p, stop_id=eos)
+            for i, row in zip(rows, done):
+                out[i] = row.tolist()
+        return out  # type: ignore[return-value]
+    return run_torch
+
+
+def predict_generation_peak(config: Any, settings: Generation) -> float:
+    """The sampling stage's predicted peak resident bytes: the prompts' forward pass, the KV cache of a
+    full batch in fp32, and the sampler's float64 copies of a batch of last-position logits (x6, numpy)."""
+    from .memory import predict_forward_peak
+
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    length = settings.prompt_tokens * 4 + settings.new_tokens  # a file's prompts may be longer than prompt_tokens
+    kv = 2 * config.num_hidden_layers * settings.batch_size * length * kv_heads * head_dim * 4
+    sampler = settings.batch_size * config.vocab_size * 8 * 6
+    return predict_forward_peak(config, settings.batch_size, settings.prompt_tokens, logit_copies=0.0, extra_bytes=kv + sampler)
+
+
+def _threads() -> int:
+    import os
+
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def _join(rows: list[list[int]], prompt_lengths: list[int], eos: int | None) -> np.ndarray:
+    """Each row cut after its first EOS past the prompt (the rest is the model starting over), EOS-separated."""
+    stream: list[int] = []
+    for row, p in zip(rows, prompt_lengths):
+        if eos is not None and eos in row[p:]:
+            row = row[: row.index(eos, p) + 1]
+        stream.extend(row)
+        if eos is not None and row[-1] != eos:
+            stream.append(eos)
+    return np.asarray(stream, dtype=np.int32)

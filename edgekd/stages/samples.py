@@ -1,0 +1,62 @@
+"""The stage that writes the teacher's samples: a pool of the training mixture, or with ``--data teacher`` the whole corpus."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+from typing import Any
+
+from ..pipeline.context import SAMPLES_DIR, RunContext
+from ..report import StageRecord
+
+
+def teacher_samples(ctx: RunContext) -> StageRecord:
+    from ..fileio import atomic_write_bytes
+    from ..methods import generate as gen
+    from ..methods.data import Corpus, _npy_bytes
+
+    data = ctx.profile.compression.data
+    data_free = ctx.inputs.data_free
+    settings = gen.Generation.from_settings(data.generation)
+    kind = gen.resolve_prompt_kind(data.generation.prompts, not data_free, ctx.inputs.prompts)
+    tokenizer = ctx.teacher.tokenizer
+    prompts = gen.prompt_source(kind, tokenizer, settings, None if data_free else ctx.corpus.train, ctx.inputs.prompts)
+    gguf = ctx.report.teacher.get("path") if str(ctx.report.teacher.get("path", "")).endswith(".gguf") else None
+    predicted = gen.predict_generation_peak(ctx.teacher.model.config, settings)  # before the heap grows
+    splits = {"train": settings}
+    if data_free:  # a held-out split of its own, sampled with another seed
+        frac = ctx.profile.compression.evaluation.heldout_fraction
+        splits["heldout"] = replace(settings, tokens=max(2 * data.block_len, round(settings.tokens * frac / (1 - frac))),
+                                    seed=settings.seed + 1)
+    made: dict[str, Any] = {}
+    for split, s in splits.items():
+        with ctx.reporter.task(f"sampling the teacher ({split}, {s.engine}, prompts: {kind})", total=gen.shard_count(s),
+                               unit="shards") as advance:
+            made[split] = gen.generate(ctx.teacher.model, tokenizer, prompts, s, ctx.run.path(SAMPLES_DIR, split), gguf, advance)
+    blocks = {split: samples.blocks(data.block_len) for split, samples in made.items()}
+    if any(len(b) == 0 for b in blocks.values()):
+        from ..errors import EdgekdError
+
+        raise EdgekdError(f"the teacher's samples fill no {data.block_len}-token block",
+                          fix="raise compression.data.generation.tokens or lower compression.data.block_len")
+    artifacts = {"teacher samples (token shards)": SAMPLES_DIR}
+    if data_free:
+        stats = {"source": "teacher samples", "prompts": kind, "train_blocks": len(blocks["train"]),
+                 "heldout_blocks": len(blocks["heldout"]), "train_tokens": int(blocks["train"].size),
+                 "heldout_tokens": int(blocks["heldout"].size), "split": "separately sampled (seed + 1)"}
+        ctx.corpus = Corpus(f"teacher samples ({ctx.report.teacher.get('name', 'teacher')})", data.block_len,
+                            blocks["train"], blocks["heldout"], stats)
+        ctx.corpus.save(ctx.run.path("corpus"))
+        ctx.report.corpus = ctx.corpus.describe()
+        artifacts.update({"train blocks": "corpus/train.npy", "held-out blocks": "corpus/heldout.npy"})
+    else:
+        atomic_write_bytes(ctx.run.path(SAMPLES_DIR, "blocks.npy"), _npy_bytes(blocks["train"]))
+        ctx.sample_blocks = blocks["train"]
+        artifacts["teacher sample blocks"] = f"{SAMPLES_DIR}/blocks.npy"
+    metrics = {f"{split}_{k}": v for split, samples in made.items() for k, v in
+               {"tokens": int(samples.stream.size), "blocks": len(blocks[split]), "shards": samples.shards,
+                "shards_reused": samples.shards - samples.generated_now,
+                "tokens_per_s": round(samples.tokens_per_s, 1) if samples.tokens_per_s else None}.items()}
+    metrics["engine"] = settings.engine
+    metrics["predicted_peak_rss_mb"] = round(predicted / 2**20, 1)
+    return StageRecord("teacher_samples", settings={**asdict(settings), "prompts": kind, "data_free": data_free},
+                       metrics=metrics, artifacts=artifacts)

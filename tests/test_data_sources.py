@@ -1,0 +1,229 @@
+"""Distillation data beyond the corpus: the sampler, the teacher's samples, the batch mixture, on-policy rows."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import edgekd
+from edgekd import EdgekdError
+from edgekd.cli import main
+from edgekd.methods import generate as gen
+from edgekd.methods.distill import DistillConfig, distill
+from edgekd.methods.losses import logit_divergence
+from edgekd.methods.mixture import Mixture, OnPolicy
+from edgekd.methods.on_policy import on_policy_losses, student_samples
+from edgekd.methods.sampling import next_tokens, torch_continue
+
+from conftest import make_tiny_llama
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+# ---------------------------------------------------------------- the sampler
+
+
+def test_sampler_is_seeded_greedy_at_zero_and_keeps_to_the_nucleus():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 2000))
+    a = next_tokens(logits, np.random.default_rng(3), 1.0, 1.0)
+    assert np.array_equal(a, next_tokens(logits, np.random.default_rng(3), 1.0, 1.0))
+    assert np.allclose(np.bincount(a, minlength=4) / len(a), [0.5, 0.3, 0.15, 0.05], atol=0.04)
+    nucleus = next_tokens(logits, np.random.default_rng(3), 1.0, 0.7)  # 0.5 + 0.3 reach 0.7: two tokens
+    assert set(nucleus) == {0, 1} and abs((nucleus == 0).mean() - 0.5 / 0.8) < 0.04
+    assert set(next_tokens(logits, np.random.default_rng(0), 0.0)) == {0}
+
+
+def test_kv_cache_decoding_equals_recomputing_every_step(tiny_tokenizer):
+    model = make_tiny_llama(len(tiny_tokenizer))
+    prompts = np.array([[5, 9, 30, 7], [11, 12, 13, 14]])
+    cached = torch_continue(model, prompts, 6, np.random.default_rng(0), temperature=0.0)
+    seq = torch.from_numpy(prompts)
+    with torch.no_grad():
+        for _ in range(6):  # greedy by full forward passes
+            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert np.array_equal(cached, seq.numpy())
+
+
+# ---------------------------------------------------------------- the teacher's samples
+
+
+def _settings(**kw):
+    base = dict(tokens=200, prompt_tokens=4, new_tokens=12, temperature=1.0, top_p=0.95, engine="torch", batch_size=3, seed=7)
+    return gen.Generation(**{**base, **kw})
+
+
+def test_samples_are_deterministic_resume_from_their_shards_and_cut_at_eos(tmp_path, tiny_tokenizer):
+    teacher = make_tiny_llama(len(tiny_tokenizer))
+    blocks = np.random.default_rng(0).integers(3, len(tiny_tokenizer), size=(10, 32)).astype(np.int32)
+    s = _settings()
+    prompts = gen.prompt_source("corpus", tiny_tokenizer, s, blocks)
+    first = gen.generate(teacher, tiny_tokenizer, prompts, s, tmp_path / "a")
+    assert first.shards == gen.shard_count(s) == 5 and first.generated_now == 5 and first.tokens_per_s > 0
+    again = gen.generate(teacher, tiny_tokenizer, prompts, s, tmp_path / "b")
+    assert np.array_equal(first.stream, again.stream)  # a seed fixes the samples
+    (tmp_path / "a" / "shard-00002.npy").unlink()  # a run killed before its third shard
+    resumed = gen.generate(teacher, tiny_tokenizer, prompts, s, tmp_path / "a")
+    assert resumed.generated_now == 1 and np.array_equal(resumed.stream, first.stream)
+    reused = gen.generate(teacher, tiny_tokenizer, prompts, s, tmp_path / "a")
+    assert reused.generated_now == 0 and np.array_equal(reused.stream, first.stream)  # the cache is reused
+    other = gen.generate(teacher, tiny_tokenizer, prompts, _settings(seed=8), tmp_path / "a")
+    assert other.generated_now == 5 and not np.array_equal(other.stream, first.stream)  # other settings: sampled anew
+    # every sample starts with a corpus block's opening and ends with EOS, and EOS only ends them
+    eos = tiny_tokenizer.eos_token_id
+    ends = np.flatnonzero(first.stream == eos)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    openings = {tuple(b[:4]) for b in blocks}
+    assert first.stream[-1] == eos and all(tuple(first.stream[a:a + 4]) in openings for a in starts)
+
+
+def test_chat_prompts_go_through_the_chat_template(tmp_path, tiny_tokenizer):
+    tok = tiny_tokenizer.__class__(tokenizer_object=tiny_tokenizer.backend_tokenizer, bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>", unk_token="<unk>")
+    tok.chat_template = CHAT_TEMPLATE
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "What is a list?"}]}) + "\n"
+                    + json.dumps({"prompt": "def main"}) + "\n")
+    prompts = gen.read_prompt_file(path, tok)
+    rendered = tok("<s>user\nWhat is a list?</s>\n<s>assistant\n", add_special_tokens=False)["input_ids"]
+    assert prompts[0] == rendered and prompts[1] == tok("def main")["input_ids"]
+    teacher = make_tiny_llama(len(tok))
+    samples = gen.generate(teacher, tok, gen.prompt_source("file", tok, _settings(), prompt_file=path), _settings(), tmp_path / "s")
+    assert list(samples.stream[: len(rendered)]) == rendered
+    assert gen.prompt_source("chat", tok, _settings())(0, 2) == [tok("<s>user\n</s>\n<s>assistant\n", add_special_tokens=False)["input_ids"]] * 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": 1}\n')
+    with pytest.raises(EdgekdError, match="neither a 'messages' list"):
+        gen.read_prompt_file(bad, tok)
+    with pytest.raises(EdgekdError, match="no chat template"):
+        gen.read_prompt_file(path, tiny_tokenizer)
+
+
+def test_prompts_from_nothing_are_one_drawn_token():
+    class Tok:
+        all_special_ids = [0, 1, 2]
+
+        def __len__(self):
+            return 50
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [1] if add_special_tokens else []}
+    rows = gen.prompt_source("none", Tok(), _settings())(0, 200)
+    assert all(len(r) == 2 and r[0] == 1 and r[1] > 2 for r in rows) and len({r[1] for r in rows}) > 20
+    assert rows == gen.prompt_source("none", Tok(), _settings())(0, 200)
+
+
+# ---------------------------------------------------------------- the batch mixture
+
+
+def test_mixture_splits_a_batch_by_shares_and_reads_each_pool_in_its_own_order():
+    cfg = DistillConfig(steps=1, batch_size=4, seed=3)
+    m = Mixture((10, 6), (0.5, 0.25), 0.25, OnPolicy())
+    assert m.slots(4) == ([2, 1], 1) and Mixture((10,), (0.7,), 0.3).slots(4) == ([3], 1)
+    offline, prompts = m.indices(5, 0, cfg, 0, 1)
+    assert len(offline) == 3 and offline[0] < 10 and offline[1] < 10 and 10 <= offline[2] < 16
+    assert len(prompts) == 1 and prompts[0] < 10  # on-policy prompts: the corpus's blocks
+    assert all(np.array_equal(a, b) for a, b in zip(m.indices(5, 0, cfg, 0, 1), (offline, prompts)))
+    # one pool: the order a corpus-only run always had (epoch after epoch of permutation([seed, epoch]))
+    single = np.concatenate([Mixture.single(7).indices(s, 0, cfg, 0, 1)[0] for s in range(7)])
+    want = np.concatenate([np.random.default_rng([3, e]).permutation(7) for e in range(4)])[:28]
+    assert np.array_equal(single, want)
+    assert m.row_tokens(4, 256) == 3 * 256 + 32 + 64
+
+
+# ---------------------------------------------------------------- on-policy rows
+
+
+def test_on_policy_loss_and_gradients_match_the_full_logit_divergence(tiny_tokenizer):
+    teacher, student = make_tiny_llama(len(tiny_tokenizer)), make_tiny_llama(len(tiny_tokenizer), layers=2, seed=1)
+    prompts = np.random.default_rng(0).integers(3, len(tiny_tokenizer), size=(3, 6))
+    for kl in ("reverse", "jsd", "forward"):
+        policy = OnPolicy(prompt_tokens=6, new_tokens=10, kl=kl)
+        seq = student_samples(student, prompts, policy, np.random.default_rng(1))
+        assert seq.shape == (3, 16) and np.array_equal(seq, student_samples(student, prompts, policy, np.random.default_rng(1)))
+        cfg = DistillConfig(steps=1, precision="fp32")
+        student.train()
+        ids = torch.from_numpy(seq)
+        terms = on_policy_losses(student, teacher, ids, 6, policy, cfg)
+        terms["loss"].backward()
+        got = [p.grad.clone() for p in student.parameters()]
+        student.zero_grad()
+        with torch.no_grad():
+            t_logits = teacher(ids).logits
+        # positions 5 .. 14 predict the ten sampled tokens; the prompt carries no loss
+        ref = logit_divergence(student(ids).logits[:, 5:-1], t_logits[:, 5:-1], kl, 1.0)
+        ref.backward()
+        assert torch.allclose(terms["loss"].detach(), ref.detach(), rtol=1e-5)
+        assert all(torch.allclose(g, p.grad, rtol=1e-4, atol=1e-7) for g, p in zip(got, student.parameters()))
+        student.zero_grad()
+
+
+def test_a_mixed_run_killed_mid_way_resumes_to_identical_weights(tmp_path, tiny_tokenizer):
+    teacher = make_tiny_llama(len(tiny_tokenizer))
+    blocks = np.random.default_rng(0).integers(3, len(tiny_tokenizer), size=(12, 24)).astype(np.int32)
+    m = Mixture((8, 4), (0.5, 0.25), 0.25, OnPolicy(prompt_tokens=8, new_tokens=8))
+
+    def train(run_dir, stop_at=None):
+        student = make_tiny_llama(len(tiny_tokenizer), layers=2, seed=1)
+        cfg = DistillConfig(steps=4, batch_size=4, checkpoint_every=2, precision="fp32", on_policy_share=m.on_policy_share)
+
+        def on_step(done):
+            if done == stop_at:
+                raise KeyboardInterrupt
+        try:
+            out = distill(student, teacher, blocks, cfg, [0, 1], run_dir=run_dir, mixture=m, on_step=on_step)
+        except KeyboardInterrupt:
+            return None, None
+        return student, out
+
+    full, outcome = train(tmp_path / "full")
+    assert outcome.summary()["final_on_policy_kd"] > 0 and outcome.summary()["sampling_tokens_per_s"] > 0
+    assert train(tmp_path / "killed", stop_at=2)[0] is None
+    resumed, again = train(tmp_path / "killed")
+    assert again.resumed_from_step == 2
+    assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values()))
+    with pytest.raises(ValueError, match="on_policy_share"):
+        distill(make_tiny_llama(len(tiny_tokenizer), layers=2), teacher, blocks, DistillConfig(steps=1), [0, 1], mixture=m)
+
+
+# ---------------------------------------------------------------- through the pipeline
+
+
+def test_data_free_run_end_to_end(tmp_path, tiny_model_dir, tiny_profile_overrides):
+    overrides = tiny_profile_overrides + ["compression.data.generation.tokens=1200", "compression.data.generation.new_tokens=60",
+                                          "compression.data.generation.batch_size=4", "compression.data.mixture.on_policy=0.5",
+                                          "compression.data.on_policy.new_tokens=16", "compression.data.on_policy.prompt_tokens=8"]
+    report = edgekd.compress(teacher=tiny_model_dir, profile="raspberry-pi-5", data="teacher", output=tmp_path,
+                             run_name="free", overrides=overrides, quiet=True)
+    assert report.plan[:3] == ["load_teacher", "load_corpus", "teacher_samples"] and report.status == "complete"
+    samples = report.stage("teacher_samples")
+    assert samples.settings["prompts"] == "none" and samples.settings["data_free"] is True
+    assert samples.metrics["train_blocks"] >= 4 and samples.metrics["heldout_blocks"] >= 2
+    assert report.corpus["source"] == "teacher samples"
+    qat = report.stage("qat")
+    assert qat.settings["batch_rows"] == {"corpus": 1, "on_policy": 1} and qat.metrics["final_on_policy_kd"] is not None
+    assert report.stage("distill").settings["on_policy"]["new_tokens"] == 16
+    # resumed, the samples are reused, not drawn again
+    again = edgekd.compress(teacher=tiny_model_dir, profile="raspberry-pi-5", data="teacher", output=tmp_path,
+                            run_name="free", overrides=overrides, quiet=True, resume=True)
+    assert again.status == "complete"
+
+
+def test_teacher_samples_join_the_corpus_and_the_logit_cache(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides):
+    overrides = tiny_profile_overrides + ["compression.data.generation.tokens=600", "compression.data.generation.new_tokens=40",
+                                          "compression.data.mixture.teacher_samples=0.5", "compression.distill.logit_cache.k=4"]
+    report = edgekd.compress(teacher=tiny_model_dir, profile="raspberry-pi-5", data=small_corpus_file, output=tmp_path,
+                             run_name="mixed", overrides=overrides, quiet=True)
+    samples = report.stage("teacher_samples")
+    assert samples.settings["prompts"] == "corpus" and samples.metrics["engine"] == "torch"
+    n_corpus = report.corpus["train_blocks"]
+    cache = np.load(tmp_path / "mixed" / "teacher-logits" / "indices.npy", mmap_mode="r")
+    assert len(cache) == n_corpus + samples.metrics["train_blocks"]  # the cache covers the samples' positions too
+    assert report.stage("distill").settings["batch_rows"] == {"corpus": 1, "teacher_samples": 1, "on_policy": 0}
+
+
+def test_cli_prompt_file_errors_exit_2(tmp_path, tiny_model_dir, capsys):
+    code = main(["compress", "--teacher", str(tiny_model_dir), "--data", "teacher", "--prompts", str(tmp_path / "none.jsonl"),
+                 "--output", str(tmp_path / "out")])
+    assert code == 2 and "prompt file not found" in capsys.readouterr().err and not (tmp_path / "out").exists()
