@@ -51,7 +51,7 @@ def main() -> int:
     ap.add_argument("--sample-tokens", type=int, default=8192, help="teacher samples for the mixture rows")
     ap.add_argument("--data-free-tokens", type=int, default=16384, help="teacher samples for the data-free rows")
     ap.add_argument("--only", choices=["distill", "qat"], default=None)
-    ap.add_argument("--rows", default=None, help="comma-separated row numbers (0-3) to run, e.g. for a quick check")
+    ap.add_argument("--rows", default=None, help="comma-separated rows to run: start (no training), 0-3; e.g. for a quick check")
     ap.add_argument("--out", default="data_sources")
     args = ap.parse_args()
     setup = default_setup()
@@ -62,6 +62,9 @@ def main() -> int:
     result = {"budget_min": args.budget_min, "engines": engine_speeds(setup), "rows": []}
     teacher_greedy = torch_continue(teacher, prompts, GREEDY_TOKENS, np.random.default_rng(0), temperature=0.0)
     result["teacher_repeated_4grams"] = repeated_ngrams(teacher_greedy[:, PROMPT_TOKENS:])
+    result["teacher_nll_of_own_samples"] = teacher_nll_of_samples(teacher, teacher, prompts)
+    print(f"teacher: repeated 4-grams {result['teacher_repeated_4grams']:.3f}, NLL of its own samples "
+          f"{result['teacher_nll_of_own_samples']:.3f}", flush=True)
     spec = setup.profile.compression.data.generation
     base = gen.Generation.from_settings(spec)
     scratch = Path("export/data-sources")
@@ -79,6 +82,15 @@ def main() -> int:
     for stage in ("distill", "qat"):
         if args.only and stage != args.only:
             continue
+        if args.rows is None or "start" in args.rows.split(","):  # where training starts: pruned, or clipped round-to-nearest
+            t0 = time.perf_counter()
+            start = pruned_student_plan(setup).make_student(teacher) if stage == "distill" else qat_kd(
+                copy.deepcopy(teacher), teacher, setup.train, setup.calibration, FormatPlan.uniform("q4_0"), None).model
+            row = {"stage": stage, "row": "start (no training)", "generation_s": 0.0, "steps": 0, "training_tokens": 0,
+                   "wall_time_s": round(time.perf_counter() - t0, 1), "sampling_tokens_per_s": None,
+                   **quality(start, teacher, setup.heldout, ood, prompts)}
+            result["rows"].append(row)
+            print_row(row)
         for i, (name, prompt_kind, w_samples, w_on) in enumerate(rows):
             if args.rows is not None and str(i) not in args.rows.split(","):
                 continue
@@ -139,13 +151,19 @@ def quality(student, teacher, heldout, ood, prompts) -> dict:
     for split, blocks in (("heldout", heldout), ("ood", ood)):
         m = evaluate(torch_logits_fn(student), blocks, torch_logits_fn(teacher))
         out.update({f"{split}_kl": m.kl_to_teacher, f"{split}_top1": m.top1_agreement, f"{split}_ppl": m.perplexity})
-    sampled = student_samples(student, prompts, OnPolicy(PROMPT_TOKENS, SAMPLE_TOKENS, 1.0, 1.0), np.random.default_rng(5))
-    ids = torch.from_numpy(sampled)
-    logp = torch.log_softmax(teacher(ids).logits[:, PROMPT_TOKENS - 1:-1].float(), -1)
-    out["teacher_nll_of_samples"] = float(-logp.gather(-1, ids[:, PROMPT_TOKENS:, None]).mean())
+    out["teacher_nll_of_samples"] = teacher_nll_of_samples(student, teacher, prompts)
     greedy = torch_continue(student, prompts, GREEDY_TOKENS, np.random.default_rng(0), temperature=0.0)
     out["repeated_4grams"] = repeated_ngrams(greedy[:, PROMPT_TOKENS:])
     return out
+
+
+@torch.no_grad()
+def teacher_nll_of_samples(student, teacher, prompts) -> float:
+    """The teacher's mean NLL per token of the student's continuations (T = 1, seeded) of ``prompts``."""
+    sampled = student_samples(student, prompts, OnPolicy(PROMPT_TOKENS, SAMPLE_TOKENS, 1.0, 1.0), np.random.default_rng(5))
+    ids = torch.from_numpy(sampled)
+    logp = torch.log_softmax(teacher(ids).logits[:, PROMPT_TOKENS - 1:-1].float(), -1)
+    return float(-logp.gather(-1, ids[:, PROMPT_TOKENS:, None]).mean())
 
 
 def repeated_ngrams(rows: np.ndarray, n: int = 4) -> float:
@@ -178,7 +196,8 @@ def print_row(r: dict) -> None:
 
 
 def print_table(result: dict) -> None:
-    print(f"\nteacher's own repeated 4-grams (greedy): {result['teacher_repeated_4grams']:.3f}; engines: {result['engines']}")
+    print(f"\nteacher: repeated 4-grams (greedy) {result['teacher_repeated_4grams']:.3f}, NLL of its own samples "
+          f"{result['teacher_nll_of_own_samples']:.3f}; engines: {result['engines']}")
     print("| stage | data | steps | samples (s) | held-out KL | top-1 | ppl | OOD KL | OOD top-1 | OOD ppl | "
           "teacher NLL of student samples | repeated 4-grams (greedy) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -1,10 +1,12 @@
 """Distillation data beyond the corpus: the sampler, the teacher's samples, the batch mixture, on-policy rows."""
 
+import copy
 import json
 
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_llama
 
 import edgekd
 from edgekd import EdgekdError
@@ -15,8 +17,6 @@ from edgekd.methods.losses import logit_divergence
 from edgekd.methods.mixture import Mixture, OnPolicy
 from edgekd.methods.on_policy import on_policy_losses, student_samples
 from edgekd.methods.sampling import next_tokens, torch_continue
-
-from conftest import make_tiny_llama
 
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
                  "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
@@ -227,3 +227,54 @@ def test_cli_prompt_file_errors_exit_2(tmp_path, tiny_model_dir, capsys):
     code = main(["compress", "--teacher", str(tiny_model_dir), "--data", "teacher", "--prompts", str(tmp_path / "none.jsonl"),
                  "--output", str(tmp_path / "out")])
     assert code == 2 and "prompt file not found" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_llama_cpp_engine_samples_the_gguf_teacher_deterministically(tmp_path, tiny_model_dir):
+    pytest.importorskip("llama_cpp")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgekd.exporters.gguf import export_gguf
+    from edgekd.formats import FormatPlan
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+    path = export_gguf(model, tok, tmp_path / "t.gguf", FormatPlan.uniform("f16"), source_name="tiny")
+    blocks = np.random.default_rng(0).integers(3, len(tok), size=(6, 16)).astype(np.int32)
+    greedy = _settings(temperature=0.0, tokens=100)
+    src = gen.prompt_source("corpus", tok, greedy, blocks)
+    by_llama = gen.generate(model, tok, src, replace_engine(greedy, "llama.cpp"), tmp_path / "l", gguf_path=path)
+    from edgekd.methods.qat import convert
+
+    in_f16 = convert(copy.deepcopy(model), FormatPlan.uniform("f16"))  # what the file holds
+    by_torch = gen.generate(in_f16, tok, src, greedy, tmp_path / "t")
+    assert by_llama.engine == "llama.cpp" and len(by_llama.stream) == len(by_torch.stream)
+    assert (by_llama.stream == by_torch.stream).mean() > 0.9  # the same weights; sums in another order
+    sampled = _settings(tokens=100)
+    a = gen.generate(model, tok, src, replace_engine(sampled, "llama.cpp"), tmp_path / "a", gguf_path=path)
+    b = gen.generate(model, tok, src, replace_engine(sampled, "llama.cpp"), tmp_path / "b", gguf_path=path)
+    assert np.array_equal(a.stream, b.stream)
+    with pytest.raises(EdgekdError, match="needs the teacher as a GGUF"):
+        gen.generate(model, tok, src, replace_engine(sampled, "llama.cpp"), tmp_path / "c")
+
+
+def replace_engine(settings, engine):
+    from dataclasses import replace
+
+    return replace(settings, engine=engine)
+
+
+def test_sampling_past_the_time_budget_is_refused_and_its_shards_kept(tmp_path, tiny_tokenizer):
+    teacher = make_tiny_llama(len(tiny_tokenizer))
+    blocks = np.random.default_rng(0).integers(3, len(tiny_tokenizer), size=(10, 32)).astype(np.int32)
+    s = _settings()
+    with pytest.raises(EdgekdError, match="PROJECTION") as err:
+        gen.generate(teacher, tiny_tokenizer, gen.prompt_source("corpus", tiny_tokenizer, s, blocks), s, tmp_path,
+                     seconds_left=lambda: 0.0)
+    assert "generation.tokens" in err.value.fix and len(list(tmp_path.glob("shard-*.npy"))) == 1
+
+
+def test_sampling_that_cannot_fit_in_memory_is_refused():
+    from edgekd.stages.samples import _check_memory
+
+    with pytest.raises(EdgekdError, match="generation.batch_size"):
+        _check_memory(5e9, 1.0)
+    _check_memory(0.5e9, 1.0)

@@ -158,8 +158,11 @@ def shard_count(settings: Generation) -> int:
 
 
 def generate(teacher: Any, tokenizer: Any, prompts: Callable[[int, int], list[list[int]]], settings: Generation,
-             directory: Path, gguf_path: Any = None, progress: Callable[..., None] | None = None) -> Samples:
-    """The teacher's samples under ``directory``: shards already there (same settings) are reused."""
+             directory: Path, gguf_path: Any = None, progress: Callable[..., None] | None = None,
+             seconds_left: Callable[[], float] | None = None) -> Samples:
+    """The teacher's samples under ``directory``: shards already there (same settings) are reused.
+    ``seconds_left()``: the time a budget leaves for sampling; once the first shard has measured the
+    pace, a projection past it is refused (the shards made so far are kept for ``--resume``)."""
     directory = Path(directory)
     meta = {**asdict(settings), "eos": tokenizer.eos_token_id}
     meta_path = directory / "meta.json"
@@ -187,6 +190,8 @@ def generate(teacher: Any, tokenizer: Any, prompts: Callable[[int, int], list[li
         atomic_write_bytes(path, _npy_bytes(stream))
         pieces.append(stream)
         made += 1
+        if seconds_left is not None and made == 1:
+            _check_pace(t_gen, n_shards - shard - 1, seconds_left())
         if progress:
             progress(1, status=f"{n_gen / max(t_gen, 1e-9):.0f} tok/s")
     stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
@@ -202,8 +207,14 @@ def _engine(settings: Generation, teacher: Any, gguf_path: Any) -> Callable[...,
                               fix="pass --teacher model.gguf, or set compression.data.generation.engine=torch")
         from ..device import llamacpp
 
-        llm = llamacpp.load(gguf_path, n_ctx=settings.prompt_tokens * 4 + new + 8, threads=_threads())
-        return lambda prompts, rng, eos: [llama_cpp_continue(llm, p, new, rng, temperature, top_p, eos) for p in prompts]
+        opened: dict[str, Any] = {}
+
+        def run_llama_cpp(prompts: list[list[int]], rng: np.random.Generator, eos: int | None) -> list[list[int]]:
+            need = max(len(p) for p in prompts) + new
+            if opened.get("n_ctx", 0) < need:  # a context that holds the longest prompt and its continuation
+                opened.update(n_ctx=need, llm=llamacpp.load(gguf_path, n_ctx=need, threads=_threads()))
+            return [llama_cpp_continue(opened["llm"], p, new, rng, temperature, top_p, eos) for p in prompts]
+        return run_llama_cpp
 
     def run_torch(prompts: list[list[int]], rng: np.random.Generator, eos: int | None) -> list[list[int]]:
         out: list[list[int] | None] = [None] * len(prompts)
@@ -217,6 +228,16 @@ def _engine(settings: Generation, teacher: Any, gguf_path: Any) -> Callable[...,
                 out[i] = row.tolist()
         return out  # type: ignore[return-value]
     return run_torch
+
+
+def _check_pace(first_shard_s: float, shards_left: int, seconds: float) -> None:
+    projected = first_shard_s * shards_left
+    if projected > seconds:
+        raise EdgekdError(
+            f"sampling the teacher would take about {projected / 60:.0f} more minutes at the pace measured "
+            f"({first_shard_s:.1f} s per shard; PROJECTION), more than the {max(seconds, 0) / 60:.0f} minutes the time budget leaves it",
+            fix="lower compression.data.generation.tokens (or new_tokens), raise the time budget, "
+            "or rerun with --resume and no budget to finish the shards kept so far")
 
 
 def predict_generation_peak(config: Any, settings: Generation) -> float:

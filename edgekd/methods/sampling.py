@@ -11,32 +11,44 @@ et al. 2024).
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
+NUCLEUS_CANDIDATES = 256  # the nucleus is looked for among the most likely tokens first (exact: see next_tokens)
 
-def next_tokens(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0, top_p: float = 1.0) -> np.ndarray:
+
+def next_tokens(logits: Any, rng: np.random.Generator, temperature: float = 1.0, top_p: float = 1.0) -> np.ndarray:
     """One token per row of ``logits`` (rows, vocab): greedy at ``temperature`` 0, else a draw
-    from the tempered distribution cut to its smallest set of tokens holding ``top_p`` of the mass."""
+    from the tempered distribution cut to its smallest set of tokens holding ``top_p`` of the mass.
+
+    float64 throughout. A row's nucleus is looked for among its ``NUCLEUS_CANDIDATES`` most likely
+    tokens first (exact when they hold ``top_p`` of the mass: the nucleus then lies inside them),
+    else in the whole sorted row: sorting a 49k vocabulary per row costs as much as a decode step."""
     z = np.asarray(logits, dtype=np.float64)
     if temperature <= 0:
         return z.argmax(-1)
     z = z / temperature
     p = np.exp(z - z.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
-    if top_p < 1.0:
-        order = np.argsort(-p, axis=-1, kind="stable")
-        sorted_p = np.take_along_axis(p, order, -1)
-        keep = np.cumsum(sorted_p, -1) - sorted_p < top_p  # a token stays while the mass before it is short of top_p
-        cut = np.zeros_like(p)
-        np.put_along_axis(cut, order, sorted_p * keep, -1)
-        p = cut / cut.sum(-1, keepdims=True)
     u = rng.random(len(p))
-    picks = (np.cumsum(p, -1) < u[:, None]).sum(-1)
-    return np.minimum(picks, p.shape[-1] - 1)
+    if top_p >= 1.0:
+        return np.minimum((np.cumsum(p, -1) < u[:, None]).sum(-1), p.shape[-1] - 1)
+    out = np.empty(len(p), dtype=np.int64)
+    k = min(NUCLEUS_CANDIDATES, p.shape[-1] - 1)
+    for r, row in enumerate(p):
+        order = np.argpartition(-row, k)[:k] if k < len(row) - 1 else np.arange(len(row))
+        if row[order].sum() < top_p:
+            order = np.arange(len(row))
+        order = order[np.argsort(-row[order], kind="stable")]
+        mass = row[order]
+        mass = mass * (np.cumsum(mass) - mass < top_p)  # a token stays while the mass before it is short of top_p
+        cdf = np.cumsum(mass)
+        out[r] = order[min(int((cdf < u[r] * cdf[-1]).sum()), len(order) - 1)]
+    return out
 
 
 @torch.no_grad()
@@ -53,13 +65,14 @@ def torch_continue(model: Any, prompts: np.ndarray, new_tokens: int, rng: np.ran
     out = np.empty((ids.shape[0], ids.shape[1] + new_tokens), dtype=np.int64)
     out[:, : ids.shape[1]] = ids.cpu().numpy()
     cache = DynamicCache()
+    cache_arg = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"  # transformers 5.x renamed it
     step_in, past = ids, 0
     stopped = np.zeros(len(out), dtype=bool)
     for i in range(new_tokens):
-        positions = torch.arange(past, past + step_in.shape[1], device=device)
+        positions = torch.arange(past, past + step_in.shape[1], device=device).expand(len(out), -1)
         with autocast():
-            logits = model(input_ids=step_in, past_key_values=cache, use_cache=True, cache_position=positions,
-                           logits_to_keep=1).logits[:, -1]
+            logits = model(input_ids=step_in, position_ids=positions, use_cache=True, logits_to_keep=1,
+                           **{cache_arg: cache}).logits[:, -1]
         past += step_in.shape[1]
         tok = next_tokens(logits.float().cpu().numpy(), rng, temperature, top_p)
         out[:, ids.shape[1] + i] = tok

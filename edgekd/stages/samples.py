@@ -8,6 +8,19 @@ from typing import Any
 from ..pipeline.context import SAMPLES_DIR, RunContext
 from ..report import StageRecord
 
+SAMPLING_SHARE = 0.5  # of a time budget's training time, the most the teacher's samples may take
+
+
+def _check_memory(predicted: float, memory_gb: float | None) -> None:
+    from ..errors import EdgekdError
+    from ..methods.memory import HEADROOM, memory_limit_bytes
+
+    limit = memory_limit_bytes(memory_gb)
+    if predicted > HEADROOM * limit:
+        raise EdgekdError(f"sampling the teacher needs about {predicted / 1e9:.1f} GB (PROJECTION: the prompts' forward pass, "
+                          f"the KV cache of a batch, the sampler), but this run may use {limit / 1e9:.1f} GB",
+                          fix="lower compression.data.generation.batch_size or new_tokens")
+
 
 def teacher_samples(ctx: RunContext) -> StageRecord:
     from ..fileio import atomic_write_bytes
@@ -22,6 +35,10 @@ def teacher_samples(ctx: RunContext) -> StageRecord:
     prompts = gen.prompt_source(kind, tokenizer, settings, None if data_free else ctx.corpus.train, ctx.inputs.prompts)
     gguf = ctx.report.teacher.get("path") if str(ctx.report.teacher.get("path", "")).endswith(".gguf") else None
     predicted = gen.predict_generation_peak(ctx.teacher.model.config, settings)  # before the heap grows
+    _check_memory(predicted, ctx.profile.compression.memory_gb)
+    seconds_left = None
+    if ctx.time_budget is not None:  # sampling may take half the training time the budget leaves
+        seconds_left = lambda: SAMPLING_SHARE * ctx.time_budget.training_left_s()  # noqa: E731
     splits = {"train": settings}
     if data_free:  # a held-out split of its own, sampled with another seed
         frac = ctx.profile.compression.evaluation.heldout_fraction
@@ -31,7 +48,8 @@ def teacher_samples(ctx: RunContext) -> StageRecord:
     for split, s in splits.items():
         with ctx.reporter.task(f"sampling the teacher ({split}, {s.engine}, prompts: {kind})", total=gen.shard_count(s),
                                unit="shards") as advance:
-            made[split] = gen.generate(ctx.teacher.model, tokenizer, prompts, s, ctx.run.path(SAMPLES_DIR, split), gguf, advance)
+            made[split] = gen.generate(ctx.teacher.model, tokenizer, prompts, s, ctx.run.path(SAMPLES_DIR, split), gguf, advance,
+                                       seconds_left)
     blocks = {split: samples.blocks(data.block_len) for split, samples in made.items()}
     if any(len(b) == 0 for b in blocks.values()):
         from ..errors import EdgekdError
