@@ -17,7 +17,7 @@ from .report import Report
 from .versions import edgekd_version
 
 __version__ = edgekd_version()
-__all__ = ["compress", "bench", "load_profile", "Report", "DeviceProfile", "EdgekdError", "__version__"]
+__all__ = ["compress", "bench", "evaluate", "load_profile", "Report", "DeviceProfile", "EdgekdError", "__version__"]
 
 
 def compress(*args: Any, **kwargs: Any) -> Report:
@@ -36,3 +36,13 @@ def bench(*args: Any, **kwargs: Any) -> Any:
 
 
 bench.__doc__ = "Benchmark an exported model against a profile's budgets; see edgekd.device.bench.bench."
+
+
+def evaluate(*args: Any, **kwargs: Any) -> Any:
+    from .quality.check import evaluate as _evaluate
+
+    return _evaluate(*args, **kwargs)
+
+
+evaluate.__doc__ = ("Score a model (GGUF, ONNX, Hugging Face directory or run directory) against its teacher: token KL "
+                    "statistics and the quality budgets; see edgekd.quality.check.evaluate.")

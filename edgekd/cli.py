@@ -102,6 +102,33 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--budgets-on", choices=["measured", "projected"], default="measured",
                    help="check the speed budgets on this host's measurement (default) or on the projection to the device")
 
+    e = sub.add_parser(
+        "eval", help="token KL statistics of a model against its teacher on held-out text, and the quality budgets",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  edgekd eval export/pi5/model-q4_0.gguf            against the embedded teacher\n"
+        "  edgekd eval export/pi5                            every exported file of a run, against its teacher and its QAT master\n"
+        "  edgekd eval model.gguf --against ./hf-teacher --data docs/ --max-kl 0.05 --junit quality.xml\n",
+    )
+    e.add_argument("model", help="a .gguf (llama.cpp), .onnx or onnxruntime-genai folder (onnxruntime), Hugging Face directory (torch), or an edgekd run directory")
+    e.add_argument("--against", default=None, help="the reference, run in torch: a Hugging Face directory or .gguf "
+                   "(default: a run's teacher, else the embedded SmolLM2-135M-Instruct)")
+    e.add_argument("--data", default=None, help="held-out text as --data of compress (default: a run's split, else the default corpus's)")
+    e.add_argument("--blocks", type=int, default=24, help="held-out blocks to score (default: %(default)s)")
+    e.add_argument("--profile", default=None, help="a profile whose budgets.max_kl_to_teacher / min_top1_agreement apply")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a profile value")
+    e.add_argument("--max-kl", type=float, default=None, help="fail (exit 1) above this mean KL to the teacher, nats/token")
+    e.add_argument("--min-top1", type=float, default=None, help="fail (exit 1) below this share of positions with the teacher's top-1")
+    e.add_argument("--tasks", default=None, help="lm-evaluation-harness tasks, comma-separated (e.g. hellaswag,arc_easy,piqa): "
+                   "the model in its runtime and the teacher in torch, side by side")
+    e.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
+    e.add_argument("--include-path", default=None, metavar="DIR", help="a folder of task YAMLs of your own (lm-eval's include_path)")
+    e.add_argument("--min-acc", action="append", default=[], metavar="TASK=ACC", help="fail below this accuracy on a task (repeatable)")
+    e.add_argument("--max-acc-drop", type=float, default=None, help="fail when a task's accuracy is this far below the teacher's")
+    e.add_argument("--threads", type=int, default=None, help="runtime threads (default: this machine's cores)")
+    e.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    e.add_argument("--junit", default=None, metavar="FILE", help="write the quality budgets as JUnit test cases")
+    e.add_argument("--quiet", action="store_true", help="no progress output")
+
     p = sub.add_parser("profiles", help="list, show or check device profiles")
     psub = p.add_subparsers(dest="profiles_command", metavar="ACTION")
     psub.add_parser("list", help="list built-in profiles")
@@ -209,7 +236,40 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK if result.passed else EXIT_BUDGETS
 
 
-COMMANDS = {"compress": cmd_compress, "bench": cmd_bench, "profiles": cmd_profiles, "report": cmd_report}
+def _task_floors(items: list[str]) -> dict[str, float]:
+    floors = {}
+    for item in items:
+        task, _, value = item.partition("=")
+        try:
+            floors[task] = float(value)
+        except ValueError:
+            raise EdgekdError(f"--min-acc {item!r} is not TASK=ACCURACY", fix="write e.g. --min-acc arc_easy=0.4") from None
+    return floors
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .device.results import write_checks_junit
+    from .profiles import load_profile
+    from .progress import Reporter
+    from .quality.check import evaluate
+    from .quality.report import print_eval
+
+    profile = load_profile(args.profile or "raspberry-pi-5", args.overrides) if args.profile or args.overrides else None
+    floors = _task_floors(args.min_acc)
+    result = evaluate(args.model, args.against, args.data, blocks=args.blocks, profile=profile, max_kl=args.max_kl,
+                      min_top1=args.min_top1, threads=args.threads, reporter=Reporter(quiet=args.quiet or args.json),
+                      tasks=args.tasks.split(",") if args.tasks else None, limit=args.limit, include_path=args.include_path,
+                      min_accuracy=floors, max_accuracy_drop=args.max_acc_drop)
+    if args.junit:
+        write_checks_junit(args.junit, "edgekd eval " + Path(args.model).name, "edgekd.eval", result.checks)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+    else:
+        print_eval(result, out)
+    return EXIT_OK if result.passed else EXIT_BUDGETS
+
+
+COMMANDS = {"compress": cmd_compress, "bench": cmd_bench, "eval": cmd_eval, "profiles": cmd_profiles, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

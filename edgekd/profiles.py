@@ -122,6 +122,9 @@ class Budgets(_Strict):
     max_ttft_ms: float | None = Field(default=None, gt=0, description="for a 128-token prompt")
     max_peak_memory_mb: float | None = Field(default=None, gt=0)
     max_energy_mj_per_token: float | None = Field(default=None, gt=0)
+    # quality against the teacher on held-out text, checked by `edgekd eval` and on a run's exported files
+    max_kl_to_teacher: float | None = Field(default=None, gt=0, description="mean KL(teacher || model), nats/token")
+    min_top1_agreement: float | None = Field(default=None, gt=0, le=1, description="share of positions with the teacher's top-1")
 
 
 class PruneSettings(_Strict):

@@ -204,10 +204,38 @@ def test_data_free_run_end_to_end(tmp_path, tiny_model_dir, tiny_profile_overrid
     qat = report.stage("qat")
     assert qat.settings["batch_rows"] == {"corpus": 1, "on_policy": 1} and qat.metrics["final_on_policy_kd"] is not None
     assert report.stage("distill").settings["on_policy"]["new_tokens"] == 16
-    # resumed, the samples are reused, not drawn again
-    again = edgekd.compress(teacher=tiny_model_dir, profile="raspberry-pi-5", data="teacher", output=tmp_path,
-                            run_name="free", overrides=overrides, quiet=True, resume=True)
-    assert again.status == "complete"
+    assert any("on-policy rows at" in note for note in report.notes)
+    # the same run from the command line, resumed: every stage reused, the samples not drawn again
+    sets = [a for o in overrides for a in ("--set", o)]
+    code = main(["compress", "--teacher", str(tiny_model_dir), "--data", "teacher", "--output", str(tmp_path),
+                 "--run-name", "free", "--resume", "--quiet", *sets])
+    assert code == 0
+    assert json.loads((tmp_path / "free" / "report.json").read_text())["corpus"]["source"] == "teacher samples"
+
+
+def test_a_run_killed_while_sampling_resumes_to_the_same_corpus(tmp_path, tiny_model_dir, tiny_profile_overrides, monkeypatch):
+    overrides = tiny_profile_overrides + ["compression.data.generation.tokens=1200", "compression.data.generation.new_tokens=60",
+                                          "compression.data.generation.batch_size=4", "compression.distill.steps=0",
+                                          "compression.qat.steps=0"]
+    kw = dict(teacher=tiny_model_dir, profile="raspberry-pi-5", data="teacher", output=tmp_path, overrides=overrides, quiet=True)
+    whole = edgekd.compress(run_name="whole", **kw)
+    real_join, calls = gen._join, []
+
+    def dies_on_the_third_shard(*a):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as a kill would: the first two shards are on disk
+        return real_join(*a)
+    monkeypatch.setattr(gen, "_join", dies_on_the_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        edgekd.compress(run_name="killed", **kw)
+    monkeypatch.undo()
+    resumed = edgekd.compress(run_name="killed", resume=True, **kw)
+    assert resumed.stage("teacher_samples").metrics["train_shards_reused"] == 2
+    for split in ("train", "heldout"):
+        assert np.array_equal(np.load(tmp_path / "whole" / "corpus" / f"{split}.npy"), np.load(tmp_path / "killed" / "corpus" / f"{split}.npy"))
+    same = lambda r: {k: v for k, v in r.stage("qat").metrics["heldout"].items() if k != "seconds"}  # noqa: E731
+    assert same(whole) == same(resumed)
 
 
 def test_teacher_samples_join_the_corpus_and_the_logit_cache(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides):

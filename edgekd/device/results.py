@@ -125,23 +125,29 @@ def print_bench(result: BenchResult, console: Any) -> None:
 
 def write_junit(result: BenchResult, path: str | os.PathLike) -> None:
     """Each budget becomes one JUnit test case, so CI systems show them individually."""
+    write_checks_junit(path, "edgekd bench " + Path(result.model).name, f"edgekd.bench.{result.profile}", result.budgets)
+
+
+def write_checks_junit(path: str | os.PathLike, suite: str, classname: str, checks: list[Any]) -> None:
+    """``checks`` (BudgetCheck) as JUnit test cases: failed ones as failures, unmeasured ones as
+    skipped (``edgekd eval`` marks those failed itself: a quality budget not measured fails)."""
     from xml.sax.saxutils import quoteattr
 
     from ..fileio import atomic_write_text
 
     cases = []
-    for c in result.budgets:
+    for c in checks:
         body = ""
         if c.passed is False:
             body = f"<failure message={quoteattr(c.describe())}/>"
         elif c.passed is None:
             body = f"<skipped message={quoteattr(c.describe())}/>"
-        cases.append(f'  <testcase classname="edgekd.bench.{result.profile}" name={quoteattr(c.budget)}>{body}</testcase>')
-    failures = sum(c.passed is False for c in result.budgets)
-    skipped = sum(c.passed is None for c in result.budgets)
+        cases.append(f'  <testcase classname={quoteattr(classname)} name={quoteattr(c.budget)}>{body}</testcase>')
+    failures = sum(c.passed is False for c in checks)
+    skipped = sum(c.passed is None for c in checks)
     xml = (
         '<?xml version="1.0" encoding="UTF-8"?>\n'
-        f'<testsuite name={quoteattr("edgekd bench " + Path(result.model).name)} tests="{len(result.budgets)}" '
+        f'<testsuite name={quoteattr(suite)} tests="{len(checks)}" '
         f'failures="{failures}" skipped="{skipped}">\n' + "\n".join(cases) + "\n</testsuite>\n"
     )
     atomic_write_text(path, xml)

@@ -206,13 +206,14 @@ def _engine(settings: Generation, teacher: Any, gguf_path: Any) -> Callable[...,
             raise EdgekdError("generation.engine llama.cpp needs the teacher as a GGUF file",
                               fix="pass --teacher model.gguf, or set compression.data.generation.engine=torch")
         from ..device import llamacpp
+        from ..versions import usable_threads
 
         opened: dict[str, Any] = {}
 
         def run_llama_cpp(prompts: list[list[int]], rng: np.random.Generator, eos: int | None) -> list[list[int]]:
             need = max(len(p) for p in prompts) + new
             if opened.get("n_ctx", 0) < need:  # a context that holds the longest prompt and its continuation
-                opened.update(n_ctx=need, llm=llamacpp.load(gguf_path, n_ctx=need, threads=_threads()))
+                opened.update(n_ctx=need, llm=llamacpp.load(gguf_path, n_ctx=need, threads=usable_threads(1 << 10)))
             return [llama_cpp_continue(opened["llm"], p, new, rng, temperature, top_p, eos) for p in prompts]
         return run_llama_cpp
 
@@ -251,12 +252,6 @@ def predict_generation_peak(config: Any, settings: Generation) -> float:
     kv = 2 * config.num_hidden_layers * settings.batch_size * length * kv_heads * head_dim * 4
     sampler = settings.batch_size * config.vocab_size * 8 * 6
     return predict_forward_peak(config, settings.batch_size, settings.prompt_tokens, logit_copies=0.0, extra_bytes=kv + sampler)
-
-
-def _threads() -> int:
-    import os
-
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 def _join(rows: list[list[int]], prompt_lengths: list[int], eos: int | None) -> np.ndarray:

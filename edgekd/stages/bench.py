@@ -45,13 +45,16 @@ def budget_checks(ctx: RunContext) -> list[Any]:
     edgekd.device.bench (from this process or from the stage's record on resume)."""
     from ..device.budgets import check_budgets
     from ..device.results import BenchResult
+    from ..pipeline.plan import budget_file
+    from .export import quality_budget_checks
 
     record = ctx.report.stage("bench")
     if ctx.bench is None and record is not None:
         ctx.bench = BenchResult.from_dict(record.metrics["bench"])
+    quality = quality_budget_checks(ctx, budget_file(ctx.profile, ctx.format_plan()).file_name)
     if ctx.bench is not None:
-        return list(ctx.bench.budgets)
-    return check_budgets(ctx.profile.budgets, {}, missing_reason="no exported model was benchmarked in this run")
+        return list(ctx.bench.budgets) + quality
+    return check_budgets(ctx.profile.budgets, {}, missing_reason="no exported model was benchmarked in this run") + quality
 
 
 def report_bench(record: StageRecord, ctx: RunContext) -> None:

@@ -12,6 +12,7 @@ from .qat import shipped
 
 PARITY_BLOCKS = 8
 TABLE = "Export parity (runtime vs torch, held-out blocks)"
+STATS_TABLE = "Shipped files against the teacher (held-out blocks, in each file's runtime; llama.cpp's KL statistics)"
 
 
 def export(ctx: RunContext) -> StageRecord:
@@ -46,10 +47,25 @@ def export(ctx: RunContext) -> StageRecord:
         require(result)
         ctx.exports.append(Exported(planned, path))
     floor = _llamacpp_floor(ctx, blocks, threads) if gguf_planned else None
+    stats = {e.path.name: _against_teacher(ctx, e.path, threads) for e in ctx.exports}
     return StageRecord("export", settings={"formats": ctx.profile.deployment.formats, "weight_format": student.plan.name,
                                            "parity_blocks": int(len(blocks))},
-                       metrics={"parity": checks, "llamacpp_floor": floor, "predicted_peak_rss_mb": round(predicted / 2**20, 1)},
+                       metrics={"parity": checks, "llamacpp_floor": floor, "predicted_peak_rss_mb": round(predicted / 2**20, 1),
+                                "against_teacher": stats},
                        artifacts=artifacts)
+
+
+def _against_teacher(ctx: RunContext, path: Path, threads: int) -> dict[str, Any]:
+    """The file's token statistics against the fp32 teacher, in its own runtime (edgekd.methods.kl_stats)."""
+    from ..methods.evaluate import torch_logits_fn
+    from ..methods.kl_stats import compare
+    from ..quality.sources import open_model
+
+    blocks = ctx.heldout_blocks()
+    scored = open_model(path, blocks.shape[1], threads)
+    with ctx.reporter.task(f"{path.name} against the teacher ({scored.runtime})", total=len(blocks), unit="blocks") as advance:
+        stats = compare(scored.logits, torch_logits_fn(ctx.teacher.model), blocks, progress=advance)
+    return {"runtime": scored.runtime, **stats.to_dict()}
 
 
 def _llamacpp_floor(ctx: RunContext, blocks: Any, threads: int) -> dict[str, Any] | None:
@@ -79,3 +95,25 @@ def report_export(record: StageRecord, ctx: RunContext) -> None:
     ctx.report.tables[TABLE] = {
         "headers": ["file", "runtime", "KL per token", "top-1 agreement", "KL limit", "top-1 limit", "greedy match", "verdict"],
         "rows": rows}
+    stats = record.metrics.get("against_teacher") or {}
+    if stats:
+        ctx.report.tables[STATS_TABLE] = {
+            "headers": ["file", "runtime", "tokens", "mean KL", "± s.e.", "median KL", "p90", "p99", "p99.9", "max KL",
+                        "RMS Δp %", "same top-1 %", "perplexity", "teacher perplexity"],
+            "rows": [[name, s["runtime"], s["tokens"], round(s["kl_mean"], 5), round(s["kl_stderr"], 5), round(s["kl_median"], 5),
+                      round(s["kl_p90"], 4), round(s["kl_p99"], 4), round(s["kl_p999"], 4), round(s["kl_max"], 3),
+                      round(s["delta_p_rms_pct"], 2), round(100 * s["same_top1"], 2), round(s["perplexity"], 3),
+                      round(s["reference_perplexity"], 3)] for name, s in stats.items()]}
+
+
+def quality_budget_checks(ctx: RunContext, budget_file_name: str) -> list[Any]:
+    """The profile's quality budgets on the budget file's statistics against the teacher (not measured: failed)."""
+    from ..methods.kl_stats import KlStats
+    from ..quality.check import quality_checks
+
+    record = ctx.report.stage("export")
+    s = ((record.metrics.get("against_teacher") or {}) if record else {}).get(budget_file_name)
+    stats = KlStats(**{k: v for k, v in s.items() if k != "runtime"}) if s else None
+    b = ctx.profile.budgets
+    return quality_checks({"max_kl_to_teacher": b.max_kl_to_teacher, "min_top1_agreement": b.min_top1_agreement}, stats,
+                          f"measured in {s['runtime']} against the teacher" if s else "no exported file was scored")

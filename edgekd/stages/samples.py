@@ -78,3 +78,14 @@ def teacher_samples(ctx: RunContext) -> StageRecord:
     metrics["predicted_peak_rss_mb"] = round(predicted / 2**20, 1)
     return StageRecord("teacher_samples", settings={**asdict(settings), "prompts": kind, "data_free": data_free},
                        metrics=metrics, artifacts=artifacts)
+
+
+def sampling_notes(stages: list) -> list[str]:
+    """Report notes on what the student's own samples cost a training stage: sampling against training speed."""
+    out = []
+    for record in stages:
+        rate = record.metrics.get("sampling_tokens_per_s")
+        if rate:
+            out.append(f"{record.name}: the student sampled its on-policy rows at {rate:.0f} tokens/s; training ran at "
+                       f"{record.metrics.get('tokens_per_s') or 0:.0f} tokens/s (measured, last 10 steps)")
+    return out
