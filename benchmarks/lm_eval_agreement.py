@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -36,13 +35,9 @@ def build_task(folder: Path, blocks: np.ndarray, tok, n_items: int, seed: int = 
         choices = [tok.decode(w[CONTEXT:])] + [tok.decode(windows[j][CONTEXT:]) for j in others]
         order = rng.permutation(4)
         items.append({"question": tok.decode(w[:CONTEXT]), "choices": [choices[i] for i in order], "answer": int(np.argmax(order == 0))})
-    folder.mkdir(parents=True, exist_ok=True)
-    data = folder / "items.jsonl"
-    data.write_text("".join(json.dumps(i) + "\n" for i in items))
-    (folder / "edgekd_heldout_mc.yaml").write_text(
-        "task: edgekd_heldout_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {data.resolve()}\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{{{question}}}}\"\n"
-        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{answer}}\"\ntarget_delimiter: \"\"\nmetric_list:\n  - metric: acc\n")
+    from edgekd.quality.harness import write_multiple_choice_task
+
+    write_multiple_choice_task(folder, "edgekd_heldout_mc", items, target_delimiter="")  # the choices carry their own spaces
     return "edgekd_heldout_mc", items
 
 

@@ -107,14 +107,9 @@ ITEMS = [{"question": "The capital of France is", "choices": ["Paris", "a list",
 
 
 def write_task(folder):
-    folder.mkdir(parents=True, exist_ok=True)
-    data = folder / "items.jsonl"
-    data.write_text("".join(json.dumps(i) + "\n" for i in ITEMS))
-    (folder / "edgekd_tiny_mc.yaml").write_text(
-        "task: edgekd_tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{{{question}}}}\"\n"
-        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{answer}}\"\nmetric_list:\n  - metric: acc\n")
-    return folder
+    from edgekd.quality.harness import write_multiple_choice_task
+
+    return write_multiple_choice_task(folder, "edgekd_tiny_mc", ITEMS)
 
 
 def hand_accuracy(logits, tok):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,24 +105,29 @@ def _read_text_file(path: Path) -> str:
         raise EdgekdError(f"{path} is not UTF-8 text", fix="convert it to UTF-8, or pass a JSONL/datasets corpus") from None
 
 
-def _read_jsonl(path: Path, text_field: str) -> list[Document]:
-    docs = []
+def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object) of each non-empty line of a JSONL file; a clear error on a bad line."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise EdgekdError(f"{path}:{lineno} is not valid JSON ({exc.msg})", fix="fix that line; JSONL holds one JSON object per line") from None
-            if not isinstance(record, dict) or text_field not in record:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise EdgekdError(
-                    f"{path}:{lineno} has no {text_field!r} field (found: {keys})",
-                    fix="pass --text-field NAME with the field that holds the text",
-                )
-            if isinstance(record[text_field], str) and record[text_field].strip():
-                docs.append(Document(f"{path.name}:{lineno}", record[text_field]))
+
+
+def _read_jsonl(path: Path, text_field: str) -> list[Document]:
+    docs = []
+    for lineno, record in jsonl_records(path):
+        if not isinstance(record, dict) or text_field not in record:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise EdgekdError(
+                f"{path}:{lineno} has no {text_field!r} field (found: {keys})",
+                fix="pass --text-field NAME with the field that holds the text",
+            )
+        if isinstance(record[text_field], str) and record[text_field].strip():
+            docs.append(Document(f"{path.name}:{lineno}", record[text_field]))
     return docs
 
 

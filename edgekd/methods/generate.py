@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import EdgekdError
 from ..fileio import atomic_write_bytes, atomic_write_json
-from .data import _npy_bytes, pack
+from .data import _npy_bytes, jsonl_records, pack
 from .sampling import llama_cpp_continue, torch_continue
 
 PROMPT_KINDS = ("corpus", "none", "chat", "file")
@@ -118,13 +118,7 @@ def read_prompt_file(path: Any, tokenizer: Any) -> list[list[int]]:
     check_prompt_file(path)
     path = Path(path).expanduser()
     prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise EdgekdError(f"{path}:{n} is not JSON ({exc.msg})", fix="write one JSON object per line") from None
+    for n, row in jsonl_records(path):
         if isinstance(row, dict) and isinstance(row.get("messages"), list):
             prompts.append(chat_prompt(tokenizer, row["messages"]))
         elif isinstance(row, dict) and isinstance(row.get("prompt"), str):

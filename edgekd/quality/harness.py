@@ -93,6 +93,22 @@ def hf_lm(model: Any, tokenizer: Any, batch_size: int = 1) -> Any:
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
+def write_multiple_choice_task(folder: str | Path, name: str, items: list[dict[str, Any]], target_delimiter: str = " ") -> Path:
+    """A multiple-choice task of one's own for lm-eval's include path: ``items`` ({"question",
+    "choices", "answer" (index)}) as JSONL beside the task YAML that reads them (no download)."""
+    import json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = (folder / f"{name}.jsonl").resolve()
+    data.write_text("".join(json.dumps(i) + "\n" for i in items))
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: \"{{question}}\"\ndoc_to_choice: \"{{choices}}\"\n"
+        f"doc_to_target: \"{{{{answer}}}}\"\ntarget_delimiter: {json.dumps(target_delimiter)}\nmetric_list:\n  - metric: acc\n")
+    return folder
+
+
 def run_tasks(lm: Any, tasks: list[str], limit: int | None = None, include_path: str | Path | None = None) -> dict[str, dict[str, float]]:
     """Accuracy (and other metrics) per task: ``lm_eval.simple_evaluate`` on ``lm``; tasks download
     their data as lm-eval does, or come from ``include_path`` (task YAMLs of one's own)."""
