@@ -25,6 +25,7 @@ from pydantic import (
 
 from .errors import EdgekdError
 from .formats import LINEAR_FORMATS, PLANNER_FORMATS
+from .overrides import apply_overrides, parse_overrides
 
 # Keys moved by a schema change: (old key path) -> new key path. A profile that still uses one
 # gets a message naming the new place instead of "unknown key".
@@ -350,36 +351,6 @@ def _read_yaml(path: Path) -> dict[str, Any]:
             f"profile {path} must be a YAML mapping of keys to values, got {type(data).__name__}",
             fix="start from a built-in profile: edgekd profiles show raspberry-pi-5 > my.yaml",
         )
-    return data
-
-
-def parse_overrides(assignments: list[str] | None) -> list[tuple[list[str], Any]]:
-    """Parse ``key.path=value`` strings; values are read as YAML (``2`` -> int, ``[a, b]`` -> list)."""
-    parsed = []
-    for item in assignments or []:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise EdgekdError(
-                f"bad override {item!r}: expected KEY.PATH=VALUE",
-                fix="for example --set deployment.threads=2 or --set budgets.max_model_mb=120",
-            )
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
-        parsed.append((key.split("."), value))
-    return parsed
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[tuple[list[str], Any]]) -> dict[str, Any]:
-    for path, value in overrides:
-        node = data
-        for part in path[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[path[-1]] = value
     return data
 
 
