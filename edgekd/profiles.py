@@ -154,7 +154,7 @@ class GenerationSettings(_Strict):
     # auto: torch with batched KV-cache decoding (measured faster than llama.cpp's one sequence at a
     # time on the default teacher; benchmarks/RESULTS.md, "Distillation data"); llama.cpp: the teacher's GGUF
     engine: Literal["auto", "torch", "llama.cpp"] = "auto"
-    batch_size: int = Field(default=32, gt=0)  # prompts sampled together (torch); measured 96 / 131 / 147 tok/s at 16 / 32 / 64
+    batch_size: int = Field(default=32, gt=0)  # prompts sampled together (torch): more rows per decode step, more tokens/s
     seed: int = 0
 
 

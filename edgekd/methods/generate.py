@@ -46,9 +46,9 @@ class Generation:
     seed: int
 
     @classmethod
-    def from_settings(cls, s: Any, tokens: int | None = None, seed: int | None = None) -> Generation:
-        return cls(s.tokens if tokens is None else tokens, s.prompt_tokens, s.new_tokens, s.temperature, s.top_p,
-                   "torch" if s.engine == "auto" else s.engine, s.batch_size, s.seed if seed is None else seed)
+    def from_settings(cls, s: Any) -> Generation:
+        return cls(s.tokens, s.prompt_tokens, s.new_tokens, s.temperature, s.top_p,
+                   "torch" if s.engine == "auto" else s.engine, s.batch_size, s.seed)
 
 
 # ---------------------------------------------------------------- prompts

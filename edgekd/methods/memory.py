@@ -156,7 +156,7 @@ def bf16_gradients_apply(cfg: Any, world: int = 1) -> bool:
     """Whether ``cfg``'s (edgekd.methods.distill.DistillConfig) gradients of bf16 products can be
     kept in bf16 exactly (edgekd.methods.optim.Bf16Gradients)."""
     return (cfg.gradient_dtype == "bf16" and cfg.precision == "bf16" and cfg.optimizer_state == "bf16"
-            and cfg.grad_accum == 1 and world == 1 and not getattr(cfg, "on_policy_share", 0.0))  # one backward pass a step
+            and cfg.grad_accum == 1 and world == 1 and not cfg.on_policy_share)  # one backward pass a step
 
 
 ACCUMULATION_COPIES = 1.5  # measured: 1 x 4 micro-batches peaked 0.93 GB above the whole batch (Qwen3-0.6B shape, 0.62 GB table)
@@ -201,7 +201,7 @@ def _savings_ladder(cfg: Any) -> Iterator[Any]:
     if cfg.optimizer_state != "bf16":
         cfg = replace(cfg, optimizer_state="bf16")
         yield cfg
-    if cfg.gradient_dtype != "bf16" and cfg.precision == "bf16" and cfg.grad_accum == 1 and not getattr(cfg, "on_policy_share", 0.0):
+    if cfg.gradient_dtype != "bf16" and cfg.precision == "bf16" and cfg.grad_accum == 1 and not cfg.on_policy_share:
         cfg = replace(cfg, gradient_dtype="bf16")
         yield cfg
     while cfg.batch_size > 1:

@@ -89,9 +89,9 @@ def evaluate(model: Any, against: Any = None, data: Any = None, *, blocks: int =
     from ..versions import usable_threads
 
     reporter = reporter or Reporter(quiet=True)
-    prof = profile if profile is None or not isinstance(profile, (str, Path)) else load_profile(profile)
-    limits = {"max_kl_to_teacher": max_kl if max_kl is not None else getattr(getattr(prof, "budgets", None), "max_kl_to_teacher", None),
-              "min_top1_agreement": min_top1 if min_top1 is not None else getattr(getattr(prof, "budgets", None), "min_top1_agreement", None)}
+    budgets = (load_profile(profile) if isinstance(profile, (str, Path)) else profile).budgets if profile is not None else None
+    limits = {"max_kl_to_teacher": max_kl if max_kl is not None else getattr(budgets, "max_kl_to_teacher", None),
+              "min_top1_agreement": min_top1 if min_top1 is not None else getattr(budgets, "min_top1_agreement", None)}
     threads = usable_threads(threads or 1 << 10)  # default: every core this process may use
     path = Path(model).expanduser()
     if (path / ".edgekd-run").exists():
@@ -148,13 +148,15 @@ def replace_budget(check: BudgetCheck, file_name: str) -> BudgetCheck:
 
 
 def _compare(scored: Scored, reference: Scored, heldout: np.ndarray, label: str, reporter: Any) -> KlStats:
-    probe = np.asarray(scored.logits(heldout[:1]))
-    want = reference.vocab_size
-    if want is not None and probe.shape[-1] != want:
-        raise EdgekdError(f"{scored.path.name} has a {probe.shape[-1]}-token vocabulary, the reference {want}",
-                          fix="compare a model with the teacher it was compressed from (--against)")
+    def checked(block: np.ndarray) -> np.ndarray:  # the vocabularies must match, checked on the logits scored anyway
+        logits = np.asarray(scored.logits(block))
+        if reference.vocab_size is not None and logits.shape[-1] != reference.vocab_size:
+            raise EdgekdError(f"{scored.path.name} has a {logits.shape[-1]}-token vocabulary, the reference {reference.vocab_size}",
+                              fix="compare a model with the teacher it was compressed from (--against)")
+        return logits
+
     with reporter.task(f"{scored.path.name} ({scored.runtime}) against the {label}", total=len(heldout), unit="blocks") as advance:
-        return compare(scored.logits, reference.logits, heldout, progress=advance)
+        return compare(checked, reference.logits, heldout, progress=advance)
 
 
 def _heldout(data: Any, tokenizer: Any, blocks: int) -> tuple[str, np.ndarray]:

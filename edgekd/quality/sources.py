@@ -43,11 +43,8 @@ def kind_of(path: Path) -> str:
 
 def open_model(spec: Any, block_len: int, threads: int) -> Scored:
     """``spec`` (a path; None: the embedded default teacher) with its logits one block of ``block_len`` at a time."""
-    from ..methods.models import load_causal_lm, resolve_model_source
-
     if spec is None:
-        loaded = load_causal_lm(resolve_model_source(None))
-        return _torch(loaded.source.path, loaded.model, loaded.tokenizer)
+        return torch_reference(None)
     path = Path(spec).expanduser()
     if not path.exists():
         raise EdgekdError(f"model not found: {path}", fix="check the path")
@@ -64,8 +61,7 @@ def open_model(spec: Any, block_len: int, threads: int) -> Scored:
         from ..device import onnxrt
 
         return Scored(path, kind, "onnxruntime", onnxrt.logits_fn(path, threads))
-    loaded = load_causal_lm(resolve_model_source(path))
-    return _torch(path, loaded.model, loaded.tokenizer)
+    return torch_reference(path)
 
 
 def torch_reference(spec: Any) -> Scored:
@@ -74,14 +70,10 @@ def torch_reference(spec: Any) -> Scored:
     from ..methods.models import load_causal_lm, resolve_model_source
 
     loaded = load_causal_lm(resolve_model_source(spec))
-    return _torch(loaded.source.path, loaded.model, loaded.tokenizer)
+    return torch_model(loaded.source.path, loaded.model, loaded.tokenizer)
 
 
 def torch_model(path: Path, model: Any, tokenizer: Any = None) -> Scored:
-    return _torch(path, model, tokenizer)
-
-
-def _torch(path: Path, model: Any, tokenizer: Any) -> Scored:
     from ..methods.evaluate import torch_logits_fn
 
     return Scored(Path(path), "hf", "torch", torch_logits_fn(model.eval()), int(model.config.vocab_size), tokenizer, model)

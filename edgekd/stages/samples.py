@@ -33,7 +33,8 @@ def teacher_samples(ctx: RunContext) -> StageRecord:
     kind = gen.resolve_prompt_kind(data.generation.prompts, not data_free, ctx.inputs.prompts)
     tokenizer = ctx.teacher.tokenizer
     prompts = gen.prompt_source(kind, tokenizer, settings, None if data_free else ctx.corpus.train, ctx.inputs.prompts)
-    gguf = ctx.report.teacher.get("path") if str(ctx.report.teacher.get("path", "")).endswith(".gguf") else None
+    source = ctx.teacher.source
+    gguf = source.path if source.kind in ("gguf", "default") else None  # the llama.cpp engine's file
     predicted = gen.predict_generation_peak(ctx.teacher.model.config, settings)  # before the heap grows
     _check_memory(predicted, ctx.profile.compression.memory_gb)
     seconds_left = None
