@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  edgekd bench model-q4_0.gguf --profile raspberry-pi-5\n"
         "  edgekd bench model-q4_0.gguf --profile raspberry-pi-5 --json --junit bench.xml\n"
-        "  edgekd bench model-q4_0-genai --profile phone --energy-log meter.csv\n",
+        "  edgekd bench model-q4_0-genai --profile phone --energy-log meter.csv\n"
+        "  edgekd bench model-q4_0.gguf --against teacher-f16.gguf --max-kl 0.06 --junit bench.xml\n",
     )
     b.add_argument("model", help="a .gguf (llama.cpp), an onnxruntime-genai folder (or the .onnx in it; onnxruntime-genai "
                    "where installed, else onnxruntime) or an edgekd .onnx file (onnxruntime)")
@@ -101,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the roofline projection to the profile's device")
     b.add_argument("--budgets-on", choices=["measured", "projected"], default="measured",
                    help="check the speed budgets on this host's measurement (default) or on the projection to the device")
+    b.add_argument("--against", default=None, metavar="REFERENCE",
+                   help="the teacher as a file its runtime loads (its F16 or Q8_0 GGUF, an ONNX file): KL statistics of the "
+                   "model against it, both in their runtimes, and the quality budgets (needs no torch)")
+    b.add_argument("--data", default=None, help="held-out text for --against (as --data of compress), or a run's "
+                   "corpus/heldout.npy (token blocks); default: the default corpus's held-out split")
+    b.add_argument("--blocks", type=int, default=24, help="held-out blocks scored with --against (default: %(default)s)")
+    b.add_argument("--max-kl", type=float, default=None, help="budgets.max_kl_to_teacher: fail (exit 1) above this mean KL")
+    b.add_argument("--min-top1", type=float, default=None, help="budgets.min_top1_agreement: fail (exit 1) below this share")
 
     e = sub.add_parser(
         "eval", help="token KL statistics of a model against its teacher on held-out text, and the quality budgets",
@@ -224,9 +233,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .device.bench import bench
     from .device.results import print_bench, write_junit
 
-    result = bench(args.model, profile=args.profile, overrides=args.overrides, threads=args.threads,
+    overrides = list(args.overrides or [])
+    overrides += [f"budgets.max_kl_to_teacher={args.max_kl}"] if args.max_kl is not None else []
+    overrides += [f"budgets.min_top1_agreement={args.min_top1}"] if args.min_top1 is not None else []
+    result = bench(args.model, profile=args.profile, overrides=overrides, threads=args.threads,
                    repeats=args.repeats, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
-                   energy_log=args.energy_log, projection=args.projection, budgets_on=args.budgets_on)
+                   energy_log=args.energy_log, projection=args.projection, budgets_on=args.budgets_on,
+                   against=args.against, data=args.data, quality_blocks=args.blocks)
     if args.junit:
         write_junit(result, args.junit)
     if args.json:

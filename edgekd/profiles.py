@@ -126,6 +126,9 @@ class Budgets(_Strict):
     # quality against the teacher on held-out text, checked by `edgekd eval` and on a run's exported files
     max_kl_to_teacher: float | None = Field(default=None, gt=0, description="mean KL(teacher || model), nats/token")
     min_top1_agreement: float | None = Field(default=None, gt=0, le=1, description="share of positions with the teacher's top-1")
+    # lm-eval accuracy of compression.evaluation.tasks: floors per task, and the largest drop below the teacher
+    min_task_accuracy: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=dict)
+    max_task_accuracy_drop: float | None = Field(default=None, ge=0, le=1)
 
 
 class PruneSettings(_Strict):
@@ -234,9 +237,21 @@ class QatSettings(_Strict):
     clip_search: bool = True
 
 
+CHAT_PROMPTS = ("Write a Python function that reverses a string.", "What does the `with` statement do in Python?",
+                "Give me three tips for writing clear code.")
+
+
 class EvaluationSettings(_Strict):
     heldout_fraction: float = Field(default=0.1, gt=0, lt=1)
     max_heldout_blocks: int = Field(default=24, gt=0)
+    # chat side by side in report.md (edgekd.quality.chat): user turns, greedy, teacher vs each shipped file
+    chat_prompts: list[str] = Field(default_factory=lambda: list(CHAT_PROMPTS))
+    chat_prompts_file: str | None = None  # JSONL of {"messages": [...]} or {"prompt": "..."}, added to chat_prompts
+    chat_new_tokens: int = Field(default=48, ge=0)  # 0: no chat section
+    # lm-evaluation-harness tasks run on every shipped file and the teacher (edgekd.quality.tasks)
+    tasks: list[str] = Field(default_factory=list)
+    task_limit: int | None = Field(default=None, gt=0)  # items per task (None: all)
+    task_include_path: str | None = None  # a folder of task YAMLs of one's own
 
 
 class PlannerSettings(_Strict):

@@ -81,3 +81,10 @@ def test_bench_runs_in_a_venv_without_torch(tmp_path, teacher_gguf):
     assert run.returncode in (0, 1), run.stderr[-3000:]
     data = json.loads(run.stdout)
     assert data["tg_tokens_per_s"]["median"] > 0 and junit.exists()
+    # the quality budgets on the device: the file against a reference, both in llama.cpp, text tokenized by llama.cpp
+    run = subprocess.run([str(venv / "bin" / "edgekd"), "bench", str(teacher_gguf), "--against", str(teacher_gguf), "--blocks", "1",
+                          "--min-top1", "0.999", "--threads", "1", "--repeats", "1", "--prompt-tokens", "16", "--gen-tokens", "8",
+                          "--no-projection", "--json"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    data = json.loads(run.stdout)
+    assert data["quality"]["same_top1"] == 1.0 and data["quality"]["tokens"] == 255, run.stderr[-2000:]
+    assert [b["budget"] for b in data["budgets"]][-1] == "min_top1_agreement" and data["budgets"][-1]["passed"]

@@ -48,6 +48,7 @@ def test_foreign_directory_is_never_touched(tmp_path):
 def test_existing_run_needs_resume_or_overwrite(tmp_path):
     run = RunDir(tmp_path / "run")
     assert run.open({"a": 1}) is False
+    run.close()
     with pytest.raises(EdgekdError) as exc:
         RunDir(tmp_path / "run").open({"a": 1})
     assert "already holds an unfinished run" in str(exc.value) and "--resume" in str(exc.value)

@@ -82,14 +82,63 @@ def test_bad_input_exits_2(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "missing.gguf")]) == 2
 
 
+@pytest.fixture(scope="module")
+def tiny_f16_gguf(tiny_model_dir, tmp_path_factory):
+    pytest.importorskip("llama_cpp")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgekd.exporters.gguf import export_gguf
+    from edgekd.formats import FormatPlan
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+    return export_gguf(model, tok, tmp_path_factory.mktemp("gguf") / "tiny-f16.gguf", FormatPlan.uniform("f16"), source_name="tiny")
+
+
+def test_bench_checks_the_quality_budgets_against_a_reference_file(tiny_gguf, tiny_f16_gguf, small_corpus_file, tmp_path, capsys):
+    """On a device without torch: the file against the teacher's GGUF, both in llama.cpp, text tokenized by llama.cpp."""
+    junit = tmp_path / "bench.xml"
+    quick = ["--repeats", "1", "--prompt-tokens", "8", "--gen-tokens", "4", "--no-projection", "--threads", "1"]
+    code = main(["bench", str(tiny_gguf), "--against", str(tiny_f16_gguf), "--data", str(small_corpus_file), "--blocks", "2",
+                 "--max-kl", "1e-9", "--min-top1", "0.5", "--junit", str(junit), "--json", *quick])
+    data = json.loads(capsys.readouterr().out)
+    q, verdicts = data["quality"], {b["budget"]: b["passed"] for b in data["budgets"]}
+    assert code == 1 and q["runtime"] == "llama.cpp" and q["against"] == "tiny-f16.gguf" and q["tokens"] == 2 * 255
+    assert 0 < q["kl_mean"] < 0.05 and verdicts["max_kl_to_teacher"] is False and verdicts["min_top1_agreement"] is True
+    assert '<testcase classname="edgekd.bench.' in junit.read_text() and 'name="max_kl_to_teacher"><failure' in junit.read_text()
+    # token blocks from a .npy (a run's corpus/heldout.npy) are scored as they are
+    blocks = np.random.default_rng(0).integers(0, 200, size=(3, 32))
+    np.save(tmp_path / "heldout.npy", blocks)
+    result = edgekd.bench(tiny_gguf, against=tiny_f16_gguf, data=tmp_path / "heldout.npy", quality_blocks=2, repeats=1,
+                          prompt_tokens=8, gen_tokens=4, projection=False, overrides=["budgets.max_kl_to_teacher=1.0"])
+    assert result.quality["tokens"] == 2 * 31 and result.passed
+    # a quality budget with no reference to measure it against fails: not measured is never a pass
+    result = edgekd.bench(tiny_gguf, repeats=1, prompt_tokens=8, gen_tokens=4, projection=False,
+                          overrides=["budgets.min_top1_agreement=0.5"])
+    assert not result.passed and "not measured" in result.failures[-1] and "--against" in result.failures[-1]
+
+
 def test_a_run_directory_is_scored_against_its_teacher_and_its_qat_master(tmp_path, tiny_model_dir, small_corpus_file,
                                                                           tiny_profile_overrides):
+    pytest.importorskip("lm_eval")
+    tasks = write_task(tmp_path / "tasks")
     report = edgekd.compress(teacher=tiny_model_dir, profile="raspberry-pi-5", data=small_corpus_file, output=tmp_path, run_name="r",
-                             overrides=tiny_profile_overrides + ["budgets.max_kl_to_teacher=1e-9"], quiet=True)
-    # compress scored its file against the teacher and checked the quality budget on it
-    assert not report.passed and any("max_kl_to_teacher" in f for f in report.failures())
-    stats = report.stage("export").metrics["against_teacher"]["model-q4_0.gguf"]
-    assert stats["runtime"] == "llama.cpp" and stats["kl_mean"] > 0 and "llama.cpp's KL statistics" in (tmp_path / "r" / "report.md").read_text()
+                             overrides=tiny_profile_overrides + [
+                                 "budgets.max_kl_to_teacher=1e-9", "compression.evaluation.tasks=[edgekd_tiny_mc]",
+                                 f"compression.evaluation.task_include_path={tasks}", "budgets.min_task_accuracy={edgekd_tiny_mc: 1.0}",
+                                 "compression.evaluation.chat_new_tokens=6"], quiet=True)
+    # compress scored its file against the teacher and checked the quality budgets on it
+    failed = report.failures()
+    assert not report.passed and any("max_kl_to_teacher" in f for f in failed) and any("min_accuracy[edgekd_tiny_mc]" in f for f in failed)
+    export = report.stage("export").metrics
+    stats = export["against_teacher"]["model-q4_0.gguf"]
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert stats["runtime"] == "llama.cpp" and stats["kl_mean"] > 0 and "llama.cpp's KL statistics" in md
+    # the tasks ran on the shipped file and on the teacher; the chat prompts through both, side by side
+    task = export["tasks"]["model-q4_0.gguf"]["edgekd_tiny_mc"]
+    assert 0 <= task["model"] <= 1 and 0 <= task["teacher"] <= 1 and "lm-evaluation-harness tasks" in md
+    chat = export["chat"]
+    assert len(chat) == 3 and set(chat[0]["files"]) == {"model-q4_0.gguf"} and chat[0]["teacher_tokens"] <= 6
+    assert "Chat side by side" in md and chat[0]["prompt"] in md
     result = edgekd.evaluate(tmp_path / "r", blocks=3, max_kl=10.0)
     rows = {(c.model, c.against): c.stats for c in result.comparisons}
     assert set(rows) == {("student-qat (QAT master)", "teacher"), ("model-q4_0.gguf", "teacher"), ("model-q4_0.gguf", "QAT master (torch)")}

@@ -120,6 +120,10 @@ def bench(
     energy_log: str | os.PathLike | None = None,
     projection: bool = True,
     budgets_on: str = "measured",
+    against: str | os.PathLike | None = None,
+    data: str | os.PathLike | None = None,
+    quality_blocks: int = 24,
+    quality_budgets: bool = True,
 ) -> BenchResult:
     """Benchmark ``model`` (a .gguf, an onnxruntime-genai folder or an edgekd .onnx file) with the
     settings and budgets of ``profile``. An onnxruntime-genai folder runs through onnxruntime-genai
@@ -133,6 +137,13 @@ def bench(
     (``unix_time_s,watts``) covering the run. ``projection``: also project decode speed and
     TTFT to the profile's device (host-calibrated roofline); ``budgets_on="projected"`` checks
     the speed budgets on that projection instead of on this host's measurement.
+
+    ``against``: a reference model (the teacher's F16 or Q8_0 GGUF; an ONNX file) scored with
+    ``model`` in their runtimes on ``quality_blocks`` held-out blocks of ``data`` (text as
+    ``--data`` of compress, or a run's ``corpus/heldout.npy``; default: the default corpus's split),
+    so the profile's quality budgets (``max_kl_to_teacher``, ``min_top1_agreement``) are checked on
+    the device without torch. A quality budget the profile sets is a failure when no reference is given
+    (``quality_budgets=False``: left to the caller, as ``compress`` scores its files against the fp32 teacher).
     """
     from ..versions import usable_threads
 
@@ -154,7 +165,32 @@ def bench(
     n_threads = threads or usable_threads(prof.deployment.threads)
     options = {"energy_log": None if energy_log is None else str(energy_log), "projection": projection, "budgets_on": budgets_on}
     if not isolated:
-        return _run_in_process(path, prof, n_threads, prompt_tokens, gen_tokens, repeats, **options)
+        result = _run_in_process(path, prof, n_threads, prompt_tokens, gen_tokens, repeats, **options)
+    else:
+        result = _run_isolated(path, prof, n_threads, prompt_tokens, gen_tokens, repeats, options)
+    if quality_budgets:
+        _check_quality(result, Path(model).expanduser(), prof, against, data, quality_blocks, n_threads)
+    return result
+
+
+def _check_quality(result: BenchResult, model: Path, profile: DeviceProfile, against: Any, data: Any, blocks: int,
+                   threads: int) -> None:
+    """The profile's quality budgets on the file against ``against`` (both in their runtimes), after the timed
+    run so the measured memory stays the runtime's own; not measured (no reference) is a failure."""
+    from ..quality.check import compare_in_runtimes, quality_checks
+
+    b = profile.budgets
+    limits = {"max_kl_to_teacher": b.max_kl_to_teacher, "min_top1_agreement": b.min_top1_agreement}
+    if against is None:
+        result.budgets += quality_checks(limits, None, "no reference: pass --against the teacher's GGUF")
+        return
+    comparison, text = compare_in_runtimes(model, against, data, blocks=blocks, threads=threads)
+    result.quality = {**comparison.to_dict(), "text": text}
+    result.budgets += quality_checks(limits, comparison.stats, f"measured in {comparison.runtime} against {comparison.against}")
+
+
+def _run_isolated(path: Path, prof: DeviceProfile, n_threads: int, prompt_tokens: int, gen_tokens: int, repeats: int,
+                  options: dict[str, Any]) -> BenchResult:
     job = {"model": str(path), "profile": prof.model_dump(mode="json"), "threads": n_threads,
            "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "repeats": repeats, **options}
     proc = subprocess.run([sys.executable, "-m", "edgekd.device.bench"], input=json.dumps(job), capture_output=True, text=True)

@@ -100,6 +100,40 @@ def logits_fn(path: str | Path, block_len: int, threads: int):
     return fn
 
 
+class Tokenizer:
+    """A GGUF's own tokenizer in llama.cpp (the vocabulary only, no weights loaded), with the two
+    things corpus packing needs (``edgekd.methods.data.tokenize_documents``): a call on a list of
+    texts returning ``{"input_ids": [...]}`` and ``eos_token_id``. Lets ``edgekd bench`` tokenize
+    held-out text on a device without transformers."""
+
+    def __init__(self, path: str | Path) -> None:
+        llama_cpp = _llama_cpp()
+        try:
+            self._vocab = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+        except Exception as exc:
+            raise EdgekdError(f"llama.cpp could not read the vocabulary of {path} ({exc})",
+                              fix="check that the file is a complete GGUF written by llama.cpp or edgekd") from None
+        _OPEN.append(self._vocab)
+        self.eos_token_id = int(self._vocab.token_eos())
+
+    def __call__(self, texts: list[str], add_special_tokens: bool = False) -> dict[str, list[list[int]]]:
+        return {"input_ids": [self._vocab.tokenize(t.encode("utf-8"), add_bos=add_special_tokens, special=False) for t in texts]}
+
+
+def greedy(llm: Any, prompt: list[int], new_tokens: int, stop_id: int | None = None) -> list[int]:
+    """Greedy continuation of ``prompt`` (argmax of the context's logits each step), ending at ``stop_id``."""
+    llm.reset()
+    llm.eval([int(t) for t in prompt])
+    out: list[int] = []
+    for _ in range(new_tokens):
+        token = int(last_logits(llm).argmax())
+        out.append(token)
+        if token == stop_id or len(prompt) + len(out) >= llm.n_ctx():
+            break
+        llm.eval([token])
+    return out
+
+
 def _attention_shape(meta: dict[str, str]) -> tuple[int, int, int, int] | None:
     """(layers, heads, kv_heads, head_dim) from GGUF metadata."""
     try:

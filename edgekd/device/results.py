@@ -49,6 +49,7 @@ class BenchResult:
     model_facts: dict[str, Any] | None = None  # bytes, params and attention shape read from the file (costmodel.ModelFacts)
     projection: dict[str, Any] | None = None  # PROJECTION to the profile's device (see costmodel.project_from_host)
     host_perf: dict[str, Any] | None = None  # this host's measured copy bandwidth and GEMM throughput
+    quality: dict[str, Any] | None = None  # KL statistics against the reference (bench --against), in both runtimes
 
     @property
     def passed(self) -> bool:
@@ -104,6 +105,10 @@ def print_bench(result: BenchResult, console: Any) -> None:
         t.add_row(f"KV cache MB @ {result.context_length} ctx", f"{result.kv_cache_mb:.1f}",
                   "f16" if result.runtime.startswith("llama.cpp") else "fp32")  # llama.cpp caches f16; the ONNX decoders fp32
     t.add_row("CPU-s / token", f"{result.cpu_s_per_token:.4f}", "")
+    q = result.quality
+    if q:
+        t.add_row(f"mean KL to {q['against']}", f"{q['kl_mean']:.5f}", f"± {q['kl_stderr']:.5f}; p99 {q['kl_p99']:.4f}, max {q['kl_max']:.3f}")
+        t.add_row("same top-1 %", f"{100 * q['same_top1']:.2f}", f"{q['tokens']:,} tokens of {q['text']}")
     e = result.energy
     t.add_row("energy mJ / token", f"{e['energy_mj_per_token']:.1f}", e["method"])
     if e.get("tokens_per_charge"):

@@ -70,14 +70,18 @@ def position_stats(logits: np.ndarray, reference: np.ndarray, targets: np.ndarra
             "same": logits.argmax(-1) == reference.argmax(-1), "nll": -logp[rows, targets], "ref_nll": -logr[rows, targets]}
 
 
-def compare(model_fn: LogitsFn, reference_fn: LogitsFn, blocks: np.ndarray, progress: Callable[[int], None] | None = None) -> KlStats:
+def compare(model_fn: LogitsFn, reference_fn: LogitsFn, blocks: np.ndarray, progress: Callable[[int], None] | None = None,
+            first: int = 0) -> KlStats:
     """The statistics of ``model_fn`` against ``reference_fn`` on ``blocks`` (B, L), one block at a time
-    (both logit sets of one block in memory, never the whole text's)."""
+    (both logit sets of one block in memory, never the whole text's). ``first``: the first position
+    scored in each block (llama.cpp's ``perplexity`` scores from the middle of each window, n_ctx // 2,
+    so every scored token has at least half a window of context); default every position."""
     start = time.perf_counter()
     parts: dict[str, list[np.ndarray]] = {}
     for b in range(len(blocks)):
         block = np.ascontiguousarray(blocks[b : b + 1])
-        got = position_stats(np.asarray(model_fn(block))[0, :-1], np.asarray(reference_fn(block))[0, :-1], block[0, 1:].astype(np.int64))
+        got = position_stats(np.asarray(model_fn(block))[0, first:-1], np.asarray(reference_fn(block))[0, first:-1],
+                             block[0, first + 1:].astype(np.int64))
         for k, v in got.items():
             parts.setdefault(k, []).append(v)
         if progress:

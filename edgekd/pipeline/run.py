@@ -37,6 +37,8 @@ def _run_stages(ctx: RunContext) -> None:
             ctx.reporter.info(f"  {stage_name}: done earlier, reused")
             report.stages.append(done)
             continue
+        if stage_name in run.stale:
+            ctx.reporter.info(f"  {stage_name}: finished earlier, but {run.stale[stage_name]}: running it again")
         release_freed_memory()
         t0 = time.perf_counter()
         with peak_memory() as peak:
@@ -114,27 +116,37 @@ def compress(
         **({"prompts": str(prompts)} if prompts is not None else {}),
     }
     resumed = run.open(run_config, overwrite=overwrite, resume=resume)
+    try:
+        report = _execute(run, prof, resumed, name, reporter, budget_s, RunInputs(teacher, data, text_field, trust_remote_code, prompts))
+    finally:
+        run.close()
+    reporter.info(f"[green]done[/]: {run.root / 'report.md'}")
+    return report
+
+
+def _execute(run: RunDir, prof: DeviceProfile, resumed: bool, name: str, reporter: Reporter, budget_s: float | None,
+             inputs: RunInputs) -> Report:
+    """The plan's stages in the opened (and locked) run directory, then the report."""
     report = Report(
         run_name=name, run_dir=str(run.root), profile=prof.model_dump(mode="json"),
         edgekd_version=edgekd_version(), created_at=now_iso(),
-        host=host_info(), versions=library_versions(), plan=plan_stages(prof, is_data_free(data)),
+        host=host_info(), versions=library_versions(), plan=plan_stages(prof, is_data_free(inputs.data)),
     )
-    ctx = RunContext(prof, run, report, reporter, RunInputs(teacher, data, text_field, trust_remote_code, prompts))
-    if budget_s is not None:
-        spent = sum(rec.wall_time_s for stage in report.plan if stage not in ALWAYS_RUN and (rec := run.completed(stage)))
-        ctx.time_budget = TimeBudget(budget_s, spent_before_s=spent)
-    reporter.info(f"[bold]edgekd[/] {'resuming' if resumed else 'run'} {run.root}  plan: {' -> '.join(report.plan)}")
+    ctx = RunContext(prof, run, report, reporter, inputs)
     try:
+        if budget_s is not None:
+            spent = sum(rec.wall_time_s for stage in report.plan if stage not in ALWAYS_RUN and (rec := run.finished(stage)))
+            ctx.time_budget = TimeBudget(budget_s, spent_before_s=spent)
+        reporter.info(f"[bold]edgekd[/] {'resuming' if resumed else 'run'} {run.root}  plan: {' -> '.join(report.plan)}")
         _run_stages(ctx)
+        _assemble_report(ctx)
     except EdgekdError:
         # A user error before any expensive stage finished: remove the run this call
         # created, so fixing the input and re-running needs no --overwrite.
         if not resumed and not any(s.name not in ALWAYS_RUN for s in report.stages):
             run.discard()
         raise
-    _assemble_report(ctx)
     report.status = "complete"
     report.finished_at = now_iso()
     report.save(run.root)
-    reporter.info(f"[green]done[/]: {run.root / 'report.md'}")
     return report

@@ -4,11 +4,15 @@ Rules (so nothing the user had is lost):
 - a missing or empty directory becomes a new run;
 - a directory edgekd did not create (no marker) is never written to or deleted;
 - a finished or unfinished run is refused unless ``--overwrite`` (start again) or
-  ``--resume`` (continue; completed stages are reused when the run's settings match).
+  ``--resume`` (continue; completed stages are reused when the run's settings match and their
+  artifacts still have the size and checksum they were recorded with);
+- one process at a time: a lock held for the run's lifetime (``edgekd.pipeline.integrity``);
+- a refused new run leaves nothing behind, not even the output folders it made.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from dataclasses import asdict
@@ -20,6 +24,7 @@ from ..errors import EdgekdError
 from ..fileio import atomic_write_json
 from ..report import REPORT_JSON, StageRecord
 from ..versions import edgekd_version
+from .integrity import LOCK, RunLock, artifact_problem, fingerprint
 
 MARKER = ".edgekd-run"
 STATE = "state.json"
@@ -33,6 +38,9 @@ def now_iso() -> str:
 class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self.lock = RunLock(self.root)
+        self.stale: dict[str, str] = {}  # stage -> why its artifacts cannot be reused
+        self._made: list[Path] = []  # folders this process created, removed again by discard()
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
@@ -44,7 +52,7 @@ class RunDir:
             return "absent"
         if not self.root.is_dir():
             return "foreign"
-        if not any(self.root.iterdir()):
+        if not any(p.name != LOCK for p in self.root.iterdir()):
             return "empty"
         if not self.path(MARKER).exists():
             return "foreign"
@@ -74,15 +82,27 @@ class RunDir:
                 fix="pass --resume to continue it (finished stages are reused), --overwrite to start again, "
                 "or --run-name NAME for a new run",
             )
-        if state in ("complete", "incomplete") and overwrite:
-            shutil.rmtree(self.root)
-            state = "absent"
-        if state in ("complete", "incomplete"):  # resume
-            self._check_same_config(run_config)
-            return True
         if resume and state in ("absent", "empty"):
             raise EdgekdError(f"nothing to resume: {self.root} holds no run", fix="drop --resume to start a new run")
-        self.root.mkdir(parents=True, exist_ok=True)
+        if state == "absent":
+            self._made = [p for p in [self.root, *self.root.parents] if not p.exists()]
+            self.root.mkdir(parents=True)
+        self.lock.acquire()  # before anything in the directory changes
+        try:
+            return self._prepare(state, run_config, overwrite)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _prepare(self, state: str, run_config: dict[str, Any], overwrite: bool) -> bool:
+        if state in ("complete", "incomplete") and overwrite:
+            for p in self.root.iterdir():
+                if p.name != LOCK:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        elif state in ("complete", "incomplete"):  # resume
+            self._check_same_config(run_config)
+            self._state()  # a corrupt state file is an error now, not a silent restart later
+            return True
         atomic_write_json(self.path(MARKER), {"created_at": now_iso(), "edgekd_version": edgekd_version()})
         atomic_write_json(self.path(RUN_CONFIG), run_config)
         atomic_write_json(self.path(STATE), {"stages": {}})
@@ -102,29 +122,59 @@ class RunDir:
             )
 
     def discard(self) -> None:
-        """Delete a run this process created (only ever called on a directory with our marker)."""
+        """Delete a run this process created (only ever called on a directory with our marker),
+        and the output folders made for it when they are empty again."""
         if self.path(MARKER).exists():
             shutil.rmtree(self.root, ignore_errors=True)
+        self.lock.release()
+        for folder in self._made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+
+    def close(self) -> None:
+        self.lock.release()
 
     # ------------------------------------------------------------ stage state
     def _state(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.path(STATE).read_text())
-        except (OSError, json.JSONDecodeError):
+        path = self.path(STATE)
+        if not path.exists():
             return {"stages": {}}
+        try:
+            state = json.loads(path.read_text())
+            if not isinstance(state, dict) or not isinstance(state.get("stages"), dict):
+                raise ValueError("no 'stages' table")
+            for rec in state["stages"].values():
+                StageRecord(**rec)
+        except (OSError, ValueError, TypeError) as exc:
+            raise EdgekdError(f"{path} is corrupt ({exc}), so which stages finished is unknown",
+                              fix="restore the file, or pass --overwrite to start the run again; edgekd does not guess "
+                              "which artifacts to trust") from None
+        return state
 
     def completed(self, name: str) -> StageRecord | None:
+        """The stage's record when it finished and every artifact it names is as it was recorded
+        (size and SHA-256); otherwise None, with the reason in ``self.stale[name]``."""
+        state = self._state()
+        rec = state["stages"].get(name)
+        record = None if rec is None else StageRecord(**rec)
+        prints = state.get("fingerprints", {}).get(name, {})
+        if record is not None:
+            problems = [p for rel in record.artifacts.values() if (p := artifact_problem(self.root, rel, prints.get(rel)))]
+            if problems:
+                self.stale[name] = "; ".join(problems)
+                record = None
+        return record
+
+    def finished(self, name: str) -> StageRecord | None:
+        """The stage's record as written when it finished, its artifacts unchecked (for the time it took)."""
         rec = self._state()["stages"].get(name)
-        if rec is None:
-            return None
-        record = StageRecord(**rec)
-        if all(self.path(p).exists() for p in record.artifacts.values()):
-            return record
-        return None
+        return None if rec is None else StageRecord(**rec)
 
     def record(self, record: StageRecord) -> None:
         state = self._state()
         state["stages"][record.name] = asdict(record)
+        state.setdefault("fingerprints", {})[record.name] = {
+            rel: fingerprint(self.path(rel)) for rel in record.artifacts.values() if self.path(rel).exists()}
         atomic_write_json(self.path(STATE), state)
 
 

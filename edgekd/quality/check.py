@@ -111,6 +111,53 @@ def evaluate(model: Any, against: Any = None, data: Any = None, *, blocks: int =
     return result
 
 
+def compare_in_runtimes(model: Any, against: Any, data: Any = None, *, blocks: int = DEFAULT_BLOCKS, threads: int = 1,
+                        reporter: Any = None) -> tuple[Comparison, str]:
+    """``model`` against ``against``, each scored in the runtime that ships it (a GGUF in llama.cpp,
+    ONNX in onnxruntime; a Hugging Face directory in torch): what ``edgekd bench --against`` checks on
+    a device without torch. The held-out text is ``data`` (as ``--data`` of compress; a ``.npy`` of
+    token blocks, such as a run's ``corpus/heldout.npy``, is used as it is), tokenized by the
+    reference's tokenizer, else a GGUF's own (llama.cpp's). Returns the comparison and where the text came from."""
+    from ..progress import Reporter
+
+    reporter = reporter or Reporter(quiet=True)
+    ref_path, path = Path(against).expanduser(), Path(model).expanduser()
+    if not ref_path.exists():
+        raise EdgekdError(f"reference model not found: {ref_path}", fix="pass the teacher's file (its F16 or Q8_0 GGUF) with --against")
+    tokens_given = data is not None and str(data).endswith(".npy")
+    heldout = _token_blocks(Path(data), blocks) if tokens_given else None
+    block_len = heldout.shape[1] if tokens_given else _shipped_block_len()
+    reference = open_model(ref_path, block_len, threads)
+    scored = open_model(path, block_len, threads)
+    if tokens_given:
+        text = f"the token blocks of {data}"
+    else:
+        text, heldout = _heldout(data, reference.tokenizer or _gguf_tokenizer(ref_path, path), blocks)
+    stats = _compare(scored, reference, heldout, ref_path.name, reporter)
+    return Comparison(path.name, scored.runtime, ref_path.name, stats), text
+
+
+def _token_blocks(path: Path, blocks: int) -> np.ndarray:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise EdgekdError(f"cannot read token blocks from {path}: {exc}", fix="pass a (blocks, length) .npy of token ids, such as a run's corpus/heldout.npy") from None
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer) or len(arr) == 0:
+        raise EdgekdError(f"{path} holds a {arr.dtype} array of shape {arr.shape}, not (blocks, length) token ids",
+                          fix="pass a run's corpus/heldout.npy, or held-out text")
+    return arr[:blocks].astype(np.int64)
+
+
+def _gguf_tokenizer(*paths: Path) -> Any:
+    from ..device.llamacpp import Tokenizer
+
+    gguf = next((p for p in paths if p.suffix == ".gguf"), None)
+    if gguf is None:
+        raise EdgekdError("neither model carries a tokenizer edgekd can use without transformers",
+                          fix="pass --data as a .npy of token blocks (a run's corpus/heldout.npy), or a GGUF as one of the two")
+    return Tokenizer(gguf)
+
+
 def _evaluate_run(run: Path, against: Any, data: Any, blocks: int, limits: dict, threads: int, reporter: Any) -> EvalResult:
     """Every exported file of a run against its teacher and against its QAT master; the master against the teacher."""
     from ..stages.qat import load_shipped_model
@@ -157,6 +204,12 @@ def _compare(scored: Scored, reference: Scored, heldout: np.ndarray, label: str,
 
     with reporter.task(f"{scored.path.name} ({scored.runtime}) against the {label}", total=len(heldout), unit="blocks") as advance:
         return compare(checked, reference.logits, heldout, progress=advance)
+
+
+def _shipped_block_len() -> int:
+    from ..profiles import load_profile
+
+    return load_profile("raspberry-pi-5").compression.data.block_len  # the shipped profiles share it
 
 
 def _heldout(data: Any, tokenizer: Any, blocks: int) -> tuple[str, np.ndarray]:

@@ -10,17 +10,26 @@ ACCURACY = ("acc", "acc_norm", "exact_match")  # the first a task reports is its
 
 
 def run_side_by_side(scored: Any, reference: Any, tasks: list[str], limit: int | None, include_path: Any, max_length: int,
-                     reporter: Any) -> dict[str, dict[str, float]]:
-    """Each task's accuracy for the model (in its runtime) and for the teacher (lm-eval's HF model in torch)."""
+                     reporter: Any, teacher_accuracy: dict[str, float | None] | None = None) -> dict[str, dict[str, float]]:
+    """Each task's accuracy for the model (in its runtime) and for the teacher (lm-eval's HF model in
+    torch; ``teacher_accuracy``: already measured)."""
     from .harness import hf_lm, run_tasks, runtime_lm
 
     model_lm = hf_lm(scored.model, reference.tokenizer) if scored.model is not None else \
         runtime_lm(scored.logits, reference.tokenizer, max_length)
     with reporter.task(f"lm-eval {','.join(tasks)} on {scored.path.name} ({scored.runtime})"):
         got = run_tasks(model_lm, tasks, limit, include_path)
+    ref = teacher_accuracy if teacher_accuracy is not None else \
+        teacher_accuracies(reference, tasks, limit, include_path, reporter)
+    return {task: {"model": accuracy(got[task]), "teacher": ref.get(task)} for task in got}
+
+
+def teacher_accuracies(reference: Any, tasks: list[str], limit: int | None, include_path: Any, reporter: Any) -> dict[str, float | None]:
+    from .harness import hf_lm, run_tasks
+
     with reporter.task(f"lm-eval {','.join(tasks)} on the teacher (torch)"):
         ref = run_tasks(hf_lm(reference.model, reference.tokenizer), tasks, limit, include_path)
-    return {task: {"model": accuracy(got[task]), "teacher": accuracy(ref.get(task, {}))} for task in got}
+    return {task: accuracy(metrics) for task, metrics in ref.items()}
 
 
 def accuracy(metrics: dict[str, float]) -> float | None:

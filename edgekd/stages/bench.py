@@ -25,7 +25,7 @@ def bench(ctx: RunContext) -> StageRecord:
     results = {}
     for name in names:
         with ctx.reporter.task(f"benchmarking {name} ({threads} threads)"):
-            results[name] = bench(ctx.run.path(name), ctx.profile, threads=threads)
+            results[name] = bench(ctx.run.path(name), ctx.profile, threads=threads, quality_budgets=False)  # scored in export
     ctx.bench = results[main_file]
     heldout = shipped_heldout(ctx)  # the shipped weights' KL, shared by every exported file
     kl = heldout.kl_to_teacher if heldout is not None else None

@@ -12,6 +12,8 @@ from .qat import shipped
 
 PARITY_BLOCKS = 8
 TABLE = "Export parity (runtime vs torch, held-out blocks)"
+TASKS_TABLE = "lm-evaluation-harness tasks (each file in its runtime, the teacher in torch)"
+CHAT_TABLE = "Chat side by side (greedy, through the teacher's chat template)"
 STATS_TABLE = "Shipped files against the teacher (held-out blocks, in each file's runtime; llama.cpp's KL statistics)"
 
 
@@ -48,10 +50,12 @@ def export(ctx: RunContext) -> StageRecord:
         ctx.exports.append(Exported(planned, path))
     floor = _llamacpp_floor(ctx, blocks, threads) if gguf_planned else None
     stats = {e.path.name: _against_teacher(ctx, e.path, threads) for e in ctx.exports}
+    chat = _chat(ctx, threads)
+    tasks = _tasks(ctx, threads)
     return StageRecord("export", settings={"formats": ctx.profile.deployment.formats, "weight_format": student.plan.name,
                                            "parity_blocks": int(len(blocks))},
                        metrics={"parity": checks, "llamacpp_floor": floor, "predicted_peak_rss_mb": round(predicted / 2**20, 1),
-                                "against_teacher": stats},
+                                "against_teacher": stats, "chat": chat, "tasks": tasks},
                        artifacts=artifacts)
 
 
@@ -66,6 +70,38 @@ def _against_teacher(ctx: RunContext, path: Path, threads: int) -> dict[str, Any
     with ctx.reporter.task(f"{path.name} against the teacher ({scored.runtime})", total=len(blocks), unit="blocks") as advance:
         stats = compare(scored.logits, torch_logits_fn(ctx.teacher.model), blocks, progress=advance)
     return {"runtime": scored.runtime, **stats.to_dict()}
+
+
+def _chat(ctx: RunContext, threads: int) -> list[dict[str, Any]]:
+    """The profile's chat prompts, greedy, through the teacher and every shipped file (edgekd.quality.chat)."""
+    from ..quality.chat import prompt_ids, runtime_greedy, side_by_side, torch_greedy
+
+    ev = ctx.profile.compression.evaluation
+    tokenizer = ctx.teacher.tokenizer
+    prompts = prompt_ids(tokenizer, ev.chat_prompts, ev.chat_prompts_file) if ev.chat_new_tokens else []
+    if not prompts:
+        return []
+    stop = tokenizer.eos_token_id
+    context = max(len(ids) for _, ids in prompts) + ev.chat_new_tokens + 1
+    with ctx.reporter.task(f"chat side by side: {len(prompts)} prompts, teacher and {len(ctx.exports)} files"):
+        files = {e.path.name: runtime_greedy(e.path, threads, context, stop) for e in ctx.exports}
+        return side_by_side(torch_greedy(ctx.teacher.model, stop), files, prompts, ev.chat_new_tokens, tokenizer, stop)
+
+
+def _tasks(ctx: RunContext, threads: int) -> dict[str, dict[str, dict[str, float | None]]]:
+    """The profile's lm-eval tasks on every shipped file (in its runtime) and the teacher (torch): file -> task -> accuracies."""
+    from ..quality.sources import open_model, torch_model
+    from ..quality.tasks import run_side_by_side, teacher_accuracies
+
+    ev = ctx.profile.compression.evaluation
+    if not ev.tasks:
+        return {}
+    teacher = torch_model(ctx.teacher.source.path, ctx.teacher.model, ctx.teacher.tokenizer)
+    ref = teacher_accuracies(teacher, ev.tasks, ev.task_limit, ev.task_include_path, ctx.reporter)
+    block_len = ctx.heldout_blocks().shape[1]
+    return {e.path.name: run_side_by_side(open_model(e.path, block_len, threads), teacher, ev.tasks, ev.task_limit,
+                                          ev.task_include_path, block_len, ctx.reporter, teacher_accuracy=ref)
+            for e in ctx.exports}
 
 
 def _llamacpp_floor(ctx: RunContext, blocks: Any, threads: int) -> dict[str, Any] | None:
@@ -104,16 +140,31 @@ def report_export(record: StageRecord, ctx: RunContext) -> None:
                       round(s["kl_p90"], 4), round(s["kl_p99"], 4), round(s["kl_p999"], 4), round(s["kl_max"], 3),
                       round(s["delta_p_rms_pct"], 2), round(100 * s["same_top1"], 2), round(s["perplexity"], 3),
                       round(s["reference_perplexity"], 3)] for name, s in stats.items()]}
+    tasks = record.metrics.get("tasks") or {}
+    if tasks:
+        ctx.report.tables[TASKS_TABLE] = {
+            "headers": ["file", "task", "accuracy", "teacher accuracy"],
+            "rows": [[name, task, r["model"], r["teacher"]] for name, per_task in tasks.items() for task, r in per_task.items()]}
+    if record.metrics.get("chat"):
+        from ..quality.chat import report_table
+
+        ctx.report.tables[CHAT_TABLE] = report_table(record.metrics["chat"])
 
 
 def quality_budget_checks(ctx: RunContext, budget_file_name: str) -> list[Any]:
-    """The profile's quality budgets on the budget file's statistics against the teacher (not measured: failed)."""
+    """The profile's quality budgets on the budget file's statistics and task accuracies against the
+    teacher (not measured: failed)."""
     from ..methods.kl_stats import KlStats
     from ..quality.check import quality_checks
+    from ..quality.tasks import task_checks
 
     record = ctx.report.stage("export")
     s = ((record.metrics.get("against_teacher") or {}) if record else {}).get(budget_file_name)
     stats = KlStats(**{k: v for k, v in s.items() if k != "runtime"}) if s else None
     b = ctx.profile.budgets
-    return quality_checks({"max_kl_to_teacher": b.max_kl_to_teacher, "min_top1_agreement": b.min_top1_agreement}, stats,
-                          f"measured in {s['runtime']} against the teacher" if s else "no exported file was scored")
+    checks = quality_checks({"max_kl_to_teacher": b.max_kl_to_teacher, "min_top1_agreement": b.min_top1_agreement}, stats,
+                            f"measured in {s['runtime']} against the teacher" if s else "no exported file was scored")
+    if b.min_task_accuracy or b.max_task_accuracy_drop is not None:
+        tasks = ((record.metrics.get("tasks") or {}) if record else {}).get(budget_file_name, {})
+        checks += task_checks(tasks, b.min_task_accuracy, b.max_task_accuracy_drop)
+    return checks

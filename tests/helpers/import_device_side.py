@@ -22,6 +22,8 @@ import edgekd.device  # noqa: E402
 
 modules = ["edgekd", "edgekd.cli", "edgekd.formats", "edgekd.families", "edgekd.profiles", "edgekd.report"]
 modules += [f"edgekd.device.{m.name}" for m in pkgutil.iter_modules(edgekd.device.__path__)]
+# bench --against: the KL statistics of two runtime files, held-out text tokenized by llama.cpp
+modules += ["edgekd.quality.check", "edgekd.quality.sources", "edgekd.methods.kl_stats", "edgekd.methods.data"]
 for name in modules:
     importlib.import_module(name)
 edgekd.load_profile("raspberry-pi-5")
