@@ -69,7 +69,10 @@ def load(path: str | Path, n_ctx: int, threads: int, logits_all: bool = False, n
     Sliding-window blocks (Gemma 3) get llama.cpp's small SWA cache (the window plus one
     micro-batch), as its own CLI and server allocate it; llama-cpp-python's default is a full-size one.
     """
+    from .gguf_check import check_gguf
+
     llama_cpp = _llama_cpp()
+    check_gguf(path)  # a bad file gets an error here, not a crash in llama.cpp's parser
     try:
         llm = llama_cpp.Llama(
             str(path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_ubatch=min(n_batch, n_ctx),
@@ -107,7 +110,10 @@ class Tokenizer:
     held-out text on a device without transformers."""
 
     def __init__(self, path: str | Path) -> None:
+        from .gguf_check import check_gguf
+
         llama_cpp = _llama_cpp()
+        check_gguf(path)
         try:
             self._vocab = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
         except Exception as exc:

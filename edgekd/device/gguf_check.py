@@ -1,0 +1,61 @@
+"""A GGUF file checked in Python before llama.cpp's native parser sees it.
+
+llama.cpp has had out-of-bounds reads in its GGUF parser, and a truncated or crafted file can
+crash the process inside native code instead of raising an error. Every file edgekd hands to
+llama.cpp first goes through the ``gguf`` package's reader (pure Python over a memory map): the
+magic, the version, every key-value pair and tensor description inside the file, key-value and
+tensor counts the file's size can hold, and every tensor's data inside the file. Checked once per
+file state (path, size, modification time) in a process.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+from ..errors import EdgekdError
+
+GGUF_MAGIC = b"GGUF"
+MIN_KV_BYTES = 8 + 8 + 4  # a key's length, one byte of key at least (padded to the length field), the value type
+MIN_TENSOR_BYTES = 8 + 4 + 8 + 4 + 8  # name length, n_dims, one dimension, type, offset
+BAD_FILE_FIX = "re-download or re-export the file (compare its size with the original); edgekd writes GGUF files with `edgekd compress`"
+
+
+def check_gguf(path: str | os.PathLike) -> Any:
+    """The ``gguf`` reader of ``path`` when it is a sound GGUF file, else an EdgekdError naming what is wrong."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError as exc:
+        raise EdgekdError(f"cannot read {p}: {exc.strerror}", fix="check the path") from None
+    return _checked(str(p), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _checked(path: str, size: int, mtime_ns: int) -> Any:
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if head[:4] != GGUF_MAGIC:
+        raise EdgekdError(f"{path} is not a GGUF file (it starts with {head[:4]!r}, not b'GGUF')",
+                          fix="pass a .gguf file written by llama.cpp or edgekd")
+    if len(head) < 24:
+        raise EdgekdError(f"{path} is truncated inside its header ({size} bytes)", fix=BAD_FILE_FIX)
+    tensors, kvs = struct.unpack("<QQ", head[8:24])
+    if kvs * MIN_KV_BYTES + tensors * MIN_TENSOR_BYTES > size:
+        raise EdgekdError(f"{path} claims {kvs:,} key-value pairs and {tensors:,} tensors, more than its {size:,} bytes can hold",
+                          fix=BAD_FILE_FIX)
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise EdgekdError("reading GGUF files needs the `gguf` package", fix="pip install gguf") from None
+    try:
+        reader = GGUFReader(path)
+    except Exception as exc:  # the reader raises ValueError, IndexError, KeyError, OverflowError... on a bad file
+        raise EdgekdError(f"{path} is a corrupt or truncated GGUF file ({type(exc).__name__}: {str(exc)[:200]})", fix=BAD_FILE_FIX) from None
+    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    if end > size:
+        raise EdgekdError(f"{path} is truncated: its tensors need {end:,} bytes, the file has {size:,}", fix=BAD_FILE_FIX)
+    return reader
