@@ -26,6 +26,7 @@ from pydantic import (
 from .errors import EdgekdError
 from .formats import LINEAR_FORMATS, PLANNER_FORMATS
 from .overrides import apply_overrides, parse_overrides
+from .profile_yaml import read_yaml as _read_yaml
 
 # Keys moved by a schema change: (old key path) -> new key path. A profile that still uses one
 # gets a message naming the new place instead of "unknown key".
@@ -346,27 +347,6 @@ def _resolve_profile_path(name_or_path: str | Path) -> Path:
             "(edgekd profiles list shows them)",
         )
     return path
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise EdgekdError(
-            f"profile {path} is not valid YAML{where}: {problem}",
-            fix="fix the YAML syntax (indentation, a missing colon or quote)",
-        ) from None
-    except UnicodeDecodeError:
-        raise EdgekdError(f"profile {path} is not a UTF-8 text file", fix="pass a YAML profile") from None
-    if not isinstance(data, dict):
-        raise EdgekdError(
-            f"profile {path} must be a YAML mapping of keys to values, got {type(data).__name__}",
-            fix="start from a built-in profile: edgekd profiles show raspberry-pi-5 > my.yaml",
-        )
-    return data
 
 
 def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:

@@ -183,9 +183,24 @@ def resolve_model_source(spec: str | os.PathLike | None) -> ModelSource:
 
 
 def _check_gguf_header(path: Path) -> None:
+    """The file's structure (edgekd.device.gguf_check), and its chat template compiled as the tokenizer will."""
     from ..device.gguf_check import check_gguf
 
-    check_gguf(path)
+    field = check_gguf(path).fields.get("tokenizer.chat_template")
+    if field is None:
+        return
+    try:
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        ImmutableSandboxedEnvironment().from_string(bytes(field.parts[field.data[0]]).decode("utf-8"))
+    except ImportError:
+        return  # no Jinja here: the template is never rendered either
+    except (TemplateError, UnicodeDecodeError) as exc:
+        where = f" (line {exc.lineno})" if getattr(exc, "lineno", None) else ""
+        raise EdgekdError(f"the chat template in {path} is not a valid Jinja template{where}: {str(exc)[:200]}",
+                          fix="fix or remove tokenizer.chat_template in the file (gguf's gguf_new_metadata.py --chat-template), "
+                          "or pass the model as a Hugging Face directory") from None
 
 
 def inspect_gguf(path: str | os.PathLike) -> dict[str, Any]:
