@@ -41,10 +41,13 @@ def small_corpus_file(tmp_path_factory) -> Path:
     return path
 
 
+# keep the end-to-end runs on the tiny model fast (formats and width fixed: no planner)
+TINY_OVERRIDES = ("deployment.tensor_formats={}", "compression.prune.mlp_keep_fraction=1.0", "compression.data.block_len=64",
+                  "compression.evaluation.max_heldout_blocks=4", "compression.prune.keep_layers=3", "compression.prune.calibration_blocks=4",
+                  "compression.distill.steps=4", "compression.distill.batch_size=2", "compression.distill.checkpoint_every=2",
+                  "compression.qat.steps=2")
+
+
 @pytest.fixture
 def tiny_profile_overrides() -> list[str]:
-    """Keep the end-to-end runs on the tiny model fast (formats and width fixed: no planner)."""
-    return ["deployment.tensor_formats={}", "compression.prune.mlp_keep_fraction=1.0", "compression.data.block_len=64", "compression.evaluation.max_heldout_blocks=4",
-            "compression.prune.keep_layers=3", "compression.prune.calibration_blocks=4",
-            "compression.distill.steps=4", "compression.distill.batch_size=2", "compression.distill.checkpoint_every=2",
-            "compression.qat.steps=2"]
+    return list(TINY_OVERRIDES)

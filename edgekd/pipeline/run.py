@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import faults
 from ..errors import EdgekdError
 from ..profiles import DeviceProfile, load_profile
 from ..progress import Reporter
@@ -40,6 +41,8 @@ def _run_stages(ctx: RunContext) -> None:
         if stage_name in run.stale:
             ctx.reporter.info(f"  {stage_name}: finished earlier, but {run.stale[stage_name]}: running it again")
         release_freed_memory()
+        faults.set_stage(stage_name)
+        faults.point("stage start")
         t0 = time.perf_counter()
         with peak_memory() as peak:
             record = STAGES[stage_name].run(ctx)

@@ -82,7 +82,8 @@ class RunDir:
                 fix="pass --resume to continue it (finished stages are reused), --overwrite to start again, "
                 "or --run-name NAME for a new run",
             )
-        if resume and state in ("absent", "empty"):
+        killed_at_start = state == "empty" and self.path(LOCK).exists()  # a run killed before it wrote anything
+        if resume and state in ("absent", "empty") and not killed_at_start:
             raise EdgekdError(f"nothing to resume: {self.root} holds no run", fix="drop --resume to start a new run")
         if state == "absent":
             self._made = [p for p in [self.root, *self.root.parents] if not p.exists()]
@@ -99,6 +100,8 @@ class RunDir:
             for p in self.root.iterdir():
                 if p.name != LOCK:
                     shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        elif state in ("complete", "incomplete") and not self.path(RUN_CONFIG).exists() and not self.path(STATE).exists():
+            pass  # killed between its marker and its settings: nothing ran, so it starts afresh
         elif state in ("complete", "incomplete"):  # resume
             self._check_same_config(run_config)
             self._state()  # a corrupt state file is an error now, not a silent restart later
