@@ -93,6 +93,20 @@ def test_a_chat_template_that_is_not_jinja_is_refused(tiny_model_dir, tmp_path, 
     assert "chat template" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
+def test_a_hugging_face_teacher_with_a_broken_chat_template_is_refused_before_training(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_model_dir, teacher)
+    config = json.loads((teacher / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ messages[0]['content'] "  # an unclosed expression
+    (teacher / "tokenizer_config.json").write_text(json.dumps(config))
+    (teacher / "chat_template.jinja").unlink(missing_ok=True)
+    assert main(["compress", "--teacher", str(teacher), "--output", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "not a valid Jinja template" in err and "Traceback" not in err and not (tmp_path / "o").exists()
+
+
 def test_fuzzed_gguf_headers_never_escape_as_anything_but_a_clear_error(tiny_gguf, tmp_path):
     """FUZZ_FILES mutations (seeded: a failure reproduces) of the header and infos: byte flips, runs of
     0xff, random cuts, integers overwritten; the reader either accepts the file or raises EdgekdError."""
@@ -137,12 +151,11 @@ def test_broken_onnx_files_are_refused(tmp_path, capsys):
 
 def test_an_onnx_file_without_its_external_data_is_refused(tmp_path, tiny_model_dir, capsys):
     pytest.importorskip("onnxruntime")
+    import onnx
     from transformers import AutoModelForCausalLM
 
     from edgekd.exporters.onnx import export_onnx
     from edgekd.formats import FormatPlan
-
-    import onnx
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     path = export_onnx(model, tmp_path / "m" / "model-q4_0.onnx", FormatPlan.uniform("q4_0"))

@@ -187,20 +187,27 @@ def _check_gguf_header(path: Path) -> None:
     from ..device.gguf_check import check_gguf
 
     field = check_gguf(path).fields.get("tokenizer.chat_template")
-    if field is None:
+    if field is not None:
+        check_chat_template(bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace"), path)
+
+
+def check_chat_template(template: str | None, where: Any) -> None:
+    """Compile a chat template as the tokenizer will render it (a sandboxed Jinja environment): a
+    broken one is refused when the teacher is loaded, not after training when the report renders it."""
+    if not template or not isinstance(template, str):
         return
     try:
         from jinja2.exceptions import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        ImmutableSandboxedEnvironment().from_string(bytes(field.parts[field.data[0]]).decode("utf-8"))
     except ImportError:
         return  # no Jinja here: the template is never rendered either
-    except (TemplateError, UnicodeDecodeError) as exc:
-        where = f" (line {exc.lineno})" if getattr(exc, "lineno", None) else ""
-        raise EdgekdError(f"the chat template in {path} is not a valid Jinja template{where}: {str(exc)[:200]}",
-                          fix="fix or remove tokenizer.chat_template in the file (gguf's gguf_new_metadata.py --chat-template), "
-                          "or pass the model as a Hugging Face directory") from None
+    try:
+        ImmutableSandboxedEnvironment().from_string(template)
+    except TemplateError as exc:
+        line = f" (line {exc.lineno})" if getattr(exc, "lineno", None) else ""
+        raise EdgekdError(f"the chat template in {where} is not a valid Jinja template{line}: {str(exc)[:200]}",
+                          fix="fix or remove the chat template (a GGUF's tokenizer.chat_template: gguf's gguf_new_metadata.py "
+                          "--chat-template; a Hugging Face directory's chat_template in tokenizer_config.json)") from None
 
 
 def inspect_gguf(path: str | os.PathLike) -> dict[str, Any]:

@@ -9,11 +9,12 @@ from ..report import StageRecord
 
 
 def load_teacher(ctx: Any) -> StageRecord:
-    from ..methods.models import load_causal_lm, resolve_model_source
+    from ..methods.models import check_chat_template, load_causal_lm, resolve_model_source
 
     source = resolve_model_source(ctx.inputs.teacher)
     with ctx.reporter.task(f"loading teacher {source.name}"):
         ctx.teacher = load_causal_lm(source, trust_remote_code=ctx.inputs.trust_remote_code)
+    check_chat_template(getattr(ctx.teacher.tokenizer, "chat_template", None), source.path)
     ctx.report.teacher = {**source.describe(), **ctx.teacher.info}
     if ctx.profile.deployment.tensor_formats != "auto":
         from ..methods.qat import quantized_tensors
