@@ -51,3 +51,24 @@ TINY_OVERRIDES = ("deployment.tensor_formats={}", "compression.prune.mlp_keep_fr
 @pytest.fixture
 def tiny_profile_overrides() -> list[str]:
     return list(TINY_OVERRIDES)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_of(tiny_model_dir, tmp_path_factory):
+    """The tiny model written as a GGUF in a format (``tiny_gguf_of("q8_0")``), once per format."""
+    made = {}
+
+    def make(fmt: str) -> Path:
+        if fmt not in made:
+            pytest.importorskip("llama_cpp")
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            from edgekd.exporters.gguf import export_gguf
+            from edgekd.formats import FormatPlan
+
+            model, tok = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+            made[fmt] = export_gguf(model, tok, tmp_path_factory.mktemp("gguf") / f"tiny-{fmt}.gguf", FormatPlan.uniform(fmt),
+                                    source_name="tiny")
+        return made[fmt]
+
+    return make

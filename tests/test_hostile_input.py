@@ -19,14 +19,8 @@ FUZZ_FILES = 3000
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(tiny_model_dir, tmp_path_factory):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from edgekd.exporters.gguf import export_gguf
-    from edgekd.formats import FormatPlan
-
-    model, tok = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
-    return export_gguf(model, tok, tmp_path_factory.mktemp("gguf") / "tiny-q8_0.gguf", FormatPlan.uniform("q8_0"), source_name="tiny")
+def tiny_gguf(tiny_gguf_of):
+    return tiny_gguf_of("q8_0")
 
 
 def _layout(path):

@@ -46,15 +46,8 @@ def test_a_quality_budget_not_measured_fails():
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(tiny_model_dir, tmp_path_factory):
-    pytest.importorskip("llama_cpp")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from edgekd.exporters.gguf import export_gguf
-    from edgekd.formats import FormatPlan
-
-    model, tok = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
-    return export_gguf(model, tok, tmp_path_factory.mktemp("gguf") / "tiny-q8_0.gguf", FormatPlan.uniform("q8_0"), source_name="tiny")
+def tiny_gguf(tiny_gguf_of):
+    return tiny_gguf_of("q8_0")
 
 
 def test_a_gguf_against_its_teacher_passes_and_fails_its_budgets(tiny_gguf, tiny_model_dir, small_corpus_file, tmp_path, capsys):
@@ -83,15 +76,8 @@ def test_bad_input_exits_2(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def tiny_f16_gguf(tiny_model_dir, tmp_path_factory):
-    pytest.importorskip("llama_cpp")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from edgekd.exporters.gguf import export_gguf
-    from edgekd.formats import FormatPlan
-
-    model, tok = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
-    return export_gguf(model, tok, tmp_path_factory.mktemp("gguf") / "tiny-f16.gguf", FormatPlan.uniform("f16"), source_name="tiny")
+def tiny_f16_gguf(tiny_gguf_of):
+    return tiny_gguf_of("f16")
 
 
 def test_bench_checks_the_quality_budgets_against_a_reference_file(tiny_gguf, tiny_f16_gguf, small_corpus_file, tmp_path, capsys):
