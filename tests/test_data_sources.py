@@ -300,9 +300,18 @@ def test_sampling_past_the_time_budget_is_refused_and_its_shards_kept(tmp_path, 
     assert "generation.tokens" in err.value.fix and len(list(tmp_path.glob("shard-*.npy"))) == 1
 
 
-def test_sampling_that_cannot_fit_in_memory_is_refused():
-    from edgekd.stages.samples import _check_memory
+def test_a_stage_that_cannot_fit_in_memory_is_refused_before_it_allocates(tmp_path, tiny_model_dir, small_corpus_file,
+                                                                           tiny_profile_overrides, capsys):
+    from edgekd.methods.memory import refuse_over_limit
 
-    with pytest.raises(EdgekdError, match="generation.batch_size"):
-        _check_memory(5e9, 1.0)
-    _check_memory(0.5e9, 1.0)
+    with pytest.raises(EdgekdError) as err:
+        refuse_over_limit(5e9, 1.0, "sampling the teacher", "lower compression.data.generation.batch_size")
+    assert "needs about 5.0 GB (PROJECTION), but this run may use 1.0 GB" in str(err.value) and "5.6 GB free" in str(err.value)
+    refuse_over_limit(0.5e9, 1.0, "sampling the teacher", "")
+    # through the pipeline: the logit cache's stage refuses before the cache is built
+    sets = [a for o in tiny_profile_overrides + ["compression.distill.logit_cache.k=4", "compression.memory_gb=0.01"]
+            for a in ("--set", o)]
+    assert main(["compress", "--teacher", str(tiny_model_dir), "--data", str(small_corpus_file), "--output", str(tmp_path),
+                 "--run-name", "small", "--quiet", *sets]) == 2
+    assert "caching the teacher's logits needs about" in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "small" / "teacher-logits").exists()

@@ -182,6 +182,14 @@ def memory_limit_bytes(limit_gb: float | None = None) -> float:
     return float(psutil.virtual_memory().available + current_rss_mb() * 2**20)
 
 
+def refuse_over_limit(predicted: float, limit_gb: float | None, what: str, fix: str) -> None:
+    """Stop a stage before it allocates when its predicted peak (a PROJECTION) exceeds what the run may use."""
+    limit = memory_limit_bytes(limit_gb)
+    if predicted > HEADROOM * limit:
+        raise EdgekdError(f"{what} needs about {predicted / 1e9:.1f} GB (PROJECTION), but this run may use {limit / 1e9:.1f} GB",
+                          fix=f"{fix}, or run on a machine with {predicted / HEADROOM / 1e9:.1f} GB free (compression.memory_gb sets the limit)")
+
+
 def device_resident_bytes(teacher: Any, student: Any) -> float | None:
     """On a GPU, what the step starts from there: both models (moved there by the training loop),
     what torch holds on it already and the CUDA context; None on the CPU (the process's RSS is measured)."""

@@ -14,10 +14,16 @@ CACHE_DIR = "teacher-logits"
 
 def teacher_logits(ctx: RunContext) -> StageRecord:
     from ..methods import logit_cache
+    from ..methods.memory import predict_forward_peak, refuse_over_limit
 
     ds = ctx.profile.compression.distill
     spec = ds.logit_cache
     train = ctx.training_blocks()
+    # the teacher's forward on a batch (its logits and their log-softmax), plus the whole cache, held until it is written
+    predicted = predict_forward_peak(ctx.teacher.model.config, ds.batch_size, train.shape[1], logit_copies=3,
+                                     extra_bytes=logit_cache.cache_size_bytes(int(train.size), spec.k))
+    refuse_over_limit(predicted, ctx.profile.compression.memory_gb, "caching the teacher's logits",
+                      "lower compression.distill.logit_cache.k or compression.distill.batch_size")
     what = f"{spec.k} sampled tokens" if spec.kind == "sample" else f"top-{spec.k} logits"
     with ctx.reporter.task(f"caching the teacher's {what} per position", total=len(train), unit="blocks") as advance:
         cache = logit_cache.build(ctx.teacher.model, train, spec.k, ds.temperature, ctx.run.path(CACHE_DIR),

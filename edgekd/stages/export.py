@@ -21,7 +21,7 @@ def export(ctx: RunContext) -> StageRecord:
     """Write every format the profile names, then prove each file reproduces the torch model."""
     from ..exporters.checks import require
     from ..exporters.ship import write_checked
-    from ..methods.memory import predict_export_peak
+    from ..methods.memory import predict_export_peak, refuse_over_limit
     from ..pipeline.plan import planned_exports
 
     student = shipped(ctx)
@@ -32,6 +32,8 @@ def export(ctx: RunContext) -> StageRecord:
     floor_bytes = source_gguf.stat().st_size if source_gguf is not None and gguf_planned else 0.0  # the noise floor's file
     predicted = max(predict_export_peak(student.model, student.plan, p.runtime, blocks.shape[1], reference_file_bytes=floor_bytes)
                     for p in planned_exports(ctx.profile, student.plan))
+    refuse_over_limit(predicted, ctx.profile.compression.memory_gb, "writing and checking the exported files",
+                      "export fewer formats at once (deployment.formats)")
     threads = usable_threads(ctx.profile.deployment.threads)
     artifacts, checks = {}, []
     ctx.exports = []

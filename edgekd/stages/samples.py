@@ -11,21 +11,11 @@ from ..report import StageRecord
 SAMPLING_SHARE = 0.5  # of a time budget's training time, the most the teacher's samples may take
 
 
-def _check_memory(predicted: float, memory_gb: float | None) -> None:
-    from ..errors import EdgekdError
-    from ..methods.memory import HEADROOM, memory_limit_bytes
-
-    limit = memory_limit_bytes(memory_gb)
-    if predicted > HEADROOM * limit:
-        raise EdgekdError(f"sampling the teacher needs about {predicted / 1e9:.1f} GB (PROJECTION: the prompts' forward pass, "
-                          f"the KV cache of a batch, the sampler), but this run may use {limit / 1e9:.1f} GB",
-                          fix="lower compression.data.generation.batch_size or new_tokens")
-
-
 def teacher_samples(ctx: RunContext) -> StageRecord:
     from ..fileio import atomic_write_bytes
     from ..methods import generate as gen
     from ..methods.data import Corpus, _npy_bytes
+    from ..methods.memory import refuse_over_limit
 
     data = ctx.profile.compression.data
     data_free = ctx.inputs.data_free
@@ -36,7 +26,8 @@ def teacher_samples(ctx: RunContext) -> StageRecord:
     source = ctx.teacher.source
     gguf = source.path if source.kind in ("gguf", "default") else None  # the llama.cpp engine's file
     predicted = gen.predict_generation_peak(ctx.teacher.model.config, settings)  # before the heap grows
-    _check_memory(predicted, ctx.profile.compression.memory_gb)
+    refuse_over_limit(predicted, ctx.profile.compression.memory_gb, "sampling the teacher (the prompts' forward pass, the KV cache "
+                      "of a batch, the sampler)", "lower compression.data.generation.batch_size or new_tokens")
     seconds_left = None
     if ctx.time_budget is not None:  # sampling may take half the training time the budget leaves
         seconds_left = lambda: SAMPLING_SHARE * ctx.time_budget.training_left_s()  # noqa: E731
