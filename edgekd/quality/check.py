@@ -17,7 +17,7 @@ import numpy as np
 from ..device.budgets import BudgetCheck
 from ..errors import EdgekdError
 from ..methods.kl_stats import KlStats, compare
-from .sources import Scored, open_model, torch_model, torch_reference
+from .sources import Scored, check_model, open_model, torch_model, torch_reference
 
 QUALITY_BUDGETS = {"max_kl_to_teacher": ("kl_mean", "nats/token", "max"), "min_top1_agreement": ("same_top1", "fraction", "min")}
 DEFAULT_BLOCKS = 24
@@ -96,6 +96,7 @@ def evaluate(model: Any, against: Any = None, data: Any = None, *, blocks: int =
     path = Path(model).expanduser()
     if (path / ".edgekd-run").exists():
         return _evaluate_run(path, against, data, blocks, limits, threads, reporter)
+    check_model(path)  # a bad file fails before the reference loads
     reference = torch_reference(against)
     text, heldout = _heldout(data, reference.tokenizer, blocks)
     scored = open_model(path, heldout.shape[1], threads)
@@ -124,6 +125,8 @@ def compare_in_runtimes(model: Any, against: Any, data: Any = None, *, blocks: i
     ref_path, path = Path(against).expanduser(), Path(model).expanduser()
     if not ref_path.exists():
         raise EdgekdError(f"reference model not found: {ref_path}", fix="pass the teacher's file (its F16 or Q8_0 GGUF) with --against")
+    check_model(path)
+    check_model(ref_path)
     tokens_given = data is not None and str(data).endswith(".npy")
     heldout = _token_blocks(Path(data), blocks) if tokens_given else None
     block_len = heldout.shape[1] if tokens_given else _shipped_block_len()

@@ -41,6 +41,19 @@ def kind_of(path: Path) -> str:
                       fix="pass a .gguf file, an .onnx file or onnxruntime-genai folder, a Hugging Face directory, or an edgekd run directory")
 
 
+def check_model(spec: Any) -> None:
+    """Fail fast, before any reference is loaded: the path exists, is a kind edgekd scores, and a GGUF's header is sound."""
+    if spec is None:
+        return
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise EdgekdError(f"model not found: {path}", fix="check the path")
+    if kind_of(path) == "gguf":
+        from ..device.gguf_check import check_gguf
+
+        check_gguf(path)
+
+
 def open_model(spec: Any, block_len: int, threads: int) -> Scored:
     """``spec`` (a path; None: the embedded default teacher) with its logits one block of ``block_len`` at a time."""
     if spec is None:
