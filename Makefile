@@ -54,7 +54,7 @@ endif
 LLAMA_BUILD_TAG := $(if $(filter file,$(origin LLAMA_CMAKE_ARGS)),$(LLAMA_ISA),custom-$(shell echo '$(LLAMA_CMAKE_ARGS)' | md5sum | cut -c1-12))$(if $(LLAMA_PATCHES),-patched-$(shell cat $(LLAMA_PATCHES) | md5sum | cut -c1-8))
 LLAMA_WHEELS ?= $(HOME)/.cache/edgekd/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(LLAMA_BUILD_TAG)
 
-.PHONY: install compress test test-slow lint clean llama-isa llama-wheels
+.PHONY: install compress test test-faults test-slow lint clean llama-isa llama-wheels
 
 install: $(STAMP)
 
@@ -79,6 +79,9 @@ compress: install
 
 test: install
 	$(BIN)/python -m pytest
+
+test-faults: install  # the fault-injection suite: kills in every stage, a full disk, fuzzed GGUFs through llama.cpp
+	$(BIN)/python -m pytest -m faults -s
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow

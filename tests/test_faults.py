@@ -150,3 +150,50 @@ def test_a_real_small_filesystem_fills_up(reference, tmp_path):
         assert outputs(mnt / "r") == expected
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+LOAD_EACH = """
+import sys, llama_cpp
+from edgekd.errors import EdgekdError
+from edgekd.device import llamacpp
+for path in sys.argv[1:]:
+    print("try", path, flush=True)
+    try:
+        llm = llamacpp.load(path, n_ctx=32, threads=1)
+        llm.eval([1, 2, 3])
+        llm.close()
+        print("loaded", path, flush=True)
+    except EdgekdError:
+        print("refused", path, flush=True)
+"""
+
+
+def test_fuzzed_ggufs_never_crash_llama_cpp(tiny_gguf_of, tmp_path):
+    """The header fuzz of the default tier, then every mutated file through edgekd's llama.cpp loader
+    (the reader's check first): each one loads or is refused with a message; none aborts the process."""
+    from test_hostile_input import FUZZ_FILES, _layout, mutate
+
+    src = tiny_gguf_of("q8_0")
+    good, head = src.read_bytes(), _layout(src)["infos_end"]
+    rng = np.random.default_rng(SEED)
+    paths = []
+    for i in range(FUZZ_FILES):
+        p = tmp_path / f"m{i}.gguf"
+        p.write_bytes(mutate(good, head, i, rng))
+        paths.append(str(p))
+    outcome, crashed, todo = defaultdict(int), [], paths
+    while todo:
+        proc = subprocess.run([sys.executable, "-c", LOAD_EACH, *todo], capture_output=True, text=True, cwd=ROOT, timeout=1800)
+        lines = proc.stdout.split("\n")
+        for line in lines:
+            word, _, path = line.partition(" ")
+            if word in ("loaded", "refused"):
+                outcome[word] += 1
+        tried = [line.split(" ", 1)[1] for line in lines if line.startswith("try ")]
+        if proc.returncode == 0:
+            break
+        crashed.append(f"{tried[-1]} (exit {proc.returncode})")
+        todo = todo[todo.index(tried[-1]) + 1:]
+    print(f"\nfuzzed GGUFs through llama.cpp: {FUZZ_FILES} files, {outcome['refused']} refused with a message, "
+          f"{outcome['loaded']} loaded, {len(crashed)} crashed")
+    assert not crashed, crashed

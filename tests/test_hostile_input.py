@@ -101,29 +101,36 @@ def test_a_hugging_face_teacher_with_a_broken_chat_template_is_refused_before_tr
     assert "not a valid Jinja template" in err and "Traceback" not in err and not (tmp_path / "o").exists()
 
 
+def mutate(good: bytes, head: int, i: int, rng) -> bytes:
+    """The i-th mutation of a GGUF whose header and tensor infos end at ``head``: byte flips, runs of
+    0xff (huge lengths and counts), a cut anywhere, a 64-bit integer overwritten."""
+    data = bytearray(good)
+    kind = i % 4
+    if kind == 0:
+        for pos in rng.integers(0, head, size=int(rng.integers(1, 8))):
+            data[pos] ^= int(rng.integers(1, 256))
+    elif kind == 1:
+        pos = int(rng.integers(0, head - 8))
+        data[pos: pos + 8] = b"\xff" * 8
+    elif kind == 2:
+        data = data[: int(rng.integers(0, len(data)))]
+    else:
+        pos = int(rng.integers(0, head - 8))
+        data[pos: pos + 8] = struct.pack("<Q", int(rng.integers(0, 1 << 62)))
+    return bytes(data)
+
+
 def test_fuzzed_gguf_headers_never_escape_as_anything_but_a_clear_error(tiny_gguf, tmp_path):
     """FUZZ_FILES mutations (seeded: a failure reproduces) of the header and infos: byte flips, runs of
     0xff, random cuts, integers overwritten; the reader either accepts the file or raises EdgekdError."""
-    good = bytearray(tiny_gguf.read_bytes())
+    good = tiny_gguf.read_bytes()
     head = _layout(tiny_gguf)["infos_end"]
     rng = np.random.default_rng(20261202)
     path = tmp_path / "fuzz.gguf"
     outcomes = {"accepted": 0, "refused": 0}
     for i in range(FUZZ_FILES):
-        data = bytearray(good)
-        kind = i % 4
-        if kind == 0:  # flip a few bytes
-            for pos in rng.integers(0, head, size=int(rng.integers(1, 8))):
-                data[pos] ^= int(rng.integers(1, 256))
-        elif kind == 1:  # a run of 0xff (huge lengths and counts)
-            pos = int(rng.integers(0, head - 8))
-            data[pos: pos + 8] = b"\xff" * 8
-        elif kind == 2:  # cut anywhere
-            data = data[: int(rng.integers(0, len(data)))]
-        else:  # a 64-bit integer overwritten at a random place
-            pos = int(rng.integers(0, head - 8))
-            data[pos: pos + 8] = struct.pack("<Q", int(rng.integers(0, 1 << 62)))
-        path.write_bytes(bytes(data))
+        data = mutate(good, head, i, rng)
+        path.write_bytes(data)
         try:
             _checked.__wrapped__(str(path), len(data), i)  # uncached: every mutation read afresh
             outcomes["accepted"] += 1

@@ -58,4 +58,22 @@ def _checked(path: str, size: int, mtime_ns: int) -> Any:
     end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
     if end > size:
         raise EdgekdError(f"{path} is truncated: its tensors need {end:,} bytes, the file has {size:,}", fix=BAD_FILE_FIX)
+    _check_vocabulary(reader, path)
     return reader
+
+
+def _check_vocabulary(reader: Any, path: str) -> None:
+    """What llama.cpp asserts on (aborting the process) rather than reports: every token string
+    distinct, and one score and one type per token where the file has them (found by the header fuzz)."""
+    field = reader.fields.get("tokenizer.ggml.tokens")
+    if field is None:
+        return
+    tokens = [bytes(field.parts[i]) for i in field.data]
+    if len(set(tokens)) != len(tokens):
+        seen: set[bytes] = set()
+        dup = next(t for t in tokens if t in seen or seen.add(t))
+        raise EdgekdError(f"{path} has a vocabulary with a repeated token ({dup[:40]!r}): a corrupt or tampered file", fix=BAD_FILE_FIX)
+    for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+        other = reader.fields.get(key)
+        if other is not None and len(other.data) != len(tokens):
+            raise EdgekdError(f"{path} has {len(tokens):,} tokens but {len(other.data):,} entries in {key}", fix=BAD_FILE_FIX)
