@@ -37,7 +37,8 @@ def settings(tiny_profile_overrides):
 
 def compress(args, out, name, env=None, resume=False):
     cmd = [sys.executable, str(HELPER), *args, "--output", str(out), "--run-name", name, "--quiet"] + (["--resume"] if resume else [])
-    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=ROOT, timeout=900)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}  # the edgekd of this tree, whatever is installed
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
 
 
 def outputs(run: Path) -> dict[str, str]:
@@ -183,7 +184,8 @@ def test_fuzzed_ggufs_never_crash_llama_cpp(tiny_gguf_of, tmp_path):
         paths.append(str(p))
     outcome, crashed, todo = defaultdict(int), [], paths
     while todo:
-        proc = subprocess.run([sys.executable, "-c", LOAD_EACH, *todo], capture_output=True, text=True, cwd=ROOT, timeout=1800)
+        proc = subprocess.run([sys.executable, "-c", LOAD_EACH, *todo], capture_output=True, text=True, cwd=ROOT, timeout=1800,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
         lines = proc.stdout.split("\n")
         for line in lines:
             word, _, path = line.partition(" ")

@@ -128,3 +128,16 @@ def test_a_resume_reruns_the_stage_whose_file_was_damaged(tmp_path, tiny_model_d
     assert gguf.read_bytes() == good  # written again, the same bytes
     assert "export: finished earlier, but model-q4_0.gguf changed since its stage finished" in " ".join(err.split())
     assert again.stage("distill").wall_time_s == first.stage("distill").wall_time_s  # reused, checked by its checksum
+
+
+def test_a_run_killed_before_its_marker_was_in_place_starts_again(tmp_path):
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / ".edgekd-lock").write_text("{}")
+    (root / ".tmp-.edgekd-run.abc").write_text("{")  # the marker's temporary file, never renamed
+    run = RunDir(root)
+    assert run.status() == "empty" and run.open({"a": 1}, resume=True) is False
+    run.close()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / ".tmp-notes").write_text("x")  # without edgekd's lock it is someone else's directory
+    assert RunDir(tmp_path / "mine").status() == "foreign"

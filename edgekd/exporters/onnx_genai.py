@@ -97,6 +97,11 @@ def _run_builder(hf_dir: Path, out_dir: Path, cache_dir: Path, fuse_qkv: bool, f
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out_dir),
            "-p", "fp32", "-e", "cpu", "-c", str(cache_dir), "--extra_options", *options]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # the model is local; never reach the Hub
+    # the builder stamps the graph with `git rev-parse HEAD` run beside its own files, which inside a
+    # virtual environment in a git checkout is that checkout's commit, not onnxruntime-genai's: with
+    # no repository to find, it stamps the commit its wheel records (and the file's bytes stop
+    # depending on the user's working tree)
+    env["GIT_DIR"] = os.devnull
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not (out_dir / "model.onnx").is_file():
         tail = (proc.stderr.strip() or proc.stdout.strip())[-600:]

@@ -52,7 +52,9 @@ class RunDir:
             return "absent"
         if not self.root.is_dir():
             return "foreign"
-        if not any(p.name != LOCK for p in self.root.iterdir()):
+        names = [p.name for p in self.root.iterdir()]
+        # only our lock and temporary files: a run killed before its marker was in place
+        if not [n for n in names if n != LOCK and not (LOCK in names and n.startswith(".tmp-"))]:
             return "empty"
         if not self.path(MARKER).exists():
             return "foreign"
