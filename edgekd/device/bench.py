@@ -162,6 +162,10 @@ def bench(
         raise EdgekdError(f"budgets_on must be 'measured' or 'projected', not {budgets_on!r}", fix="pass one of the two")
     if energy_log is not None and not Path(energy_log).is_file():
         raise EdgekdError(f"power log not found: {energy_log}", fix="pass the CSV your meter wrote (unix_time_s,watts)")
+    if path.suffix == ".gguf":
+        from .gguf_check import check_gguf
+
+        check_gguf(path)  # here, so the measuring process holds no reader (its memory is the runtime's)
     n_threads = threads or usable_threads(prof.deployment.threads)
     options = {"energy_log": None if energy_log is None else str(energy_log), "projection": projection, "budgets_on": budgets_on}
     if not isolated:
@@ -209,8 +213,12 @@ def _run_isolated(path: Path, prof: DeviceProfile, n_threads: int, prompt_tokens
 
 
 def _worker() -> int:
+    from .gguf_check import mark_checked
+
     job = json.loads(sys.stdin.read())
     prof = DeviceProfile.model_validate(job["profile"])
+    if job["model"].endswith(".gguf"):
+        mark_checked(job["model"])  # the parent checked it
     try:
         result = _run_in_process(Path(job["model"]), prof, job["threads"], job["prompt_tokens"], job["gen_tokens"], job["repeats"],
                                  job["energy_log"], job["projection"], job["budgets_on"])

@@ -184,9 +184,9 @@ def resolve_model_source(spec: str | os.PathLike | None) -> ModelSource:
 
 def _check_gguf_header(path: Path) -> None:
     """The file's structure (edgekd.device.gguf_check), and its chat template compiled as the tokenizer will."""
-    from ..device.gguf_check import check_gguf
+    from ..device.gguf_check import read_gguf
 
-    field = check_gguf(path).fields.get("tokenizer.chat_template")
+    field = read_gguf(path).fields.get("tokenizer.chat_template")
     if field is not None:
         check_chat_template(bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace"), path)
 
@@ -212,10 +212,10 @@ def check_chat_template(template: str | None, where: Any) -> None:
 
 def inspect_gguf(path: str | os.PathLike) -> dict[str, Any]:
     """Read a GGUF header: architecture, name, layer count, tensor count. Raises EdgekdError if corrupt."""
-    from ..device.gguf_check import check_gguf
+    from ..device.gguf_check import read_gguf
 
     path = Path(path)
-    reader = check_gguf(path)
+    reader = read_gguf(path)
 
     def field_value(key: str) -> Any:
         fld = reader.fields.get(key)
