@@ -106,7 +106,7 @@ def main() -> int:
     tokens = np.asarray(vocab([text.read_text()], add_special_tokens=True)["input_ids"][0], dtype=np.int64)
     chunks = min(args.chunks, len(tokens) // N_CTX)
     blocks = tokens[: chunks * N_CTX].reshape(chunks, N_CTX).copy()
-    bos = int(vocab._vocab.token_bos())
+    bos = vocab.bos_token_id
     if tokens[0] == bos:  # the vocabulary adds BOS: llama.cpp puts it at the start of every window
         blocks[:, 0] = bos
 

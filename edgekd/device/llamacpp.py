@@ -121,6 +121,7 @@ class Tokenizer:
                               fix="check that the file is a complete GGUF written by llama.cpp or edgekd") from None
         _OPEN.append(self._vocab)
         self.eos_token_id = int(self._vocab.token_eos())
+        self.bos_token_id = int(self._vocab.token_bos())
 
     def __call__(self, texts: list[str], add_special_tokens: bool = False) -> dict[str, list[list[int]]]:
         return {"input_ids": [self._vocab.tokenize(t.encode("utf-8"), add_bos=add_special_tokens, special=False) for t in texts]}

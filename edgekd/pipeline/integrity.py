@@ -54,10 +54,6 @@ class RunLock:
                 os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
     def __del__(self) -> None:
         self.release()
 

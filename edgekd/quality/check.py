@@ -219,6 +219,6 @@ def _heldout(data: Any, tokenizer: Any, blocks: int) -> tuple[str, np.ndarray]:
     from ..methods.data import load_corpus
     from ..profiles import load_profile
 
-    prof = load_profile("raspberry-pi-5")  # the shipped profiles share the block length and held-out split
-    corpus = load_corpus(data, tokenizer, prof.compression.data.block_len, prof.compression.evaluation.heldout_fraction)
+    fraction = load_profile("raspberry-pi-5").compression.evaluation.heldout_fraction  # the shipped profiles share it
+    corpus = load_corpus(data, tokenizer, _shipped_block_len(), fraction)
     return f"the held-out split of {corpus.name}", corpus.heldout[:blocks]
