@@ -147,7 +147,29 @@ def inference_stages(teacher, student, train, calib, heldout, layer_map, sensiti
     return rows
 
 
-def measure(model: str, steps: int, memory_gb: float | None, out: Path, force: list[str] = (), sensitivity: bool = False) -> dict:
+def teacher_logit_cache(teacher, train, prof, out: Path, rows: list[dict]):
+    """The profile's logit cache over ``train``, built as the teacher_logits stage builds it (its row
+    added to ``rows``); None when the profile has no cache."""
+    from edgekd.methods import logit_cache
+    from edgekd.methods.memory import predict_forward_peak
+    from edgekd.pipeline.peak_memory import peak_memory, release_freed_memory
+
+    ds = prof.compression.distill
+    if ds.logit_cache is None:
+        return None
+    release_freed_memory()
+    predicted = predict_forward_peak(teacher.config, ds.batch_size, train.shape[1], logit_copies=3,
+                                     extra_bytes=logit_cache.cache_size_bytes(int(train.size), ds.logit_cache.k))
+    t0 = time.perf_counter()
+    with peak_memory() as pm:
+        cache = logit_cache.build(teacher, train, ds.logit_cache.k, ds.temperature, out / "teacher-logits",
+                                  batch_size=ds.batch_size, kind=ds.logit_cache.kind, seed=ds.seed)
+    rows.append(stage_row("teacher_logits", pm, predicted / 2**20, time.perf_counter() - t0, blocks=len(train)))
+    return cache
+
+
+def measure(model: str, steps: int, memory_gb: float | None, out: Path, force: list[str] = (), sensitivity: bool = False,
+            live_teacher: bool = False) -> dict:
     from common import PROFILE
 
     import edgekd
@@ -166,15 +188,21 @@ def measure(model: str, steps: int, memory_gb: float | None, out: Path, force: l
                           teacher_params=sum(p.numel() for p in teacher.parameters()),
                           student_params=sum(p.numel() for p in student.parameters())))
     prof = edgekd.load_profile(PROFILE)
+    if live_teacher:
+        prof.compression.distill.logit_cache = None
     rows += inference_stages(teacher, student, train, calib, heldout, layer_map, sensitivity)
+    if prof.compression.distill.logit_cache is not None:  # only the blocks the steps read: a cache of them all takes long here
+        train = train[:steps * prof.compression.distill.batch_size]
+    cache = teacher_logit_cache(teacher, train, prof, out, rows)
     cfg = DistillConfig.from_settings(prof.compression.distill, steps=steps)
     cfg.checkpoint_every = 10**6
     forced(cfg, force)
     release_freed_memory()
-    fitted, memory = plan_memory(student, teacher, cfg, train.shape[1], None, memory_gb)
+    fitted, memory = plan_memory(student, teacher, cfg, train.shape[1], cache, memory_gb)
     t0 = time.perf_counter()
     with peak_memory() as pm:
-        outcome, memory = run_distillation(student, teacher, train, fitted, layer_map, "distilling", memory=memory)
+        outcome, memory = run_distillation(student, teacher, train, fitted, layer_map, "distilling", memory=memory,
+                                           logit_cache=cache)
     rows.append(stage_row("distill", pm, memory.total / 2**20, time.perf_counter() - t0, settings=memory.settings(),
                           step_s=[round(h["step_s"], 2) for h in outcome.history],
                           parts_mb={k: round(v / 2**20, 1) for k, v in memory.parts.items()}))
@@ -189,7 +217,7 @@ def measure(model: str, steps: int, memory_gb: float | None, out: Path, force: l
     release_freed_memory()
     t0 = time.perf_counter()
     with peak_memory() as pm:
-        result = qat_kd(student, teacher, train, calib, plan, qcfg, layer_map=layer_map, memory_gb=memory_gb)
+        result = qat_kd(student, teacher, train, calib, plan, qcfg, layer_map=layer_map, memory_gb=memory_gb, logit_cache=cache)
     rows.append(stage_row("qat", pm, result.memory.total / 2**20, time.perf_counter() - t0, settings=result.memory.settings(),
                           step_s=[round(h["step_s"], 2) for h in result.outcome.history],
                           parts_mb={k: round(v / 2**20, 1) for k, v in result.memory.parts.items()}))
@@ -201,7 +229,8 @@ def measure(model: str, steps: int, memory_gb: float | None, out: Path, force: l
         path, check = write_checked(export, result.model, tokenizer, plan, out, heldout[:2], 2)
     rows.append(stage_row("export", pm, predicted / 2**20, time.perf_counter() - t0, file_mb=round(path.stat().st_size / 2**20, 1),
                           parity=check.to_dict()))
-    return {"model": model, "steps": steps, "memory_gb": memory_gb, "stages": rows,
+    return {"model": model, "steps": steps, "memory_gb": memory_gb, "teacher": "live" if cache is None else "logit cache",
+            "stages": rows,
             "process_peak_mb": max(r["peak_mb"] for r in rows)}
 
 
@@ -226,6 +255,7 @@ def main() -> int:
     ap.add_argument("--sensitivity", action="store_true", help="also the sensitivity stage (three formats, one width)")
     ap.add_argument("--force", action="append", default=[], choices=sorted(FORCE),
                     help="turn a memory saving on whatever the check says (to measure its effect)")
+    ap.add_argument("--live-teacher", action="store_true", help="no logit cache, whatever the profile says")
     ap.add_argument("--out", type=Path, default=Path("export/memory-fit"))
     args = ap.parse_args()
     flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -233,9 +263,9 @@ def main() -> int:
         result, name = from_run(args.run), f"memory_fit_run_{args.run.name}"
     else:
         args.out.mkdir(parents=True, exist_ok=True)
-        suffix = "".join(f"_{f}" for f in args.force)
+        suffix = "".join(f"_{f}" for f in args.force) + ("_live" if args.live_teacher else "")
         try:
-            result = measure(args.model, args.steps, args.memory_gb, args.out, args.force, args.sensitivity)
+            result = measure(args.model, args.steps, args.memory_gb, args.out, args.force, args.sensitivity, args.live_teacher)
         except EdgekdError as exc:  # the memory check refused a stage: that is the measurement
             result = {"model": args.model, "memory_gb": args.memory_gb, "refused": str(exc)}
             print(exc, file=sys.stderr)

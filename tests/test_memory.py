@@ -9,7 +9,8 @@ from conftest import make_tiny_llama
 
 from edgekd import EdgekdError
 from edgekd.methods.distill import DistillConfig, distill_step_losses
-from edgekd.methods.memory import HEADROOM, estimate_training_memory, fit_memory, training_layout
+from edgekd.methods.layout import training_layout
+from edgekd.methods.memory import HEADROOM, estimate_training_memory, fit_memory
 from edgekd.methods.optim import AdamWBf16Moments
 from edgekd.pipeline.peak_memory import peak_memory
 
@@ -98,11 +99,34 @@ def test_training_layout_gives_the_teacher_bf16_linears_and_restores_it_bit_for_
         assert teacher.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
         assert teacher.model.embed_tokens.weight.dtype == torch.float32  # the lookup is not autocast
         assert student.is_gradient_checkpointing
-        assert list(tmp_path.glob("teacher-fp32-*"))
+        assert list(tmp_path.glob("teacher-parked-*"))
     assert not student.is_gradient_checkpointing
-    assert not list(tmp_path.glob("teacher-fp32-*"))
+    assert not list(tmp_path.glob("teacher-parked-*"))
     for k, v in teacher.state_dict().items():
         assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_teacher_the_cache_replaces_leaves_memory_and_comes_back_bit_for_bit(tmp_path, precision):
+    teacher, student = _models()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    logits_only = DistillConfig(steps=2, batch_size=4, precision=precision)
+    with training_layout(student, teacher, logits_only, tmp_path, cached=True):
+        assert all(p.numel() == 0 for p in teacher.parameters())
+        assert len(list(tmp_path.glob("teacher-parked-*"))) == 1
+    assert not list(tmp_path.glob("teacher-parked-*"))
+    for k, v in teacher.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+    assert teacher.lm_head.weight is teacher.model.embed_tokens.weight or not teacher.config.tie_word_embeddings
+    # a hidden-state loss still runs the teacher: it stays (bf16 linears at most)
+    with training_layout(student, teacher, _cfg(precision=precision), tmp_path, cached=True):
+        assert all(p.numel() for p in teacher.parameters())
+    # the prediction takes the whole teacher off what is resident, and only when it is idle
+    cached = estimate_training_memory(teacher, student, logits_only, 128, resident_bytes=RESIDENT, cached=True)
+    live = estimate_training_memory(teacher, student, logits_only, 128, resident_bytes=RESIDENT)
+    teacher_bytes = sum(p.numel() * 4 for p in teacher.parameters())
+    assert cached.parts["teacher_held_less"] == -teacher_bytes and cached.teacher_parked and not live.teacher_parked
+    assert cached.total < live.total - teacher_bytes / 2
 
 
 def test_bf16_linears_give_the_teacher_the_same_logits_under_autocast():

@@ -37,6 +37,7 @@ from ..families import family_of
 from ..pipeline.peak_memory import trim_heap
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .chunked_head import chunked_kd_loss, forward_to_hidden, head_of
+from .layout import training_layout
 from .losses import attention_kl, hidden_state_loss
 from .memory import (
     MemoryPlan,
@@ -45,7 +46,6 @@ from .memory import (
     device_resident_bytes,
     fit_memory,
     memory_limit_bytes,
-    training_layout,
 )
 from .mixture import Mixture
 from .on_policy import on_policy_rows, step_rng
@@ -286,7 +286,7 @@ def distill(
     if ckpt is not None:
         start_step, tokens, history = load_checkpoint(ckpt, student, optimizer)
     scratch = run_dir if run_dir is not None and run_dir.exists() else None
-    with training_layout(student, teacher, cfg, scratch, distributed=world > 1):
+    with training_layout(student, teacher, cfg, scratch, distributed=world > 1, cached=logit_cache is not None):
         model, optimizer = accelerator.prepare(student, optimizer)
         teacher = teacher.to(accelerator.device)
         unwrapped = accelerator.unwrap_model(model)
@@ -430,7 +430,7 @@ def probe_step_seconds(student: Any, teacher: Any, train_blocks: np.ndarray, cfg
     times = []
     held = Bf16Gradients(bf16_product_weights(student)) if bf16_gradients_apply(cfg) else None  # the step's own memory
     try:
-        with training_layout(student, teacher, cfg):
+        with training_layout(student, teacher, cfg, cached=logit_cache is not None):
             for step in range(probes):
                 t0 = time.perf_counter()
                 for micro in range(cfg.grad_accum):

@@ -19,12 +19,8 @@ naming the smallest memory that would.
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,6 +67,7 @@ class MemoryPlan:
     batch_size: int
     grad_accum: int
     teacher_bf16: bool
+    teacher_parked: bool = False
     gradient_dtype: str = "fp32"
 
     @property
@@ -80,7 +77,8 @@ class MemoryPlan:
     def settings(self) -> dict[str, Any]:
         return {"gradient_checkpointing": self.gradient_checkpointing, "optimizer_state": self.optimizer_state,
                 "gradient_dtype": self.gradient_dtype,
-                "batch_size": self.batch_size, "grad_accum": self.grad_accum, "teacher_linears_bf16": self.teacher_bf16}
+                "batch_size": self.batch_size, "grad_accum": self.grad_accum, "teacher_linears_bf16": self.teacher_bf16,
+                "teacher_parked": self.teacher_parked}
 
     def describe(self) -> str:
         return ", ".join(f"{k.replace('_', ' ')} {v / 1e9:.2f} GB" for k, v in self.parts.items())
@@ -113,7 +111,7 @@ def estimate_training_memory(teacher: Any, student: Any, cfg: Any, block_len: in
     maps = cfg.batch_size * heads * block_len ** 2
     if want_attn:  # eager attention: the maps the loss reads (and, kept for backward, the fp32 softmax)
         activations += layers * maps * (act if ckpt else 4 + act) + maps * 16  # + one layer's KL, recomputed
-    teacher_live = (want_logits and not cached) or want_hidden or want_attn
+    teacher_live = teacher_runs(cfg, cached)
     targets = 0
     if teacher_live and want_hidden:
         targets += (t_layers + 1) * tokens * th * 4
@@ -126,7 +124,7 @@ def estimate_training_memory(teacher: Any, student: Any, cfg: Any, block_len: in
     # gradient: sparse into a tied head's (training_layout), else a second table
     head = table + tokens * h * 4 + HEAD_CHUNK_COPIES * chunk * vocab * 4 + (0 if family_of(student).tied(student) else table)
     head += vocab * h * act if bf16 else 0  # the head's cast for the chunks' products, during the forward pass
-    if teacher_live and want_logits:
+    if want_logits and not cached:
         head += tokens * th * 4 + (vocab * th * act if bf16 else 0)  # the teacher's final hidden states, its head's cast
     linear_params = bf16_linear_params(student)
     if quantized_params:  # the round-tripped weights the products keep (one block's when recomputed), the table's
@@ -141,15 +139,31 @@ def estimate_training_memory(teacher: Any, student: Any, cfg: Any, block_len: in
     if bf16_gradients_apply(cfg):  # held in bf16 as each is finished; one fp32 gradient at a time before that
         held = [p.numel() for p in bf16_product_weights(student)]
         gradients -= sum(held) * 2.0 - max(held, default=0) * 4.0
-    teacher_bf16 = bf16
-    saved = bf16_linear_params(teacher) * 2 if teacher_bf16 else 0
+    # edgekd.methods.layout.training_layout: an idle teacher leaves memory, a running one holds bf16 linears
+    teacher_bf16 = bf16 and teacher_live
+    if not teacher_live:
+        saved = float(sum(p.numel() * p.element_size() for p in teacher.parameters()))
+    else:
+        saved = bf16_linear_params(teacher) * 2.0 if teacher_bf16 else 0.0
     resident = resident_bytes if resident_bytes is not None else _resident_now()
-    parts = {"resident_now": resident, "teacher_linears_to_bf16": -saved, "gradients": gradients,
+    parts = {"resident_now": resident, TEACHER_SAVED: -saved, "gradients": gradients,
              "optimizer_state": n_student * float(state), "activations": float(activations), "teacher_targets": float(targets),
              "head_and_table_gradients": float(head), "weight_copies": float(weights)}
-    parts["allocator_slack"] = ALLOCATOR_SLACK * sum(v for k, v in parts.items() if k not in ("resident_now", "teacher_linears_to_bf16"))
+    parts["allocator_slack"] = ALLOCATOR_SLACK * sum(v for k, v in parts.items() if k not in ("resident_now", TEACHER_SAVED))
     return MemoryPlan(parts, cfg.gradient_checkpointing, cfg.optimizer_state, cfg.batch_size, cfg.grad_accum, teacher_bf16,
+                      not teacher_live,
                       cfg.gradient_dtype if bf16_gradients_apply(cfg) else "fp32")
+
+
+TEACHER_SAVED = "teacher_held_less"  # the part training_layout takes off the resident teacher
+
+
+def teacher_runs(cfg: Any, cached: bool) -> bool:
+    """Whether a training step of ``cfg`` (edgekd.methods.distill.DistillConfig) runs the teacher:
+    for its logits (unless ``cached``, the logit cache, supplies them), its hidden states or
+    attention maps, or to score on-policy samples."""
+    want_logits = cfg.w_logit > 0 and cfg.alpha > 0
+    return (want_logits and not cached) or cfg.w_hidden > 0 or cfg.w_attention > 0 or bool(cfg.on_policy_share)
 
 
 def bf16_gradients_apply(cfg: Any, world: int = 1) -> bool:
@@ -187,7 +201,7 @@ def refuse_over_limit(predicted: float, limit_gb: float | None, what: str, fix: 
     limit = memory_limit_bytes(limit_gb)
     if predicted > HEADROOM * limit:
         raise EdgekdError(f"{what} needs about {predicted / 1e9:.1f} GB (PROJECTION), but this run may use {limit / 1e9:.1f} GB",
-                          fix=f"{fix}, or run on a machine with {predicted / HEADROOM / 1e9:.1f} GB free (compression.memory_gb sets the limit)")
+                          fix=f"{fix}, or run on a machine with at least {predicted / HEADROOM / 1e9:.1f} GB free (compression.memory_gb sets the limit)")
 
 
 def device_resident_bytes(teacher: Any, student: Any) -> float | None:
@@ -269,11 +283,11 @@ def fit_memory(teacher: Any, student: Any, cfg: Any, block_len: int, limit_bytes
 def bf16_product_weights(model: Any) -> list[torch.Tensor]:
     """The weight Parameters of ``model``'s linear layers that are not its (tied) token embedding:
     each used by one product a step, which bf16 autocast computes in bf16."""
-    embedding = _stored_weight(family_of(model).embedding_module(model))
+    embedding = stored_weight(family_of(model).embedding_module(model))
     weights: dict[int, torch.Tensor] = {}
     for m in model.modules():
-        if isinstance(m, torch.nn.Linear) and _stored_weight(m) is not embedding:
-            weights.setdefault(id(_stored_weight(m)), _stored_weight(m))
+        if isinstance(m, torch.nn.Linear) and stored_weight(m) is not embedding:
+            weights.setdefault(id(stored_weight(m)), stored_weight(m))
     return list(weights.values())
 
 
@@ -282,97 +296,11 @@ def bf16_linear_params(model: Any) -> int:
     return sum(w.numel() for w in bf16_product_weights(model))
 
 
-def _stored_weight(module: Any) -> torch.Tensor:
+def stored_weight(module: Any) -> torch.Tensor:
     """A module's weight Parameter; under a parametrization (QAT), the original it is computed from."""
     from torch.nn.utils import parametrize
 
     return module.parametrizations.weight.original if parametrize.is_parametrized(module, "weight") else module.weight
-
-
-@contextlib.contextmanager
-def training_layout(student: Any, teacher: Any, cfg: Any, scratch: Path | None = None, distributed: bool = False) -> Iterator[None]:
-    """The models as ``cfg`` trains them, restored afterwards.
-
-    With bf16 forward passes the frozen teacher's linear weights are held in bf16: autocast
-    rounds them to bf16 for every product anyway, so the teacher computes exactly what it did,
-    in half the memory. Its fp32 weights wait in a file in ``scratch`` and come back unchanged.
-    Its other tensors are copied out of the file a teacher is usually memory-mapped from
-    (transformers maps safetensors), so that mapping, resident once read, is released too.
-    ``cfg.gradient_checkpointing``: transformers' gradient checkpointing on the student.
-
-    A student whose token embedding is its head too looks tokens up with a sparse gradient: the
-    head's dense gradient reaches the shared table first in backward and the lookup's rows are
-    added into it in place, instead of a second (vocab, hidden) gradient and their sum (not when
-    ``distributed``: DistributedDataParallel reduces dense gradients only).
-    """
-    base = getattr(student, "module", student)
-    if cfg.gradient_checkpointing:
-        _checkpointing(base, True)
-    lookup = family_of(base).embedding_module(base)
-    sparse_lookup = not distributed and family_of(base).tied(base) and isinstance(lookup, torch.nn.Embedding) and not lookup.sparse
-    if sparse_lookup:
-        lookup.sparse = True
-    embedding = _stored_weight(family_of(teacher).embedding_module(teacher))
-    linears = {name: m for name, m in teacher.named_modules()
-               if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float32 and m.weight is not embedding}
-    tmp = None
-    try:
-        if cfg.precision == "bf16" and linears:
-            for stale in Path(scratch).glob("teacher-fp32-*") if scratch is not None else ():  # left by a killed run
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp = tempfile.TemporaryDirectory(dir=scratch, prefix="teacher-fp32-", ignore_cleanup_errors=True)
-            parked = _park(linears, Path(tmp.name) / "linears.f32")
-            with torch.no_grad():
-                for t in [*teacher.parameters(), *teacher.buffers()]:
-                    if t.dtype == torch.float32:  # out of the file mapping (the linears are bf16 copies now)
-                        t.data = t.data.clone()
-        yield
-    finally:
-        if cfg.gradient_checkpointing:
-            _checkpointing(base, False)
-        if sparse_lookup:
-            lookup.sparse = False
-        if tmp is not None:
-            _unpark(linears, parked, Path(tmp.name) / "linears.f32")
-            tmp.cleanup()
-
-
-def _park(linears: dict[str, Any], path: Path) -> dict[str, tuple[int, tuple[int, ...]]]:
-    """Write each linear's fp32 weight to ``path`` and swap it for its bf16 copy, one tensor at a
-    time (a whole-model serializer would hold a second copy of every weight while it writes)."""
-    where, offset = {}, 0
-    with open(path, "wb") as f, torch.no_grad():
-        for name, m in linears.items():
-            w = m.weight.data
-            w.detach().cpu().contiguous().numpy().tofile(f)
-            where[name] = (offset, tuple(w.shape))
-            offset += w.numel() * 4
-            m.weight.data = w.to(torch.bfloat16)
-    return where
-
-
-def _unpark(linears: dict[str, Any], where: dict[str, tuple[int, tuple[int, ...]]], path: Path) -> None:
-    """The fp32 weights back from :func:`_park`'s file, bit for bit, one tensor at a time."""
-    import numpy as np
-
-    with torch.no_grad():
-        for name, m in linears.items():
-            offset, shape = where[name]
-            values = np.fromfile(path, dtype=np.float32, count=int(np.prod(shape)), offset=offset).reshape(shape)
-            m.weight.data = torch.from_numpy(values).to(m.weight.device)
-
-
-def _checkpointing(model: Any, on: bool) -> None:
-    """transformers' activation checkpointing (named gradient checkpointing before 5.x), non-reentrant."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        if on:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.activation_checkpointing_disable()
-    elif on:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_disable()
 
 
 def predict_export_peak(model: Any, plan: Any, runtime: str = "llama.cpp", context: int = 256,

@@ -75,7 +75,9 @@ def mixture_settings(mixture: Any, cfg: Any) -> dict[str, Any]:
 def memory_metrics(memory: Any) -> dict[str, Any]:
     """A training stage's predicted peak (PROJECTION, compared with the measured one in the report) and its parts."""
     return {"predicted_peak_rss_mb": round(memory.total / 2**20, 1),
-            "predicted_peak_parts_mb": {k: round(v / 2**20, 1) for k, v in memory.parts.items()}}
+            "predicted_peak_parts_mb": {k: round(v / 2**20, 1) for k, v in memory.parts.items()},
+            "teacher_while_training": "parked on disk (every target from the logit cache)" if memory.teacher_parked
+            else ("bf16 linear weights" if memory.teacher_bf16 else "as loaded")}
 
 
 def _save_student(ctx: RunContext, model: Any) -> None:
