@@ -47,8 +47,8 @@ def test_chunked_kd_loss_matches_plain_values_and_gradients(kind, bias, softcap)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("cache_kind", ["topk", "sample"])
-def test_chunked_kd_loss_matches_plain_with_a_logit_cache(cache_kind):
+@pytest.mark.parametrize("cache_kind,alpha", [("topk", 0.5), ("sample", 0.5), ("sample", 1.0)])  # sample: closed form
+def test_chunked_kd_loss_matches_plain_with_a_logit_cache(cache_kind, alpha):
     hs, head, labels, th, thead = _inputs(seed=1)
     logp_t = torch.log_softmax(thead.logits(th) / 2.0, -1)
     if cache_kind == "topk":
@@ -58,12 +58,13 @@ def test_chunked_kd_loss_matches_plain_with_a_logit_cache(cache_kind):
         idx = idx.view(*logp_t.shape[:2], 5)
         logp = logp_t.gather(-1, idx)
     cached = (idx, logp, cache_kind)
-    ref = kd_loss(head.logits(hs), None, labels, 0.5, 2.0, teacher_cached=cached)
+    ref = kd_loss(head.logits(hs), None, labels, alpha, 2.0, teacher_cached=cached)
     ref["loss"].backward()
     want = [hs.grad.clone(), head.weight.grad.clone()]
     hs.grad = head.weight.grad = None
-    out = chunked_kd_loss(hs, head, labels, 0.5, 2.0, teacher_cached=cached, chunk=4)
-    assert out["loss"].item() == pytest.approx(ref["loss"].item(), rel=1e-5)
+    out = chunked_kd_loss(hs, head, labels, alpha, 2.0, teacher_cached=cached, chunk=4)
+    for k in ("loss", "ce", "kd"):
+        assert out[k].item() == pytest.approx(ref[k].item(), rel=1e-5, abs=1e-6), k
     out["loss"].backward()
     for got, w in zip([hs.grad, head.weight.grad], want):
         torch.testing.assert_close(got, w, rtol=1e-4, atol=1e-6)

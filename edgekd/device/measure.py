@@ -150,6 +150,7 @@ def measure_gguf(path: Path, threads: int, n_ctx: int, prompt_tokens: int, gen_t
 
     timed = timed_repeats(prefill, decode, prompt_tokens, gen_tokens, repeats)
     facts = llamacpp.model_facts(llm)
+    llm.close()
     return {"runtime": f"llama.cpp (llama-cpp-python {llamacpp.version()}, {llamacpp.build_isa()})", "load_s": load_s, **timed,
             "baseline_rss_mb": baseline, "peak_rss_mb": peak_rss_mb(), "kv_cache_mb": _kv_cache_mb(facts, n_ctx, 2),
             "facts": facts}

@@ -197,14 +197,23 @@ def chunked_kd_loss(
             t_logits = teacher_head.logits(th[start:end]).float()
         return forward_kl_and_ce_with_grad(z, t_logits, flat_labels[start:end], valid[start:end], n_valid, alpha, t)
 
+    def sampled_kl_grad(z: torch.Tensor, start: int, end: int) -> tuple:
+        return sampled_kl_and_ce_with_grad(z, cached[0][start:end], cached[1][start:end], flat_labels[start:end],
+                                           valid[start:end], n_valid, alpha, t)
+
     w, b = student_head.weight, student_head.bias
     if teacher_head is not None:
         teacher_head = _cast_once(teacher_head, hs.device)
-    # the default loss (forward KL on the live teacher + CE) has a closed-form logit gradient: a third
-    # of the (chunk, vocab) temporaries autograd keeps, and no graph per chunk
-    closed_form = kind == "forward" and alpha > 0 and cached is None and not student_head.softcap and not teacher_head.softcap
+    # forward KL + CE, on the live teacher or a sampled cache, has a closed-form logit gradient: a
+    # third of the (chunk, vocab) temporaries autograd keeps, and no graph per chunk
+    logit_grad = None
+    if kind == "forward" and alpha > 0 and not student_head.softcap:
+        if cached is None and not teacher_head.softcap:
+            logit_grad = forward_kl_grad
+        elif cached is not None and cached[2] == "sample":
+            logit_grad = sampled_kl_grad
     if torch.is_grad_enabled() and (hs.requires_grad or w.requires_grad):
-        loss, ce, kd = _GradInForward.apply(hs, w, b, chunk_loss, chunk, forward_kl_grad if closed_form else None)
+        loss, ce, kd = _GradInForward.apply(hs, w, b, chunk_loss, chunk, logit_grad)
     else:
         with torch.no_grad():
             head = _cast_once(Head(w, b), hs.device)  # cast once, not per chunk
@@ -246,6 +255,35 @@ def _forward_kl_and_ce_with_grad(z: torch.Tensor, t_logits: torch.Tensor, labels
     ce = (ce_rows * m).sum()
     kd = (kl * m).sum() * (t * t)
     return (1 - alpha) * ce + alpha * kd, ce, kd, dz
+
+
+@torch.no_grad()
+def sampled_kl_and_ce_with_grad(z: torch.Tensor, idx: torch.Tensor, t_logp: torch.Tensor, labels: torch.Tensor,
+                                valid: torch.Tensor, n_valid: torch.Tensor, alpha: float, t: float) -> tuple:
+    """As :func:`forward_kl_and_ce_with_grad`, with the teacher given by K tokens ``idx`` drawn from
+    it and their log-probabilities ``t_logp`` (the sampled logit cache; the KL estimate is
+    ``mean_k(t_logp - log q_s(idx_k / t))``, Anshumann et al. 2025). Its gradient w.r.t. ``z`` is the
+    live one with the teacher's distribution replaced by the samples' empirical one:
+    ``alpha t (softmax(z / t) - counts / K)``. Two (rows, vocab) buffers; ``z`` is overwritten."""
+    with torch.autocast(z.device.type, enabled=False):
+        m = valid.to(torch.float32) / n_valid
+        idx = idx.long()
+        draws = idx.shape[-1]
+        log_q = z / t
+        log_q -= torch.logsumexp(log_q, -1, keepdim=True)
+        kl = t_logp.float().mean(-1) - log_q.gather(-1, idx).mean(-1)
+        dz = log_q.exp_()
+        dz.scatter_add_(-1, idx, torch.full(idx.shape, -1.0 / draws, dtype=dz.dtype, device=dz.device))
+        dz.mul_((alpha * t) * m[:, None])
+        lse = torch.logsumexp(z, -1, keepdim=True)
+        safe = labels.clamp_min(0)[:, None]
+        ce_rows = (lse - z.gather(-1, safe)).squeeze(-1)
+        soft = z.sub_(lse).exp_()  # z's buffer: softmax(z)
+        soft.scatter_add_(-1, safe, torch.full_like(lse, -1.0))
+        dz.add_(soft.mul_((1 - alpha) * m[:, None]))
+        ce = (ce_rows * m).sum()
+        kd = (kl * m).sum() * (t * t)
+        return (1 - alpha) * ce + alpha * kd, ce, kd, dz
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:

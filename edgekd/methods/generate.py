@@ -207,6 +207,8 @@ def _engine(settings: Generation, teacher: Any, gguf_path: Any) -> Callable[...,
         def run_llama_cpp(prompts: list[list[int]], rng: np.random.Generator, eos: int | None) -> list[list[int]]:
             need = max(len(p) for p in prompts) + new
             if opened.get("n_ctx", 0) < need:  # a context that holds the longest prompt and its continuation
+                if "llm" in opened:
+                    opened["llm"].close()
                 opened.update(n_ctx=need, llm=llamacpp.load(gguf_path, n_ctx=need, threads=usable_threads(1 << 10)))
             return [llama_cpp_continue(opened["llm"], p, new, rng, temperature, top_p, eos) for p in prompts]
         return run_llama_cpp

@@ -19,6 +19,7 @@ bytes (hidden) and 4 * heads * seq * layers bytes (attention), hundreds of kB pe
 from __future__ import annotations
 
 import json
+import mmap
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +43,11 @@ class LogitCache:
         return int(self.indices.shape[-1])
 
     def batch(self, block_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.from_numpy(np.asarray(self.indices[block_ids], dtype=np.int64)),
-                torch.from_numpy(np.asarray(self.logprobs[block_ids], dtype=np.float32)))
+        out = (torch.from_numpy(np.asarray(self.indices[block_ids], dtype=np.int64)),
+               torch.from_numpy(np.asarray(self.logprobs[block_ids], dtype=np.float32)))
+        for array in (self.indices, self.logprobs):
+            _unmap_pages(array)
+        return out
 
     def first(self, k: int) -> LogitCache:
         """The cache with k entries per position: the top-k of a sorted top-K, or the first k of K draws."""
@@ -52,6 +56,14 @@ class LogitCache:
 
     def bytes_per_million_tokens(self) -> float:
         return 1e6 * self.k * (4 + 4)
+
+
+def _unmap_pages(array: np.ndarray) -> None:
+    """Drop a memory-mapped cache's pages from this process (the page cache keeps them): read a
+    batch at a time, a mapping would otherwise stay resident, the whole cache by the end of an epoch."""
+    mapping = getattr(array, "_mmap", None)  # numpy.memmap's mapping
+    if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 def cache_size_bytes(n_tokens: int, k: int) -> int:

@@ -122,7 +122,10 @@ def estimate_training_memory(teacher: Any, student: Any, cfg: Any, block_len: in
     chunk = min(chunk_positions(vocab), tokens)
     # dL/dW and dL/dh of the chunked head, one chunk's softmaxes and gradients, and the lookup's
     # gradient: sparse into a tied head's (training_layout), else a second table
-    head = table + tokens * h * 4 + HEAD_CHUNK_COPIES * chunk * vocab * 4 + (0 if family_of(student).tied(student) else table)
+    # forward KL + CE (live or from the sampled cache) without a softcap has a closed-form logit gradient
+    closed_form = want_logits and cfg.kl == "forward" and not getattr(sc, "final_logit_softcapping", None)
+    copies = HEAD_CHUNK_COPIES_CLOSED_FORM if closed_form else HEAD_CHUNK_COPIES
+    head = table + tokens * h * 4 + copies * chunk * vocab * 4 + (0 if family_of(student).tied(student) else table)
     head += vocab * h * act if bf16 else 0  # the head's cast for the chunks' products, during the forward pass
     if want_logits and not cached:
         head += tokens * th * 4 + (vocab * th * act if bf16 else 0)  # the teacher's final hidden states, its head's cast
@@ -174,7 +177,8 @@ def bf16_gradients_apply(cfg: Any, world: int = 1) -> bool:
 
 
 ACCUMULATION_COPIES = 1.5  # measured: 1 x 4 micro-batches peaked 0.93 GB above the whole batch (Qwen3-0.6B shape, 0.62 GB table)
-HEAD_CHUNK_COPIES = 8  # (chunk, vocab) fp32 tensors alive at once in a chunk's loss and its gradient
+HEAD_CHUNK_COPIES = 8  # (chunk, vocab) fp32 tensors alive at once in a chunk's loss and its gradient (autograd)
+HEAD_CHUNK_COPIES_CLOSED_FORM = 4  # the same with the gradient in closed form (edgekd.methods.chunked_head): its buffers
 ALLOCATOR_SLACK = 0.1  # freed blocks the heap keeps resident, as a share of what the step allocates
 
 

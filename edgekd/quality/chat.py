@@ -61,7 +61,7 @@ def runtime_greedy(path: Path, threads: int, context: int, stop_id: int | None) 
         from ..device import llamacpp
 
         llm = llamacpp.load(path, n_ctx=context, threads=threads)
-        return lambda prompt, n: llamacpp.greedy(llm, prompt, n, stop_id)
+        return llamacpp.Owned(llm, lambda prompt, n: llamacpp.greedy(llm, prompt, n, stop_id))
     if kind == "onnx-genai":
         from ..device.onnxgenai import GenaiModel, folder_of
 

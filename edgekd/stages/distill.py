@@ -31,7 +31,8 @@ def teacher_logits(ctx: RunContext) -> StageRecord:
     tokens = int(cache.indices.shape[0] * cache.indices.shape[1])
     return StageRecord("teacher_logits", settings={"k": cache.k, "kind": cache.kind, "temperature": ds.temperature},
                        metrics={"tokens": tokens, "size_mb": logit_cache.cache_size_bytes(tokens, cache.k) / 1e6,
-                                "mb_per_million_tokens": cache.bytes_per_million_tokens() / 1e6},
+                                "mb_per_million_tokens": cache.bytes_per_million_tokens() / 1e6,
+                                "predicted_peak_rss_mb": round(predicted / 2**20, 1)},
                        artifacts={"teacher logit cache": CACHE_DIR})
 
 
