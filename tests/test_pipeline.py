@@ -32,7 +32,7 @@ def test_end_to_end_tiny(tmp_path, tiny_model_dir, small_corpus_file, tiny_profi
     assert all(c.measured is not None for c in report.budgets)
     assert (run_dir / "corpus" / "heldout.npy").exists()
     # pruning and distillation produced a loadable, smaller Hugging Face student
-    assert report.plan == ["load_teacher", "load_corpus", "evaluate_teacher", "score_blocks", "prune", "teacher_logits", "distill",
+    assert report.plan == ["load_teacher", "load_corpus", "evaluate_teacher", "score_blocks", "prune", "distill",
                            "evaluate_student", "qat", "export", "bench"]
     from transformers import AutoModelForCausalLM
 
