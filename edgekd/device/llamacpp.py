@@ -146,7 +146,7 @@ class Tokenizer:
         except Exception as exc:
             raise EdgekdError(f"llama.cpp could not read the vocabulary of {path} ({exc})",
                               fix="check that the file is a complete GGUF written by llama.cpp or edgekd") from None
-        _OPEN.append(self._vocab)
+        _OPEN.add(self._vocab)
         self.eos_token_id = int(self._vocab.token_eos())
         self.bos_token_id = int(self._vocab.token_bos())
 
