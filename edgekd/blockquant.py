@@ -131,9 +131,19 @@ def torch_symmetric(w: Any, clip: Any = None, *, bits: int) -> Any:
     two is exact) and every element back at its code. With clip > 1 no element would reach code 0
     and the reference would pick another scale, so clip factors never exceed 1.
     """
+    import torch
+
     rows, cols = w.shape
-    _, d, _, q = symmetric_grid(w.float().reshape(rows, cols // BLOCK, BLOCK), clip, bits=bits)
-    return (d.half().float() * (q - float(1 << (bits - 1)))).reshape(rows, cols)
+    b = w.float().reshape(rows, cols // BLOCK, BLOCK)
+    half = float(1 << (bits - 1))
+    d = torch.gather(b, -1, b.abs().argmax(dim=-1, keepdim=True)) / -half
+    if clip is not None:
+        d = d * clip
+    # symmetric_grid's arithmetic, in place in one weight-sized buffer (a tied 49k x 576 table
+    # would otherwise hold four fp32 copies at once inside every step's forward pass)
+    q = b * torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+    q.add_(half + 0.5).trunc_().clamp_(0, (1 << bits) - 1).sub_(half)
+    return q.mul_(d.half().float()).reshape(rows, cols)
 
 
 def torch_affine(w: Any, clip: Any = None, *, bits: int) -> Any:
@@ -143,8 +153,9 @@ def torch_affine(w: Any, clip: Any = None, *, bits: int) -> Any:
     b = w.float().reshape(rows, cols // BLOCK, BLOCK)
     lo, hi = b.amin(dim=-1, keepdim=True), b.amax(dim=-1, keepdim=True)
     d = (hi - lo) / float((1 << bits) - 1)
-    q = torch.trunc((b - lo) * torch.where(d == 0, torch.zeros_like(d), 1.0 / d) + 0.5).clamp(0, (1 << bits) - 1)
-    return (d.half().float() * q + lo.half().float()).reshape(rows, cols)
+    q = b - lo  # one weight-sized buffer, the rest in place (same operations, same bits)
+    q.mul_(torch.where(d == 0, torch.zeros_like(d), 1.0 / d)).add_(0.5).trunc_().clamp_(0, (1 << bits) - 1)
+    return q.mul_(d.half().float()).add_(lo.half().float()).reshape(rows, cols)
 
 
 def torch_q8_0(w: Any, clip: Any = None) -> Any:
@@ -154,5 +165,5 @@ def torch_q8_0(w: Any, clip: Any = None) -> Any:
     b = w.float().reshape(rows, cols // BLOCK, BLOCK)
     d = b.abs().amax(dim=-1, keepdim=True) / 127.0
     x = b * torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-    q = torch.sign(x) * torch.floor(x.abs() + 0.5)
-    return (d.half().float() * q).reshape(rows, cols)
+    q = x.abs().add_(0.5).floor_().mul_(x.sign_())  # round half away from zero, in two buffers
+    return q.mul_(d.half().float()).reshape(rows, cols)
