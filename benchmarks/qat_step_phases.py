@@ -1,0 +1,149 @@
+"""Where inside a QAT-KD step the resident memory peaks: the default run's full-depth student, phase by phase.
+
+    .venv/bin/python benchmarks/qat_step_phases.py [--steps 4] [--force ckpt --force bf16]
+
+The default teacher, the default run's format plan (Q4_0 linears, Q4_1 tied table and
+``attn_k``/``attn_v``, Q4_K ``ffn_down``) and the Pi 5 profile's QAT-KD recipe, with the memory
+check fitting the settings to the profile's 3 GB target (``--force`` turns savings on whatever it
+says). The resident set is read every millisecond beside marks set where the step enters each
+phase: reading the output head (``head_of``: a QAT round trip of the tied table), the chunked
+head's loop, each chunk's closed-form loss and the table-gradient update, and backward. Prints the
+highest resident memory seen in each phase (MiB), the step times and the process peak; writes
+``results/qat_step_phases.json``. Run it alone on the machine: the peaks move ~60 MiB between
+runs with the heap's layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+
+from common import PROFILE, default_setup, write_result
+
+PLAN_TENSORS = {"embedding": "q4_1", "attn_k": "q4_1", "attn_v": "q4_1", "ffn_down": "q4_k"}  # the default run's plan
+FORCE = {"ckpt": ("gradient_checkpointing", True), "bf16": ("optimizer_state", "bf16"), "grads": ("gradient_dtype", "bf16")}
+
+
+class PhaseSampler:
+    """The process's resident bytes every millisecond, and named marks; the peak between marks."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, int]] = []
+        self.marks: list[tuple[float, str]] = []
+        self._stop = False
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with open("/proc/self/statm") as f:
+            while not self._stop:
+                f.seek(0)
+                self.samples.append((time.perf_counter(), int(f.read().split()[1]) * self._page))
+                time.sleep(0.001)
+
+    def mark(self, name: str) -> None:
+        self.marks.append((time.perf_counter(), name))
+
+    def wrap(self, owner: object, name: str) -> None:
+        """Mark entry and exit of ``owner.name`` (a function looked up at call time)."""
+        fn = getattr(owner, name)
+
+        def marked(*args, **kwargs):
+            self.mark(name)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.mark(f"after {name}")
+
+        setattr(owner, name, marked)
+
+    def __enter__(self) -> PhaseSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop = True
+        self._thread.join()
+
+    def phases(self) -> dict[str, dict[str, float]]:
+        bounds = sorted(self.marks) + [(time.perf_counter(), "end")]
+        peaks: dict[str, list[float]] = {}
+        for (start, name), (end, _) in zip(bounds, bounds[1:]):
+            inside = [rss for t, rss in self.samples if start <= t < end]
+            if inside:
+                peaks.setdefault(name, []).append(max(inside) / 2**20)
+        return {k: {"windows": len(v), "max_mb": round(max(v)), "median_mb": round(sorted(v)[len(v) // 2])} for k, v in peaks.items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--force", action="append", default=[], choices=sorted(FORCE))
+    args = ap.parse_args()
+
+    import torch
+
+    import edgekd
+    from edgekd.formats import FormatPlan
+    from edgekd.methods import chunked_head
+    from edgekd.methods.qat_kd import qat_config, qat_kd
+    from edgekd.pipeline.peak_memory import release_freed_memory
+
+    setup = default_setup()
+    prof = edgekd.load_profile(PROFILE)
+    student = copy.deepcopy(setup.teacher.model)
+    cfg = qat_config(prof.compression.distill, prof.compression.qat)
+    cfg.steps, cfg.checkpoint_every = args.steps, 10**6
+    for key in args.force:
+        setattr(cfg, *FORCE[key])
+    plan = FormatPlan.uniform("q4_0", PLAN_TENSORS)
+    release_freed_memory()
+    sampler = PhaseSampler()
+    for name in ("head_of", "forward_kl_and_ce_with_grad", "_add_product"):
+        sampler.wrap(chunked_head, name)
+    loop = chunked_head._GradInForward.forward
+
+    def marked_loop(ctx, *a, **k):
+        sampler.mark("chunk loop")
+        try:
+            return loop(ctx, *a, **k)
+        finally:
+            sampler.mark("after chunk loop")
+
+    chunked_head._GradInForward.forward = staticmethod(marked_loop)
+    backward = torch.Tensor.backward
+
+    def marked_backward(self, *a, **k):
+        sampler.mark("backward")
+        try:
+            return backward(self, *a, **k)
+        finally:
+            sampler.mark("after backward")
+
+    torch.Tensor.backward = marked_backward
+    with sampler:
+        result = qat_kd(student, setup.teacher.model, setup.train, setup.calibration, plan, cfg,
+                        memory_target_gb=prof.compression.memory_target_gb)
+    history = result.outcome.history
+    out = {"steps": args.steps, "settings": result.memory.settings(), "predicted_mb": round(result.memory.total / 2**20),
+           "step_s": [round(h["step_s"], 2) for h in history], "kd": [round(h["kd"], 4) for h in history],
+           "phases": sampler.phases(), "process_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+           "chunk_logit_bytes": chunked_head.CHUNK_LOGIT_BYTES,
+           "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+           "lscpu_flags": next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+                                if line.startswith("Flags")), "")}
+    for name, p in out["phases"].items():
+        print(f"{name:34s} windows {p['windows']:3d}  max {p['max_mb']:6d} MiB  median {p['median_mb']:6d} MiB")
+    print("settings", out["settings"], "predicted MiB", out["predicted_mb"], "step_s", out["step_s"], "process peak MiB", out["process_peak_mb"])
+    write_result("qat_step_phases", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
