@@ -50,18 +50,19 @@ class PhaseSampler:
     def mark(self, name: str) -> None:
         self.marks.append((time.perf_counter(), name))
 
-    def wrap(self, owner: object, name: str) -> None:
-        """Mark entry and exit of ``owner.name`` (a function looked up at call time)."""
-        fn = getattr(owner, name)
+    def wrap(self, owner: object, name: str, label: str | None = None, static: bool = False) -> None:
+        """Mark entry and exit of ``owner.name`` (a function looked up at call time; ``static``: a
+        class's staticmethod) as the phase ``label`` (default: ``name``)."""
+        fn, label = getattr(owner, name), label or name
 
         def marked(*args, **kwargs):
-            self.mark(name)
+            self.mark(label)
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.mark(f"after {name}")
+                self.mark(f"after {label}")
 
-        setattr(owner, name, marked)
+        setattr(owner, name, staticmethod(marked) if static else marked)
 
     def __enter__(self) -> PhaseSampler:
         self._thread.start()
@@ -107,26 +108,8 @@ def main() -> int:
     sampler = PhaseSampler()
     for name in ("head_of", "forward_kl_and_ce_with_grad", "_add_product"):
         sampler.wrap(chunked_head, name)
-    loop = chunked_head._GradInForward.forward
-
-    def marked_loop(ctx, *a, **k):
-        sampler.mark("chunk loop")
-        try:
-            return loop(ctx, *a, **k)
-        finally:
-            sampler.mark("after chunk loop")
-
-    chunked_head._GradInForward.forward = staticmethod(marked_loop)
-    backward = torch.Tensor.backward
-
-    def marked_backward(self, *a, **k):
-        sampler.mark("backward")
-        try:
-            return backward(self, *a, **k)
-        finally:
-            sampler.mark("after backward")
-
-    torch.Tensor.backward = marked_backward
+    sampler.wrap(chunked_head._GradInForward, "forward", "chunk loop", static=True)
+    sampler.wrap(torch.Tensor, "backward")
     with sampler:
         result = qat_kd(student, setup.teacher.model, setup.train, setup.calibration, plan, cfg,
                         memory_target_gb=prof.compression.memory_target_gb)

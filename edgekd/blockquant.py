@@ -113,10 +113,17 @@ def symmetric_grid(b: Any, clip: Any = None, *, bits: int) -> tuple[Any, Any, An
     import torch
 
     half = float(1 << (bits - 1))
-    d_ref = torch.gather(b, -1, b.abs().argmax(dim=-1, keepdim=True)) / -half
-    d = d_ref if clip is None else d_ref * clip
+    d_ref, d = symmetric_scales(b, clip, bits=bits)
     scaled = b * torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
     return d_ref, d, scaled, torch.trunc(scaled + (half + 0.5)).clamp(0, (1 << bits) - 1)
+
+
+def symmetric_scales(b: Any, clip: Any = None, *, bits: int) -> tuple[Any, Any]:
+    """(reference scale ``max / -2^(b-1)``, scale used (times ``clip``)) of symmetric blocks ``b``."""
+    import torch
+
+    d_ref = torch.gather(b, -1, b.abs().argmax(dim=-1, keepdim=True)) / -float(1 << (bits - 1))
+    return d_ref, (d_ref if clip is None else d_ref * clip)
 
 
 def torch_symmetric(w: Any, clip: Any = None, *, bits: int) -> Any:
@@ -136,11 +143,9 @@ def torch_symmetric(w: Any, clip: Any = None, *, bits: int) -> Any:
     rows, cols = w.shape
     b = w.float().reshape(rows, cols // BLOCK, BLOCK)
     half = float(1 << (bits - 1))
-    d = torch.gather(b, -1, b.abs().argmax(dim=-1, keepdim=True)) / -half
-    if clip is not None:
-        d = d * clip
+    _, d = symmetric_scales(b, clip, bits=bits)
     # symmetric_grid's arithmetic, in place in one weight-sized buffer (a tied 49k x 576 table
-    # would otherwise hold four fp32 copies at once inside every step's forward pass)
+    # would otherwise hold several fp32 copies at once inside every step's forward pass)
     q = b * torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
     q.add_(half + 0.5).trunc_().clamp_(0, (1 << bits) - 1).sub_(half)
     return q.mul_(d.half().float()).reshape(rows, cols)

@@ -104,11 +104,17 @@ def test_a_tied_model_gets_the_same_gradients_through_its_hidden_states():
         torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
-def test_closed_form_gradient_matches_autograd_under_bf16_autocast():
-    """The default loss's closed-form logit gradient (forward KL + CE, chunked) against autograd through
-    the plain loss on full logits, both under bf16 autocast."""
+@pytest.mark.parametrize("kind", ["forward", "reverse"])
+def test_closed_form_gradient_matches_autograd_under_bf16_autocast(kind, monkeypatch):
+    """The default loss's closed-form logit gradient (forward KL + CE, chunked) and the autograd path
+    inside the chunks (reverse KL: bf16 table gradients added to the fp32 sum) against autograd through
+    the plain loss on full logits, both under bf16 autocast; the table's gradient summed a few rows
+    at a time."""
+    import edgekd.methods.chunked_head as ch
+
+    monkeypatch.setattr(ch, "TABLE_ROWS_PER_ADD", 7)
     hs, head, labels, th, thead = _inputs(seed=3, t=40)
-    kw = dict(alpha=0.7, temperature=2.0, kind="forward")
+    kw = dict(alpha=0.7, temperature=2.0, kind=kind)
     grads = []
     for chunked in (True, False):
         for p in (hs, head.weight):

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from ..families import family_of
 from .losses import LOGIT_KINDS, cached_kl_per_position, divergence_per_position
 
-# one chunk's fp32 logits; the closed-form loss keeps ~5 such buffers at once. 16 MiB rather than 32:
-# the default QAT-KD step's peak (in this loop) 125 MiB lower, step time within noise (benchmarks/RESULTS.md "Memory")
+# one chunk's fp32 logits; the closed-form loss keeps ~5 such buffers at once. 16 MiB rather than 32: the
+# default QAT-KD step's peak in this loop ~100 MiB lower, the chunked loss 1.45 s against 1.53 s (benchmarks/RESULTS.md "Memory")
 CHUNK_LOGIT_BYTES = 16 * 2**20
 
 
@@ -294,8 +294,8 @@ TABLE_ROWS_PER_ADD = 4096  # rows of the table's gradient updated at a time
 def _add_product(out: torch.Tensor, dz: torch.Tensor, h: torch.Tensor) -> None:
     """``out += dz^T h`` a slice of ``out``'s rows at a time. In one product, a bf16 (vocab, hidden)
     result and the fp32 copy CPU kernels make of it to add it to fp32 ``out`` would live beside
-    the table's gradient (162 MiB on a 49k x 576 table); by slices they take 9 MiB, and run 4x
-    faster (measured on CPU: 22 ms against 91 ms a chunk)."""
+    the table's gradient (162 MiB on a 49k x 576 table, measured); a slice's take 14 MiB, and the
+    slices run 4x faster (measured on CPU: 22 ms against 91 ms a chunk)."""
     for s in range(0, out.shape[0], TABLE_ROWS_PER_ADD):
         out[s:s + TABLE_ROWS_PER_ADD] += dz[:, s:s + TABLE_ROWS_PER_ADD].t() @ h
 
