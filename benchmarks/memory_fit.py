@@ -18,6 +18,7 @@ check fits the training settings to (a 16 GB laptop leaves ~12 GB to a run). Wri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import subprocess
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 from common import write_result
+from phases import PhaseSampler, mark_training_step
 
 from edgekd.errors import EdgekdError
 
@@ -168,8 +170,13 @@ def teacher_logit_cache(teacher, train, prof, out: Path, rows: list[dict]):
     return cache
 
 
+def phase_peaks(sampler: PhaseSampler, since: float, phases: bool) -> dict:
+    """The highest resident MiB in each phase of the steps of a stage started at ``since``."""
+    return {"phases_mb": {k: v["max_mb"] for k, v in sampler.phases(since).items()}} if phases else {}
+
+
 def measure(model: str, steps: int, memory_gb: float | None, out: Path, force: list[str] = (), sensitivity: bool = False,
-            live_teacher: bool = False) -> dict:
+            live_teacher: bool = False, phases: bool = False) -> dict:
     from common import PROFILE
 
     import edgekd
@@ -180,6 +187,10 @@ def measure(model: str, steps: int, memory_gb: float | None, out: Path, force: l
     from edgekd.methods.qat_kd import qat_config, qat_kd
     from edgekd.pipeline.peak_memory import peak_memory, release_freed_memory
 
+    sampler = PhaseSampler()
+    if phases:  # the resident memory phase by phase inside the training stages' steps
+        mark_training_step(sampler)
+    phased = sampler if phases else contextlib.nullcontext()
     rows = []
     t0 = time.perf_counter()
     with peak_memory() as pm:
@@ -200,12 +211,13 @@ def measure(model: str, steps: int, memory_gb: float | None, out: Path, force: l
     release_freed_memory()
     fitted, memory = plan_memory(student, teacher, cfg, train.shape[1], cache, memory_gb)
     t0 = time.perf_counter()
-    with peak_memory() as pm:
+    with peak_memory() as pm, phased:
         outcome, memory = run_distillation(student, teacher, train, fitted, layer_map, "distilling", memory=memory,
                                            logit_cache=cache)
     rows.append(stage_row("distill", pm, memory.total / 2**20, time.perf_counter() - t0, settings=memory.settings(),
                           step_s=[round(h["step_s"], 2) for h in outcome.history],
-                          parts_mb={k: round(v / 2**20, 1) for k, v in memory.parts.items()}))
+                          parts_mb={k: round(v / 2**20, 1) for k, v in memory.parts.items()},
+                          **phase_peaks(sampler, t0, phases)))
     del outcome, student
     release_freed_memory()
     # QAT on the full-depth student, as the default run does (its planner keeps all 30 blocks)
@@ -216,11 +228,12 @@ def measure(model: str, steps: int, memory_gb: float | None, out: Path, force: l
     forced(qcfg, force)
     release_freed_memory()
     t0 = time.perf_counter()
-    with peak_memory() as pm:
+    with peak_memory() as pm, phased:
         result = qat_kd(student, teacher, train, calib, plan, qcfg, layer_map=layer_map, memory_gb=memory_gb, logit_cache=cache)
     rows.append(stage_row("qat", pm, result.memory.total / 2**20, time.perf_counter() - t0, settings=result.memory.settings(),
                           step_s=[round(h["step_s"], 2) for h in result.outcome.history],
-                          parts_mb={k: round(v / 2**20, 1) for k, v in result.memory.parts.items()}))
+                          parts_mb={k: round(v / 2**20, 1) for k, v in result.memory.parts.items()},
+                          **phase_peaks(sampler, t0, phases)))
     release_freed_memory()
     export = planned_export("gguf", plan)
     predicted = predict_export_peak(result.model, plan, "gguf")
@@ -255,6 +268,7 @@ def main() -> int:
     ap.add_argument("--sensitivity", action="store_true", help="also the sensitivity stage (three formats, one width)")
     ap.add_argument("--force", action="append", default=[], choices=sorted(FORCE),
                     help="turn a memory saving on whatever the check says (to measure its effect)")
+    ap.add_argument("--phases", action="store_true", help="also each training step's peak phase by phase (head, chunk loop, backward, update)")
     ap.add_argument("--live-teacher", action="store_true", help="no logit cache, whatever the profile says")
     ap.add_argument("--out", type=Path, default=Path("export/memory-fit"))
     args = ap.parse_args()
@@ -265,7 +279,8 @@ def main() -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         suffix = "".join(f"_{f}" for f in args.force) + ("_live" if args.live_teacher else "")
         try:
-            result = measure(args.model, args.steps, args.memory_gb, args.out, args.force, args.sensitivity, args.live_teacher)
+            result = measure(args.model, args.steps, args.memory_gb, args.out, args.force, args.sensitivity, args.live_teacher,
+                             args.phases)
         except EdgekdError as exc:  # the memory check refused a stage: that is the measurement
             result = {"model": args.model, "memory_gb": args.memory_gb, "refused": str(exc)}
             print(exc, file=sys.stderr)

@@ -21,65 +21,12 @@ import os
 import resource
 import subprocess
 import sys
-import threading
-import time
 
 from common import PROFILE, default_setup, write_result
+from phases import PhaseSampler, mark_training_step
 
 PLAN_TENSORS = {"embedding": "q4_1", "attn_k": "q4_1", "attn_v": "q4_1", "ffn_down": "q4_k"}  # the default run's plan
 FORCE = {"ckpt": ("gradient_checkpointing", True), "bf16": ("optimizer_state", "bf16"), "grads": ("gradient_dtype", "bf16")}
-
-
-class PhaseSampler:
-    """The process's resident bytes every millisecond, and named marks; the peak between marks."""
-
-    def __init__(self) -> None:
-        self.samples: list[tuple[float, int]] = []
-        self.marks: list[tuple[float, str]] = []
-        self._stop = False
-        self._page = os.sysconf("SC_PAGE_SIZE")
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        with open("/proc/self/statm") as f:
-            while not self._stop:
-                f.seek(0)
-                self.samples.append((time.perf_counter(), int(f.read().split()[1]) * self._page))
-                time.sleep(0.001)
-
-    def mark(self, name: str) -> None:
-        self.marks.append((time.perf_counter(), name))
-
-    def wrap(self, owner: object, name: str, label: str | None = None, static: bool = False) -> None:
-        """Mark entry and exit of ``owner.name`` (a function looked up at call time; ``static``: a
-        class's staticmethod) as the phase ``label`` (default: ``name``)."""
-        fn, label = getattr(owner, name), label or name
-
-        def marked(*args, **kwargs):
-            self.mark(label)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.mark(f"after {label}")
-
-        setattr(owner, name, staticmethod(marked) if static else marked)
-
-    def __enter__(self) -> PhaseSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop = True
-        self._thread.join()
-
-    def phases(self) -> dict[str, dict[str, float]]:
-        bounds = sorted(self.marks) + [(time.perf_counter(), "end")]
-        peaks: dict[str, list[float]] = {}
-        for (start, name), (end, _) in zip(bounds, bounds[1:]):
-            inside = [rss for t, rss in self.samples if start <= t < end]
-            if inside:
-                peaks.setdefault(name, []).append(max(inside) / 2**20)
-        return {k: {"windows": len(v), "max_mb": round(max(v)), "median_mb": round(sorted(v)[len(v) // 2])} for k, v in peaks.items()}
 
 
 def main() -> int:
@@ -88,7 +35,6 @@ def main() -> int:
     ap.add_argument("--force", action="append", default=[], choices=sorted(FORCE))
     args = ap.parse_args()
 
-    import torch
 
     import edgekd
     from edgekd.formats import FormatPlan
@@ -106,10 +52,7 @@ def main() -> int:
     plan = FormatPlan.uniform("q4_0", PLAN_TENSORS)
     release_freed_memory()
     sampler = PhaseSampler()
-    for name in ("head_of", "forward_kl_and_ce_with_grad", "_add_product"):
-        sampler.wrap(chunked_head, name)
-    sampler.wrap(chunked_head._GradInForward, "forward", "chunk loop", static=True)
-    sampler.wrap(torch.Tensor, "backward")
+    mark_training_step(sampler)
     with sampler:
         result = qat_kd(student, setup.teacher.model, setup.train, setup.calibration, plan, cfg,
                         memory_target_gb=prof.compression.memory_target_gb)
