@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from common import write_result
-from phases import PhaseSampler, mark_training_step
+from phases import PhaseSampler, mark_gguf_export, mark_training_step
 
 from edgekd.errors import EdgekdError
 
@@ -190,6 +190,7 @@ def measure(model: str, steps: int, memory_gb: float | None, out: Path, force: l
     sampler = PhaseSampler()
     if phases:  # the resident memory phase by phase inside the training stages' steps
         mark_training_step(sampler)
+        mark_gguf_export(sampler)
     phased = sampler if phases else contextlib.nullcontext()
     rows = []
     t0 = time.perf_counter()
@@ -238,10 +239,10 @@ def measure(model: str, steps: int, memory_gb: float | None, out: Path, force: l
     export = planned_export("gguf", plan)
     predicted = predict_export_peak(result.model, plan, "gguf")
     t0 = time.perf_counter()
-    with peak_memory() as pm:
+    with peak_memory() as pm, phased:
         path, check = write_checked(export, result.model, tokenizer, plan, out, heldout[:2], 2)
     rows.append(stage_row("export", pm, predicted / 2**20, time.perf_counter() - t0, file_mb=round(path.stat().st_size / 2**20, 1),
-                          parity=check.to_dict()))
+                          parity=check.to_dict(), **phase_peaks(sampler, t0, phases)))
     return {"model": model, "steps": steps, "memory_gb": memory_gb, "teacher": "live" if cache is None else "logit cache",
             "stages": rows,
             "process_peak_mb": max(r["peak_mb"] for r in rows)}

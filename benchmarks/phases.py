@@ -56,6 +56,16 @@ class PhaseSampler:
         self._stop = True
         self._thread.join()
 
+    def timeline(self, since: float = 0.0) -> list[tuple[str, int]]:
+        """Each window marked after ``since``, in order: (phase, its highest resident MiB)."""
+        bounds = sorted(m for m in self.marks if m[0] >= since) + [(time.perf_counter(), "end")]
+        out = []
+        for (begin, name), (end, _) in zip(bounds, bounds[1:]):
+            lo, hi = bisect.bisect_left(self.times, begin), bisect.bisect_left(self.times, end)
+            if hi > lo:
+                out.append((name, round(max(self.rss[lo:hi]) / 2**20)))
+        return out
+
     def phases(self, since: float = 0.0) -> dict[str, dict[str, float]]:
         """Per phase marked after ``since`` (a perf_counter time): its windows, their highest and median peak (MiB)."""
         bounds = sorted(m for m in self.marks if m[0] >= since) + [(time.perf_counter(), "end")]
@@ -77,11 +87,31 @@ def mark_training_step(sampler: PhaseSampler) -> None:
 
     from edgekd.methods import chunked_head, distill, optim
 
-    for name in ("head_of", "forward_kl_and_ce_with_grad", "_add_product"):
+    for name in ("forward_kl_and_ce_with_grad", "_add_product"):
         sampler.wrap(chunked_head, name)
+    sampler.wrap(distill, "micro_step", "forward")  # up to the head: the student's (and teacher's) blocks
+    sampler.wrap(distill, "head_of")  # imported into distill by name, as trim_heap
+    sampler.wrap(distill, "trim_heap", "trim")
     sampler.wrap(chunked_head._GradInForward, "forward", "chunk loop", static=True)
     sampler.wrap(torch.Tensor, "backward")
     sampler.wrap(optim.AdamWBf16Moments, "step", "optimizer step")
     sampler.wrap(torch.optim.AdamW, "step", "optimizer step")
     sampler.wrap(torch.nn.utils, "clip_grad_norm_", "clip")
     sampler.wrap(distill, "clip_grad_norm", "clip")  # the bf16-gradient path's, imported there by name
+
+
+def mark_gguf_export(sampler: PhaseSampler) -> None:
+    """Marks at the phases of a GGUF export and its llama.cpp check (edgekd.exporters.ship.write_checked):
+    the fp32 state read, each tensor's quantization, the file's write, llama.cpp's load and the parity check."""
+    import gguf
+
+    from edgekd.device import llamacpp
+    from edgekd.exporters import gguf as gguf_export
+    from edgekd.exporters import ship
+    from edgekd.methods import qat
+
+    sampler.wrap(qat, "grids", "state and grids")  # imported by export_gguf at call time, as llamacpp by write_checked
+    sampler.wrap(gguf_export, "_tensor", "quantize a tensor")
+    sampler.wrap(gguf.GGUFWriter, "write_tensors_to_file", "write tensors")
+    sampler.wrap(llamacpp, "logits_fn", "llama.cpp load")
+    sampler.wrap(ship, "check_parity", "parity check")
