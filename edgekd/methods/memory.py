@@ -125,14 +125,17 @@ def estimate_training_memory(teacher: Any, student: Any, cfg: Any, block_len: in
     # forward KL + CE (live or from the sampled cache) without a softcap has a closed-form logit gradient
     closed_form = want_logits and cfg.kl == "forward" and not getattr(sc, "final_logit_softcapping", None)
     copies = HEAD_CHUNK_COPIES_CLOSED_FORM if closed_form else HEAD_CHUNK_COPIES
-    head = table + tokens * h * 4 + copies * chunk * vocab * 4 + (0 if family_of(student).tied(student) else table)
+    # the closed form sums dL/dW in the forward pass into the buffer that becomes the table's gradient
+    # (counted in ``gradients``: measured, the head's buffers and the gradients are not alive at once)
+    grad_w = 0 if closed_form else table
+    head = grad_w + tokens * h * 4 + copies * chunk * vocab * 4 + (0 if family_of(student).tied(student) else table)
     head += vocab * h * act if bf16 else 0  # the head's cast for the chunks' products, during the forward pass
     if want_logits and not cached:
         head += tokens * th * 4 + (vocab * th * act if bf16 else 0)  # the teacher's final hidden states, its head's cast
     linear_params = bf16_linear_params(student)
     if quantized_params:  # the round-tripped weights the products keep (one block's when recomputed), the table's
         kept = (quantized_params - vocab * h) / max(layers, 1) if ckpt else quantized_params
-        weights = kept * act + table * 1.5
+        weights = kept * act + table  # the table's round trip, made in place (blockquant), kept for the head's backward
     else:  # the bf16 copy of every trainable weight, kept for backward (none kept when blocks are recomputed)
         weights = linear_params * 2 if bf16 and not ckpt else 0
     if cfg.grad_accum > 1:  # a later micro-batch's gradients are made whole, then added to the kept ones
