@@ -167,7 +167,6 @@ def distill_step_losses(student: Any, teacher: Any, ids: torch.Tensor, cfg: Dist
             if (live_logits or want_hidden or want_attn) else (None, None)
     with autocast():
         s_out, s_hidden = forward_to_hidden(student, ids, output_hidden_states=want_hidden, output_attentions=want_attn)
-        _trim_on_cpu(ids)  # the blocks' freed working sets, before the head's table-sized buffers
         # the head and the logit losses a chunk of positions at a time: no (batch, seq, vocab) logits
         terms = chunked_kd_loss(s_hidden[:, :-1], head_of(student), ids[:, 1:], cfg.alpha if want_logits else 0.0,
                                 cfg.temperature, cfg.kl, teacher_hidden=t_hidden[:, :-1] if live_logits else None,
@@ -186,15 +185,6 @@ def distill_step_losses(student: Any, teacher: Any, ids: torch.Tensor, cfg: Dist
     return out
 
 
-def _trim_on_cpu(ids: torch.Tensor) -> None:
-    """Hand the heap's freed pages back between a step's phases. glibc keeps what a phase freed and
-    the next phase's larger requests land beside it (measured on the Qwen3-0.6B shape: 0.6-1.9 GB
-    held at the head after the blocks' forward passes, the step's peak 9.5-9.7 GB -> 9.25 GB, ~0.1 s
-    of a 30 s step); a GPU's caching allocator reuses freed blocks itself."""
-    if ids.device.type == "cpu":
-        trim_heap()
-
-
 def micro_step(model: Any, teacher: Any, blocks: np.ndarray, cfg: DistillConfig, layer_map: list[int], mixture: Mixture,
                step: int, micro: int, rank: int, world: int, device: Any, logit_cache: Any = None,
                sync: Callable[[bool], Any] = lambda last: contextlib.nullcontext(),
@@ -210,7 +200,6 @@ def micro_step(model: Any, teacher: Any, blocks: np.ndarray, cfg: DistillConfig,
         cached = None if logit_cache is None else (*(t.to(device) for t in logit_cache.batch(idx)), logit_cache.kind)
         with sync(not len(prompt_rows)):
             terms = distill_step_losses(model, teacher, ids, cfg, layer_map, cached)
-            _trim_on_cpu(ids)  # the head's freed chunks, before the gradients
             backward(terms["loss"] * (len(idx) / total))
         out = {k: float(v.detach()) for k, v in terms.items()}
         out["loss"] *= len(idx) / total
