@@ -333,7 +333,7 @@ def predict_export_peak(model: Any, plan: Any, runtime: str = "llama.cpp", conte
 
 EXPORT_FILE_COPIES = 2.0  # the writer's buffers and the runtime's mapping of the file
 # fp32 working copies of the largest tensor while it is quantized, and what the heap keeps of them:
-# fitted to six measured export peaks (the 135M default, 0.11 GB table: 0.96-0.97; a Qwen3-0.6B
+# fitted to six measured export peaks (the 135M default, 0.11 GB table: 0.91-0.97; a Qwen3-0.6B
 # shape, 0.62 GB table, whose peak moves 7.3-8.2 GB run to run with the heap: 1.01-1.13; RESULTS.md "Memory")
 EXPORT_LARGEST_COPIES = 3.5
 EXPORT_LOGIT_COPIES = 4.0  # a block's logits from the runtime and torch, and their log-softmaxes
