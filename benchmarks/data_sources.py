@@ -12,6 +12,7 @@ teacher would), and the rate of repeated 4-grams in greedy continuations (agains
 It also measures the two generation engines side by side (torch batched vs llama.cpp).
 
     .venv/bin/python benchmarks/data_sources.py --budget-min 6
+    .venv/bin/python benchmarks/data_sources.py --only qat --rows start,0,4,1,3 --budget-min 15 --out data_sources_qat15
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def main() -> int:
     ap.add_argument("--data-free-tokens", type=int, default=16384, help="teacher samples for the data-free rows")
     ap.add_argument("--only", choices=["distill", "qat"], default=None)
     ap.add_argument("--rows", default=None, help="comma-separated rows to run: start (no training), 0-3; e.g. for a quick check")
+    ap.add_argument("--steps-per-generation", type=int, default=None,
+                    help="on-policy rows of this many steps sampled together (default: the profile's)")
+    ap.add_argument("--on-policy-kl", default=None, help="the on-policy divergence (default: the profile's)")
     ap.add_argument("--out", default="data_sources")
     args = ap.parse_args()
     setup = default_setup()
@@ -77,8 +81,15 @@ def main() -> int:
         return out.blocks(block_len), time.perf_counter() - t0
 
     policy = OnPolicy.from_settings(setup.profile.compression.data.on_policy)
+    if args.steps_per_generation:
+        policy = replace(policy, steps_per_generation=args.steps_per_generation)
+    if args.on_policy_kl:
+        policy = replace(policy, kl=args.on_policy_kl)
+    result["on_policy"] = {"kl": policy.kl, "steps_per_generation": policy.steps_per_generation,
+                           "prompt_tokens": policy.prompt_tokens, "new_tokens": policy.new_tokens}
     rows = [("corpus only", "corpus", 0.0, 0.0), ("corpus + teacher samples", "corpus", 0.5, 0.0),
-            ("corpus + teacher samples + on-policy", "corpus", 0.25, 0.25), ("data-free (teacher samples only)", "none", 1.0, 0.0)]
+            ("corpus + teacher samples + on-policy", "corpus", 0.25, 0.25), ("data-free (teacher samples only)", "none", 1.0, 0.0),
+            ("corpus + on-policy", "corpus", 0.0, 0.25)]
     for stage in ("distill", "qat"):
         if args.only and stage != args.only:
             continue
@@ -107,9 +118,11 @@ def main() -> int:
             calib = pools[0][np.linspace(0, len(pools[0]) - 1, 16).astype(int)]
             deadline = t_row + args.budget_min * 60
             student, outcome = (distill_row if stage == "distill" else qat_row)(setup, train, calib, mixture, deadline)
+            summary = outcome.summary()
             row = {"stage": stage, "row": name, "generation_s": round(gen_s, 1), "steps": outcome.steps,
                    "training_tokens": outcome.tokens, "wall_time_s": round(time.perf_counter() - t_row, 1),
-                   "sampling_tokens_per_s": outcome.summary()["sampling_tokens_per_s"]}
+                   "sampling_tokens_per_s": summary["sampling_tokens_per_s"], "sampling_share": summary["sampling_share"],
+                   "mixture": {"corpus": weights[0] if prompt_kind == "corpus" else 0.0, "teacher_samples": w_samples, "on_policy": w_on}}
             row.update(quality(student, teacher, setup.heldout, ood, prompts))
             result["rows"].append(row)
             print_row(row)

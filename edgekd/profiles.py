@@ -171,6 +171,10 @@ class OnPolicySettings(_Strict):
     top_p: float = Field(default=1.0, gt=0, le=1)
     # the divergence on the sampled positions; reverse KL (MiniLLM) asks the student to generate what the teacher would
     kl: Literal["forward", "reverse", "skew", "jsd"] = "reverse"
+    # the rows of this many training steps are sampled in one batch with the weights of the first
+    # (TRL's steps_per_generation): a decode step costs about the same for 1 row or 16 on a CPU, so
+    # sampling per step is what made on-policy rows expensive; the later steps' rows are a few updates stale
+    steps_per_generation: int = Field(default=8, ge=1)
 
 
 class DataMixture(_Strict):

@@ -159,10 +159,12 @@ def test_on_policy_loss_and_gradients_match_the_full_logit_divergence(tiny_token
         student.zero_grad()
 
 
-def test_a_mixed_run_killed_mid_way_resumes_to_identical_weights(tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("steps_per_generation", [1, 3])
+def test_a_mixed_run_killed_mid_way_resumes_to_identical_weights(tmp_path, tiny_tokenizer, steps_per_generation):
+    """With 3 steps a generation the kill at step 2 falls inside one: the checkpoint carries its rows."""
     teacher = make_tiny_llama(len(tiny_tokenizer))
     blocks = np.random.default_rng(0).integers(3, len(tiny_tokenizer), size=(12, 24)).astype(np.int32)
-    m = Mixture((8, 4), (0.5, 0.25), 0.25, OnPolicy(prompt_tokens=8, new_tokens=8))
+    m = Mixture((8, 4), (0.5, 0.25), 0.25, OnPolicy(prompt_tokens=8, new_tokens=8, steps_per_generation=steps_per_generation))
 
     def train(run_dir, stop_at=None):
         student = make_tiny_llama(len(tiny_tokenizer), layers=2, seed=1)
@@ -178,11 +180,16 @@ def test_a_mixed_run_killed_mid_way_resumes_to_identical_weights(tmp_path, tiny_
         return student, out
 
     full, outcome = train(tmp_path / "full")
-    assert outcome.summary()["final_on_policy_kd"] > 0 and outcome.summary()["sampling_tokens_per_s"] > 0
+    summary = outcome.summary()
+    assert summary["final_on_policy_kd"] > 0 and summary["sampling_tokens_per_s"] > 0 and 0 < summary["sampling_share"] < 1
+    sampled_at = [h["step"] - 1 for h in outcome.history if h["sampling_s"] > 0]
+    assert sampled_at == list(range(0, 4, steps_per_generation))  # one batch of rows a generation
     assert train(tmp_path / "killed", stop_at=2)[0] is None
     resumed, again = train(tmp_path / "killed")
     assert again.resumed_from_step == 2
     assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values()))
+    if steps_per_generation == 3:  # step 2's rows came from the checkpoint, not from a new generation
+        assert [h["sampling_s"] > 0 for h in again.history[2:]] == [False, True]
     with pytest.raises(ValueError, match="on_policy_share"):
         distill(make_tiny_llama(len(tiny_tokenizer), layers=2), teacher, blocks, DistillConfig(steps=1), [0, 1], mixture=m)
 

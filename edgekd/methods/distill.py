@@ -48,7 +48,7 @@ from .memory import (
     memory_limit_bytes,
 )
 from .mixture import Mixture
-from .on_policy import on_policy_rows, step_rng
+from .on_policy import Rollouts, on_policy_rows
 from .optim import Bf16Gradients, clip_grad_norm, make_optimizer
 from .precision import forward_precision, resolve_precision
 
@@ -118,14 +118,22 @@ class DistillOutcome:
 
     def summary(self) -> dict[str, Any]:
         last = self.history[-10:]
-        mean = lambda k: float(np.mean([h[k] for h in last])) if last and k in last[0] else None  # noqa: E731
+
+        def mean(k: str) -> float | None:
+            values = [h[k] for h in last if h.get(k) is not None]
+            return float(np.mean(values)) if values else None
+        sampling = sum(h.get("sampling_s", 0.0) for h in self.history)
+        training = sum(h["step_s"] for h in self.history) - sampling
         return {
             "steps": self.steps, "training_tokens": self.tokens, "train_wall_time_s": round(self.wall_time_s, 2),
             "resumed_from_step": self.resumed_from_step, "stopped_at_deadline": self.stopped_at_deadline,
             "final_loss": mean("loss"), "final_ce": mean("ce"), "final_kd": mean("kd"),
             "final_hidden": mean("hidden"), "final_attention": mean("attention"),
             "tokens_per_s": mean("tokens_per_s"), "final_on_policy_kd": mean("on_policy_kd"),
-            "sampling_tokens_per_s": mean("sampling_tokens_per_s"),
+            "sampling_tokens_per_s": self.history[-1].get("sampling_tokens_per_s") if self.history else None,
+            # on-policy sampling's share of the steps' wall time, and the training tokens/s without it
+            "sampling_share": round(sampling / (sampling + training), 4) if sampling else None,
+            "training_tokens_per_s_without_sampling": round(self.tokens / training, 1) if sampling and training > 0 else None,
         }
 
 
@@ -188,11 +196,14 @@ def distill_step_losses(student: Any, teacher: Any, ids: torch.Tensor, cfg: Dist
 def micro_step(model: Any, teacher: Any, blocks: np.ndarray, cfg: DistillConfig, layer_map: list[int], mixture: Mixture,
                step: int, micro: int, rank: int, world: int, device: Any, logit_cache: Any = None,
                sync: Callable[[bool], Any] = lambda last: contextlib.nullcontext(),
-               backward: Callable[[torch.Tensor], None] = lambda loss: loss.backward()) -> tuple[dict[str, float], list[int]]:
+               backward: Callable[[torch.Tensor], None] = lambda loss: loss.backward(),
+               rollouts: Rollouts | None = None) -> tuple[dict[str, float], list[int]]:
     """Forward and backward passes of one micro-batch: its offline rows, then its on-policy rows
     (each part weighted by its share of the batch, each with its own backward pass, so one part's
     graph is freed before the other's forward). ``sync(last)``: the context a part runs in
-    (Accelerate's no_sync unless it is the step's last). Returns the loss terms and the offline rows."""
+    (Accelerate's no_sync unless it is the step's last); ``rollouts``: where the on-policy rows come
+    from (sampled a generation at a time). Returns the loss terms (``sampling_s``: seconds spent
+    sampling in this call) and the offline rows."""
     idx, prompt_rows = mixture.indices(step, micro, cfg, rank, world)
     total, out = len(idx) + len(prompt_rows), {}
     if len(idx):
@@ -204,13 +215,13 @@ def micro_step(model: Any, teacher: Any, blocks: np.ndarray, cfg: DistillConfig,
         out = {k: float(v.detach()) for k, v in terms.items()}
         out["loss"] *= len(idx) / total
     if len(prompt_rows):
+        rollouts = rollouts or Rollouts(mixture, cfg, rank, world)
         with sync(True):
-            terms, seconds = on_policy_rows(model, teacher, blocks, prompt_rows, mixture.policy, cfg,
-                                            step_rng(cfg.seed, step, micro, rank), device)
+            terms, seconds = on_policy_rows(model, teacher, rollouts, blocks, step, micro, cfg, device)
             backward(terms["loss"] * (len(prompt_rows) / total))
         out["loss"] = out.get("loss", 0.0) + float(terms["loss"].detach()) * len(prompt_rows) / total
         out["on_policy_kd"] = float(terms["on_policy_kd"].detach())
-        out["sampling_tokens_per_s"] = len(prompt_rows) * mixture.policy.new_tokens / max(seconds, 1e-9)
+        out["sampling_s"] = seconds
     return out, idx.tolist()
 
 
@@ -282,9 +293,12 @@ def distill(
     optimizer = make_optimizer(groups, cfg.learning_rate, cfg.weight_decay, cfg.optimizer_state)
 
     start_step, tokens, history = 0, 0, []
+    rollouts = Rollouts(mixture, cfg, rank, world) if mixture.on_policy_share else None
     ckpt = latest_checkpoint(run_dir) if (run_dir is not None and resume) else None
     if ckpt is not None:
-        start_step, tokens, history = load_checkpoint(ckpt, student, optimizer)
+        start_step, tokens, history, extra = load_checkpoint(ckpt, student, optimizer)
+        if rollouts is not None:
+            rollouts.load_state(extra.get("on_policy_rollouts"))
     scratch = run_dir if run_dir is not None and run_dir.exists() else None
     with training_layout(student, teacher, cfg, scratch, distributed=world > 1, cached=logit_cache is not None):
         model, optimizer = accelerator.prepare(student, optimizer)
@@ -310,10 +324,11 @@ def distill(
                     return accelerator.no_sync(model) if micro < cfg.grad_accum - 1 or not last else contextlib.nullcontext()
 
                 terms, rows = micro_step(model, teacher, train_blocks, cfg, layer_map, mixture, step, micro, rank, world,
-                                         accelerator.device, logit_cache, sync, lambda loss: accelerator.backward(loss / cfg.grad_accum))
+                                         accelerator.device, logit_cache, sync, lambda loss: accelerator.backward(loss / cfg.grad_accum),
+                                         rollouts)
                 seen.extend(rows)
                 for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+                    sums[k] = sums.get(k, 0.0) + (v if k == "sampling_s" else v / cfg.grad_accum)
             if cfg.max_grad_norm and held is not None:
                 clip_grad_norm(list(model.parameters()), cfg.max_grad_norm, held)
             elif cfg.max_grad_norm:
@@ -331,11 +346,13 @@ def distill(
             tokens += step_tokens
             dt = time.perf_counter() - t0
             record = {"step": step + 1, "lr": cfg.lr_at(step), **sums, "tokens_per_s": step_tokens / dt, "step_s": dt}
+            if rollouts is not None and rollouts.tokens_per_s is not None:
+                record["sampling_tokens_per_s"] = rollouts.tokens_per_s  # so far, every generation of this process
             history.append(record)
             done = step + 1
             if run_dir is not None and accelerator.is_main_process and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
                 save_checkpoint(run_dir, unwrapped, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                                 done, tokens, history, cfg)
+                                 done, tokens, history, cfg, loop_state(rollouts))
             accelerator.wait_for_everyone()
             if progress:
                 extra = " ".join(f"{k} {sums[k]:.3f}" for k in ("loss", "ce", "kd", "hidden", "attention", "on_policy_kd") if k in sums)
@@ -347,7 +364,7 @@ def distill(
                 if time.perf_counter() + pace > deadline:
                     if run_dir is not None and accelerator.is_main_process and done % cfg.checkpoint_every:
                         save_checkpoint(run_dir, unwrapped, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                                        done, tokens, history, cfg)
+                                        done, tokens, history, cfg, loop_state(rollouts))
                     stopped = True
                     break
     if held is not None:
@@ -358,6 +375,11 @@ def distill(
         teacher.set_attn_implementation("sdpa")
     unwrapped.eval()
     return DistillOutcome(done if stopped else cfg.steps, tokens, time.perf_counter() - t_start, start_step, history, seen, stopped)
+
+
+def loop_state(rollouts: Rollouts | None) -> dict[str, Any]:
+    """What a checkpoint keeps of the loop besides weights and optimizer: the current on-policy generation."""
+    return {"on_policy_rollouts": rollouts.state()} if rollouts is not None else {}
 
 
 def quantized_param_count(model: Any) -> int:
@@ -418,25 +440,31 @@ def run_distillation(student: Any, teacher: Any, train_blocks: np.ndarray, cfg: 
 def probe_step_seconds(student: Any, teacher: Any, train_blocks: np.ndarray, cfg: DistillConfig, layer_map: list[int],
                        logit_cache: Any = None, probes: int = 3, mixture: Mixture | None = None) -> float:
     """Seconds one training step of ``cfg`` takes here: forward and backward passes of real batches
-    (the first warms up and is not counted), on-policy sampling included, gradients then dropped
-    and no weight changed. The optimizer's own update is not timed: a few percent of a step for
-    AdamW on these models."""
+    (the first warms up and is not counted), gradients then dropped and no weight changed, plus a
+    step's share of on-policy sampling (one generation timed after the warm-up, divided by the steps
+    it serves). The optimizer's own update is not timed: a few percent of a step for AdamW on these
+    models."""
     mixture = mixture or Mixture.single(len(train_blocks))
     _, _, want_attn = _needs(cfg)
     if want_attn:
         student.set_attn_implementation("eager")
         teacher.set_attn_implementation("eager")
     student.train()
-    times = []
+    times, sampling = [], 0.0
+    rollouts = Rollouts(mixture, cfg) if mixture.on_policy_share else None
     held = Bf16Gradients(bf16_product_weights(student)) if bf16_gradients_apply(cfg) else None  # the step's own memory
     try:
         with training_layout(student, teacher, cfg, cached=logit_cache is not None):
             for step in range(probes):
-                t0 = time.perf_counter()
+                t0, sampled = time.perf_counter(), 0.0
                 for micro in range(cfg.grad_accum):
-                    micro_step(student, teacher, train_blocks, cfg, layer_map, mixture, step, micro, 0, 1,
-                               next(student.parameters()).device, logit_cache)
-                times.append(time.perf_counter() - t0)
+                    terms, _ = micro_step(student, teacher, train_blocks, cfg, layer_map, mixture, step, micro, 0, 1,
+                                          next(student.parameters()).device, logit_cache, rollouts=rollouts)
+                    sampled += terms.get("sampling_s", 0.0)
+                times.append(time.perf_counter() - t0 - sampled)
+            if rollouts is not None:  # one generation, warm, spread over the steps it serves
+                start, end = rollouts.generation_of(probes)
+                sampling = rollouts.refill(student, train_blocks, probes) / (end - start)
     finally:
         if held is not None:
             held.remove()
@@ -445,4 +473,4 @@ def probe_step_seconds(student: Any, teacher: Any, train_blocks: np.ndarray, cfg
         if want_attn:
             student.set_attn_implementation("sdpa")
             teacher.set_attn_implementation("sdpa")
-    return float(np.median(times[1:] if len(times) > 1 else times))
+    return float(np.median(times[1:] if len(times) > 1 else times)) + sampling

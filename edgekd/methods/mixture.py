@@ -26,10 +26,11 @@ class OnPolicy:
     temperature: float = 1.0
     top_p: float = 1.0
     kl: str = "reverse"
+    steps_per_generation: int = 1  # the rows of this many steps are sampled together (edgekd.methods.on_policy.Rollouts)
 
     @classmethod
     def from_settings(cls, s: Any) -> OnPolicy:
-        return cls(s.prompt_tokens, s.new_tokens, s.temperature, s.top_p, s.kl)
+        return cls(s.prompt_tokens, s.new_tokens, s.temperature, s.top_p, s.kl, s.steps_per_generation)
 
 
 @dataclass(frozen=True)

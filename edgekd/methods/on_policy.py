@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .chunked_head import chunked_kd_loss, forward_to_hidden, head_of, unwrapped
-from .mixture import OnPolicy
+from .mixture import Mixture, OnPolicy
 from .precision import forward_precision
 from .sampling import torch_continue
 
@@ -53,16 +53,92 @@ def on_policy_losses(student: Any, teacher: Any, seq: torch.Tensor, prompt_len: 
     return {"loss": terms["loss"], "on_policy_kd": terms["kd"]}
 
 
-def on_policy_rows(student: Any, teacher: Any, blocks: np.ndarray, rows: np.ndarray, policy: OnPolicy, cfg: Any,
-                   rng: np.random.Generator, device: Any) -> tuple[dict[str, torch.Tensor], float]:
-    """Sample on the prompts of ``blocks[rows]`` and take the loss: (terms, sampling seconds)."""
-    prompt_len = min(policy.prompt_tokens, blocks.shape[1] - 1)
-    t0 = time.perf_counter()
-    seq = student_samples(student, blocks[rows, :prompt_len].astype(np.int64), policy, rng)
-    sampled = time.perf_counter() - t0
-    return on_policy_losses(student, teacher, torch.from_numpy(seq).to(device), prompt_len, policy, cfg), sampled
+class Rollouts:
+    """The student's on-policy rows, sampled a generation at a time.
+
+    A generation is the rows of ``policy.steps_per_generation`` consecutive steps (every
+    micro-batch of this rank), sampled in one batch with the weights of its first step, as TRL's
+    ``steps_per_generation`` does: on a CPU a decode step of a small model costs about as much for
+    one row as for a dozen, so sampling each step's row alone made on-policy rows the dearest part
+    of a step. The later steps' rows come from weights a few updates old. Generations start at
+    multiples of ``steps_per_generation``; the current one goes into every checkpoint
+    (:meth:`state`), so a resumed run trains on the very rows an uninterrupted one would have.
+    """
+
+    def __init__(self, mixture: Mixture, cfg: Any, rank: int = 0, world: int = 1):
+        self.mixture, self.cfg, self.rank, self.world = mixture, cfg, rank, world
+        self.policy = mixture.policy
+        self.start = self.end = -1  # the steps [start, end) the current generation covers
+        self.seqs = np.zeros((0, 0), dtype=np.int64)
+        self.offsets: dict[tuple[int, int], tuple[int, int]] = {}  # (step, micro) -> its rows of seqs
+        self.seconds = 0.0  # sampling time of the current generation (0 when restored from a checkpoint)
+        self.sampled_seconds = 0.0  # all sampling done by this object
+        self.sampled_rows = 0
+
+    def _layout(self, start: int, end: int) -> tuple[list[np.ndarray], dict[tuple[int, int], tuple[int, int]]]:
+        prompts, offsets, at = [], {}, 0
+        for step in range(start, end):
+            for micro in range(self.cfg.grad_accum):
+                rows = self.mixture.indices(step, micro, self.cfg, self.rank, self.world)[1]
+                offsets[(step, micro)] = (at, at + len(rows))
+                prompts.append(rows)
+                at += len(rows)
+        return prompts, offsets
+
+    def generation_of(self, step: int) -> tuple[int, int]:
+        n = self.policy.steps_per_generation
+        start = step // n * n
+        return start, max(step + 1, min(start + n, self.cfg.steps))
+
+    def refill(self, student: Any, blocks: np.ndarray, step: int) -> float:
+        """Sample the generation holding ``step`` with ``student`` as it is now; returns the seconds it took."""
+        start, end = self.generation_of(step)
+        rows, offsets = self._layout(start, end)
+        rows = np.concatenate(rows)
+        prompt_len = min(self.policy.prompt_tokens, blocks.shape[1] - 1)
+        t0 = time.perf_counter()
+        seqs = student_samples(student, blocks[rows, :prompt_len].astype(np.int64), self.policy,
+                               generation_rng(self.cfg.seed, start, self.rank))
+        self.seconds = time.perf_counter() - t0
+        self.start, self.end, self.seqs, self.offsets = start, end, seqs, offsets
+        self.sampled_seconds += self.seconds
+        self.sampled_rows += len(seqs)
+        return self.seconds
+
+    def rows(self, student: Any, blocks: np.ndarray, step: int, micro: int) -> tuple[np.ndarray, int, float]:
+        """The sampled rows of (``step``, ``micro``): (rows, prompt length, seconds sampled for them now)."""
+        sampled = self.refill(student, blocks, step) if not self.start <= step < self.end else 0.0
+        a, b = self.offsets[(step, micro)]
+        return self.seqs[a:b], min(self.policy.prompt_tokens, blocks.shape[1] - 1), sampled
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Sampled tokens per second over every generation this object sampled."""
+        return self.sampled_rows * self.policy.new_tokens / self.sampled_seconds if self.sampled_seconds > 0 else None
+
+    def state(self) -> dict[str, Any] | None:
+        """The current generation, for a checkpoint (None before the first)."""
+        if self.start < 0:
+            return None
+        return {"start": self.start, "end": self.end, "rows": self.seqs.tolist()}
+
+    def load_state(self, state: dict[str, Any] | None) -> None:
+        if not state:
+            return
+        start, end = int(state["start"]), int(state["end"])
+        _, self.offsets = self._layout(start, end)
+        self.start, self.end, self.seconds = start, end, 0.0
+        self.seqs = np.asarray(state["rows"], dtype=np.int64)
 
 
-def step_rng(seed: int, step: int, micro: int, rank: int) -> np.random.Generator:
-    """The sampling generator of one (step, micro-batch, rank): a resumed run samples the same rows."""
-    return np.random.default_rng([seed, 2, step, micro, rank])
+def on_policy_rows(student: Any, teacher: Any, rollouts: Rollouts, blocks: np.ndarray, step: int, micro: int, cfg: Any,
+                   device: Any) -> tuple[dict[str, torch.Tensor], float]:
+    """The loss on the on-policy rows of (``step``, ``micro``), sampling their generation first when
+    it is not at hand: (terms, seconds spent sampling now)."""
+    seq, prompt_len, sampled = rollouts.rows(student, blocks, step, micro)
+    return on_policy_losses(student, teacher, torch.from_numpy(seq).to(device), prompt_len, rollouts.policy, cfg), sampled
+
+
+def generation_rng(seed: int, start: int, rank: int) -> np.random.Generator:
+    """The sampling generator of the generation starting at step ``start`` on ``rank``: a resumed run samples the same rows."""
+    return np.random.default_rng([seed, 2, start, rank])

@@ -78,6 +78,8 @@ def sampling_notes(stages: list) -> list[str]:
     for record in stages:
         rate = record.metrics.get("sampling_tokens_per_s")
         if rate:
-            out.append(f"{record.name}: the student sampled its on-policy rows at {rate:.0f} tokens/s; training ran at "
-                       f"{record.metrics.get('tokens_per_s') or 0:.0f} tokens/s (measured, last 10 steps)")
+            share = record.metrics.get("sampling_share") or 0.0
+            out.append(f"{record.name}: the student sampled its on-policy rows at {rate:.0f} tokens/s, {share:.0%} of the "
+                       f"steps' wall time; training ran at {record.metrics.get('training_tokens_per_s_without_sampling') or 0:.0f} "
+                       "tokens/s besides (measured)")
     return out
