@@ -63,7 +63,7 @@ def main() -> int:
     block_len = setup.profile.compression.data.block_len
     ood = license_blocks(tok, block_len)
     prompts = setup.heldout[:, :PROMPT_TOKENS].astype(np.int64)
-    result = {"budget_min": args.budget_min, "engines": engine_speeds(setup), "rows": []}
+    result = {"budget_min": args.budget_min, "engines": engine_speeds(setup), "rollout_batches": rollout_speeds(setup), "rows": []}
     teacher_greedy = torch_continue(teacher, prompts, GREEDY_TOKENS, np.random.default_rng(0), temperature=0.0)
     result["teacher_repeated_4grams"] = repeated_ngrams(teacher_greedy[:, PROMPT_TOKENS:])
     result["teacher_nll_of_own_samples"] = teacher_nll_of_samples(teacher, teacher, prompts)
@@ -199,6 +199,26 @@ def engine_speeds(setup) -> dict:
                          gguf_path=setup.source.path)
         out[engine] = {"tokens_per_s": round(r.tokens_per_s, 1), "batch": e.batch_size}
     print(f"generation engines: {out}")
+    return out
+
+
+def rollout_speeds(setup, batches=(1, 4, 8, 16)) -> dict:
+    """Tokens/s of on-policy sampling by the fake-quantized full-depth Q4_0 student at several rows per
+    batch (the rows of ``steps_per_generation`` steps are sampled as one batch): 32 prompt tokens, 64 sampled."""
+    from edgekd.methods.qat import prepare
+
+    student = copy.deepcopy(setup.teacher.model)
+    prepare(student, FormatPlan.uniform("q4_0"))
+    policy = OnPolicy(PROMPT_TOKENS, SAMPLE_TOKENS, 1.0, 1.0)
+    out = {}
+    for batch in batches:
+        prompts = setup.train[:batch, :PROMPT_TOKENS].astype(np.int64)
+        student_samples(student, prompts, replace(policy, new_tokens=4), np.random.default_rng(0))  # warm-up
+        t0 = time.perf_counter()
+        student_samples(student, prompts, policy, np.random.default_rng(0))
+        seconds = time.perf_counter() - t0
+        out[str(batch)] = {"seconds": round(seconds, 2), "tokens_per_s": round(batch * SAMPLE_TOKENS / seconds, 1)}
+    print(f"on-policy sampling by rows per batch: {out}", flush=True)
     return out
 
 

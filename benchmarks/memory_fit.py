@@ -150,22 +150,21 @@ def inference_stages(teacher, student, train, calib, heldout, layer_map, sensiti
 
 
 def teacher_logit_cache(teacher, train, prof, out: Path, rows: list[dict]):
-    """The profile's logit cache over ``train``, built as the teacher_logits stage builds it (its row
+    """The profile's teacher cache over ``train``, built as the teacher_logits stage builds it (its row
     added to ``rows``); None when the profile has no cache."""
     from edgekd.methods import logit_cache
-    from edgekd.methods.memory import predict_forward_peak
+    from edgekd.methods.precision import resolve_precision
     from edgekd.pipeline.peak_memory import peak_memory, release_freed_memory
 
     ds = prof.compression.distill
     if ds.logit_cache is None:
         return None
     release_freed_memory()
-    predicted = predict_forward_peak(teacher.config, ds.batch_size, train.shape[1], logit_copies=3,
-                                     extra_bytes=logit_cache.cache_size_bytes(int(train.size), ds.logit_cache.k))
+    predicted = logit_cache.predict_build_peak(ds.logit_cache, teacher.config, ds.batch_size, train)
     t0 = time.perf_counter()
     with peak_memory() as pm:
-        cache = logit_cache.build(teacher, train, ds.logit_cache.k, ds.temperature, out / "teacher-logits",
-                                  batch_size=ds.batch_size, kind=ds.logit_cache.kind, seed=ds.seed)
+        cache = logit_cache.build_cache(ds.logit_cache, teacher, train, out / "teacher-logits", temperature=ds.temperature,
+                                        precision=resolve_precision(ds.precision), batch_size=ds.batch_size, seed=ds.seed)
     rows.append(stage_row("teacher_logits", pm, predicted / 2**20, time.perf_counter() - t0, blocks=len(train)))
     return cache
 

@@ -204,9 +204,19 @@ class DataSettings(_Strict):
 class LogitCacheSettings(_Strict):
     """The teacher's targets computed once per training position instead of live every step."""
 
-    # entries per position: k draws from the teacher ("sample", unbiased KL) or its k most likely tokens ("topk")
-    k: int = Field(gt=0)
-    kind: Literal["sample", "topk"] = "sample"
+    # entries per position: k draws from the teacher ("sample", unbiased KL) or its k most likely tokens ("topk");
+    # "hidden": the teacher's final hidden states, exact targets (its head runs in the step), no k
+    k: int | None = Field(default=None, gt=0)
+    kind: Literal["sample", "topk", "hidden"] = "sample"
+
+    @model_validator(mode="after")
+    def _k_for_logits(self) -> LogitCacheSettings:
+        if self.kind != "hidden" and self.k is None:
+            raise ValueError(f"a {self.kind} logit cache needs k, the entries per position (e.g. k: 128)")
+        if self.kind == "hidden" and self.k is not None:
+            raise ValueError("k is the entries per position of a logit cache; the hidden-state cache has none "
+                             "(set kind: sample or topk with k, or drop k)")
+        return self
 
 
 class DistillSettings(_Strict):

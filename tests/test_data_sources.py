@@ -247,7 +247,8 @@ def test_a_run_killed_while_sampling_resumes_to_the_same_corpus(tmp_path, tiny_m
 
 def test_teacher_samples_join_the_corpus_and_the_logit_cache(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides):
     overrides = tiny_profile_overrides + ["compression.data.generation.tokens=600", "compression.data.generation.new_tokens=40",
-                                          "compression.data.mixture.teacher_samples=0.5", "compression.distill.logit_cache.k=4"]
+                                          "compression.data.mixture.teacher_samples=0.5", "compression.distill.logit_cache.k=4",
+                                          "compression.distill.logit_cache.kind=sample"]
     report = edgekd.compress(teacher=tiny_model_dir, profile="raspberry-pi-5", data=small_corpus_file, output=tmp_path,
                              run_name="mixed", overrides=overrides, quiet=True)
     samples = report.stage("teacher_samples")
@@ -316,7 +317,7 @@ def test_a_stage_that_cannot_fit_in_memory_is_refused_before_it_allocates(tmp_pa
     assert "needs about 5.0 GB (PROJECTION), but this run may use 1.0 GB" in str(err.value) and "5.6 GB free" in str(err.value)
     refuse_over_limit(0.5e9, 1.0, "sampling the teacher", "")
     # through the pipeline: the logit cache's stage refuses before the cache is built
-    sets = [a for o in tiny_profile_overrides + ["compression.distill.logit_cache.k=4", "compression.memory_gb=0.01"]
+    sets = [a for o in tiny_profile_overrides + ["compression.distill.logit_cache.k=4", "compression.distill.logit_cache.kind=sample", "compression.memory_gb=0.01"]
             for a in ("--set", o)]
     assert main(["compress", "--teacher", str(tiny_model_dir), "--data", str(small_corpus_file), "--output", str(tmp_path),
                  "--run-name", "small", "--quiet", *sets]) == 2

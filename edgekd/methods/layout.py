@@ -16,19 +16,21 @@ import numpy as np
 import torch
 
 from ..families import family_of
-from .memory import stored_weight, teacher_runs
+from .memory import stored_weight, teacher_use
 
 SCRATCH_PREFIX = "teacher-parked-"
 
 
 @contextlib.contextmanager
 def training_layout(student: Any, teacher: Any, cfg: Any, scratch: Path | None = None, distributed: bool = False,
-                    cached: bool = False) -> Iterator[None]:
+                    cached: bool | str | None = False) -> Iterator[None]:
     """The models as ``cfg`` trains them, restored afterwards.
 
-    When no step runs the teacher (``cached``: the logit cache supplies its logits, and no hidden,
-    attention or on-policy loss needs it), every teacher tensor waits in a file in ``scratch`` and
-    the model holds empty ones: the whole teacher leaves memory while the student trains.
+    When no step runs the teacher's blocks (``cached``: a cache supplies its targets, and no
+    hidden, attention or on-policy loss needs them), every teacher tensor waits in a file in
+    ``scratch`` and the model holds empty ones: the whole teacher leaves memory while the student
+    trains, but for its output head when the cache holds its final hidden states (``cached`` is
+    "hidden"; under bf16 the head is held in bf16, exact as below).
     Otherwise, with bf16 forward passes, the frozen teacher's linear weights are held in bf16:
     autocast rounds them to bf16 for every product anyway, so the teacher computes exactly what it
     did, in half the memory; their fp32 values wait in the file. Its other tensors are copied out
@@ -48,22 +50,25 @@ def training_layout(student: Any, teacher: Any, cfg: Any, scratch: Path | None =
     sparse_lookup = not distributed and family_of(base).tied(base) and isinstance(lookup, torch.nn.Embedding) and not lookup.sparse
     if sparse_lookup:
         lookup.sparse = True
-    idle = not teacher_runs(cfg, cached)
-    if idle:
-        parked_tensors = {id(p): p for p in teacher.parameters() if p.numel()}
+    use = teacher_use(cfg, cached)
+    bf16 = torch.bfloat16 if cfg.precision == "bf16" else None
+    if use != "model":  # everything waits in the file; a head read by the step stays, in its products' dtype
+        head = stored_weight(family_of(teacher).head_module(teacher)) if use == "head" else None
+        parked = {id(p): (p, bf16 if p is head else None) for p in teacher.parameters()
+                  if p.numel() and (p is not head or bf16 is not None)}
     else:
         embedding = stored_weight(family_of(teacher).embedding_module(teacher))
-        parked_tensors = {id(m.weight): m.weight for m in teacher.modules() if isinstance(m, torch.nn.Linear)
-                          and m.weight.dtype == torch.float32 and m.weight is not embedding} if cfg.precision == "bf16" else {}
-    tensors = list(parked_tensors.values())
+        parked = {id(m.weight): (m.weight, bf16) for m in teacher.modules() if isinstance(m, torch.nn.Linear)
+                  and m.weight.dtype == torch.float32 and m.weight is not embedding} if bf16 is not None else {}
+    tensors = [t for t, _ in parked.values()]
     tmp = where = None
     try:
         if tensors:
             for stale in Path(scratch).glob(f"{SCRATCH_PREFIX}*") if scratch is not None else ():  # left by a killed run
                 shutil.rmtree(stale, ignore_errors=True)
             tmp = tempfile.TemporaryDirectory(dir=scratch, prefix=SCRATCH_PREFIX, ignore_cleanup_errors=True)
-            where = _park(tensors, Path(tmp.name) / "tensors.bin", to=None if idle else torch.bfloat16)
-            if not idle:
+            where = _park(list(parked.values()), Path(tmp.name) / "tensors.bin")
+            if use == "model":
                 with torch.no_grad():
                     for t in [*teacher.parameters(), *teacher.buffers()]:
                         if t.dtype == torch.float32:  # out of the file mapping (the linears are bf16 copies now)
@@ -79,13 +84,13 @@ def training_layout(student: Any, teacher: Any, cfg: Any, scratch: Path | None =
             tmp.cleanup()
 
 
-def _park(tensors: list[torch.Tensor], path: Path, to: torch.dtype | None) -> list[tuple[int, torch.dtype, tuple[int, ...]]]:
-    """Write each tensor's bytes to ``path`` and swap it for its copy in ``to`` (None: an empty
-    tensor), one at a time (a whole-model serializer would hold a second copy of every weight while
-    it writes)."""
+def _park(tensors: list[tuple[torch.Tensor, torch.dtype | None]], path: Path) -> list[tuple[int, torch.dtype, tuple[int, ...]]]:
+    """Write each tensor's bytes to ``path`` and swap it for its copy in the dtype paired with it
+    (None: an empty tensor), one at a time (a whole-model serializer would hold a second copy of
+    every weight while it writes)."""
     where, offset = [], 0
     with open(path, "wb") as f, torch.no_grad():
-        for t in tensors:
+        for t, to in tensors:
             data = t.data.detach().cpu().contiguous()
             data.view(torch.uint8).numpy().tofile(f)
             where.append((offset, data.dtype, tuple(data.shape)))

@@ -11,9 +11,17 @@ remaining probability mass is folded into one bucket by the loss (see
 :func:`edgekd.methods.losses.topk_forward_kl`). With the cache, a distillation or QAT step that uses
 only logit losses needs no teacher forward pass. Size on disk: 8 * k bytes per token.
 
-Hidden-state and attention targets are not cached: per token they cost 4 * hidden * layers
-bytes (hidden) and 4 * heads * seq * layers bytes (attention), hundreds of kB per token for a
-135M model; the report states that cost, and those losses run the teacher live.
+``hidden``: the teacher's final hidden states (after its final norm), in the dtype its head product
+reads them in (bf16 under bf16 autocast, else fp32): the step computes the teacher's logits from
+them with the teacher's own head, so the targets are exactly the live teacher's, not an estimate,
+and no teacher block runs or stays in memory while the student trains (only its head; the teacher
+waits on disk, edgekd.methods.layout). Size: 2 * hidden bytes per token under bf16 (1.2 kB for a
+576-wide model, 118 MB for the default corpus). It saves what the live teacher costs a step, its
+forward pass, when the steps read each block more than once (QAT-KD's epochs over the corpus).
+
+The teacher's intermediate hidden states and attention maps are not cached: per token they cost
+4 * hidden * layers bytes (hidden) and 4 * heads * seq * layers bytes (attention), hundreds of kB per
+token for a 135M model; the report states that cost, and those losses run the teacher live.
 """
 
 from __future__ import annotations
@@ -54,8 +62,76 @@ class LogitCache:
         return LogitCache(np.ascontiguousarray(self.indices[..., :k]), np.ascontiguousarray(self.logprobs[..., :k]),
                           self.temperature, self.kind)
 
-    def bytes_per_million_tokens(self) -> float:
-        return 1e6 * self.k * (4 + 4)
+
+@dataclass
+class HiddenCache:
+    """The teacher's final hidden states per training position (kind ``hidden``): exact targets, of
+    the blocks the training steps will read (``rows``; a corpus larger than the steps read is not
+    run through the teacher beyond them)."""
+
+    hidden: np.ndarray  # (len(rows), block_len - 1, hidden): bf16 bit patterns (uint16) or float32
+    rows: np.ndarray  # the training blocks cached, in the order of ``hidden``
+    precision: str  # "bf16" or "fp32": the training precision it was built for
+    kind: str = "hidden"
+    temperature: float | None = None  # the teacher's logits are made in the step, at any temperature
+
+    def __post_init__(self) -> None:
+        self.where = np.full(int(self.rows.max()) + 1 if len(self.rows) else 0, -1, dtype=np.int64)
+        self.where[self.rows] = np.arange(len(self.rows))
+
+    def holds(self, block_ids: np.ndarray) -> bool:
+        ids = np.asarray(block_ids)
+        return bool(np.all(ids < len(self.where)) and np.all(self.where[ids] >= 0)) if len(ids) else True
+
+    def batch(self, block_ids: np.ndarray) -> tuple[torch.Tensor]:
+        if not self.holds(block_ids):
+            raise ValueError("a batch reads blocks the hidden-state cache was not built for")
+        rows = torch.from_numpy(np.asarray(self.hidden[self.where[np.asarray(block_ids)]]))
+        _unmap_pages(self.hidden)
+        return (rows.view(torch.bfloat16) if self.precision == "bf16" else rows,)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return int(self.hidden.shape[-1] * self.hidden.dtype.itemsize)
+
+
+def hidden_cache_bytes(n_tokens: int, hidden_size: int, precision: str) -> int:
+    return n_tokens * hidden_size * (2 if precision == "bf16" else 4)
+
+
+@torch.no_grad()
+def build_hidden(teacher: Any, blocks: np.ndarray, directory: Path, precision: str, batch_size: int = 4,
+                 progress: Callable[[int], None] | None = None, rows: np.ndarray | None = None) -> HiddenCache:
+    """The teacher's final hidden states of every position but each block's last (it predicts
+    nothing) of ``blocks[rows]`` (default: every block), computed as a training step computes them
+    (the same autocast), written a batch at a time into a file mapping so the cache is never all in memory."""
+    from .chunked_head import forward_to_hidden
+    from .precision import forward_precision
+
+    rows = np.arange(len(blocks)) if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
+    n, length = len(rows), blocks.shape[1]
+    width = teacher.config.hidden_size
+    teacher.eval()
+    with atomic_path(directory) as tmp:
+        tmp.mkdir(parents=True)
+        np.save(tmp / "rows.npy", rows)
+        out = np.lib.format.open_memmap(tmp / "hidden.npy", mode="w+", dtype=np.uint16 if precision == "bf16" else np.float32,
+                                        shape=(n, length - 1, width))
+        for b0 in range(0, n, batch_size):
+            ids = torch.from_numpy(blocks[rows[b0 : b0 + batch_size]].astype(np.int64)).to(teacher.device)
+            with forward_precision(precision, ids.device.type):
+                _, hidden = forward_to_hidden(teacher, ids)
+            hidden = hidden[:, :-1]
+            bits = hidden.to(torch.bfloat16).view(torch.int16) if precision == "bf16" else hidden.float()
+            out[b0 : b0 + len(ids)] = bits.cpu().numpy().view(out.dtype)
+            _unmap_pages(out)
+            if progress:
+                progress(len(ids))
+        out.flush()
+        del out
+        atomic_write_json(tmp / "meta.json", {"kind": "hidden", "precision": precision, "blocks": len(blocks),
+                                              "block_len": length, "hidden_size": width, "cached_blocks": n})
+    return HiddenCache(np.load(directory / "hidden.npy", mmap_mode="r"), rows, precision)
 
 
 def _unmap_pages(array: np.ndarray) -> None:
@@ -109,14 +185,62 @@ def build(teacher: Any, blocks: np.ndarray, k: int, temperature: float, director
     return LogitCache(idx, lp, temperature, kind)
 
 
-def load(directory: Path, k: int, temperature: float, blocks: np.ndarray, kind: str = "topk") -> LogitCache | None:
-    """The cache in ``directory`` if it matches these settings and blocks, else None."""
+def load(directory: Path, k: int | None, temperature: float, blocks: np.ndarray, kind: str = "topk",
+         precision: str = "fp32", rows: np.ndarray | None = None) -> LogitCache | HiddenCache | None:
+    """The cache in ``directory`` if it matches these settings and blocks (a hidden-state cache: and
+    holds ``rows``, the blocks the steps will read), else None."""
     meta_path = directory / "meta.json"
     if not meta_path.exists():
         return None
     meta = json.loads(meta_path.read_text())
+    if kind == "hidden" or meta.get("kind") == "hidden":
+        found = (meta.get("kind"), meta.get("precision"), meta["blocks"], meta["block_len"])
+        if found != (kind, precision, *blocks.shape):
+            return None
+        cache = HiddenCache(np.load(directory / "hidden.npy", mmap_mode="r"), np.load(directory / "rows.npy"), precision)
+        return cache if rows is None or cache.holds(rows) else None
     found = (meta.get("k", meta.get("top_k")), meta["temperature"], meta["blocks"], meta["block_len"], meta.get("kind", "topk"))
     if found != (k, temperature, *blocks.shape, kind):
         return None
     return LogitCache(np.load(directory / "indices.npy", mmap_mode="r"), np.load(directory / "logprobs.npy", mmap_mode="r"),
                       temperature, kind)
+
+
+def build_cache(spec: Any, teacher: Any, blocks: np.ndarray, directory: Path, *, temperature: float, precision: str,
+                batch_size: int = 4, seed: int = 0, progress: Callable[[int], None] | None = None,
+                rows: np.ndarray | None = None) -> LogitCache | HiddenCache:
+    """The cache ``spec`` (edgekd.profiles.LogitCacheSettings) describes, over ``blocks`` (a
+    hidden-state cache: over ``blocks[rows]``, the blocks the steps will read)."""
+    if spec.kind == "hidden":
+        return build_hidden(teacher, blocks, directory, precision, batch_size=batch_size, progress=progress, rows=rows)
+    return build(teacher, blocks, spec.k, temperature, directory, batch_size=batch_size, progress=progress, kind=spec.kind, seed=seed)
+
+
+def blocks_read(mixture: Any, cfg: Any, steps: int) -> np.ndarray:
+    """The offline training blocks that ``steps`` steps of ``cfg`` read under ``mixture``
+    (edgekd.methods.mixture.Mixture) on one process, with the whole batch or split into the
+    micro-batches the memory check may choose (edgekd.methods.memory: halved, accumulated): a
+    batch is a pure function of (seed, step), so these are known before training."""
+    from dataclasses import replace
+
+    reads, batch, accum = [], cfg.batch_size, cfg.grad_accum
+    while batch >= 1:
+        split = replace(cfg, batch_size=batch, grad_accum=accum)
+        reads += [mixture.indices(step, micro, split, 0, 1)[0] for step in range(steps) for micro in range(accum)]
+        if batch % 2:
+            break
+        batch, accum = batch // 2, accum * 2
+    return np.unique(np.concatenate(reads)).astype(np.int64) if reads else np.zeros(0, dtype=np.int64)
+
+
+def predict_build_peak(spec: Any, config: Any, batch_size: int, blocks: np.ndarray) -> float:
+    """The predicted peak resident bytes of :func:`build_cache` (a PROJECTION): a batch's forward pass,
+    and for a logit cache its logits, their log-softmax and the whole cache, held until written (a
+    hidden-state cache goes to its file a batch at a time, and the head is not run)."""
+    from .memory import predict_forward_peak
+
+    if spec.kind == "hidden":
+        return predict_forward_peak(config, batch_size, blocks.shape[1], logit_copies=0)
+    return predict_forward_peak(config, batch_size, blocks.shape[1], logit_copies=3,
+                                extra_bytes=cache_size_bytes(int(blocks.size), spec.k))
+

@@ -69,6 +69,8 @@ class MemoryPlan:
     teacher_bf16: bool
     teacher_parked: bool = False
     gradient_dtype: str = "fp32"
+    recompute_round_trips: bool = False
+    teacher_head_kept: bool = False  # parked but for its head (a hidden-state cache)
 
     @property
     def total(self) -> float:
@@ -78,18 +80,19 @@ class MemoryPlan:
         return {"gradient_checkpointing": self.gradient_checkpointing, "optimizer_state": self.optimizer_state,
                 "gradient_dtype": self.gradient_dtype,
                 "batch_size": self.batch_size, "grad_accum": self.grad_accum, "teacher_linears_bf16": self.teacher_bf16,
-                "teacher_parked": self.teacher_parked}
+                "teacher_parked": self.teacher_parked, "recompute_round_trips": self.recompute_round_trips}
 
     def describe(self) -> str:
         return ", ".join(f"{k.replace('_', ' ')} {v / 1e9:.2f} GB" for k, v in self.parts.items())
 
 
 def estimate_training_memory(teacher: Any, student: Any, cfg: Any, block_len: int, *, quantized_params: int = 0,
-                             cached: bool = False, resident_bytes: float | None = None) -> MemoryPlan:
+                             cached: bool | str | None = False, resident_bytes: float | None = None) -> MemoryPlan:
     """The predicted peak resident bytes of one training step of ``cfg`` (edgekd.methods.distill.DistillConfig).
 
     ``quantized_params``: weights under QAT's fake quantization (their round trips are kept for
-    backward); ``cached``: the teacher's logits come from the logit cache; ``resident_bytes``: the
+    backward); ``cached``: the teacher's targets come from a cache (its kind: "hidden" keeps the
+    teacher's head, a logit cache nothing of it; True: a logit cache); ``resident_bytes``: the
     process's resident memory now (measured when None), which already holds both models in fp32.
     """
     from .chunked_head import chunk_positions
@@ -132,9 +135,12 @@ def estimate_training_memory(teacher: Any, student: Any, cfg: Any, block_len: in
     head += vocab * h * act if bf16 else 0  # the head's cast for the chunks' products, during the forward pass
     if want_logits and not cached:
         head += tokens * th * 4 + (vocab * th * act if bf16 else 0)  # the teacher's final hidden states, its head's cast
+    elif want_logits and cached == "hidden":
+        head += tokens * th * act  # the cached final hidden states (the head is held in their dtype: training_layout)
     linear_params = bf16_linear_params(student)
     if quantized_params:  # the round-tripped weights the products keep (one block's when recomputed), the table's
-        kept = (quantized_params - vocab * h) / max(layers, 1) if ckpt else quantized_params
+        recomputed = ckpt and cfg.recompute_round_trips  # else cached from the forward pass (qat.round_trips_cached)
+        kept = (quantized_params - vocab * h) / max(layers, 1) if recomputed else quantized_params
         weights = kept * act + table  # the table's round trip, made in place (blockquant), kept for the head's backward
     else:  # the bf16 copy of every trainable weight, kept for backward (none kept when blocks are recomputed)
         weights = linear_params * 2 if bf16 and not ckpt else 0
@@ -149,6 +155,8 @@ def estimate_training_memory(teacher: Any, student: Any, cfg: Any, block_len: in
     teacher_bf16 = bf16 and teacher_live
     if not teacher_live:
         saved = float(sum(p.numel() * p.element_size() for p in teacher.parameters()))
+        if teacher_use(cfg, cached) == "head":  # the head stays, in the products' dtype
+            saved -= family_of(teacher).head_module(teacher).weight.numel() * act
     else:
         saved = bf16_linear_params(teacher) * 2.0 if teacher_bf16 else 0.0
     resident = resident_bytes if resident_bytes is not None else _resident_now()
@@ -158,18 +166,28 @@ def estimate_training_memory(teacher: Any, student: Any, cfg: Any, block_len: in
     parts["allocator_slack"] = ALLOCATOR_SLACK * sum(v for k, v in parts.items() if k not in ("resident_now", TEACHER_SAVED))
     return MemoryPlan(parts, cfg.gradient_checkpointing, cfg.optimizer_state, cfg.batch_size, cfg.grad_accum, teacher_bf16,
                       not teacher_live,
-                      cfg.gradient_dtype if bf16_gradients_apply(cfg) else "fp32")
+                      cfg.gradient_dtype if bf16_gradients_apply(cfg) else "fp32",
+                      bool(quantized_params and ckpt and cfg.recompute_round_trips),
+                      teacher_use(cfg, cached) == "head")
 
 
 TEACHER_SAVED = "teacher_held_less"  # the part training_layout takes off the resident teacher
 
 
-def teacher_runs(cfg: Any, cached: bool) -> bool:
-    """Whether a training step of ``cfg`` (edgekd.methods.distill.DistillConfig) runs the teacher:
-    for its logits (unless ``cached``, the logit cache, supplies them), its hidden states or
-    attention maps, or to score on-policy samples."""
+def teacher_use(cfg: Any, cached: bool | str | None) -> str:
+    """What a training step of ``cfg`` (edgekd.methods.distill.DistillConfig) needs of the teacher:
+    "model", its forward pass (for its logits unless a cache supplies them, its hidden states or
+    attention maps, or to score on-policy samples); "head", only its output head (``cached`` is
+    "hidden": the cache holds its final hidden states); or "none" (a logit cache supplies every target)."""
     want_logits = cfg.w_logit > 0 and cfg.alpha > 0
-    return (want_logits and not cached) or cfg.w_hidden > 0 or cfg.w_attention > 0 or bool(cfg.on_policy_share)
+    if (want_logits and not cached) or cfg.w_hidden > 0 or cfg.w_attention > 0 or cfg.on_policy_share:
+        return "model"
+    return "head" if want_logits and cached == "hidden" else "none"
+
+
+def teacher_runs(cfg: Any, cached: bool | str | None) -> bool:
+    """Whether a training step of ``cfg`` runs the teacher's blocks (:func:`teacher_use`)."""
+    return teacher_use(cfg, cached) == "model"
 
 
 def bf16_gradients_apply(cfg: Any, world: int = 1) -> bool:
@@ -220,8 +238,8 @@ def device_resident_bytes(teacher: Any, student: Any) -> float | None:
     return float(on_host + torch.cuda.memory_allocated() + CUDA_CONTEXT_BYTES)
 
 
-def _savings_ladder(cfg: Any) -> Iterator[Any]:
-    """``cfg`` with more and more memory saved, cheapest first."""
+def _savings_ladder(cfg: Any, quantized: bool = False) -> Iterator[Any]:
+    """``cfg`` with more and more memory saved, cheapest first; ``quantized``: a QAT step (fake-quantized weights)."""
     cfg = replace(cfg)
     yield cfg
     if not cfg.gradient_checkpointing:
@@ -229,6 +247,9 @@ def _savings_ladder(cfg: Any) -> Iterator[Any]:
         yield cfg
     if cfg.optimizer_state != "bf16":
         cfg = replace(cfg, optimizer_state="bf16")
+        yield cfg
+    if quantized and not cfg.recompute_round_trips:  # each block's round trips made again in backward (~10% of a QAT step)
+        cfg = replace(cfg, recompute_round_trips=True)
         yield cfg
     if cfg.gradient_dtype != "bf16" and cfg.precision == "bf16" and cfg.grad_accum == 1 and not cfg.on_policy_share:
         cfg = replace(cfg, gradient_dtype="bf16")
@@ -242,7 +263,7 @@ def _savings_ladder(cfg: Any) -> Iterator[Any]:
 
 
 def fit_memory(teacher: Any, student: Any, cfg: Any, block_len: int, limit_bytes: float, *, stage: str = "distillation",
-               quantized_params: int = 0, cached: bool = False, resident_bytes: float | None = None,
+               quantized_params: int = 0, cached: bool | str | None = False, resident_bytes: float | None = None,
                target_bytes: float | None = None) -> tuple[Any, MemoryPlan]:
     """The config a step runs with, and its plan: the first on the savings ladder whose predicted
     peak fits ``HEADROOM`` of the hard ``limit_bytes``; with a soft ``target_bytes``, the first
@@ -256,7 +277,7 @@ def fit_memory(teacher: Any, student: Any, cfg: Any, block_len: int, limit_bytes
         release_freed_memory()  # what the process holds, not what an earlier step freed and the heap kept
     resident = resident_bytes
     ladder = []
-    for candidate in _savings_ladder(cfg):
+    for candidate in _savings_ladder(cfg, quantized=bool(quantized_params)):
         plan = estimate_training_memory(teacher, student, candidate, block_len, quantized_params=quantized_params,
                                         cached=cached, resident_bytes=resident)
         resident = plan.parts["resident_now"]

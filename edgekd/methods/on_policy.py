@@ -131,14 +131,6 @@ class Rollouts:
         self.seqs = np.asarray(state["rows"], dtype=np.int64)
 
 
-def on_policy_rows(student: Any, teacher: Any, rollouts: Rollouts, blocks: np.ndarray, step: int, micro: int, cfg: Any,
-                   device: Any) -> tuple[dict[str, torch.Tensor], float]:
-    """The loss on the on-policy rows of (``step``, ``micro``), sampling their generation first when
-    it is not at hand: (terms, seconds spent sampling now)."""
-    seq, prompt_len, sampled = rollouts.rows(student, blocks, step, micro)
-    return on_policy_losses(student, teacher, torch.from_numpy(seq).to(device), prompt_len, rollouts.policy, cfg), sampled
-
-
 def generation_rng(seed: int, start: int, rank: int) -> np.random.Generator:
     """The sampling generator of the generation starting at step ``start`` on ``rank``: a resumed run samples the same rows."""
     return np.random.default_rng([seed, 2, start, rank])

@@ -18,7 +18,8 @@ one the pipeline's ``qat`` stage and the benchmarks run.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,12 +114,20 @@ class FakeQuant(torch.nn.Module):
             self.register_buffer("grid_min", mn)
             self.bits = kq.SPEC[grid.kind][0]
 
+    product_weight = False  # set by prepare() on block linears: the round trip comes in autocast's dtype
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.grid is not None:
-            return _GridSTE.apply(w, self.grid_step, self.grid_min, self.bits)
-        if isinstance(self.clip, torch.nn.Parameter):
-            return _LearnedClip.apply(w, self.clip, self.fmt)
-        return _RoundTripSTE.apply(w, self.fmt, self.clip)
+            out = _GridSTE.apply(w, self.grid_step, self.grid_min, self.bits)
+        elif isinstance(self.clip, torch.nn.Parameter):
+            out = _LearnedClip.apply(w, self.clip, self.fmt)
+        else:
+            out = _RoundTripSTE.apply(w, self.fmt, self.clip)
+        if self.product_weight and torch.is_autocast_enabled(w.device.type):
+            # the cast autocast makes for the product anyway, made here once: cached with the round trip
+            # (round_trips_cached) a block's recomputation under checkpointing reuses both
+            out = out.to(torch.get_autocast_dtype(w.device.type))
+        return out
 
 
 def quantized_tensors(model: Any, plan: FormatPlan) -> list[tuple[Any, WeightFormat]]:
@@ -177,12 +186,15 @@ def prepare(model: Any, plan: FormatPlan, clips: dict[Any, torch.Tensor] | None 
     (starting from ``clips``, or 1.0).
     """
     learned = []
+    products = {id(mod) for _, _, mod in family_of(model).linear_modules(model)}  # not the table: its lookup stays fp32
     for mod, fmt in quantized_tensors(model, plan):
         if fmt.identity:
             continue
         if fmt.fixed_grid:
             grid = fmt.quantize(mod.weight.detach().float().cpu().numpy())
-            parametrize.register_parametrization(mod, "weight", FakeQuant(fmt, grid=grid), unsafe=True)
+            fake = FakeQuant(fmt, grid=grid)
+            fake.product_weight = id(mod) in products
+            parametrize.register_parametrization(mod, "weight", fake, unsafe=True)
             continue
         clip = (clips or {}).get(mod)
         learn = learn_clip and fmt.grid is not None and isinstance(mod, torch.nn.Linear)
@@ -190,6 +202,7 @@ def prepare(model: Any, plan: FormatPlan, clips: dict[Any, torch.Tensor] | None 
             rows, cols = mod.weight.shape
             clip = torch.ones(rows, cols // fmt.block, 1, device=mod.weight.device)
         fake = FakeQuant(fmt, clip, learn)
+        fake.product_weight = id(mod) in products
         parametrize.register_parametrization(mod, "weight", fake, unsafe=True)
         if learn:
             learned.append(fake.clip)
@@ -202,6 +215,17 @@ def prepare(model: Any, plan: FormatPlan, clips: dict[Any, torch.Tensor] | None 
                 p.clamp_(CLIP_MIN, 1.0)
 
     return Prepared([{"params": learned, "lr_scale": clip_lr_scale, "weight_decay": 0.0}], keep_in_range)
+
+
+@contextlib.contextmanager
+def round_trips_cached(on: bool = True) -> Iterator[None]:
+    """Inside, each fake-quantized weight is computed once (``parametrize.cached``): its round trip
+    (and, under autocast, its cast) serves the forward pass and, under activation checkpointing,
+    each block's recomputation in backward, instead of being made again there. The cost: every
+    block's product weights are alive from the forward pass to their block's backward (edgekd.methods.memory
+    counts them; ``DistillConfig.recompute_round_trips`` turns this off when memory is short)."""
+    with parametrize.cached() if on else contextlib.nullcontext():
+        yield
 
 
 def learned_clip_stats(model: Any) -> dict[str, float]:

@@ -13,37 +13,58 @@ CACHE_DIR = "teacher-logits"
 
 
 def teacher_logits(ctx: RunContext) -> StageRecord:
+    """The teacher's targets of every training position, computed once (``compression.distill.logit_cache``)."""
+    import numpy as np
+
     from ..methods import logit_cache
-    from ..methods.memory import predict_forward_peak, refuse_over_limit
+    from ..methods.memory import refuse_over_limit
+    from ..methods.precision import resolve_precision
 
     ds = ctx.profile.compression.distill
     spec = ds.logit_cache
     train = ctx.training_blocks()
-    # the teacher's forward on a batch (its logits and their log-softmax), plus the whole cache, held until it is written
-    predicted = predict_forward_peak(ctx.teacher.model.config, ds.batch_size, train.shape[1], logit_copies=3,
-                                     extra_bytes=logit_cache.cache_size_bytes(int(train.size), spec.k))
-    refuse_over_limit(predicted, ctx.profile.compression.memory_gb, "caching the teacher's logits",
-                      "lower compression.distill.logit_cache.k or compression.distill.batch_size")
-    what = f"{spec.k} sampled tokens" if spec.kind == "sample" else f"top-{spec.k} logits"
-    with ctx.reporter.task(f"caching the teacher's {what} per position", total=len(train), unit="blocks") as advance:
-        cache = logit_cache.build(ctx.teacher.model, train, spec.k, ds.temperature, ctx.run.path(CACHE_DIR),
-                                  batch_size=ds.batch_size, progress=advance, kind=spec.kind, seed=ds.seed)
-    tokens = int(cache.indices.shape[0] * cache.indices.shape[1])
-    return StageRecord("teacher_logits", settings={"k": cache.k, "kind": cache.kind, "temperature": ds.temperature},
-                       metrics={"tokens": tokens, "size_mb": logit_cache.cache_size_bytes(tokens, cache.k) / 1e6,
-                                "mb_per_million_tokens": cache.bytes_per_million_tokens() / 1e6,
+    predicted = logit_cache.predict_build_peak(spec, ctx.teacher.model.config, ds.batch_size, train)
+    refuse_over_limit(predicted, ctx.profile.compression.memory_gb,
+                      f"caching the teacher's {'final hidden states' if spec.kind == 'hidden' else 'logits'}",
+                      "lower compression.distill.batch_size" + ("" if spec.kind == "hidden" else " or compression.distill.logit_cache.k"))
+    what = "final hidden states" if spec.kind == "hidden" else (f"{spec.k} sampled tokens" if spec.kind == "sample" else f"top-{spec.k} logits")
+    precision = resolve_precision(ds.precision)
+    rows = cache_rows(ctx) if spec.kind == "hidden" else np.arange(len(train))
+    with ctx.reporter.task(f"caching the teacher's {what} per position", total=len(rows), unit="blocks") as advance:
+        cache = logit_cache.build_cache(spec, ctx.teacher.model, train, ctx.run.path(CACHE_DIR), temperature=ds.temperature,
+                                        precision=precision, batch_size=ds.batch_size, seed=ds.seed, progress=advance, rows=rows)
+    tokens = int(len(rows) * (train.shape[1] - 1))
+    per_token = cache.bytes_per_token if spec.kind == "hidden" else logit_cache.cache_size_bytes(1, cache.k)
+    settings = {"kind": "hidden", "precision": precision} if spec.kind == "hidden" else \
+        {"k": cache.k, "kind": cache.kind, "temperature": ds.temperature}
+    return StageRecord("teacher_logits", settings=settings,
+                       metrics={"tokens": tokens, "blocks": len(rows), "training_blocks": len(train),
+                                "size_mb": tokens * per_token / 1e6, "mb_per_million_tokens": per_token,
                                 "predicted_peak_rss_mb": round(predicted / 2**20, 1)},
-                       artifacts={"teacher logit cache": CACHE_DIR})
+                       artifacts={"teacher cache": CACHE_DIR})
+
+
+def cache_rows(ctx: RunContext) -> Any:
+    """The training blocks the run's planned distillation and QAT-KD steps read: a hidden-state
+    cache holds these (never more teacher passes than the live teacher would make)."""
+    from ..methods.distill import DistillConfig
+    from ..methods.logit_cache import blocks_read
+
+    comp = ctx.profile.compression
+    distills = comp.distill.steps if comp.prune.method != "none" else 0
+    return blocks_read(ctx.mixture(), DistillConfig.from_settings(comp.distill), max(distills, comp.qat.steps))
 
 
 def cached_teacher(ctx: RunContext) -> Any:
-    """The teacher-logit cache of this run, or None when the profile asks for the live teacher."""
+    """The teacher cache of this run (logits or final hidden states), or None when the profile asks for the live teacher."""
     from ..methods import logit_cache
+    from ..methods.precision import resolve_precision
 
     ds = ctx.profile.compression.distill
     if ds.logit_cache is None:
         return None
-    return logit_cache.load(ctx.run.path(CACHE_DIR), ds.logit_cache.k, ds.temperature, ctx.training_blocks(), ds.logit_cache.kind)
+    return logit_cache.load(ctx.run.path(CACHE_DIR), ds.logit_cache.k, ds.temperature, ctx.training_blocks(), ds.logit_cache.kind,
+                            resolve_precision(ds.precision), rows=cache_rows(ctx) if ds.logit_cache.kind == "hidden" else None)
 
 
 def fit_to_time_budget(ctx: RunContext, stage: str, steps: int, probe: Any, later: list[int] = ()) -> dict | None:
@@ -77,8 +98,15 @@ def memory_metrics(memory: Any) -> dict[str, Any]:
     """A training stage's predicted peak (PROJECTION, compared with the measured one in the report) and its parts."""
     return {"predicted_peak_rss_mb": round(memory.total / 2**20, 1),
             "predicted_peak_parts_mb": {k: round(v / 2**20, 1) for k, v in memory.parts.items()},
-            "teacher_while_training": "parked on disk (every target from the logit cache)" if memory.teacher_parked
-            else ("bf16 linear weights" if memory.teacher_bf16 else "as loaded")}
+            "teacher_while_training": teacher_while_training(memory)}
+
+
+def teacher_while_training(memory: Any) -> str:
+    if memory.teacher_head_kept:
+        return "parked on disk but its head (its final hidden states from the cache)"
+    if memory.teacher_parked:
+        return "parked on disk (every target from the logit cache)"
+    return "bf16 linear weights" if memory.teacher_bf16 else "as loaded"
 
 
 def _save_student(ctx: RunContext, model: Any) -> None:
