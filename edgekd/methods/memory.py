@@ -11,6 +11,8 @@ them the same way) and checked against the measured peak of each stage
 When the plain recipe does not fit, :func:`fit_memory` turns on, in order of cost, activation
 checkpointing (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost": ~30% more
 compute), AdamW moments in bf16 (edgekd.methods.optim: no compute, 4 bytes per parameter less),
+for QAT the fake-quantized weights made again in each block's recomputation instead of kept from
+the forward pass (edgekd.methods.qat.round_trips_cached),
 the linear weights' gradients in bf16 (exact under bf16 autocast, 2 bytes per weight less),
 then smaller micro-batches with more accumulation (the same tokens per step and the same batches,
 so the same gradients, slower matmuls). It refuses only when all of them together do not fit,
