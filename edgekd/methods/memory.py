@@ -141,8 +141,11 @@ def estimate_training_memory(teacher: Any, student: Any, cfg: Any, block_len: in
         head += tokens * th * act  # the cached final hidden states (the head is held in their dtype: training_layout)
     linear_params = bf16_linear_params(student)
     if quantized_params:  # the round-tripped weights the products keep (one block's when recomputed), the table's
-        recomputed = ckpt and cfg.recompute_round_trips  # else cached from the forward pass (qat.round_trips_cached)
-        kept = (quantized_params - vocab * h) / max(layers, 1) if recomputed else quantized_params
+        blocks = quantized_params - vocab * h
+        if ckpt:  # each block's from the forward pass to the end of backward (qat.round_trips_cached), or one block's
+            kept = blocks / max(layers, 1) if cfg.recompute_round_trips else blocks
+        else:
+            kept = quantized_params
         weights = kept * act + table  # the table's round trip, made in place (blockquant), kept for the head's backward
     else:  # the bf16 copy of every trainable weight, kept for backward (none kept when blocks are recomputed)
         weights = linear_params * 2 if bf16 and not ckpt else 0

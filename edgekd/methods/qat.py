@@ -117,6 +117,14 @@ class FakeQuant(torch.nn.Module):
     product_weight = False  # set by prepare() on block linears: the round trip comes in autocast's dtype
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.product_weight and _PRODUCT_CACHE is not None:
+            cached = _PRODUCT_CACHE.get(id(self))
+            if cached is None:
+                cached = _PRODUCT_CACHE[id(self)] = self._round_trip(w)
+            return cached
+        return self._round_trip(w)
+
+    def _round_trip(self, w: torch.Tensor) -> torch.Tensor:
         if self.grid is not None:
             out = _GridSTE.apply(w, self.grid_step, self.grid_min, self.bits)
         elif isinstance(self.clip, torch.nn.Parameter):
@@ -217,15 +225,26 @@ def prepare(model: Any, plan: FormatPlan, clips: dict[Any, torch.Tensor] | None 
     return Prepared([{"params": learned, "lr_scale": clip_lr_scale, "weight_decay": 0.0}], keep_in_range)
 
 
+_PRODUCT_CACHE: dict[int, torch.Tensor] | None = None  # set inside round_trips_cached()
+
+
 @contextlib.contextmanager
 def round_trips_cached(on: bool = True) -> Iterator[None]:
-    """Inside, each fake-quantized weight is computed once (``parametrize.cached``): its round trip
-    (and, under autocast, its cast) serves the forward pass and, under activation checkpointing,
-    each block's recomputation in backward, instead of being made again there. The cost: every
-    block's product weights are alive from the forward pass to their block's backward (edgekd.methods.memory
-    counts them; ``DistillConfig.recompute_round_trips`` turns this off when memory is short)."""
-    with parametrize.cached() if on else contextlib.nullcontext():
+    """Inside, each block linear's fake-quantized weight is computed once: its round trip (and,
+    under autocast, its cast) serves the forward pass and, under activation checkpointing, its
+    block's recomputation in backward, instead of being made again there. The cost: every block's
+    product weights are alive from the forward pass to the end of backward (edgekd.methods.memory
+    counts them; ``DistillConfig.recompute_round_trips`` turns this off when memory is short). The
+    token table is not held (``parametrize.cached`` would keep its lookup's round trip beside the head's)."""
+    global _PRODUCT_CACHE
+    if not on or _PRODUCT_CACHE is not None:
         yield
+        return
+    _PRODUCT_CACHE = {}
+    try:
+        yield
+    finally:
+        _PRODUCT_CACHE = None
 
 
 def learned_clip_stats(model: Any) -> dict[str, float]:
