@@ -172,8 +172,9 @@ class OnPolicySettings(_Strict):
     # the divergence on the sampled positions; reverse KL (MiniLLM) asks the student to generate what the teacher would
     kl: Literal["forward", "reverse", "skew", "jsd"] = "reverse"
     # the rows of this many training steps are sampled in one batch with the weights of the first
-    # (TRL's steps_per_generation): a decode step costs about the same for 1 row or 16 on a CPU, so
-    # sampling per step is what made on-policy rows expensive; the later steps' rows are a few updates stale
+    # (TRL's steps_per_generation): 64 tokens took 2.8 s for 1 row and 4.8 s for 8 (the fake-quantized
+    # 135M student on 2 cores, benchmarks/data_sources.py), so 8 steps a generation cost 0.6 s a step
+    # instead of 2.8; the later steps' rows come from weights a few updates old
     steps_per_generation: int = Field(default=8, ge=1)
 
 
