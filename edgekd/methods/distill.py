@@ -213,23 +213,25 @@ def micro_step(model: Any, teacher: Any, blocks: np.ndarray, cfg: DistillConfig,
     sampling in this call) and the offline rows."""
     idx, prompt_rows = mixture.indices(step, micro, cfg, rank, world)
     total, out = len(idx) + len(prompt_rows), {}
+    if len(prompt_rows):  # sampled first (fp32 weights, outside the cached round trips); no weight changes before the loss
+        rollouts = rollouts or Rollouts(mixture, cfg, rank, world)
+        seq, prompt_len, out["sampling_s"] = rollouts.rows(model, blocks, step, micro)
+    # each part's round trips cached for its own passes only: a second backward through them would
+    # meet the graph the first one freed (learned clips save tensors for backward)
     if len(idx):
         ids = torch.from_numpy(blocks[idx].astype(np.int64)).to(device)
         cached = None if logit_cache is None else (*(t.to(device) for t in logit_cache.batch(idx)), logit_cache.kind)
         with sync(not len(prompt_rows)), round_trips_cached(not cfg.recompute_round_trips):
             terms = distill_step_losses(model, teacher, ids, cfg, layer_map, cached)
             backward(terms["loss"] * (len(idx) / total))
-        out = {k: float(v.detach()) for k, v in terms.items()}
+        out.update({k: float(v.detach()) for k, v in terms.items()})
         out["loss"] *= len(idx) / total
     if len(prompt_rows):
-        rollouts = rollouts or Rollouts(mixture, cfg, rank, world)
-        seq, prompt_len, seconds = rollouts.rows(model, blocks, step, micro)  # fp32 weights: outside the cached round trips
         with sync(True), round_trips_cached(not cfg.recompute_round_trips):
             terms = on_policy_losses(model, teacher, torch.from_numpy(seq).to(device), prompt_len, rollouts.policy, cfg)
             backward(terms["loss"] * (len(prompt_rows) / total))
         out["loss"] = out.get("loss", 0.0) + float(terms["loss"].detach()) * len(prompt_rows) / total
         out["on_policy_kd"] = float(terms["on_policy_kd"].detach())
-        out["sampling_s"] = seconds
     return out, idx.tolist()
 
 

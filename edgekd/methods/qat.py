@@ -117,7 +117,9 @@ class FakeQuant(torch.nn.Module):
     product_weight = False  # set by prepare() on block linears: the round trip comes in autocast's dtype
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if self.product_weight and _PRODUCT_CACHE is not None:
+        # not a learned clip's round trip: it saves tensors for backward, and a block's recomputation
+        # under checkpointing must save what its forward pass saved
+        if self.product_weight and _PRODUCT_CACHE is not None and not isinstance(self.clip, torch.nn.Parameter):
             cached = _PRODUCT_CACHE.get(id(self))
             if cached is None:
                 cached = _PRODUCT_CACHE[id(self)] = self._round_trip(w)
