@@ -117,12 +117,16 @@ def stage_row(name: str, pm, predicted_mb: float | None, seconds: float, **extra
     return row
 
 
-def inference_stages(teacher, student, train, calib, heldout, layer_map, sensitivity: bool) -> list[dict]:
+def inference_stages(teacher, student, train, calib, heldout, layer_map, sensitivity: bool, prof, memory_gb) -> list[dict]:
     """The no-grad stages of a run, each with the prediction its pipeline stage makes."""
     from edgekd.methods.evaluate import evaluate, torch_logits_fn
     from edgekd.methods.memory import predict_evaluation_peak, predict_forward_peak
     from edgekd.methods.prune import score_blocks
-    from edgekd.methods.sensitivity import measure_sensitivity, predict_sensitivity_peak
+    from edgekd.methods.sensitivity import (
+        measure_sensitivity,
+        predict_sensitivity_peak,
+        sensitivity_layout,
+    )
     from edgekd.pipeline.peak_memory import peak_memory, release_freed_memory
 
     rows = []
@@ -137,10 +141,11 @@ def inference_stages(teacher, student, train, calib, heldout, layer_map, sensiti
 
     run("evaluate_teacher", lambda: predict_evaluation_peak(teacher.config, heldout.shape[1], False),
         lambda: evaluate(torch_logits_fn(teacher), heldout))
-    if sensitivity:
+    if sensitivity:  # the teacher's log-probabilities kept where the profile's memory target allows, as the stage does
         blocks = calib[:8]
-        run("sensitivity", lambda: predict_sensitivity_peak(teacher, blocks),
-            lambda: measure_sensitivity(teacher, blocks, ["q4_0", "q8_0", "q4_k"], (0.75,)))
+        keep, _ = sensitivity_layout(teacher, blocks, memory_gb, prof.compression.memory_target_gb)
+        run("sensitivity", lambda: predict_sensitivity_peak(teacher, blocks, keep),
+            lambda: measure_sensitivity(teacher, blocks, ["q4_0", "q8_0", "q4_k"], (0.75,), keep_teacher_logprobs=keep))
     run("score_blocks", lambda: predict_forward_peak(teacher.config, 4, calib.shape[1], logit_copies=1, hidden_copies=2),
         lambda: score_blocks(teacher, calib))
     # the prune stage's evaluation, the student already made (its copy is in the stage's prediction)
@@ -201,7 +206,7 @@ def measure(model: str, steps: int, memory_gb: float | None, out: Path, force: l
     prof = edgekd.load_profile(PROFILE)
     if live_teacher:
         prof.compression.distill.logit_cache = None
-    rows += inference_stages(teacher, student, train, calib, heldout, layer_map, sensitivity)
+    rows += inference_stages(teacher, student, train, calib, heldout, layer_map, sensitivity, prof, memory_gb)
     if prof.compression.distill.logit_cache is not None:  # only the blocks the steps read: a cache of them all takes long here
         train = train[:steps * prof.compression.distill.batch_size]
     cache = teacher_logit_cache(teacher, train, prof, out, rows)

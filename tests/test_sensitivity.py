@@ -60,3 +60,22 @@ def test_the_kl_meter_matches_full_logits_and_width_pruning_matches_a_pruned_cop
         assert meter.kl(tiny) == pytest.approx(want, rel=1e-4)
     assert [m for m in tiny.modules()] == modules and tiny.config.intermediate_size == 128
     assert meter.kl(tiny) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kept_teacher_logprobs_give_the_same_costs_bit_for_bit(tiny, monkeypatch):
+    """Holding the teacher's log-probabilities (one head a measurement) changes no number, and the
+    prediction counts what they hold."""
+    from edgekd.methods.sensitivity import (
+        measure_sensitivity,
+        predict_sensitivity_peak,
+        teacher_logprob_bytes,
+    )
+
+    blocks = np.random.default_rng(2).integers(0, 128, size=(3, 32))
+    plain = measure_sensitivity(tiny, blocks, ["q4_0", "q8_0"], (0.5,))
+    kept = measure_sensitivity(tiny, blocks, ["q4_0", "q8_0"], (0.5,), keep_teacher_logprobs=True)
+    assert (kept.formats, kept.blocks, kept.mlp_width) == (plain.formats, plain.blocks, plain.mlp_width)
+    assert teacher_logprob_bytes(tiny, blocks) == 3 * 31 * 128 * 4
+    monkeypatch.setattr("edgekd.methods.memory._resident_now", lambda: 1e9)  # the same process both times
+    extra = predict_sensitivity_peak(tiny, blocks, keep_teacher_logprobs=True) - predict_sensitivity_peak(tiny, blocks)
+    assert extra == teacher_logprob_bytes(tiny, blocks)

@@ -323,14 +323,25 @@ def _cast_once(head: Head, device: torch.device) -> Head:
 
 
 @torch.no_grad()
-def chunked_kl_sum(student_hidden: torch.Tensor, student_head: Head, teacher_hidden: torch.Tensor, teacher_head: Head,
-                   chunk: int | None = None) -> float:
-    """Sum over positions of KL(p_teacher || p_student) at temperature 1, in float64 (an evaluation)."""
-    hs, th = student_hidden.flatten(0, -2), teacher_hidden.flatten(0, -2)
+def chunked_kl_sum(student_hidden: torch.Tensor, student_head: Head, teacher_hidden: torch.Tensor | None = None,
+                   teacher_head: Head | None = None, chunk: int | None = None,
+                   teacher_logp: list[torch.Tensor] | None = None) -> float:
+    """Sum over positions of KL(p_teacher || p_student) at temperature 1, in float64 (an evaluation).
+    The teacher's side from its final hidden states and head, or ``teacher_logp``: its log-probabilities
+    a chunk at a time as :func:`teacher_logprob_chunks` made them (the same chunks)."""
+    hs = student_hidden.flatten(0, -2)
     chunk = chunk or chunk_positions(student_head.weight.shape[0])
+    th = teacher_hidden.flatten(0, -2) if teacher_logp is None else None
     total = 0.0
-    for s in range(0, hs.shape[0], chunk):
+    for i, s in enumerate(range(0, hs.shape[0], chunk)):
         logp_s = F.log_softmax(student_head.logits(hs[s:s + chunk]).float(), dim=-1)
-        logp_t = F.log_softmax(teacher_head.logits(th[s:s + chunk]).float(), dim=-1)
+        logp_t = F.log_softmax(teacher_head.logits(th[s:s + chunk]).float(), dim=-1) if teacher_logp is None else teacher_logp[i]
         total += float((logp_t.exp() * (logp_t - logp_s)).sum(dtype=torch.float64))
     return total
+
+
+def teacher_logprob_chunks(teacher_hidden: torch.Tensor, teacher_head: Head, chunk: int | None = None) -> list[torch.Tensor]:
+    """The teacher's log-probabilities a chunk of positions at a time, as :func:`chunked_kl_sum` makes them."""
+    th = teacher_hidden.flatten(0, -2)
+    chunk = chunk or chunk_positions(teacher_head.weight.shape[0])
+    return [F.log_softmax(teacher_head.logits(th[s:s + chunk]).float(), dim=-1) for s in range(0, th.shape[0], chunk)]

@@ -119,7 +119,8 @@ def build_hidden(teacher: Any, blocks: np.ndarray, directory: Path, precision: s
                                         shape=(n, length - 1, width))
         for b0 in range(0, n, batch_size):
             ids = torch.from_numpy(blocks[rows[b0 : b0 + batch_size]].astype(np.int64)).to(teacher.device)
-            with forward_precision(precision, ids.device.type):
+            # no cached casts: each weight is read once a batch, and the cache would hold a bf16 copy of them all
+            with forward_precision(precision, ids.device.type, cache_casts=False):
                 _, hidden = forward_to_hidden(teacher, ids)
             hidden = hidden[:, :-1]
             bits = hidden.to(torch.bfloat16).view(torch.int16) if precision == "bf16" else hidden.float()

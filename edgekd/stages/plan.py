@@ -39,7 +39,7 @@ def candidate_formats(profile: Any) -> tuple[list[str], list[str]]:
 def sensitivity(ctx: RunContext) -> StageRecord:
     from ..fileio import atomic_write_json
     from ..methods.data import calibration_blocks
-    from ..methods.sensitivity import measure_sensitivity, measurements, predict_sensitivity_peak
+    from ..methods.sensitivity import measure_sensitivity, measurements, sensitivity_layout
 
     p = ctx.profile.compression.planner
     linear, embedding = candidate_formats(ctx.profile)
@@ -47,16 +47,17 @@ def sensitivity(ctx: RunContext) -> StageRecord:
     fractions = tuple(p.mlp_fractions) if ctx.profile.compression.prune.mlp_keep_fraction == "auto" else ()
     blocks = calibration_blocks(ctx.corpus.train, p.sensitivity_blocks)
     model = ctx.teacher.model
-    predicted = predict_sensitivity_peak(model, blocks)
+    keep_logprobs, predicted = sensitivity_layout(model, blocks, ctx.profile.compression.memory_gb,
+                                                  ctx.profile.compression.memory_target_gb)
     with ctx.reporter.task("measuring what each format, block and width costs (KL to the teacher)",
                            total=measurements(model, names, fractions), unit="runs") as advance:
-        result = measure_sensitivity(model, blocks, names, fractions, progress=advance)
+        result = measure_sensitivity(model, blocks, names, fractions, progress=advance, keep_teacher_logprobs=keep_logprobs)
     atomic_write_json(ctx.run.path(*SENSITIVITY), result.to_dict())
     cheapest = sorted(range(len(result.blocks)), key=lambda i: result.blocks[i])[:5]
     return StageRecord("sensitivity", settings={"formats": names, "mlp_fractions": list(fractions), "blocks": len(blocks)},
                        metrics={"tokens": result.tokens, "seconds": round(result.seconds, 1), "formats": result.formats,
                                 "block_kl": result.blocks, "cheapest_blocks": cheapest, "mlp_width_kl": result.mlp_width,
-                                "predicted_peak_rss_mb": round(predicted / 2**20, 1)},
+                                "teacher_logprobs_kept": keep_logprobs, "predicted_peak_rss_mb": round(predicted / 2**20, 1)},
                        artifacts={"knob costs": "plan/sensitivity.json"})
 
 
