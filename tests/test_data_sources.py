@@ -201,8 +201,9 @@ def test_data_free_run_end_to_end(tmp_path, tiny_model_dir, tiny_profile_overrid
     overrides = tiny_profile_overrides + ["compression.data.generation.tokens=1200", "compression.data.generation.new_tokens=60",
                                           "compression.data.generation.batch_size=4", "compression.data.mixture.on_policy=0.5",
                                           "compression.data.on_policy.new_tokens=16", "compression.data.on_policy.prompt_tokens=8",
-                                          # the exit code checked below must not hang on this machine's load
-                                          "budgets.min_decode_tokens_per_s=0.01"]
+                                          # the exit code checked below must not hang on this machine's speed or load
+                                          "budgets.min_decode_tokens_per_s=0.01", "budgets.max_ttft_ms=1e9",
+                                          "budgets.max_energy_mj_per_token=1e9"]
     report = edgekd.compress(teacher=tiny_model_dir, profile="raspberry-pi-5", data="teacher", output=tmp_path,
                              run_name="free", overrides=overrides, quiet=True)
     assert report.plan[:3] == ["load_teacher", "load_corpus", "teacher_samples"] and report.status == "complete"
