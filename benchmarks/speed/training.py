@@ -34,8 +34,8 @@ def bare_steps(student, teacher, train, cfg, layer_map, steps: int, start: int) 
     """The same work as one edgekd step, written as a plain PyTorch loop: no Accelerate, no
     checkpoints, no history; same data, losses, precision, clipping and optimizer."""
     from edgekd.families import family_of
-    from edgekd.methods.distill import sample_indices
     from edgekd.methods.losses import attention_kl, hidden_state_loss, kd_loss
+    from edgekd.methods.mixture import Mixture
     from edgekd.methods.precision import forward_precision
 
     final_norm = family_of(teacher).final_norm_module(teacher)
@@ -43,10 +43,11 @@ def bare_steps(student, teacher, train, cfg, layer_map, steps: int, start: int) 
     for m in (student, teacher):  # attention maps exist only in the eager implementation
         m.set_attn_implementation("eager")
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    order = Mixture.single(len(train))
     times = []
     for step in range(start, start + steps):
         t0 = time.perf_counter()
-        ids = torch.from_numpy(train[sample_indices(step, 0, cfg, len(train), 0, 1)].astype(np.int64))
+        ids = torch.from_numpy(train[order.indices(step, 0, cfg, 0, 1)[0]].astype(np.int64))  # edgekd's data order
         with torch.no_grad(), forward_precision(cfg.precision, "cpu"):
             t = teacher(input_ids=ids, use_cache=False, output_hidden_states=True, output_attentions=True)
         with forward_precision(cfg.precision, "cpu"):
