@@ -85,12 +85,12 @@ def mark_training_step(sampler: PhaseSampler) -> None:
     the table-gradient update, backward, gradient clipping and the optimizer's update."""
     import torch
 
-    from edgekd.methods import chunked_head, distill, optim
+    from edgekd.methods import chunked_head, distill, optim, step_losses
 
     for name in ("forward_kl_and_ce_with_grad", "_add_product"):
         sampler.wrap(chunked_head, name)
     sampler.wrap(distill, "micro_step", "forward")  # up to the head: the student's (and teacher's) blocks
-    sampler.wrap(distill, "head_of")  # imported into distill by name, as trim_heap
+    sampler.wrap(step_losses, "head_of")  # imported into step_losses by name, as trim_heap into distill
     sampler.wrap(distill, "trim_heap", "trim")
     sampler.wrap(chunked_head._GradInForward, "forward", "chunk loop", static=True)
     sampler.wrap(torch.Tensor, "backward")

@@ -119,8 +119,8 @@ def test_logit_cache_matches_live_teacher_at_full_k_and_skips_the_teacher(tmp_pa
 def test_bf16_autocast_runs_the_forward_in_bf16_with_fp32_master_weights():
     from conftest import make_tiny_llama
 
-    from edgekd.methods.distill import distill_step_losses
     from edgekd.methods.precision import resolve_precision
+    from edgekd.methods.step_losses import distill_step_losses
 
     teacher = make_tiny_llama(120, layers=3, seed=2)
     student = make_student(teacher, [0, 2])

@@ -11,7 +11,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_a_distillation_step_on_the_gpu_matches_the_cpu_one():
     from conftest import make_tiny_llama
 
-    from edgekd.methods.distill import DistillConfig, distill_step_losses
+    from edgekd.methods.distill import DistillConfig
+    from edgekd.methods.step_losses import distill_step_losses
 
     teacher, student = make_tiny_llama(300, layers=4, seed=0), make_tiny_llama(300, layers=2, seed=1).train()
     ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0))

@@ -8,10 +8,11 @@ import torch
 from conftest import make_tiny_llama
 
 from edgekd import EdgekdError
-from edgekd.methods.distill import DistillConfig, distill_step_losses
+from edgekd.methods.distill import DistillConfig
 from edgekd.methods.layout import training_layout
 from edgekd.methods.memory import HEADROOM, estimate_training_memory, fit_memory
 from edgekd.methods.optim import AdamWBf16Moments
+from edgekd.methods.step_losses import distill_step_losses
 from edgekd.pipeline.peak_memory import peak_memory
 
 GB = 1e9
