@@ -35,6 +35,21 @@ def test_sampler_is_seeded_greedy_at_zero_and_keeps_to_the_nucleus():
     assert set(next_tokens(logits, np.random.default_rng(0), 0.0)) == {0}
 
 
+def test_nucleus_draws_equal_a_row_by_row_reference_at_every_candidate_tier():
+    rng = np.random.default_rng(0)  # peaked rows to flat ones: nuclei of a few tokens up to nearly the whole vocabulary
+    logits = rng.normal(size=(48, 12000)) * np.geomspace(12.0, 0.05, 48)[:, None]
+    for top_p, temperature in ((0.95, 1.0), (0.6, 0.7), (0.999, 1.3)):
+        p = np.exp(logits / temperature - (logits / temperature).max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        u = np.random.default_rng(4).random(len(p))
+        want = []
+        for row, draw in zip(p, u):  # the definition: sort, keep while the mass before is short of top_p, invert the CDF
+            order = np.argsort(-row, kind="stable")
+            mass = row[order] * (np.cumsum(row[order]) - row[order] < top_p)
+            want.append(order[min(int((np.cumsum(mass) < draw * mass.sum()).sum()), len(order) - 1)])
+        assert np.array_equal(next_tokens(logits, np.random.default_rng(4), temperature, top_p), want)
+
+
 def test_kv_cache_decoding_equals_recomputing_every_step(tiny_tokenizer):
     model = make_tiny_llama(len(tiny_tokenizer))
     prompts = np.array([[5, 9, 30, 7], [11, 12, 13, 14]])
