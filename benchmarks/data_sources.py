@@ -51,6 +51,8 @@ def main() -> int:
     ap.add_argument("--budget-min", type=float, default=6.0, help="wall-clock minutes per row (samples + training)")
     ap.add_argument("--sample-tokens", type=int, default=8192, help="teacher samples for the mixture rows")
     ap.add_argument("--data-free-tokens", type=int, default=16384, help="teacher samples for the data-free rows")
+    ap.add_argument("--greedy-tokens", type=int, default=None,
+                    help="the teacher samples' first tokens taken greedily (LLM-QAT's hybrid sampling; default: the profile's)")
     ap.add_argument("--only", choices=["distill", "qat"], default=None)
     ap.add_argument("--rows", default=None, help="comma-separated rows to run: start (no training), 0-3; e.g. for a quick check")
     ap.add_argument("--steps-per-generation", type=int, default=None,
@@ -74,6 +76,10 @@ def main() -> int:
           f"{result['teacher_nll_of_own_samples']:.3f}", flush=True)
     spec = setup.profile.compression.data.generation
     base = gen.Generation.from_settings(spec)
+    if args.greedy_tokens is not None:
+        base = replace(base, greedy_tokens=args.greedy_tokens)
+    result["generation"] = {"temperature": base.temperature, "top_p": base.top_p, "new_tokens": base.new_tokens,
+                            "greedy_tokens": base.greedy_tokens, "batch_size": base.batch_size}
     scratch = Path("export/data-sources")
 
     def samples(kind: str, tokens: int) -> tuple[np.ndarray, float]:

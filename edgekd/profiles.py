@@ -155,6 +155,9 @@ class GenerationSettings(_Strict):
     new_tokens: int = Field(default=240, gt=0)
     temperature: float = Field(default=1.0, ge=0)
     top_p: float = Field(default=0.95, gt=0, le=1)
+    # the first new tokens of each sample taken greedily, the rest sampled: LLM-QAT's hybrid sampling
+    # (Liu et al. 2023, their generations start greedy for 3-5 tokens) against samples that drift at once
+    greedy_tokens: int = Field(default=0, ge=0)
     # auto: torch with batched KV-cache decoding (measured faster than llama.cpp's one sequence at a
     # time on the default teacher; benchmarks/RESULTS.md, "Distillation data"); llama.cpp: the teacher's GGUF
     engine: Literal["auto", "torch", "llama.cpp"] = "auto"

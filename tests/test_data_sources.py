@@ -61,6 +61,15 @@ def test_kv_cache_decoding_equals_recomputing_every_step(tiny_tokenizer):
     assert np.array_equal(cached, seq.numpy())
 
 
+def test_hybrid_sampling_starts_greedy_then_samples(tiny_tokenizer):
+    model = make_tiny_llama(len(tiny_tokenizer))
+    prompts = np.array([[5, 9, 30, 7], [11, 12, 13, 14]])
+    greedy = torch_continue(model, prompts, 3, np.random.default_rng(0), temperature=0.0)
+    rows = [torch_continue(model, prompts, 12, np.random.default_rng(seed), temperature=5.0, greedy_first=3) for seed in range(4)]
+    assert all(np.array_equal(r[:, :7], greedy) for r in rows)  # the first three new tokens are the greedy ones
+    assert len({r[:, 7:].tobytes() for r in rows}) > 1  # the rest are drawn: seeds differ
+
+
 # ---------------------------------------------------------------- the teacher's samples
 
 

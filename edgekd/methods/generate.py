@@ -44,11 +44,12 @@ class Generation:
     engine: str  # "torch" or "llama.cpp"
     batch_size: int
     seed: int
+    greedy_tokens: int = 0  # the first new tokens of a sample taken greedily (LLM-QAT's hybrid sampling)
 
     @classmethod
     def from_settings(cls, s: Any) -> Generation:
         return cls(s.tokens, s.prompt_tokens, s.new_tokens, s.temperature, s.top_p,
-                   "torch" if s.engine == "auto" else s.engine, s.batch_size, s.seed)
+                   "torch" if s.engine == "auto" else s.engine, s.batch_size, s.seed, s.greedy_tokens)
 
 
 # ---------------------------------------------------------------- prompts
@@ -194,7 +195,7 @@ def generate(teacher: Any, tokenizer: Any, prompts: Callable[[int, int], list[li
 
 def _engine(settings: Generation, teacher: Any, gguf_path: Any) -> Callable[..., list[list[int]]]:
     """``run(prompts, rng, eos)``: each prompt continued by up to ``settings.new_tokens`` sampled tokens."""
-    temperature, top_p, new = settings.temperature, settings.top_p, settings.new_tokens
+    temperature, top_p, new, greedy = settings.temperature, settings.top_p, settings.new_tokens, settings.greedy_tokens
     if settings.engine == "llama.cpp":
         if gguf_path is None:
             raise EdgekdError("generation.engine llama.cpp needs the teacher as a GGUF file",
@@ -210,7 +211,7 @@ def _engine(settings: Generation, teacher: Any, gguf_path: Any) -> Callable[...,
                 if "llm" in opened:
                     opened["llm"].close()
                 opened.update(n_ctx=need, llm=llamacpp.load(gguf_path, n_ctx=need, threads=usable_threads(1 << 10)))
-            return [llama_cpp_continue(opened["llm"], p, new, rng, temperature, top_p, eos) for p in prompts]
+            return [llama_cpp_continue(opened["llm"], p, new, rng, temperature, top_p, eos, greedy) for p in prompts]
         return run_llama_cpp
 
     def run_torch(prompts: list[list[int]], rng: np.random.Generator, eos: int | None) -> list[list[int]]:
@@ -220,7 +221,8 @@ def _engine(settings: Generation, teacher: Any, gguf_path: Any) -> Callable[...,
             by_length.setdefault(len(p), []).append(i)
         for length in sorted(by_length):  # equal-length prompts run as one batch
             rows = by_length[length]
-            done = torch_continue(teacher, np.asarray([prompts[i] for i in rows]), new, rng, temperature, top_p, stop_id=eos)
+            done = torch_continue(teacher, np.asarray([prompts[i] for i in rows]), new, rng, temperature, top_p, stop_id=eos,
+                                  greedy_first=greedy)
             for i, row in zip(rows, done):
                 out[i] = row.tolist()
         return out  # type: ignore[return-value]

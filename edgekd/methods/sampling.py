@@ -61,10 +61,11 @@ def _inverse_cdf(mass: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def torch_continue(model: Any, prompts: np.ndarray, new_tokens: int, rng: np.random.Generator, temperature: float = 1.0,
                    top_p: float = 1.0, autocast: Callable[[], Any] = contextlib.nullcontext,
-                   stop_id: int | None = None) -> np.ndarray:
+                   stop_id: int | None = None, greedy_first: int = 0) -> np.ndarray:
     """``prompts`` (rows, P) continued by ``new_tokens`` sampled tokens each with ``model``'s KV
     cache: (rows, P + new_tokens); shorter when every row has sampled ``stop_id`` (the rows that
-    did earlier go on sampling until then). Rows run as one batch (equal-length prompts, no padding)."""
+    did earlier go on sampling until then). Rows run as one batch (equal-length prompts, no padding).
+    ``greedy_first``: the first this many new tokens are the most likely ones (LLM-QAT's hybrid sampling)."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -81,7 +82,7 @@ def torch_continue(model: Any, prompts: np.ndarray, new_tokens: int, rng: np.ran
             logits = model(input_ids=step_in, position_ids=positions, use_cache=True, logits_to_keep=1,
                            **{cache_arg: cache}).logits[:, -1]
         past += step_in.shape[1]
-        tok = next_tokens(logits.float().cpu().numpy(), rng, temperature, top_p)
+        tok = next_tokens(logits.float().cpu().numpy(), rng, temperature if i >= greedy_first else 0.0, top_p)
         out[:, ids.shape[1] + i] = tok
         if stop_id is not None:
             stopped |= tok == stop_id
@@ -92,7 +93,7 @@ def torch_continue(model: Any, prompts: np.ndarray, new_tokens: int, rng: np.ran
 
 
 def llama_cpp_continue(llm: Any, prompt: list[int], new_tokens: int, rng: np.random.Generator, temperature: float = 1.0,
-                       top_p: float = 1.0, stop_id: int | None = None) -> list[int]:
+                       top_p: float = 1.0, stop_id: int | None = None, greedy_first: int = 0) -> list[int]:
     """``prompt`` continued by ``new_tokens`` tokens, the logits computed by llama.cpp (``llm``, a
     llama_cpp.Llama from edgekd.device.llamacpp.load), the tokens picked by :func:`next_tokens`."""
     from ..device.llamacpp import last_logits
@@ -102,7 +103,7 @@ def llama_cpp_continue(llm: Any, prompt: list[int], new_tokens: int, rng: np.ran
     llm.eval(seq)
     for i in range(new_tokens):
         logits = last_logits(llm)[None]
-        tok = int(next_tokens(logits, rng, temperature, top_p)[0])
+        tok = int(next_tokens(logits, rng, temperature if i >= greedy_first else 0.0, top_p)[0])
         seq.append(tok)
         if tok == stop_id:
             break
