@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/speed_table.py loop   [--steps 5 --rounds 3]   # edgekd step vs a bare PyTorch loop
     .venv/bin/python benchmarks/speed_table.py cache  [--steps 40]             # teacher-logit cache vs live teacher
     .venv/bin/python benchmarks/speed_table.py bf16   [--steps 20 --qat-steps 5]  # bf16 autocast vs fp32
+    .venv/bin/python benchmarks/speed_table.py sampling [--batches 32 64]       # the teacher's sampling: edgekd's sampler vs row by row
     .venv/bin/python benchmarks/speed_table.py decode [--gguf F] [--onnx F|default]  # decode vs the bandwidth roofline
     .venv/bin/python benchmarks/speed_table.py profile [--tool perf --threads 2]  # where decode time goes
     .venv/bin/python benchmarks/speed_table.py builds --build NAME=SITE_DIR ...  # llama.cpp builds side by side
@@ -38,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bf16", help="bf16 autocast against fp32 in distillation and QAT")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--qat-steps", type=int, default=5)
+    p = sub.add_parser("sampling", help="the teacher's sampling: edgekd's sampler against a row-by-row nucleus draw")
+    p.add_argument("--batches", type=int, nargs="+", default=[32, 64])
+    p.add_argument("--new-tokens", type=int, default=96)
+    p.add_argument("--rounds", type=int, default=3)
     p = sub.add_parser("decode", help="decode tokens/s against the copy-bandwidth roofline")
     p.add_argument("--gguf", default=None, help=GGUF_HELP)
     p.add_argument("--rounds", type=int, default=5)
@@ -66,13 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> int:
     args = build_parser().parse_args()
-    from speed import decode, profile, training
+    from speed import decode, profile, sampling, training
 
     if getattr(args, "gguf", "") is None:
         args.gguf = decode.default_file("gguf", args.teacher)
     if getattr(args, "onnx", "") == "default":
         args.onnx = decode.default_file("onnx", args.teacher)
-    {"loop": training.cmd_loop, "cache": training.cmd_cache, "bf16": training.cmd_bf16, "decode": decode.cmd_decode,
+    {"loop": training.cmd_loop, "cache": training.cmd_cache, "bf16": training.cmd_bf16, "sampling": sampling.cmd_sampling, "decode": decode.cmd_decode,
      "builds": decode.cmd_builds, "files": decode.cmd_files, "profile": profile.cmd_profile}[args.cmd](args)
     return 0
 
