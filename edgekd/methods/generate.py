@@ -241,7 +241,7 @@ def _check_pace(first_shard_s: float, shards_left: int, seconds: float) -> None:
 
 def predict_generation_peak(config: Any, settings: Generation) -> float:
     """The sampling stage's predicted peak resident bytes: the prompts' forward pass, the KV cache of a
-    full batch in fp32, and the sampler's float64 copies of a batch of last-position logits (x6, numpy)."""
+    full batch in fp32, and the sampler's float64 copies of a batch of last-position logits (x6)."""
     from .memory import predict_forward_peak
 
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
