@@ -21,7 +21,7 @@ import argparse
 import copy
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -78,8 +78,7 @@ def main() -> int:
     base = gen.Generation.from_settings(spec)
     if args.greedy_tokens is not None:
         base = replace(base, greedy_tokens=args.greedy_tokens)
-    result["generation"] = {"temperature": base.temperature, "top_p": base.top_p, "new_tokens": base.new_tokens,
-                            "greedy_tokens": base.greedy_tokens, "batch_size": base.batch_size}
+    result["generation"] = asdict(base)
     scratch = Path("export/data-sources")
 
     def samples(kind: str, tokens: int) -> tuple[np.ndarray, float]:
