@@ -148,17 +148,18 @@ def main() -> int:
     return 0
 
 
-def distill_row(setup, train, mixture, deadline, on_policy_after=0.0):
+def distill_row(setup, train, mixture, deadline, on_policy_after=0.0, **overrides):
     """The pruned student distilled until ``deadline``. With on-policy rows and ``on_policy_after``
     > 0, the corpus alone trains it for that share of the budget, then the on-policy mixture carries
-    on from the learning rate reached, decaying to the same floor (Adam's moments start afresh)."""
+    on from the learning rate reached, decaying to the same floor (Adam's moments start afresh).
+    ``overrides``: DistillConfig fields set over the profile's (e.g. ``temperature``)."""
     teacher = setup.teacher.model
     plan = pruned_student_plan(setup)
     student = plan.make_student(teacher)
 
-    def run(mix, until, **overrides):
+    def run(mix, until, **schedule):
         cfg = DistillConfig.from_settings(setup.profile.compression.distill, steps=10_000)
-        for k, v in overrides.items():
+        for k, v in {**overrides, **schedule}.items():
             setattr(cfg, k, v)
         cfg.on_policy_share = mix.on_policy_share
         cfg, memory = plan_memory(student, teacher, cfg, train.shape[1], target_gb=setup.profile.compression.memory_target_gb)
