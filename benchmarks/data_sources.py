@@ -199,16 +199,18 @@ def quality(student, teacher, heldout, ood, prompts) -> dict:
     for split, blocks in (("heldout", heldout), ("ood", ood)):
         m = evaluate(torch_logits_fn(student), blocks, torch_logits_fn(teacher))
         out.update({f"{split}_kl": m.kl_to_teacher, f"{split}_top1": m.top1_agreement, f"{split}_ppl": m.perplexity})
-    out["teacher_nll_of_samples"] = teacher_nll_of_samples(student, teacher, prompts)
+    # the measure at three sampling seeds: its spread for one student (the first seed's is the column)
+    out["teacher_nll_by_seed"] = [teacher_nll_of_samples(student, teacher, prompts, seed) for seed in (5, 6, 7)]
+    out["teacher_nll_of_samples"] = out["teacher_nll_by_seed"][0]
     greedy = torch_continue(student, prompts, GREEDY_TOKENS, np.random.default_rng(0), temperature=0.0)
     out["repeated_4grams"] = repeated_ngrams(greedy[:, PROMPT_TOKENS:])
     return out
 
 
 @torch.no_grad()
-def teacher_nll_of_samples(student, teacher, prompts) -> float:
+def teacher_nll_of_samples(student, teacher, prompts, seed: int = 5) -> float:
     """The teacher's mean NLL per token of the student's continuations (T = 1, seeded) of ``prompts``."""
-    sampled = student_samples(student, prompts, OnPolicy(PROMPT_TOKENS, SAMPLE_TOKENS, 1.0, 1.0), np.random.default_rng(5))
+    sampled = student_samples(student, prompts, OnPolicy(PROMPT_TOKENS, SAMPLE_TOKENS, 1.0, 1.0), np.random.default_rng(seed))
     ids = torch.from_numpy(sampled)
     logp = torch.log_softmax(teacher(ids).logits[:, PROMPT_TOKENS - 1:-1].float(), -1)
     return float(-logp.gather(-1, ids[:, PROMPT_TOKENS:, None]).mean())
@@ -268,7 +270,8 @@ def rollout_speeds(setup, batches=(1, 4, 8, 16)) -> dict:
 def print_row(r: dict) -> None:
     print(f"{r['stage']:8s} {r['row']:40s} steps {r['steps']:4d} gen {r['generation_s']:6.1f}s | held-out KL {r['heldout_kl']:.4f} "
           f"top1 {r['heldout_top1']:.3f} ppl {r['heldout_ppl']:.2f} | OOD KL {r['ood_kl']:.4f} ppl {r['ood_ppl']:.2f} | "
-          f"teacher NLL {r['teacher_nll_of_samples']:.3f} rep4 {r['repeated_4grams']:.3f}", flush=True)
+          f"teacher NLL {r['teacher_nll_of_samples']:.3f} (seeds {min(r['teacher_nll_by_seed']):.3f}-{max(r['teacher_nll_by_seed']):.3f}) "
+          f"rep4 {r['repeated_4grams']:.3f}", flush=True)
 
 
 def print_table(result: dict) -> None:
