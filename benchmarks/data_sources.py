@@ -199,21 +199,35 @@ def quality(student, teacher, heldout, ood, prompts) -> dict:
     for split, blocks in (("heldout", heldout), ("ood", ood)):
         m = evaluate(torch_logits_fn(student), blocks, torch_logits_fn(teacher))
         out.update({f"{split}_kl": m.kl_to_teacher, f"{split}_top1": m.top1_agreement, f"{split}_ppl": m.perplexity})
-    # the measure at three sampling seeds: its spread for one student (the first seed's is the column)
-    out["teacher_nll_by_seed"] = [teacher_nll_of_samples(student, teacher, prompts, seed) for seed in (5, 6, 7)]
-    out["teacher_nll_of_samples"] = out["teacher_nll_by_seed"][0]
+    # the measure at three sampling seeds: its spread for one student (the first seed's is the column);
+    # and its split (benchmarks/sample_nll_decomposition.py): the student's own NLL of the same samples
+    nlls = [sample_nlls(student, teacher, prompts, seed) for seed in (5, 6, 7)]
+    out["teacher_nll_by_seed"] = [n["teacher_nll"] for n in nlls]
+    out["teacher_nll_of_samples"], out["own_nll_of_samples"] = nlls[0]["teacher_nll"], nlls[0]["own_nll"]
     greedy = torch_continue(student, prompts, GREEDY_TOKENS, np.random.default_rng(0), temperature=0.0)
     out["repeated_4grams"] = repeated_ngrams(greedy[:, PROMPT_TOKENS:])
     return out
 
 
-@torch.no_grad()
 def teacher_nll_of_samples(student, teacher, prompts, seed: int = 5) -> float:
     """The teacher's mean NLL per token of the student's continuations (T = 1, seeded) of ``prompts``."""
-    sampled = student_samples(student, prompts, OnPolicy(PROMPT_TOKENS, SAMPLE_TOKENS, 1.0, 1.0), np.random.default_rng(seed))
-    ids = torch.from_numpy(sampled)
-    logp = torch.log_softmax(teacher(ids).logits[:, PROMPT_TOKENS - 1:-1].float(), -1)
-    return float(-logp.gather(-1, ids[:, PROMPT_TOKENS:, None]).mean())
+    return sample_nlls(student, teacher, prompts, seed)["teacher_nll"]
+
+
+@torch.no_grad()
+def sample_nlls(student, teacher, prompts, seed: int = 5, temperature: float = 1.0) -> dict:
+    """The student's continuations (seeded, sampled at ``temperature``) of ``prompts``, scored by the
+    teacher and by the student itself: mean NLL per token of the sampled tokens, and each model's mean
+    entropy at those positions."""
+    student.eval()
+    ids = torch.from_numpy(student_samples(student, prompts, OnPolicy(PROMPT_TOKENS, SAMPLE_TOKENS, temperature, 1.0),
+                                           np.random.default_rng(seed)))
+    out = {}
+    for name, model in (("teacher", teacher), ("own", student)):
+        logp = torch.log_softmax(model(ids).logits[:, PROMPT_TOKENS - 1:-1].float(), -1)
+        out[f"{name}_nll"] = float(-logp.gather(-1, ids[:, PROMPT_TOKENS:, None]).mean())
+        out[f"{name}_entropy"] = float(-(logp.exp() * logp).sum(-1).mean())
+    return out
 
 
 def measure_prompts(heldout: np.ndarray, windows: int) -> np.ndarray:

@@ -18,26 +18,15 @@ import sys
 import time
 
 import numpy as np
-import torch
 from common import default_setup, license_blocks, write_result
-from data_sources import PROMPT_TOKENS, SAMPLE_TOKENS, distill_row, measure_prompts, quality
+from data_sources import distill_row, measure_prompts, quality, sample_nlls
 
-from edgekd.methods.mixture import Mixture, OnPolicy
-from edgekd.methods.on_policy import student_samples
+from edgekd.methods.mixture import Mixture
 
 
-@torch.no_grad()
 def decompose(model, teacher, prompts: np.ndarray, temperature: float) -> dict:
-    """The teacher's and the model's own NLL per token of the model's continuations (seeded), and
-    both models' mean entropy at the sampled positions."""
-    model.eval()
-    ids = torch.from_numpy(student_samples(model, prompts, OnPolicy(PROMPT_TOKENS, SAMPLE_TOKENS, temperature, 1.0),
-                                           np.random.default_rng(5)))
-    out = {"sampling_temperature": temperature}
-    for name, m in (("teacher", teacher), ("own", model)):
-        logp = torch.log_softmax(m(ids).logits[:, PROMPT_TOKENS - 1:-1].float(), -1)
-        out[f"{name}_nll"] = float(-logp.gather(-1, ids[:, PROMPT_TOKENS:, None]).mean())
-        out[f"{name}_entropy"] = float(-(logp.exp() * logp).sum(-1).mean())
+    """``sample_nlls`` at ``temperature`` and the log-ratio term."""
+    out = {"sampling_temperature": temperature, **sample_nlls(model, teacher, prompts, 5, temperature)}
     out["reverse_kl_per_token"] = out["teacher_nll"] - out["own_nll"]
     print(f"  T={temperature}: teacher NLL {out['teacher_nll']:.3f} = own NLL {out['own_nll']:.3f} "
           f"+ reverse KL {out['reverse_kl_per_token']:.3f}", flush=True)
