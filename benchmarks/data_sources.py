@@ -13,6 +13,7 @@ It also measures the two generation engines side by side (torch batched vs llama
 
     .venv/bin/python benchmarks/data_sources.py --budget-min 6
     .venv/bin/python benchmarks/data_sources.py --only qat --rows start,0,4,1,3 --budget-min 15 --out data_sources_qat15
+    .venv/bin/python benchmarks/data_sources.py --only distill --rows 0,4 --budget-min 25 --on-policy-share 0.5 --on-policy-after 0.5
 """
 
 from __future__ import annotations
