@@ -76,7 +76,7 @@ def main() -> int:
     result = {"budget_min": args.budget_min, "measure_prompts": len(prompts), "engines": engine_speeds(setup), "rollout_batches": rollout_speeds(setup), "rows": []}
     teacher_greedy = torch_continue(teacher, prompts, GREEDY_TOKENS, np.random.default_rng(0), temperature=0.0)
     result["teacher_repeated_4grams"] = repeated_ngrams(teacher_greedy[:, PROMPT_TOKENS:])
-    result["teacher_nll_of_own_samples"] = teacher_nll_of_samples(teacher, teacher, prompts)
+    result["teacher_nll_of_own_samples"] = sample_nlls(teacher, teacher, prompts)["teacher_nll"]
     print(f"teacher: repeated 4-grams {result['teacher_repeated_4grams']:.3f}, NLL of its own samples "
           f"{result['teacher_nll_of_own_samples']:.3f}", flush=True)
     spec = setup.profile.compression.data.generation
@@ -174,7 +174,7 @@ def distill_row(setup, train, mixture, deadline, on_policy_after=0.0, **override
     if not (on_policy_after and mixture.on_policy_share):
         return student, run(mixture, deadline)[1]
     switch = time.perf_counter() + on_policy_after * (deadline - time.perf_counter())
-    cfg, first = run(Mixture.single(len(train)), switch)
+    cfg, first = run(replace(mixture, on_policy=0.0, policy=None), switch)  # the same pools and shares, no on-policy rows
     lr = cfg.lr_at(first.steps)
     _, second = run(mixture, deadline, learning_rate=lr, warmup_steps=0,
                     min_lr_fraction=cfg.learning_rate * cfg.min_lr_fraction / lr)
@@ -210,11 +210,6 @@ def quality(student, teacher, heldout, ood, prompts) -> dict:
     return out
 
 
-def teacher_nll_of_samples(student, teacher, prompts, seed: int = 5) -> float:
-    """The teacher's mean NLL per token of the student's continuations (T = 1, seeded) of ``prompts``."""
-    return sample_nlls(student, teacher, prompts, seed)["teacher_nll"]
-
-
 @torch.no_grad()
 def sample_nlls(student, teacher, prompts, seed: int = 5, temperature: float = 1.0) -> dict:
     """The student's continuations (seeded, sampled at ``temperature``) of ``prompts``, scored by the
@@ -224,10 +219,12 @@ def sample_nlls(student, teacher, prompts, seed: int = 5, temperature: float = 1
     ids = torch.from_numpy(student_samples(student, prompts, OnPolicy(PROMPT_TOKENS, SAMPLE_TOKENS, temperature, 1.0),
                                            np.random.default_rng(seed)))
     out = {}
-    for name, model in (("teacher", teacher), ("own", student)):
+    for name, model in (("teacher", teacher),) if student is teacher else (("teacher", teacher), ("own", student)):
         logp = torch.log_softmax(model(ids).logits[:, PROMPT_TOKENS - 1:-1].float(), -1)
         out[f"{name}_nll"] = float(-logp.gather(-1, ids[:, PROMPT_TOKENS:, None]).mean())
         out[f"{name}_entropy"] = float(-(logp.exp() * logp).sum(-1).mean())
+    if student is teacher:  # its own scores are the teacher's: one forward pass, not two
+        out["own_nll"], out["own_entropy"] = out["teacher_nll"], out["teacher_entropy"]
     return out
 
 

@@ -27,6 +27,7 @@ from edgekd.methods.mixture import Mixture
 def decompose(model, teacher, prompts: np.ndarray, temperature: float) -> dict:
     """``sample_nlls`` at ``temperature`` and the log-ratio term."""
     out = {"sampling_temperature": temperature, **sample_nlls(model, teacher, prompts, 5, temperature)}
+    # the mean log-ratio log s(x) - log t(x): the reverse KL per token where x is sampled at T = 1
     out["reverse_kl_per_token"] = out["teacher_nll"] - out["own_nll"]
     print(f"  T={temperature}: teacher NLL {out['teacher_nll']:.3f} = own NLL {out['own_nll']:.3f} "
           f"+ reverse KL {out['reverse_kl_per_token']:.3f}", flush=True)
