@@ -33,7 +33,6 @@ from edgekd.formats import FormatPlan
 from edgekd.methods import generate as gen
 from edgekd.methods.distill import (
     DistillConfig,
-    DistillOutcome,
     apply_memory_settings,
     plan_memory,
     probe_step_seconds,
@@ -61,9 +60,9 @@ def main() -> int:
                     help="on-policy rows of this many steps sampled together (default: the profile's)")
     ap.add_argument("--on-policy-kl", default=None, help="the on-policy divergence (default: the profile's)")
     ap.add_argument("--on-policy-share", type=float, default=0.25, help="the on-policy share of the corpus + on-policy row")
-    ap.add_argument("--on-policy-after", type=float, default=0.0,
-                    help="distillation: the corpus + on-policy row trains on the corpus alone for this share of its budget, "
-                         "then continues the same learning-rate schedule with on-policy rows (the student warm first, as in GKD/MiniLLM)")
+    ap.add_argument("--on-policy-after", type=float, default=None,
+                    help="the share of a row's steps trained on the offline pools alone before its on-policy rows join "
+                         "(compression.data.on_policy.start; default: the profile's)")
     ap.add_argument("--prompt-windows", type=int, default=4,
                     help="prompts for the generation measures: this many 32-token windows of each held-out block")
     ap.add_argument("--out", default="data_sources")
@@ -98,8 +97,10 @@ def main() -> int:
         policy = replace(policy, steps_per_generation=args.steps_per_generation)
     if args.on_policy_kl:
         policy = replace(policy, kl=args.on_policy_kl)
+    if args.on_policy_after is not None:
+        policy = replace(policy, start=args.on_policy_after)
     result["on_policy"] = {"kl": policy.kl, "steps_per_generation": policy.steps_per_generation,
-                           "prompt_tokens": policy.prompt_tokens, "new_tokens": policy.new_tokens}
+                           "prompt_tokens": policy.prompt_tokens, "new_tokens": policy.new_tokens, "start": policy.start}
     rows = [("corpus only", "corpus", 0.0, 0.0), ("corpus + teacher samples", "corpus", 0.5, 0.0),
             ("corpus + teacher samples + on-policy", "corpus", 0.25, 0.25), ("data-free (teacher samples only)", "none", 1.0, 0.0),
             ("corpus + on-policy", "corpus", 0.0, args.on_policy_share)]
@@ -131,7 +132,7 @@ def main() -> int:
             calib = pools[0][np.linspace(0, len(pools[0]) - 1, 16).astype(int)]
             deadline = t_row + args.budget_min * 60
             if stage == "distill":
-                student, outcome = distill_row(setup, train, mixture, deadline, args.on_policy_after)
+                student, outcome = distill_row(setup, train, mixture, deadline)
             else:
                 student, outcome = qat_row(setup, train, calib, mixture, deadline)
             summary = outcome.summary()
@@ -139,8 +140,8 @@ def main() -> int:
                    "training_tokens": outcome.tokens, "wall_time_s": round(time.perf_counter() - t_row, 1),
                    "sampling_tokens_per_s": summary["sampling_tokens_per_s"], "sampling_share": summary["sampling_share"],
                    "mixture": {"corpus": weights[0] if prompt_kind == "corpus" else 0.0, "teacher_samples": w_samples, "on_policy": w_on}}
-            if stage == "distill" and w_on and args.on_policy_after:
-                row["on_policy_after"] = args.on_policy_after
+            if w_on:  # the first step that trained on on-policy rows
+                row["on_policy_from_step"] = next((h["step"] - 1 for h in outcome.history if "on_policy_kd" in h), None)
             row.update(quality(student, teacher, setup.heldout, ood, prompts))
             result["rows"].append(row)
             print_row(row)
@@ -149,37 +150,23 @@ def main() -> int:
     return 0
 
 
-def distill_row(setup, train, mixture, deadline, on_policy_after=0.0, **overrides):
-    """The pruned student distilled until ``deadline``. With on-policy rows and ``on_policy_after``
-    > 0, the corpus alone trains it for that share of the budget, then the on-policy mixture carries
-    on from the learning rate reached, decaying to the same floor (Adam's moments start afresh).
+def distill_row(setup, train, mixture, deadline, **overrides):
+    """The pruned student distilled until ``deadline``, its steps fitted to the time left.
     ``overrides``: DistillConfig fields set over the profile's (e.g. ``temperature``)."""
     teacher = setup.teacher.model
     plan = pruned_student_plan(setup)
     student = plan.make_student(teacher)
-
-    def run(mix, until, **schedule):
-        cfg = DistillConfig.from_settings(setup.profile.compression.distill, steps=10_000)
-        for k, v in {**overrides, **schedule}.items():
-            setattr(cfg, k, v)
-        cfg.on_policy_share = mix.on_policy_share
-        cfg, memory = plan_memory(student, teacher, cfg, train.shape[1], target_gb=setup.profile.compression.memory_target_gb)
-        apply_memory_settings(cfg, memory)
-        per_step = probe_step_seconds(student, teacher, train, cfg, plan.layer_map, mixture=mix)
-        cfg.steps = max(1, int((deadline - time.perf_counter()) / per_step))  # the whole remaining budget's schedule
-        outcome, _ = run_distillation(student, teacher, train, cfg, plan.layer_map, "distilling", deadline=until,
-                                      memory=memory, mixture=mix)
-        return cfg, outcome
-
-    if not (on_policy_after and mixture.on_policy_share):
-        return student, run(mixture, deadline)[1]
-    switch = time.perf_counter() + on_policy_after * (deadline - time.perf_counter())
-    cfg, first = run(replace(mixture, on_policy=0.0, policy=None), switch)  # the same pools and shares, no on-policy rows
-    lr = cfg.lr_at(first.steps)
-    _, second = run(mixture, deadline, learning_rate=lr, warmup_steps=0,
-                    min_lr_fraction=cfg.learning_rate * cfg.min_lr_fraction / lr)
-    return student, DistillOutcome(first.steps + second.steps, first.tokens + second.tokens,
-                                   first.wall_time_s + second.wall_time_s, 0, first.history + second.history)
+    cfg = DistillConfig.from_settings(setup.profile.compression.distill, steps=10_000)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    cfg.on_policy_share = mixture.on_policy_share
+    cfg, memory = plan_memory(student, teacher, cfg, train.shape[1], target_gb=setup.profile.compression.memory_target_gb)
+    apply_memory_settings(cfg, memory)
+    per_step = probe_step_seconds(student, teacher, train, cfg, plan.layer_map, mixture=mixture)
+    cfg.steps = max(1, int((deadline - time.perf_counter()) / per_step))
+    outcome, _ = run_distillation(student, teacher, train, cfg, plan.layer_map, "distilling", deadline=deadline,
+                                  memory=memory, mixture=mixture)
+    return student, outcome
 
 
 def qat_row(setup, train, calib, mixture, deadline):

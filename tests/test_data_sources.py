@@ -2,6 +2,7 @@
 
 import copy
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from edgekd import EdgekdError
 from edgekd.cli import main
 from edgekd.methods import generate as gen
 from edgekd.methods.distill import DistillConfig, distill
+from edgekd.methods.logit_cache import blocks_read
 from edgekd.methods.losses import logit_divergence
 from edgekd.methods.mixture import Mixture, OnPolicy
 from edgekd.methods.on_policy import on_policy_losses, student_samples
@@ -156,6 +158,44 @@ def test_mixture_splits_a_batch_by_shares_and_reads_each_pool_in_its_own_order()
     assert m.row_tokens(4, 256) == 3 * 256 + 32 + 64
 
 
+def test_on_policy_rows_join_after_their_start_and_each_pool_reads_on_where_it_stopped():
+    cfg = DistillConfig(steps=10, batch_size=4, seed=3)
+    m = Mixture((40, 12), (0.5, 0.0), 0.5, OnPolicy(start=0.4))
+    assert m.on_policy_from(10) == 4 and [m.on_policy_at(s, 10) for s in (3, 4)] == [False, True]
+    rows = [m.indices(s, 0, cfg, 0, 1) for s in range(10)]
+    assert [len(o) for o, _ in rows] == [4] * 4 + [2] * 6 and [len(p) for _, p in rows] == [0] * 4 + [2] * 6
+    # the corpus stream goes on without a gap or a repeat: 16 blocks before the join, 12 after, 28 of 40 distinct
+    corpus = np.concatenate([o for o, _ in rows])
+    assert len(corpus) == 28 and len(set(corpus.tolist())) == 28
+    assert np.array_equal(corpus, np.random.default_rng([3, 0]).permutation(40)[:28])
+    # prompts start their own stream at the join, as a run with on-policy rows from step 0 starts it at step 0
+    cold = replace(m, policy=OnPolicy(start=0.0))
+    assert np.array_equal(np.concatenate([p for _, p in rows]), np.concatenate([cold.indices(s, 0, cfg, 0, 1)[1] for s in range(6)]))
+    assert m.row_tokens(4, 256, on_policy=False) == 4 * 256 and m.row_tokens(4, 256) == 2 * 256 + 2 * 96
+    # the blocks a shorter (time-fitted) stage reads are among those its planned steps read (a hidden-state cache holds these)
+    planned = set(blocks_read(m, cfg, 10).tolist())
+    for steps in (3, 6, 9):
+        short = replace(cfg, steps=steps)
+        assert {int(b) for s in range(steps) for b in m.indices(s, 0, short, 0, 1)[0]} <= planned
+
+
+def test_the_step_probe_weights_each_phase_by_its_share_of_the_steps(monkeypatch):
+    import edgekd.methods.distill as distill_module
+
+    seen = []
+
+    def fake_probe(student, teacher, blocks, cfg, layer_map, cache, probes, mixture):
+        seen.append((mixture.on_policy, mixture.on_policy_from(cfg.steps)))
+        return 3.0 if mixture.on_policy else 1.0  # an on-policy step three times an offline one
+
+    monkeypatch.setattr(distill_module, "_probe", fake_probe)
+    blocks, cfg = np.zeros((8, 16), dtype=np.int32), DistillConfig(steps=100)
+    warm = Mixture((8,), (0.5,), 0.5, OnPolicy(start=0.25))
+    assert distill_module.probe_step_seconds(None, None, blocks, cfg, [], mixture=warm) == pytest.approx(0.25 * 1 + 0.75 * 3)
+    assert seen == [(0.0, 0), (0.5, 0)]  # the offline steps, then on-policy steps from the first
+    assert distill_module.probe_step_seconds(None, None, blocks, cfg, [], mixture=replace(warm, policy=OnPolicy())) == 3.0
+
+
 # ---------------------------------------------------------------- on-policy rows
 
 
@@ -183,12 +223,14 @@ def test_on_policy_loss_and_gradients_match_the_full_logit_divergence(tiny_token
         student.zero_grad()
 
 
-@pytest.mark.parametrize("steps_per_generation", [1, 3])
-def test_a_mixed_run_killed_mid_way_resumes_to_identical_weights(tmp_path, tiny_tokenizer, steps_per_generation):
-    """With 3 steps a generation the kill at step 2 falls inside one: the checkpoint carries its rows."""
+@pytest.mark.parametrize("steps_per_generation,start", [(1, 0.0), (3, 0.0), (3, 0.5)])
+def test_a_mixed_run_killed_mid_way_resumes_to_identical_weights(tmp_path, tiny_tokenizer, steps_per_generation, start):
+    """With 3 steps a generation the kill at step 2 falls inside one: the checkpoint carries its rows.
+    With ``start`` 0.5 the on-policy rows join at step 2, where the run is killed and resumed."""
     teacher = make_tiny_llama(len(tiny_tokenizer))
     blocks = np.random.default_rng(0).integers(3, len(tiny_tokenizer), size=(12, 24)).astype(np.int32)
-    m = Mixture((8, 4), (0.5, 0.25), 0.25, OnPolicy(prompt_tokens=8, new_tokens=8, steps_per_generation=steps_per_generation))
+    m = Mixture((8, 4), (0.5, 0.25), 0.25,
+                OnPolicy(prompt_tokens=8, new_tokens=8, steps_per_generation=steps_per_generation, start=start))
 
     def train(run_dir, stop_at=None):
         student = make_tiny_llama(len(tiny_tokenizer), layers=2, seed=1)
@@ -206,14 +248,16 @@ def test_a_mixed_run_killed_mid_way_resumes_to_identical_weights(tmp_path, tiny_
     full, outcome = train(tmp_path / "full")
     summary = outcome.summary()
     assert summary["final_on_policy_kd"] > 0 and summary["sampling_tokens_per_s"] > 0 and 0 < summary["sampling_share"] < 1
-    sampled_at = [h["step"] - 1 for h in outcome.history if h["sampling_s"] > 0]
-    assert sampled_at == list(range(0, 4, steps_per_generation))  # one batch of rows a generation
+    first = m.on_policy_from(4)
+    sampled_at = [h["step"] - 1 for h in outcome.history if h.get("sampling_s", 0) > 0]
+    assert sampled_at == list(range(first, 4, steps_per_generation))  # one batch of rows a generation, from the join
+    assert [("on_policy_kd" in h) for h in outcome.history] == [s >= first for s in range(4)]
     assert train(tmp_path / "killed", stop_at=2)[0] is None
     resumed, again = train(tmp_path / "killed")
     assert again.resumed_from_step == 2
     assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values()))
-    if steps_per_generation == 3:  # step 2's rows came from the checkpoint, not from a new generation
-        assert [h["sampling_s"] > 0 for h in again.history[2:]] == [False, True]
+    if steps_per_generation == 3:  # step 2's rows came from the checkpoint, or open the first generation at the join
+        assert [h["sampling_s"] > 0 for h in again.history[2:]] == ([False, True] if first == 0 else [True, False])
     with pytest.raises(ValueError, match="on_policy_share"):
         distill(make_tiny_llama(len(tiny_tokenizer), layers=2), teacher, blocks, DistillConfig(steps=1), [0, 1], mixture=m)
 
@@ -237,6 +281,9 @@ def test_data_free_run_end_to_end(tmp_path, tiny_model_dir, tiny_profile_overrid
     assert report.corpus["source"] == "teacher samples"
     qat = report.stage("qat")
     assert qat.settings["batch_rows"] == {"corpus": 1, "on_policy": 1} and qat.metrics["final_on_policy_kd"] is not None
+    # on-policy rows join after the profile's start (0.5) of the 2 QAT steps; the first trains on the samples alone
+    assert qat.settings["on_policy"]["start"] == 0.5 and qat.settings["on_policy_from_step"] == 1
+    assert qat.settings["batch_rows_before_on_policy"] == {"corpus": 2}
     assert report.stage("distill").settings["on_policy"]["new_tokens"] == 16
     assert any("on-policy rows at" in note for note in report.notes)
     # the same run from the command line, resumed: every stage reused, the samples not drawn again

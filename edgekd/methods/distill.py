@@ -21,7 +21,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -299,7 +299,7 @@ def distill(
                 trim_heap()
             if after_step:
                 after_step()
-            step_tokens = mixture.row_tokens(cfg.batch_size, block_len) * cfg.grad_accum * world
+            step_tokens = mixture.row_tokens(cfg.batch_size, block_len, mixture.on_policy_at(step, cfg.steps)) * cfg.grad_accum * world
             tokens += step_tokens
             dt = time.perf_counter() - t0
             record = {"step": step + 1, "lr": cfg.lr_at(step), **sums, "tokens_per_s": step_tokens / dt, "step_s": dt}
@@ -405,8 +405,21 @@ def probe_step_seconds(student: Any, teacher: Any, train_blocks: np.ndarray, cfg
     (the first warms up and is not counted), gradients then dropped and no weight changed, plus a
     step's share of on-policy sampling (one generation timed after the warm-up, divided by the steps
     it serves). The optimizer's own update is not timed: a few percent of a step for AdamW on these
-    models."""
+    models. When on-policy rows join after a share ``start`` of the steps (``OnPolicy.start``), both
+    kinds of step are probed and weighted by their shares of the stage."""
     mixture = mixture or Mixture.single(len(train_blocks))
+    start = mixture.policy.start if mixture.on_policy and mixture.policy is not None else 0.0
+    if not start:
+        return _probe(student, teacher, train_blocks, cfg, layer_map, logit_cache, probes, mixture)
+    offline = replace(mixture, on_policy=0.0, policy=None)  # the steps before: the same pools and shares
+    joined = replace(mixture, policy=replace(mixture.policy, start=0.0))  # the steps after
+    return start * _probe(student, teacher, train_blocks, cfg, layer_map, logit_cache, probes, offline) + \
+        (1 - start) * _probe(student, teacher, train_blocks, cfg, layer_map, logit_cache, probes, joined)
+
+
+def _probe(student: Any, teacher: Any, train_blocks: np.ndarray, cfg: DistillConfig, layer_map: list[int],
+           logit_cache: Any, probes: int, mixture: Mixture) -> float:
+    """:func:`probe_step_seconds` for a mixture whose every step draws the same kinds of rows."""
     _, _, want_attn = needed_terms(cfg)
     if want_attn:
         student.set_attn_implementation("eager")

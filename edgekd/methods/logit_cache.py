@@ -221,12 +221,14 @@ def blocks_read(mixture: Any, cfg: Any, steps: int) -> np.ndarray:
     """The offline training blocks that ``steps`` steps of ``cfg`` read under ``mixture``
     (edgekd.methods.mixture.Mixture) on one process, with the whole batch or split into the
     micro-batches the memory check may choose (edgekd.methods.memory: halved, accumulated): a
-    batch is a pure function of (seed, step), so these are known before training."""
+    batch is a pure function of (seed, step), so these are known before training. A stage that
+    trains fewer steps (fitted to a time budget) reads a subset: each pool is read as a prefix of
+    its stream, and the prefix grows with the steps (also where on-policy rows join after a share of them)."""
     from dataclasses import replace
 
     reads, batch, accum = [], cfg.batch_size, cfg.grad_accum
     while batch >= 1:
-        split = replace(cfg, batch_size=batch, grad_accum=accum)
+        split = replace(cfg, batch_size=batch, grad_accum=accum, steps=steps)
         reads += [mixture.indices(step, micro, split, 0, 1)[0] for step in range(steps) for micro in range(accum)]
         if batch % 2:
             break

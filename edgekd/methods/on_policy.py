@@ -61,7 +61,7 @@ class Rollouts:
     ``steps_per_generation`` does: on a CPU a decode step of a small model costs about as much for
     one row as for a dozen, so sampling each step's row alone made on-policy rows the dearest part
     of a step. The later steps' rows come from weights a few updates old. Generations start at
-    multiples of ``steps_per_generation``; the current one goes into every checkpoint
+    multiples of ``steps_per_generation`` after the step the rows join; the current one goes into every checkpoint
     (:meth:`state`), so a resumed run trains on the very rows an uninterrupted one would have.
     """
 
@@ -86,8 +86,9 @@ class Rollouts:
         return prompts, offsets
 
     def generation_of(self, step: int) -> tuple[int, int]:
-        n = self.policy.steps_per_generation
-        start = step // n * n
+        """The steps [start, end) of the generation holding ``step``: generations are counted from the step the on-policy rows join."""
+        n, first = self.policy.steps_per_generation, self.mixture.on_policy_from(self.cfg.steps)
+        start = first + (step - first) // n * n
         return start, max(step + 1, min(start + n, self.cfg.steps))
 
     def refill(self, student: Any, blocks: np.ndarray, step: int) -> float:

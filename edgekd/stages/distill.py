@@ -91,6 +91,10 @@ def mixture_settings(mixture: Any, cfg: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"batch_rows": {**dict(zip(names, counts)), "on_policy": on_policy}}
     if mixture.policy is not None:
         out["on_policy"] = asdict(mixture.policy)
+        if mixture.on_policy_from(cfg.steps):  # the steps before the on-policy rows join
+            before, _ = mixture.slots(cfg.batch_size, on_policy=False)
+            out["on_policy_from_step"] = mixture.on_policy_from(cfg.steps)
+            out["batch_rows_before_on_policy"] = dict(zip(names, before))
     return out
 
 
