@@ -132,12 +132,12 @@ def main() -> int:
             calib = pools[0][np.linspace(0, len(pools[0]) - 1, 16).astype(int)]
             deadline = t_row + args.budget_min * 60
             if stage == "distill":
-                student, outcome = distill_row(setup, train, mixture, deadline)
+                student, outcome, planned = distill_row(setup, train, mixture, deadline)
             else:
-                student, outcome = qat_row(setup, train, calib, mixture, deadline)
+                student, outcome, planned = qat_row(setup, train, calib, mixture, deadline)
             summary = outcome.summary()
             row = {"stage": stage, "row": name, "generation_s": round(gen_s, 1), "steps": outcome.steps,
-                   "training_tokens": outcome.tokens, "wall_time_s": round(time.perf_counter() - t_row, 1),
+                   "planned_steps": planned, "training_tokens": outcome.tokens, "wall_time_s": round(time.perf_counter() - t_row, 1),
                    "sampling_tokens_per_s": summary["sampling_tokens_per_s"], "sampling_share": summary["sampling_share"],
                    "mixture": {"corpus": weights[0] if prompt_kind == "corpus" else 0.0, "teacher_samples": w_samples, "on_policy": w_on}}
             if w_on:  # the first step that trained on on-policy rows
@@ -151,7 +151,8 @@ def main() -> int:
 
 
 def distill_row(setup, train, mixture, deadline, **overrides):
-    """The pruned student distilled until ``deadline``, its steps fitted to the time left.
+    """The pruned student distilled until ``deadline``, its steps fitted to the time left: (student,
+    outcome, steps planned; the deadline stops a row that runs slower than its probe said).
     ``overrides``: DistillConfig fields set over the profile's (e.g. ``temperature``)."""
     teacher = setup.teacher.model
     plan = pruned_student_plan(setup)
@@ -166,7 +167,7 @@ def distill_row(setup, train, mixture, deadline, **overrides):
     cfg.steps = max(1, int((deadline - time.perf_counter()) / per_step))
     outcome, _ = run_distillation(student, teacher, train, cfg, plan.layer_map, "distilling", deadline=deadline,
                                   memory=memory, mixture=mixture)
-    return student, outcome
+    return student, outcome, cfg.steps
 
 
 def qat_row(setup, train, calib, mixture, deadline):
@@ -177,7 +178,7 @@ def qat_row(setup, train, calib, mixture, deadline):
     result = qat_kd(student, teacher, train, calib, FormatPlan.uniform("q4_0"), cfg, clip_search=True,
                     fit_steps=lambda probe: max(1, int((deadline - time.perf_counter()) / probe())), deadline=deadline,
                     memory_target_gb=setup.profile.compression.memory_target_gb, mixture=mixture)
-    return result.model, result.outcome
+    return result.model, result.outcome, cfg.steps
 
 
 @torch.no_grad()
