@@ -286,6 +286,8 @@ def test_data_free_run_end_to_end(tmp_path, tiny_model_dir, tiny_profile_overrid
     assert qat.settings["batch_rows_before_on_policy"] == {"corpus": 2}
     assert report.stage("distill").settings["on_policy"]["new_tokens"] == 16
     assert any("on-policy rows at" in note for note in report.notes)
+    assert any(note.startswith("qat: the student sampled its on-policy rows at") and "tokens/s (from step 2 of 2)," in note
+               for note in report.notes), report.notes
     # the same run from the command line, resumed: every stage reused, the samples not drawn again
     sets = [a for o in overrides for a in ("--set", o)]
     code = main(["compress", "--teacher", str(tiny_model_dir), "--data", "teacher", "--output", str(tmp_path),

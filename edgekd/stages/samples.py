@@ -79,7 +79,9 @@ def sampling_notes(stages: list) -> list[str]:
         rate = record.metrics.get("sampling_tokens_per_s")
         if rate:
             share = record.metrics.get("sampling_share") or 0.0
-            out.append(f"{record.name}: the student sampled its on-policy rows at {rate:.0f} tokens/s, {share:.0%} of the "
+            joined = record.settings.get("on_policy_from_step")
+            when = f" (from step {joined + 1} of {record.settings.get('steps')})" if joined else ""
+            out.append(f"{record.name}: the student sampled its on-policy rows at {rate:.0f} tokens/s{when}, {share:.0%} of the "
                        f"steps' wall time; training ran at {record.metrics.get('training_tokens_per_s_without_sampling') or 0:.0f} "
                        "tokens/s besides (measured)")
     return out
