@@ -35,7 +35,6 @@ from edgekd.methods.distill import (
     DistillConfig,
     apply_memory_settings,
     plan_memory,
-    probe_step_seconds,
     run_distillation,
 )
 from edgekd.methods.evaluate import evaluate, torch_logits_fn
@@ -43,6 +42,7 @@ from edgekd.methods.mixture import Mixture, OnPolicy
 from edgekd.methods.on_policy import student_samples
 from edgekd.methods.qat_kd import qat_config, qat_kd
 from edgekd.methods.sampling import torch_continue
+from edgekd.methods.step_probe import probe_step_seconds
 
 PROMPT_TOKENS, SAMPLE_TOKENS, GREEDY_TOKENS = 32, 64, 96
 

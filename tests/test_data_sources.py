@@ -180,7 +180,7 @@ def test_on_policy_rows_join_after_their_start_and_each_pool_reads_on_where_it_s
 
 
 def test_the_step_probe_weights_each_phase_by_its_share_of_the_steps(monkeypatch):
-    import edgekd.methods.distill as distill_module
+    import edgekd.methods.step_probe as probe_module
 
     seen = []
 
@@ -188,12 +188,12 @@ def test_the_step_probe_weights_each_phase_by_its_share_of_the_steps(monkeypatch
         seen.append((mixture.on_policy, mixture.on_policy_from(cfg.steps)))
         return 3.0 if mixture.on_policy else 1.0  # an on-policy step three times an offline one
 
-    monkeypatch.setattr(distill_module, "_probe", fake_probe)
+    monkeypatch.setattr(probe_module, "_probe", fake_probe)
     blocks, cfg = np.zeros((8, 16), dtype=np.int32), DistillConfig(steps=100)
     warm = Mixture((8,), (0.5,), 0.5, OnPolicy(start=0.25))
-    assert distill_module.probe_step_seconds(None, None, blocks, cfg, [], mixture=warm) == pytest.approx(0.25 * 1 + 0.75 * 3)
+    assert probe_module.probe_step_seconds(None, None, blocks, cfg, [], mixture=warm) == pytest.approx(0.25 * 1 + 0.75 * 3)
     assert seen == [(0.0, 0), (0.5, 0)]  # the offline steps, then on-policy steps from the first
-    assert distill_module.probe_step_seconds(None, None, blocks, cfg, [], mixture=replace(warm, policy=OnPolicy())) == 3.0
+    assert probe_module.probe_step_seconds(None, None, blocks, cfg, [], mixture=replace(warm, policy=OnPolicy())) == 3.0
 
 
 # ---------------------------------------------------------------- on-policy rows

@@ -21,7 +21,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -397,55 +397,3 @@ def run_distillation(student: Any, teacher: Any, train_blocks: np.ndarray, cfg: 
                           logit_cache=logit_cache, param_groups=param_groups, after_step=after_step, deadline=deadline,
                           mixture=mixture)
     return outcome, memory
-
-
-def probe_step_seconds(student: Any, teacher: Any, train_blocks: np.ndarray, cfg: DistillConfig, layer_map: list[int],
-                       logit_cache: Any = None, probes: int = 3, mixture: Mixture | None = None) -> float:
-    """Seconds one training step of ``cfg`` takes here: forward and backward passes of real batches
-    (the first warms up and is not counted), gradients then dropped and no weight changed, plus a
-    step's share of on-policy sampling (one generation timed after the warm-up, divided by the steps
-    it serves). The optimizer's own update is not timed: a few percent of a step for AdamW on these
-    models. When on-policy rows join after a share ``start`` of the steps (``OnPolicy.start``), both
-    kinds of step are probed and weighted by their shares of the stage."""
-    mixture = mixture or Mixture.single(len(train_blocks))
-    start = mixture.policy.start if mixture.on_policy and mixture.policy is not None else 0.0
-    if not start:
-        return _probe(student, teacher, train_blocks, cfg, layer_map, logit_cache, probes, mixture)
-    offline = replace(mixture, on_policy=0.0, policy=None)  # the steps before: the same pools and shares
-    joined = replace(mixture, policy=replace(mixture.policy, start=0.0))  # the steps after
-    return start * _probe(student, teacher, train_blocks, cfg, layer_map, logit_cache, probes, offline) + \
-        (1 - start) * _probe(student, teacher, train_blocks, cfg, layer_map, logit_cache, probes, joined)
-
-
-def _probe(student: Any, teacher: Any, train_blocks: np.ndarray, cfg: DistillConfig, layer_map: list[int],
-           logit_cache: Any, probes: int, mixture: Mixture) -> float:
-    """:func:`probe_step_seconds` for a mixture whose every step draws the same kinds of rows."""
-    _, _, want_attn = needed_terms(cfg)
-    if want_attn:
-        student.set_attn_implementation("eager")
-        teacher.set_attn_implementation("eager")
-    student.train()
-    times, sampling = [], 0.0
-    rollouts = Rollouts(mixture, cfg) if mixture.on_policy_share else None
-    held = Bf16Gradients(bf16_product_weights(student)) if bf16_gradients_apply(cfg) else None  # the step's own memory
-    try:
-        with training_layout(student, teacher, cfg, cached=cache_kind(logit_cache)):
-            for step in range(probes):
-                t0, sampled = time.perf_counter(), 0.0
-                for micro in range(cfg.grad_accum):
-                    terms, _ = micro_step(student, teacher, train_blocks, cfg, layer_map, mixture, step, micro, 0, 1,
-                                          next(student.parameters()).device, logit_cache, rollouts=rollouts)
-                    sampled += terms.get("sampling_s", 0.0)
-                times.append(time.perf_counter() - t0 - sampled)
-            if rollouts is not None:  # one generation, warm, spread over the steps it serves
-                start, end = rollouts.generation_of(probes)
-                sampling = rollouts.refill(student, train_blocks, probes) / (end - start)
-    finally:
-        if held is not None:
-            held.remove()
-        student.zero_grad(set_to_none=True)
-        student.eval()
-        if want_attn:
-            student.set_attn_implementation("sdpa")
-            teacher.set_attn_implementation("sdpa")
-    return float(np.median(times[1:] if len(times) > 1 else times)) + sampling

@@ -15,7 +15,7 @@ each pool's stream goes on where those steps left it.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -66,9 +66,22 @@ class Mixture:
             counts[i] += 1
         return counts[:-1].tolist(), int(counts[-1])
 
+    @property
+    def warm_share(self) -> float:
+        """The share of a stage's steps before the on-policy rows join (``OnPolicy.start``; 0 without on-policy rows)."""
+        return self.policy.start if self.on_policy and self.policy is not None else 0.0
+
+    def phases(self) -> list[tuple[float, Mixture]]:
+        """Each kind of step of a stage with its share of the steps, as a mixture whose every step is of
+        that kind: before the join (the same pools and shares, no on-policy rows), then after it."""
+        if not self.warm_share:
+            return [(1.0, self)]
+        return [(self.warm_share, replace(self, on_policy=0.0, policy=None)),
+                (1.0 - self.warm_share, replace(self, policy=replace(self.policy, start=0.0)))]
+
     def on_policy_from(self, steps: int) -> int:
         """The first step with on-policy rows in a stage of ``steps`` steps (``OnPolicy.start`` of them before it)."""
-        return int(self.policy.start * steps) if self.on_policy and self.policy is not None else 0
+        return int(self.warm_share * steps)
 
     def on_policy_at(self, step: int, steps: int) -> bool:
         """Whether ``step`` of a stage of ``steps`` steps has on-policy rows."""

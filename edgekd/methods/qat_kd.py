@@ -21,10 +21,10 @@ from .distill import (
     DistillOutcome,
     apply_memory_settings,
     plan_memory,
-    probe_step_seconds,
     run_distillation,
 )
 from .qat import LEARNED_CLIP_LR_SCALE, convert, fake_quantized_params, learned_clip_stats, prepare
+from .step_probe import probe_step_seconds
 
 
 def qat_config(distill_settings: Any, qat_settings: Any) -> DistillConfig:

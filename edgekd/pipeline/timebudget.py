@@ -3,7 +3,7 @@
 Training is nearly all of a run's time (distillation and QAT-KD: 95% of the default run), and a
 step costs what the CPU makes of it: 4.5 s with bf16 on an AVX512-BF16 machine, 10-11 s in fp32
 on one without (benchmarks/RESULTS.md). Before each training stage its step time is measured
-here (edgekd.methods.distill.probe_step_seconds) and its step count lowered, never raised, so the
+here (edgekd.methods.step_probe.probe_step_seconds) and its step count lowered, never raised, so the
 stages still to come fit in what is left; the counts are written to the run directory, so
 ``--resume`` trains the same number of steps, and to the report. A probe can be optimistic (it
 skips the optimizer's update, and a shared machine slows down): each training stage also gets a

@@ -91,10 +91,10 @@ def mixture_settings(mixture: Any, cfg: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"batch_rows": {**dict(zip(names, counts)), "on_policy": on_policy}}
     if mixture.policy is not None:
         out["on_policy"] = asdict(mixture.policy)
-        if mixture.on_policy_from(cfg.steps):  # the steps before the on-policy rows join
-            before, _ = mixture.slots(cfg.batch_size, on_policy=False)
-            out["on_policy_from_step"] = mixture.on_policy_from(cfg.steps)
-            out["batch_rows_before_on_policy"] = dict(zip(names, before))
+        joined = mixture.on_policy_from(cfg.steps)
+        if joined:  # the steps before the on-policy rows join
+            out["on_policy_from_step"] = joined
+            out["batch_rows_before_on_policy"] = dict(zip(names, mixture.slots(cfg.batch_size, on_policy=False)[0]))
     return out
 
 
@@ -122,8 +122,9 @@ def _save_student(ctx: RunContext, model: Any) -> None:
 
 
 def distill(ctx: RunContext) -> StageRecord:
-    from ..methods.distill import DistillConfig, plan_memory, probe_step_seconds, run_distillation
+    from ..methods.distill import DistillConfig, plan_memory, run_distillation
     from ..methods.logit_cache import live_target_bytes_per_token
+    from ..methods.step_probe import probe_step_seconds
     from ..plots import loss_curves_plot
 
     student = ctx.current_student()
