@@ -14,6 +14,7 @@ It also measures the two generation engines side by side (torch batched vs llama
     .venv/bin/python benchmarks/data_sources.py --budget-min 6
     .venv/bin/python benchmarks/data_sources.py --only qat --rows start,0,4,1,3 --budget-min 15 --out data_sources_qat15
     .venv/bin/python benchmarks/data_sources.py --only distill --rows 0,4 --budget-min 25 --on-policy-share 0.5 --on-policy-after 0.5
+    .venv/bin/python benchmarks/data_sources.py --only distill --rows 0 --budget-min 10 --replan-ablation
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from common import default_setup, license_blocks, pruned_student_plan, write_res
 
 from edgekd.formats import FormatPlan
 from edgekd.methods import generate as gen
+from edgekd.methods import replan
 from edgekd.methods.distill import (
     DistillConfig,
     apply_memory_settings,
@@ -45,6 +47,7 @@ from edgekd.methods.sampling import torch_continue
 from edgekd.methods.step_probe import probe_step_seconds
 
 PROMPT_TOKENS, SAMPLE_TOKENS, GREEDY_TOKENS = 32, 64, 96
+DEFAULT_TOLERANCE = replan.TOLERANCE
 
 
 def main() -> int:
@@ -65,6 +68,9 @@ def main() -> int:
                          "(compression.data.on_policy.start; default: the profile's)")
     ap.add_argument("--prompt-windows", type=int, default=4,
                     help="prompts for the generation measures: this many 32-token windows of each held-out block")
+    ap.add_argument("--replan-ablation", action="store_true",
+                    help="run each row twice: with the deadline's guard alone (steps never lowered mid-run), then as "
+                         "edgekd compress runs it (edgekd.methods.replan)")
     ap.add_argument("--out", default="data_sources")
     args = ap.parse_args()
     setup = default_setup()
@@ -116,9 +122,12 @@ def main() -> int:
                    **quality(start, teacher, setup.heldout, ood, prompts)}
             result["rows"].append(row)
             print_row(row)
-        for i, (name, prompt_kind, w_samples, w_on) in enumerate(rows):
+        runs = [(i, row, replanning) for i, row in enumerate(rows) for replanning in ((False, True) if args.replan_ablation else (True,))]
+        for i, (name, prompt_kind, w_samples, w_on), replanning in runs:
             if args.rows is not None and str(i) not in args.rows.split(","):
                 continue
+            replan.TOLERANCE = DEFAULT_TOLERANCE if replanning else float("inf")  # inf: never lowered mid-run
+            name = name if replanning or not args.replan_ablation else f"{name}, deadline only"
             t_row = time.perf_counter()
             pools, weights, gen_s = [setup.train], [1.0 - w_samples - w_on], 0.0
             if w_samples:
@@ -132,12 +141,14 @@ def main() -> int:
             calib = pools[0][np.linspace(0, len(pools[0]) - 1, 16).astype(int)]
             deadline = t_row + args.budget_min * 60
             if stage == "distill":
-                student, outcome, planned = distill_row(setup, train, mixture, deadline)
+                student, outcome, cfg = distill_row(setup, train, mixture, deadline)
             else:
-                student, outcome, planned = qat_row(setup, train, calib, mixture, deadline)
+                student, outcome, cfg = qat_row(setup, train, calib, mixture, deadline)
             summary = outcome.summary()
             row = {"stage": stage, "row": name, "generation_s": round(gen_s, 1), "steps": outcome.steps,
-                   "planned_steps": planned, "training_tokens": outcome.tokens, "wall_time_s": round(time.perf_counter() - t_row, 1),
+                   "planned_steps": cfg.replans[0][1] if cfg.replans else cfg.steps, "replans": cfg.replans,
+                   "stopped_at_deadline": outcome.stopped_at_deadline, "final_lr": outcome.history[-1]["lr"] if outcome.history else None,
+                   "training_tokens": outcome.tokens, "wall_time_s": round(time.perf_counter() - t_row, 1),
                    "sampling_tokens_per_s": summary["sampling_tokens_per_s"], "sampling_share": summary["sampling_share"],
                    "mixture": {"corpus": weights[0] if prompt_kind == "corpus" else 0.0, "teacher_samples": w_samples, "on_policy": w_on}}
             if w_on:  # the first step that trained on on-policy rows
@@ -152,7 +163,8 @@ def main() -> int:
 
 def distill_row(setup, train, mixture, deadline, **overrides):
     """The pruned student distilled until ``deadline``, its steps fitted to the time left: (student,
-    outcome, steps planned; the deadline stops a row that runs slower than its probe said).
+    outcome, the config it trained with: its steps, lowered mid-run in ``replans`` where they ran
+    slower than the probe said, edgekd.methods.replan).
     ``overrides``: DistillConfig fields set over the profile's (e.g. ``temperature``)."""
     teacher = setup.teacher.model
     plan = pruned_student_plan(setup)
@@ -167,7 +179,7 @@ def distill_row(setup, train, mixture, deadline, **overrides):
     cfg.steps = max(1, int((deadline - time.perf_counter()) / per_step))
     outcome, _ = run_distillation(student, teacher, train, cfg, plan.layer_map, "distilling", deadline=deadline,
                                   memory=memory, mixture=mixture)
-    return student, outcome, cfg.steps
+    return student, outcome, cfg
 
 
 def qat_row(setup, train, calib, mixture, deadline):
@@ -178,7 +190,7 @@ def qat_row(setup, train, calib, mixture, deadline):
     result = qat_kd(student, teacher, train, calib, FormatPlan.uniform("q4_0"), cfg, clip_search=True,
                     fit_steps=lambda probe: max(1, int((deadline - time.perf_counter()) / probe())), deadline=deadline,
                     memory_target_gb=setup.profile.compression.memory_target_gb, mixture=mixture)
-    return result.model, result.outcome, cfg.steps
+    return result.model, result.outcome, cfg
 
 
 @torch.no_grad()
@@ -268,7 +280,7 @@ def rollout_speeds(setup, batches=(1, 4, 8, 16)) -> dict:
 
 
 def print_row(r: dict) -> None:
-    print(f"{r['stage']:8s} {r['row']:40s} steps {r['steps']:4d} gen {r['generation_s']:6.1f}s | held-out KL {r['heldout_kl']:.4f} "
+    print(f"{r['stage']:8s} {r['row']:40s} steps {r['steps']:4d} (planned {r.get('planned_steps')}, lowered {r.get('replans')}) gen {r['generation_s']:6.1f}s | held-out KL {r['heldout_kl']:.4f} "
           f"top1 {r['heldout_top1']:.3f} ppl {r['heldout_ppl']:.2f} | OOD KL {r['ood_kl']:.4f} ppl {r['ood_ppl']:.2f} | "
           f"teacher NLL {r['teacher_nll_of_samples']:.3f} (seeds {min(r['teacher_nll_by_seed']):.3f}-{max(r['teacher_nll_by_seed']):.3f}) "
           f"rep4 {r['repeated_4grams']:.3f}", flush=True)
