@@ -14,14 +14,16 @@ It also measures the two generation engines side by side (torch batched vs llama
     .venv/bin/python benchmarks/data_sources.py --budget-min 6
     .venv/bin/python benchmarks/data_sources.py --only qat --rows start,0,4,1,3 --budget-min 15 --out data_sources_qat15
     .venv/bin/python benchmarks/data_sources.py --only distill --rows 0,4 --budget-min 25 --on-policy-share 0.5 --on-policy-after 0.5
-    .venv/bin/python benchmarks/data_sources.py --only distill --rows 0 --budget-min 10 --replan-ablation
+    .venv/bin/python benchmarks/data_sources.py --only distill --rows 0 --budget-min 10 --replan-ablation --contend-after 3
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -71,6 +73,9 @@ def main() -> int:
     ap.add_argument("--replan-ablation", action="store_true",
                     help="run each row twice: with the deadline's guard alone (steps never lowered mid-run), then as "
                          "edgekd compress runs it (edgekd.methods.replan)")
+    ap.add_argument("--contend-after", type=float, default=None,
+                    help="minutes into each row after which a competing busy process takes one core until the row's "
+                         "training ends (a shared machine slowing down under a run, the same for every row)")
     ap.add_argument("--out", default="data_sources")
     args = ap.parse_args()
     setup = default_setup()
@@ -78,7 +83,7 @@ def main() -> int:
     block_len = setup.profile.compression.data.block_len
     ood = license_blocks(tok, block_len)
     prompts = measure_prompts(setup.heldout, args.prompt_windows)
-    result = {"budget_min": args.budget_min, "measure_prompts": len(prompts), "engines": engine_speeds(setup), "rollout_batches": rollout_speeds(setup), "rows": []}
+    result = {"budget_min": args.budget_min, "contend_after_min": args.contend_after, "measure_prompts": len(prompts), "engines": engine_speeds(setup), "rollout_batches": rollout_speeds(setup), "rows": []}
     teacher_greedy = torch_continue(teacher, prompts, GREEDY_TOKENS, np.random.default_rng(0), temperature=0.0)
     result["teacher_repeated_4grams"] = repeated_ngrams(teacher_greedy[:, PROMPT_TOKENS:])
     result["teacher_nll_of_own_samples"] = sample_nlls(teacher, teacher, prompts)["teacher_nll"]
@@ -129,6 +134,7 @@ def main() -> int:
             replan.TOLERANCE = DEFAULT_TOLERANCE if replanning else float("inf")  # inf: never lowered mid-run
             name = name if replanning or not args.replan_ablation else f"{name}, deadline only"
             t_row = time.perf_counter()
+            contention = Contention(args.contend_after)
             pools, weights, gen_s = [setup.train], [1.0 - w_samples - w_on], 0.0
             if w_samples:
                 blocks, gen_s = samples(prompt_kind, args.data_free_tokens if prompt_kind == "none" else args.sample_tokens)
@@ -144,6 +150,7 @@ def main() -> int:
                 student, outcome, cfg = distill_row(setup, train, mixture, deadline)
             else:
                 student, outcome, cfg = qat_row(setup, train, calib, mixture, deadline)
+            contention.stop()
             summary = outcome.summary()
             row = {"stage": stage, "row": name, "generation_s": round(gen_s, 1), "steps": outcome.steps,
                    "planned_steps": cfg.replans[0][1] if cfg.replans else cfg.steps, "replans": cfg.replans,
@@ -159,6 +166,26 @@ def main() -> int:
             write_result(args.out, result)
     print_table(result)
     return 0
+
+
+class Contention:
+    """A busy process started ``minutes`` from now (None: never), until :meth:`stop`."""
+
+    def __init__(self, minutes: float | None):
+        self.proc = None
+        self.timer = threading.Timer(minutes * 60, self._start) if minutes is not None else None
+        if self.timer is not None:
+            self.timer.start()
+
+    def _start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+    def stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def distill_row(setup, train, mixture, deadline, **overrides):

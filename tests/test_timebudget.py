@@ -47,9 +47,13 @@ def test_a_tight_budget_fits_the_training_steps_and_resume_keeps_them(tmp_path, 
     report = edgekd.compress(**kw, time_budget="1s")
     distill = report.stage("distill").settings["time_budget"]
     assert distill["planned_steps"] == 40 and 1 <= distill["steps"] < 40 and distill["seconds_per_step"] > 0
-    trained = report.stage("distill").metrics
-    # the fitted steps, or fewer where the stage's deadline came first (steps slower than the probe)
-    assert trained["steps"] == distill["steps"] or (trained["stopped_at_deadline"] and 1 <= trained["steps"] < distill["steps"])
+    trained, ran = report.stage("distill").metrics, report.stage("distill").settings
+    # the fitted steps, lowered mid-run where they ran slower than the probe (replans), or fewer
+    # where the stage's deadline came first
+    assert bool(ran["replans"]) == (ran["steps"] < distill["steps"])
+    assert trained["steps"] == ran["steps"] or (trained["stopped_at_deadline"] and 1 <= trained["steps"] < ran["steps"])
+    if ran["replans"]:
+        assert any(n.startswith(f"distill: lowered from {distill['steps']} ") for n in report.notes)
     if trained["stopped_at_deadline"]:
         assert any("stopped at the time budget's deadline" in n for n in report.notes)
     qat = report.stage("qat").settings["time_budget"]

@@ -332,15 +332,15 @@ def distill(
             if on_step:
                 on_step(done)
             if deadline is not None and done < cfg.steps:
-                lowered = replanned_steps(cfg.steps, done, cfg.warm(), deadline - time.perf_counter(),
-                                          pace_s(history, checkpoint_s, cfg.checkpoint_every), mixture)
+                lowered = rank0s(replanned_steps(cfg.steps, done, cfg.warm(), deadline - time.perf_counter(),
+                                                 pace_s(history, checkpoint_s, cfg.checkpoint_every), mixture), world)
                 if lowered is not None:  # steps slower than the probe: the schedule ends by the deadline
                     cfg.replans.append((done, cfg.steps))
                     cfg.steps = lowered
                     if progress:
                         progress(0, total=lowered)
                 pace = float(np.median([h["step_s"] for h in history[-5:]]))
-                if time.perf_counter() + pace > deadline:
+                if rank0s(time.perf_counter() + pace > deadline, world):
                     if run_dir is not None and accelerator.is_main_process and done % cfg.checkpoint_every:
                         save_checkpoint(run_dir, unwrapped, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
                                         done, tokens, history, cfg, loop_state(rollouts, cfg))
@@ -359,6 +359,16 @@ def distill(
 def cache_kind(cache: Any) -> str | None:
     """The kind of the teacher cache a step reads ("sample", "topk", "hidden"), None for the live teacher."""
     return None if cache is None else cache.kind
+
+
+def rank0s(value: Any, world: int) -> Any:
+    """The main process's ``value`` on every rank: a decision read off a clock (a deadline, a
+    re-plan) must be the same in every process, or their collectives wait on each other."""
+    if world == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]
 
 
 def loop_state(rollouts: Rollouts | None, cfg: DistillConfig) -> dict[str, Any]:

@@ -1,6 +1,8 @@
 """Run a tiny distillation; used by tests under `accelerate launch` and for kill/resume.
 
 usage: distill_worker.py OUT_DIR STEPS [KILL_AT_STEP]
+With DISTILL_DEADLINE_S set, training gets a deadline that many seconds away (the ranks then agree
+on every clock decision through a broadcast).
 Writes OUT_DIR/rank-<r>.json with the block indices this rank saw and a hash of its final weights.
 """
 
@@ -9,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +47,9 @@ def main() -> None:
         if kill_at is not None and done == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)  # a real kill: no cleanup, no final save
 
-    out = distill(student, teacher, blocks, cfg, [0, 2, 3], run_dir=out_dir, on_step=on_step)
+    deadline = os.environ.get("DISTILL_DEADLINE_S")
+    out = distill(student, teacher, blocks, cfg, [0, 2, 3], run_dir=out_dir, on_step=on_step,
+                  deadline=time.perf_counter() + float(deadline) if deadline else None)
     rank = int(os.environ.get("RANK", "0"))
     (out_dir / f"rank-{rank}.json").write_text(json.dumps({
         "seen": out.seen_blocks, "digest": weights_digest(student), "resumed_from": out.resumed_from_step,
