@@ -14,7 +14,6 @@ It also measures the two generation engines side by side (torch batched vs llama
     .venv/bin/python benchmarks/data_sources.py --budget-min 6
     .venv/bin/python benchmarks/data_sources.py --only qat --rows start,0,4,1,3 --budget-min 15 --out data_sources_qat15
     .venv/bin/python benchmarks/data_sources.py --only distill --rows 0,4 --budget-min 25 --on-policy-share 0.5 --on-policy-after 0.5
-    .venv/bin/python benchmarks/data_sources.py --only distill --rows 0 --budget-min 10 --replan-ablation --contend-after 3
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ from common import default_setup, license_blocks, pruned_student_plan, write_res
 
 from edgekd.formats import FormatPlan
 from edgekd.methods import generate as gen
-from edgekd.methods import replan
 from edgekd.methods.distill import (
     DistillConfig,
     apply_memory_settings,
@@ -49,7 +47,6 @@ from edgekd.methods.sampling import torch_continue
 from edgekd.methods.step_probe import probe_step_seconds
 
 PROMPT_TOKENS, SAMPLE_TOKENS, GREEDY_TOKENS = 32, 64, 96
-DEFAULT_TOLERANCE = replan.TOLERANCE
 
 
 def main() -> int:
@@ -70,9 +67,6 @@ def main() -> int:
                          "(compression.data.on_policy.start; default: the profile's)")
     ap.add_argument("--prompt-windows", type=int, default=4,
                     help="prompts for the generation measures: this many 32-token windows of each held-out block")
-    ap.add_argument("--replan-ablation", action="store_true",
-                    help="run each row twice: with the deadline's guard alone (steps never lowered mid-run), then as "
-                         "edgekd compress runs it (edgekd.methods.replan)")
     ap.add_argument("--contend-after", type=float, default=None,
                     help="minutes into each row after which a competing busy process takes one core until the row's "
                          "training ends (a shared machine slowing down under a run, the same for every row)")
@@ -127,12 +121,9 @@ def main() -> int:
                    **quality(start, teacher, setup.heldout, ood, prompts)}
             result["rows"].append(row)
             print_row(row)
-        runs = [(i, row, replanning) for i, row in enumerate(rows) for replanning in ((False, True) if args.replan_ablation else (True,))]
-        for i, (name, prompt_kind, w_samples, w_on), replanning in runs:
+        for i, (name, prompt_kind, w_samples, w_on) in enumerate(rows):
             if args.rows is not None and str(i) not in args.rows.split(","):
                 continue
-            replan.TOLERANCE = DEFAULT_TOLERANCE if replanning else float("inf")  # inf: never lowered mid-run
-            name = name if replanning or not args.replan_ablation else f"{name}, deadline only"
             t_row = time.perf_counter()
             contention = Contention(args.contend_after)
             pools, weights, gen_s = [setup.train], [1.0 - w_samples - w_on], 0.0
@@ -153,7 +144,7 @@ def main() -> int:
             contention.stop()
             summary = outcome.summary()
             row = {"stage": stage, "row": name, "generation_s": round(gen_s, 1), "steps": outcome.steps,
-                   "planned_steps": cfg.replans[0][1] if cfg.replans else cfg.steps, "replans": cfg.replans,
+                   "planned_steps": cfg.steps,
                    "stopped_at_deadline": outcome.stopped_at_deadline, "final_lr": outcome.history[-1]["lr"] if outcome.history else None,
                    "training_tokens": outcome.tokens, "wall_time_s": round(time.perf_counter() - t_row, 1),
                    "sampling_tokens_per_s": summary["sampling_tokens_per_s"], "sampling_share": summary["sampling_share"],
@@ -190,8 +181,7 @@ class Contention:
 
 def distill_row(setup, train, mixture, deadline, **overrides):
     """The pruned student distilled until ``deadline``, its steps fitted to the time left: (student,
-    outcome, the config it trained with: its steps, lowered mid-run in ``replans`` where they ran
-    slower than the probe said, edgekd.methods.replan).
+    outcome, the config it trained with; the deadline stops a row that runs slower than its probe said).
     ``overrides``: DistillConfig fields set over the profile's (e.g. ``temperature``)."""
     teacher = setup.teacher.model
     plan = pruned_student_plan(setup)
@@ -307,7 +297,7 @@ def rollout_speeds(setup, batches=(1, 4, 8, 16)) -> dict:
 
 
 def print_row(r: dict) -> None:
-    print(f"{r['stage']:8s} {r['row']:40s} steps {r['steps']:4d} (planned {r.get('planned_steps')}, lowered {r.get('replans')}) gen {r['generation_s']:6.1f}s | held-out KL {r['heldout_kl']:.4f} "
+    print(f"{r['stage']:8s} {r['row']:40s} steps {r['steps']:4d} (planned {r.get('planned_steps')}) gen {r['generation_s']:6.1f}s | held-out KL {r['heldout_kl']:.4f} "
           f"top1 {r['heldout_top1']:.3f} ppl {r['heldout_ppl']:.2f} | OOD KL {r['ood_kl']:.4f} ppl {r['ood_ppl']:.2f} | "
           f"teacher NLL {r['teacher_nll_of_samples']:.3f} (seeds {min(r['teacher_nll_by_seed']):.3f}-{max(r['teacher_nll_by_seed']):.3f}) "
           f"rep4 {r['repeated_4grams']:.3f}", flush=True)

@@ -46,7 +46,6 @@ from .on_policy import Rollouts, on_policy_losses
 from .optim import Bf16Gradients, clip_grad_norm, make_optimizer
 from .precision import resolve_precision
 from .qat import round_trips_cached
-from .replan import pace_s, replanned_steps, schedule_progress
 from .step_losses import distill_step_losses, needed_terms
 
 
@@ -77,8 +76,6 @@ class DistillConfig:
     recompute_round_trips: bool = False  # QAT under checkpointing: make each round trip again in backward (qat.round_trips_cached)
     # share of each batch that is the student's own samples (edgekd.methods.mixture; its own backward pass)
     on_policy_share: float = 0.0
-    # (step, steps before) each time a deadline lowered ``steps`` mid-stage (edgekd.methods.replan)
-    replans: list = field(default_factory=list)
 
     @classmethod
     def from_settings(cls, s: Any, steps: int | None = None, learning_rate: float | None = None) -> DistillConfig:
@@ -96,19 +93,13 @@ class DistillConfig:
             precision=resolve_precision(s.precision),
         )
 
-    def warm(self) -> int:
-        """Warm-up steps: of the step count planned first (a re-plan leaves the warm-up where it was)."""
-        planned = self.replans[0][1] if self.replans else self.steps
-        return self.warmup_steps if self.warmup_steps is not None else max(1, planned // 20)
-
     def lr_at(self, step: int) -> float:
-        """Linear warm-up, then cosine decay to ``min_lr_fraction`` of the peak at the last step
-        (after a re-plan, the new last step: edgekd.methods.replan.schedule_progress)."""
-        warm = self.warm()
+        """Linear warm-up, then cosine decay to ``min_lr_fraction`` of the peak."""
+        warm = self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 20)
         if step < warm:
             return self.learning_rate * (step + 1) / warm
-        progress = schedule_progress(step, warm, self.steps, self.replans)
-        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        progress = (step - warm) / max(1, self.steps - warm)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return self.learning_rate * (self.min_lr_fraction + (1 - self.min_lr_fraction) * cosine)
 
 
@@ -263,8 +254,6 @@ def distill(
     ckpt = latest_checkpoint(run_dir) if (run_dir is not None and resume) else None
     if ckpt is not None:
         start_step, tokens, history, extra = load_checkpoint(ckpt, student, optimizer)
-        if extra.get("replans"):  # the step count a deadline lowered, and the schedule with it
-            cfg.steps, cfg.replans = int(extra["steps"]), [tuple(r) for r in extra["replans"]]
         if rollouts is not None:
             rollouts.load_state(extra.get("on_policy_rollouts"))
     scratch = run_dir if run_dir is not None and run_dir.exists() else None
@@ -281,10 +270,8 @@ def distill(
         if bf16_gradients_apply(cfg, world) and hasattr(inner, "held"):
             held = inner.held = Bf16Gradients(bf16_product_weights(unwrapped))
         t_start = time.perf_counter()
-        done, stopped, checkpoint_s = start_step, False, 0.0
+        done, stopped = start_step, False
         for step in range(start_step, cfg.steps):
-            if step >= cfg.steps:  # a re-plan lowered the count
-                break
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr_at(step) * group.get("lr_scale", 1.0)
@@ -321,10 +308,8 @@ def distill(
             history.append(record)
             done = step + 1
             if run_dir is not None and accelerator.is_main_process and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-                t_save = time.perf_counter()
                 save_checkpoint(run_dir, unwrapped, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                                done, tokens, history, cfg, loop_state(rollouts, cfg))
-                checkpoint_s = time.perf_counter() - t_save
+                                 done, tokens, history, cfg, loop_state(rollouts))
             accelerator.wait_for_everyone()
             if progress:
                 extra = " ".join(f"{k} {sums[k]:.3f}" for k in ("loss", "ce", "kd", "hidden", "attention", "on_policy_kd") if k in sums)
@@ -332,18 +317,11 @@ def distill(
             if on_step:
                 on_step(done)
             if deadline is not None and done < cfg.steps:
-                lowered = rank0s(replanned_steps(cfg.steps, done, cfg.warm(), deadline - time.perf_counter(),
-                                                 pace_s(history, checkpoint_s, cfg.checkpoint_every), mixture), world)
-                if lowered is not None:  # steps slower than the probe: the schedule ends by the deadline
-                    cfg.replans.append((done, cfg.steps))
-                    cfg.steps = lowered
-                    if progress:
-                        progress(0, total=lowered)
                 pace = float(np.median([h["step_s"] for h in history[-5:]]))
                 if rank0s(time.perf_counter() + pace > deadline, world):
                     if run_dir is not None and accelerator.is_main_process and done % cfg.checkpoint_every:
                         save_checkpoint(run_dir, unwrapped, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                                        done, tokens, history, cfg, loop_state(rollouts, cfg))
+                                        done, tokens, history, cfg, loop_state(rollouts))
                     stopped = True
                     break
     if held is not None:
@@ -362,8 +340,8 @@ def cache_kind(cache: Any) -> str | None:
 
 
 def rank0s(value: Any, world: int) -> Any:
-    """The main process's ``value`` on every rank: a decision read off a clock (a deadline, a
-    re-plan) must be the same in every process, or their collectives wait on each other."""
+    """The main process's ``value`` on every rank: a decision read off a clock (the deadline) must
+    be the same in every process, or their collectives wait on each other."""
     if world == 1:
         return value
     from accelerate.utils import broadcast_object_list
@@ -371,11 +349,9 @@ def rank0s(value: Any, world: int) -> Any:
     return broadcast_object_list([value])[0]
 
 
-def loop_state(rollouts: Rollouts | None, cfg: DistillConfig) -> dict[str, Any]:
-    """What a checkpoint keeps of the loop besides weights and optimizer: the current on-policy
-    generation, and the step count a deadline lowered (edgekd.methods.replan) with its history."""
-    out = {"on_policy_rollouts": rollouts.state()} if rollouts is not None else {}
-    return {**out, "steps": cfg.steps, "replans": [list(r) for r in cfg.replans]} if cfg.replans else out
+def loop_state(rollouts: Rollouts | None) -> dict[str, Any]:
+    """What a checkpoint keeps of the loop besides weights and optimizer: the current on-policy generation."""
+    return {"on_policy_rollouts": rollouts.state()} if rollouts is not None else {}
 
 
 def quantized_param_count(model: Any) -> int:

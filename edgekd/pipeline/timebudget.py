@@ -6,10 +6,8 @@ on one without (benchmarks/RESULTS.md). Before each training stage its step time
 here (edgekd.methods.step_probe.probe_step_seconds) and its step count lowered, never raised, so the
 stages still to come fit in what is left; the counts are written to the run directory, so
 ``--resume`` trains the same number of steps, and to the report. A probe can be optimistic (it
-skips the optimizer's update and the checkpoints, and a shared machine slows down): each training
-stage also gets a deadline. As it trains, its steps are lowered again when their pace says the rest
-will not fit (edgekd.methods.replan), so the learning-rate schedule still ends by the deadline; and
-if a step still would not, the stage stops there, with a checkpoint.
+skips the optimizer's update, and a shared machine slows down): each training stage also gets a
+deadline and stops there, with a checkpoint, if its steps run slower than measured.
 """
 
 from __future__ import annotations
@@ -94,10 +92,6 @@ def budget_notes(stages: list) -> list[str]:
         if fitted and fitted["steps"] < fitted["planned_steps"]:
             out.append(f"{record.name}: {fitted['steps']} of {fitted['planned_steps']} steps, fitted to the time budget "
                        f"({fitted['seconds_per_step']:.2f} s per step measured on this machine)")
-        replans = record.settings.get("replans") or []
-        for (at, before), after in zip(replans, [b for _, b in replans[1:]] + [record.settings.get("steps")]):
-            out.append(f"{record.name}: lowered from {before} to {after} steps at step {at} (its steps ran slower than "
-                       "the probe measured), so that its learning rate still decays to its floor by the deadline")
         if record.metrics.get("stopped_at_deadline"):
             out.append(f"{record.name}: stopped at the time budget's deadline after {record.metrics['steps']} steps "
                        "(steps ran slower than the probe measured)")
