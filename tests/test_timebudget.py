@@ -79,3 +79,40 @@ def test_a_deadline_stops_training_with_a_checkpoint_and_resume_finishes(tmp_pat
     assert latest_checkpoint(tmp_path).name == "step-000001"
     rest = distill(student, teacher, train, cfg, [0, 3], run_dir=tmp_path)
     assert not rest.stopped_at_deadline and rest.resumed_from_step == 1 and rest.steps == 30 and len(rest.history) == 30
+
+
+def test_the_step_probe_times_the_whole_step_and_changes_no_weight(monkeypatch):
+    """A student copied from a frozen teacher inherits weights that need no gradient: the probe
+    sets the flags as the loop does, so every weight gets its gradient, and times the optimizer's
+    update too (at a learning rate of 0: nothing changes)."""
+    import numpy as np
+    import torch
+    from conftest import make_tiny_llama
+
+    from edgekd.methods import step_probe
+    from edgekd.methods.distill import DistillConfig
+    from edgekd.methods.prune import make_student
+
+    teacher = make_tiny_llama(200, layers=4, seed=1).requires_grad_(False)
+    student = make_student(teacher, [0, 3])
+    assert not any(p.requires_grad for p in student.parameters())
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    with_grads, make = [], step_probe.make_optimizer
+
+    def counted(*args, **kw):
+        optimizer = make(*args, **kw)
+        update = optimizer.step
+
+        def step(*a, **k):
+            with_grads.append(sum(p.grad is not None for p in student.parameters()))
+            return update(*a, **k)
+        optimizer.step = step
+        return optimizer
+
+    monkeypatch.setattr(step_probe, "make_optimizer", counted)
+    train = np.random.default_rng(0).integers(0, 200, size=(16, 16)).astype(np.int32)
+    cfg = DistillConfig(steps=10, batch_size=2, weight_decay=0.1)
+    assert step_probe.probe_step_seconds(student, teacher, train, cfg, [0, 3]) > 0
+    assert with_grads == [len(list(student.parameters()))] * 3  # each probed step: every weight's gradient, then the update
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+    assert all(p.grad is None for p in student.parameters())
