@@ -5,9 +5,11 @@ step costs what the CPU makes of it: 4.5 s with bf16 on an AVX512-BF16 machine, 
 on one without (benchmarks/RESULTS.md). Before each training stage its step time is measured
 here (edgekd.methods.step_probe.probe_step_seconds) and its step count lowered, never raised, so the
 stages still to come fit in what is left; the counts are written to the run directory, so
-``--resume`` trains the same number of steps, and to the report. A probe can be optimistic (it
-skips the optimizer's update, and a shared machine slows down): each training stage also gets a
-deadline and stops there, with a checkpoint, if its steps run slower than measured.
+``--resume`` trains the same number of steps, and to the report. A probe can be optimistic (a
+shared machine slows down): each training stage also gets a deadline and stops there, with a
+checkpoint, if its steps run slower than measured, its learning-rate schedule cut where it stands
+(measured against compressing the schedule to the deadline, which did worse: benchmarks/RESULTS.md,
+"Time budgets").
 """
 
 from __future__ import annotations
