@@ -55,7 +55,8 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
 
 
 def test_two_processes_see_different_data_and_end_identical(tmp_path):
-    """Under a (distant) deadline: the ranks take each step's clock decisions from the main process."""
+    """Under a (distant) deadline, so each step's stop decision is broadcast from the main process:
+    the ranks still train every step and end identical."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(WORKER), str(tmp_path), "4"]
     proc = subprocess.run(cmd, env={**ENV, "DISTILL_DEADLINE_S": "3600"}, capture_output=True, text=True, timeout=300)

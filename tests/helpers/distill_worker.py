@@ -1,8 +1,8 @@
 """Run a tiny distillation; used by tests under `accelerate launch` and for kill/resume.
 
 usage: distill_worker.py OUT_DIR STEPS [KILL_AT_STEP]
-With DISTILL_DEADLINE_S set, training gets a deadline that many seconds away (the ranks then agree
-on every clock decision through a broadcast).
+With DISTILL_DEADLINE_S set, training gets a deadline that many seconds away (each step's stop
+decision is then broadcast from the main process).
 Writes OUT_DIR/rank-<r>.json with the block indices this rank saw and a hash of its final weights.
 """
 
