@@ -50,7 +50,8 @@ def _probe(student: Any, teacher: Any, train_blocks: np.ndarray, cfg: DistillCon
     times, sampling = [], 0.0
     rollouts = Rollouts(mixture, cfg) if mixture.on_policy_share else None
     held = Bf16Gradients(bf16_product_weights(student)) if bf16_gradients_apply(cfg) else None  # the step's own memory
-    optimizer = make_optimizer([{"params": list(student.parameters())}], 0.0, cfg.weight_decay, cfg.optimizer_state)
+    params = list(student.parameters())
+    optimizer = make_optimizer([{"params": params}], 0.0, cfg.weight_decay, cfg.optimizer_state)
     if held is not None and hasattr(optimizer, "held"):
         optimizer.held = held
     try:
@@ -61,10 +62,10 @@ def _probe(student: Any, teacher: Any, train_blocks: np.ndarray, cfg: DistillCon
                 t0, sampled = time.perf_counter(), 0.0
                 for micro in range(cfg.grad_accum):
                     terms, _ = micro_step(student, teacher, train_blocks, cfg, layer_map, mixture, step, micro, 0, 1,
-                                          next(student.parameters()).device, logit_cache, rollouts=rollouts)
+                                          params[0].device, logit_cache, rollouts=rollouts)
                     sampled += terms.get("sampling_s", 0.0)
                 if cfg.max_grad_norm:
-                    clip_grad_norm(list(student.parameters()), cfg.max_grad_norm, held)
+                    clip_grad_norm(params, cfg.max_grad_norm, held)
                 optimizer.step()  # learning rate 0: the update's time, not its change
                 optimizer.zero_grad(set_to_none=True)
                 if held is not None:
