@@ -54,6 +54,9 @@ def main() -> int:
     ap.add_argument("--budget-min", type=float, default=6.0, help="wall-clock minutes per row (samples + training)")
     ap.add_argument("--sample-tokens", type=int, default=8192, help="teacher samples for the mixture rows")
     ap.add_argument("--data-free-tokens", type=int, default=16384, help="teacher samples for the data-free rows")
+    ap.add_argument("--data-free-prompts", default="none",
+                    help="the data-free row's prompts, comma-separated for one row each: none (a drawn first token), "
+                         "query (the teacher writes the user's turn), chat")
     ap.add_argument("--greedy-tokens", type=int, default=None,
                     help="the teacher samples' first tokens taken greedily (LLM-QAT's hybrid sampling; default: the profile's)")
     ap.add_argument("--only", choices=["distill", "qat"], default=None)
@@ -106,9 +109,12 @@ def main() -> int:
         policy = replace(policy, start=args.on_policy_after)
     result["on_policy"] = {"kl": policy.kl, "steps_per_generation": policy.steps_per_generation,
                            "prompt_tokens": policy.prompt_tokens, "new_tokens": policy.new_tokens, "start": policy.start}
-    rows = [("corpus only", "corpus", 0.0, 0.0), ("corpus + teacher samples", "corpus", 0.5, 0.0),
-            ("corpus + teacher samples + on-policy", "corpus", 0.25, 0.25), ("data-free (teacher samples only)", "none", 1.0, 0.0),
-            ("corpus + on-policy", "corpus", 0.0, args.on_policy_share)]
+    free_kinds = args.data_free_prompts.split(",")
+    rows = [(0, "corpus only", "corpus", 0.0, 0.0), (1, "corpus + teacher samples", "corpus", 0.5, 0.0),
+            (2, "corpus + teacher samples + on-policy", "corpus", 0.25, 0.25),
+            *[(3, "data-free (teacher samples only)" + ("" if kind == "none" else f", prompts: {kind}"), kind, 1.0, 0.0)
+              for kind in free_kinds],
+            (4, "corpus + on-policy", "corpus", 0.0, args.on_policy_share)]
     for stage in ("distill", "qat"):
         if args.only and stage != args.only:
             continue
@@ -121,15 +127,15 @@ def main() -> int:
                    **quality(start, teacher, setup.heldout, ood, prompts)}
             result["rows"].append(row)
             print_row(row)
-        for i, (name, prompt_kind, w_samples, w_on) in enumerate(rows):
+        for i, name, prompt_kind, w_samples, w_on in rows:
             if args.rows is not None and str(i) not in args.rows.split(","):
                 continue
             t_row = time.perf_counter()
             contention = Contention(args.contend_after)
-            pools, weights, gen_s = [setup.train], [1.0 - w_samples - w_on], 0.0
+            pools, weights, gen_s, blocks = [setup.train], [1.0 - w_samples - w_on], 0.0, None
             if w_samples:
-                blocks, gen_s = samples(prompt_kind, args.data_free_tokens if prompt_kind == "none" else args.sample_tokens)
-                if prompt_kind == "none":
+                blocks, gen_s = samples(prompt_kind, args.data_free_tokens if prompt_kind != "corpus" else args.sample_tokens)
+                if prompt_kind != "corpus":
                     pools, weights = [blocks], [1.0]
                 else:
                     pools, weights = [setup.train, blocks], [weights[0], w_samples]
@@ -148,7 +154,8 @@ def main() -> int:
                    "stopped_at_deadline": outcome.stopped_at_deadline, "final_lr": outcome.history[-1]["lr"] if outcome.history else None,
                    "training_tokens": outcome.tokens, "wall_time_s": round(time.perf_counter() - t_row, 1),
                    "sampling_tokens_per_s": summary["sampling_tokens_per_s"], "sampling_share": summary["sampling_share"],
-                   "mixture": {"corpus": weights[0] if prompt_kind == "corpus" else 0.0, "teacher_samples": w_samples, "on_policy": w_on}}
+                   "mixture": {"corpus": weights[0] if prompt_kind == "corpus" else 0.0, "teacher_samples": w_samples, "on_policy": w_on},
+                   "sample_prompts": prompt_kind if w_samples else None, "sample_blocks": None if blocks is None else len(blocks)}
             if w_on:  # the first step that trained on on-policy rows
                 row["on_policy_from_step"] = next((h["step"] - 1 for h in outcome.history if "on_policy_kd" in h), None)
             row.update(quality(student, teacher, setup.heldout, ood, prompts))

@@ -118,6 +118,10 @@ def test_chat_prompts_go_through_the_chat_template(tmp_path, tiny_tokenizer):
     samples = gen.generate(teacher, tok, gen.prompt_source("file", tok, _settings(), prompt_file=path), _settings(), tmp_path / "s")
     assert list(samples.stream[: len(rendered)]) == rendered
     assert gen.prompt_source("chat", tok, _settings())(0, 2) == [tok("<s>user\n</s>\n<s>assistant\n", add_special_tokens=False)["input_ids"]] * 2
+    # query: the template cut where the user's message begins, so the teacher writes that message (Magpie)
+    assert gen.prompt_source("query", tok, _settings())(0, 2) == [tok("<s>user\n", add_special_tokens=False)["input_ids"]] * 2
+    with pytest.raises(EdgekdError, match="no chat template"):
+        gen.prompt_source("query", tiny_tokenizer, _settings())
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": 1}\n')
     with pytest.raises(EdgekdError, match="neither a 'messages' list"):

@@ -7,7 +7,9 @@ with no corpus at all the samples are the whole training set (data-free QAT: LLM
 
 Prompts: the first tokens of corpus blocks, a JSONL file (chat messages rendered by the
 tokenizer's chat template, or plain text), nothing (a first token drawn from the vocabulary, as
-LLM-QAT starts its samples), or the chat template's empty turn. Generation runs in shards of one
+LLM-QAT starts its samples), the chat template's empty turn, or the chat template opened at the
+user's turn, so that the teacher writes the user's message itself (Magpie: Xu et al. 2024 found an
+aligned model's pre-query template alone draws varied, in-distribution instructions). Generation runs in shards of one
 batch each, written atomically; shard i is sampled with the seed ``(seed, i)``, so a killed run
 resumes with the shards it has and ends with the same samples as an uninterrupted one.
 """
@@ -29,7 +31,7 @@ from ..fileio import atomic_write_bytes, atomic_write_json
 from .data import _npy_bytes, jsonl_records, pack
 from .sampling import llama_cpp_continue, torch_continue
 
-PROMPT_KINDS = ("corpus", "none", "chat", "file")
+PROMPT_KINDS = ("corpus", "none", "chat", "query", "file")
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ def resolve_prompt_kind(kind: str, has_corpus: bool, prompt_file: Any = None) ->
         return "corpus" if has_corpus else "none"
     if kind == "corpus" and not has_corpus:
         raise EdgekdError("generation.prompts is 'corpus' but this run has no corpus (--data teacher)",
-                          fix="set compression.data.generation.prompts to none or chat, or pass --prompts FILE")
+                          fix="set compression.data.generation.prompts to none, chat or query, or pass --prompts FILE")
     return kind
 
 
@@ -89,6 +91,9 @@ def prompt_source(kind: str, tokenizer: Any, settings: Generation, corpus_blocks
     if kind == "chat":
         turn = chat_prompt(tokenizer, [{"role": "user", "content": ""}])
         return lambda shard, n: [list(turn) for _ in range(n)]
+    if kind == "query":
+        opening = pre_query_prompt(tokenizer)
+        return lambda shard, n: [list(opening) for _ in range(n)]
     if kind == "file":
         prompts = read_prompt_file(prompt_file, tokenizer)
 
@@ -105,6 +110,24 @@ def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
                           fix='give the prompts as plain text ({"prompt": "..."} lines), or use a teacher with a chat template')
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     return list(ids["input_ids"])
+
+
+_SENTINEL = "\x00edgekd-user-message\x00"
+
+
+def pre_query_prompt(tokenizer: Any) -> list[int]:
+    """The chat template up to where the user's message begins (its system prompt included), so the
+    teacher's continuation is a user's message: Magpie's pre-query template (Xu et al. 2024). A row ends
+    where the teacher ends the message (its end-of-turn token); no answer is sampled after it."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise EdgekdError("generation.prompts is 'query' but the teacher's tokenizer has no chat template",
+                          fix="set compression.data.generation.prompts to none, or use a teacher with a chat template")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False)
+    if _SENTINEL not in text:
+        raise EdgekdError("the teacher's chat template does not show the user's message, so it has no pre-query part",
+                          fix="set compression.data.generation.prompts to none or chat")
+    # the rendered text carries its own BOS where the template writes one: no second one added
+    return list(tokenizer(text[: text.index(_SENTINEL)], add_special_tokens=False)["input_ids"])
 
 
 def check_prompt_file(path: Any) -> None:
