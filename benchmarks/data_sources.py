@@ -14,6 +14,8 @@ It also measures the two generation engines side by side (torch batched vs llama
     .venv/bin/python benchmarks/data_sources.py --budget-min 6
     .venv/bin/python benchmarks/data_sources.py --only qat --rows start,0,4,1,3 --budget-min 15 --out data_sources_qat15
     .venv/bin/python benchmarks/data_sources.py --only distill --rows 0,4 --budget-min 25 --on-policy-share 0.5 --on-policy-after 0.5
+    .venv/bin/python benchmarks/data_sources.py --only qat --rows 0,3 --budget-min 15 --data-free-tokens 65536 --data-free-prompts none,query
+    .venv/bin/python benchmarks/data_sources.py --only distill --rows 0,4 --budget-min 10 --on-policy-share 0.5 --on-policy-after 0.75,0.5
 """
 
 from __future__ import annotations
@@ -60,14 +62,15 @@ def main() -> int:
     ap.add_argument("--greedy-tokens", type=int, default=None,
                     help="the teacher samples' first tokens taken greedily (LLM-QAT's hybrid sampling; default: the profile's)")
     ap.add_argument("--only", choices=["distill", "qat"], default=None)
-    ap.add_argument("--rows", default=None, help="comma-separated rows to run: start (no training), 0-3; e.g. for a quick check")
+    ap.add_argument("--rows", default=None, help="comma-separated rows to run: start (no training), 0-4; e.g. for a quick check")
     ap.add_argument("--steps-per-generation", type=int, default=None,
                     help="on-policy rows of this many steps sampled together (default: the profile's)")
     ap.add_argument("--on-policy-kl", default=None, help="the on-policy divergence (default: the profile's)")
     ap.add_argument("--on-policy-share", type=float, default=0.25, help="the on-policy share of the corpus + on-policy row")
-    ap.add_argument("--on-policy-after", type=float, default=None,
+    ap.add_argument("--on-policy-after", default=None,
                     help="the share of a row's steps trained on the offline pools alone before its on-policy rows join "
-                         "(compression.data.on_policy.start; default: the profile's)")
+                         "(compression.data.on_policy.start; default: the profile's); comma-separated, one corpus + "
+                         "on-policy row each, run in the order given")
     ap.add_argument("--prompt-windows", type=int, default=4,
                     help="prompts for the generation measures: this many 32-token windows of each held-out block")
     ap.add_argument("--contend-after", type=float, default=None,
@@ -105,16 +108,17 @@ def main() -> int:
         policy = replace(policy, steps_per_generation=args.steps_per_generation)
     if args.on_policy_kl:
         policy = replace(policy, kl=args.on_policy_kl)
-    if args.on_policy_after is not None:
-        policy = replace(policy, start=args.on_policy_after)
+    starts = [float(x) for x in args.on_policy_after.split(",")] if args.on_policy_after else [policy.start]
+    policy = replace(policy, start=starts[0])
     result["on_policy"] = {"kl": policy.kl, "steps_per_generation": policy.steps_per_generation,
                            "prompt_tokens": policy.prompt_tokens, "new_tokens": policy.new_tokens, "start": policy.start}
     free_kinds = args.data_free_prompts.split(",")
     rows = [(0, "corpus only", "corpus", 0.0, 0.0), (1, "corpus + teacher samples", "corpus", 0.5, 0.0),
-            (2, "corpus + teacher samples + on-policy", "corpus", 0.25, 0.25),
+            (2, "corpus + teacher samples + on-policy", "corpus", 0.25, 0.25, starts[0]),
             *[(3, "data-free (teacher samples only)" + ("" if kind == "none" else f", prompts: {kind}"), kind, 1.0, 0.0)
               for kind in free_kinds],
-            (4, "corpus + on-policy", "corpus", 0.0, args.on_policy_share)]
+            *[(4, "corpus + on-policy" + (f", start {start}" if len(starts) > 1 else ""), "corpus", 0.0,
+               args.on_policy_share, start) for start in starts]]
     for stage in ("distill", "qat"):
         if args.only and stage != args.only:
             continue
@@ -127,7 +131,8 @@ def main() -> int:
                    **quality(start, teacher, setup.heldout, ood, prompts)}
             result["rows"].append(row)
             print_row(row)
-        for i, name, prompt_kind, w_samples, w_on in rows:
+        for i, name, prompt_kind, w_samples, w_on, *start in rows:
+            row_policy = replace(policy, start=start[0]) if start else policy
             if args.rows is not None and str(i) not in args.rows.split(","):
                 continue
             t_row = time.perf_counter()
@@ -139,7 +144,7 @@ def main() -> int:
                     pools, weights = [blocks], [1.0]
                 else:
                     pools, weights = [setup.train, blocks], [weights[0], w_samples]
-            mixture = Mixture(tuple(len(p) for p in pools), tuple(weights), w_on, policy if w_on else None)
+            mixture = Mixture(tuple(len(p) for p in pools), tuple(weights), w_on, row_policy if w_on else None)
             train = np.concatenate(pools)
             calib = pools[0][np.linspace(0, len(pools[0]) - 1, 16).astype(int)]
             deadline = t_row + args.budget_min * 60
@@ -157,6 +162,7 @@ def main() -> int:
                    "mixture": {"corpus": weights[0] if prompt_kind == "corpus" else 0.0, "teacher_samples": w_samples, "on_policy": w_on},
                    "sample_prompts": prompt_kind if w_samples else None, "sample_blocks": None if blocks is None else len(blocks)}
             if w_on:  # the first step that trained on on-policy rows
+                row["on_policy_start"] = row_policy.start
                 row["on_policy_from_step"] = next((h["step"] - 1 for h in outcome.history if "on_policy_kd" in h), None)
             row.update(quality(student, teacher, setup.heldout, ood, prompts))
             result["rows"].append(row)
