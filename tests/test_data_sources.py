@@ -13,6 +13,7 @@ import edgekd
 from edgekd import EdgekdError
 from edgekd.cli import main
 from edgekd.methods import generate as gen
+from edgekd.methods import sampling
 from edgekd.methods.distill import DistillConfig, distill
 from edgekd.methods.logit_cache import blocks_read
 from edgekd.methods.losses import logit_divergence
@@ -72,6 +73,41 @@ def test_hybrid_sampling_starts_greedy_then_samples(tiny_tokenizer):
     assert len({r[:, 7:].tobytes() for r in rows}) > 1  # the rest are drawn: seeds differ
 
 
+def test_a_reply_opening_is_fed_after_the_first_turn_and_only_the_last_turn_stops(tiny_tokenizer):
+    model = make_tiny_llama(len(tiny_tokenizer))
+    prompts = np.array([[5, 9, 30, 7], [11, 12, 13, 14]])
+    end = int(torch_continue(model, prompts, 1, np.random.default_rng(0), temperature=0.0)[0, 4])  # row 0's first token ends its turn
+    reply = (end, 40, 41)
+    out = torch_continue(model, prompts, 10, np.random.default_rng(0), temperature=0.0, stop_id=end, reply=reply)
+    assert out[0, 4:7].tolist() == [end, 40, 41]
+    for r in range(2):  # reference: full forward passes, the turns kept by hand
+        seq, fed, replying = list(prompts[r]), [], False
+        while len(seq) < 14:
+            if fed:
+                seq.append(fed.pop(0))
+                replying = not fed
+                continue
+            with torch.no_grad():
+                t = int(model(torch.tensor([seq])).logits[0, -1].argmax())
+            seq.append(t)
+            if replying and t == end:
+                break
+            if not replying and t == end:
+                fed = list(reply[1:])
+        assert out[r, : len(seq)].tolist() == seq
+
+
+def test_turns_feed_the_opening_and_let_only_the_last_turn_stop():
+    turns = sampling.Turns(3, (9, 7, 8))
+    script = [[5, 5, 9], [9, 5, 1], [1, 5, 2], [2, 5, 9], [6, 5, 3], [9, 5, 3]]  # what the sampler draws, rows side by side
+    got = [turns.take(np.array(step)) for step in script]
+    assert [t.tolist() for t, _ in got] == [[5, 5, 9], [9, 5, 7], [7, 5, 8], [8, 5, 9], [6, 5, 3], [9, 5, 3]]
+    assert [m.tolist() for _, m in got] == [[False] * 3, [False] * 3, [False] * 3, [False, False, True], [True, False, True],
+                                            [True, False, True]]
+    plain = sampling.Turns(2)
+    assert plain.take(np.array([9, 1]))[1].tolist() == [True, True]  # without a reply every row is in its last turn
+
+
 # ---------------------------------------------------------------- the teacher's samples
 
 
@@ -96,6 +132,8 @@ def test_samples_are_deterministic_resume_from_their_shards_and_cut_at_eos(tmp_p
     assert reused.generated_now == 0 and np.array_equal(reused.stream, first.stream)  # the cache is reused
     other = gen.generate(teacher, tiny_tokenizer, prompts, _settings(seed=8), tmp_path / "a")
     assert other.generated_now == 5 and not np.array_equal(other.stream, first.stream)  # other settings: sampled anew
+    elsewhere = gen.prompt_source("none", tiny_tokenizer, _settings(seed=8))
+    assert gen.generate(teacher, tiny_tokenizer, elsewhere, _settings(seed=8), tmp_path / "a").generated_now == 5  # other prompts too
     # every sample starts with a corpus block's opening and ends with EOS, and EOS only ends them
     eos = tiny_tokenizer.eos_token_id
     ends = np.flatnonzero(first.stream == eos)
@@ -118,8 +156,17 @@ def test_chat_prompts_go_through_the_chat_template(tmp_path, tiny_tokenizer):
     samples = gen.generate(teacher, tok, gen.prompt_source("file", tok, _settings(), prompt_file=path), _settings(), tmp_path / "s")
     assert list(samples.stream[: len(rendered)]) == rendered
     assert gen.prompt_source("chat", tok, _settings())(0, 2) == [tok("<s>user\n</s>\n<s>assistant\n", add_special_tokens=False)["input_ids"]] * 2
-    # query: the template cut where the user's message begins, so the teacher writes that message (Magpie)
-    assert gen.prompt_source("query", tok, _settings())(0, 2) == [tok("<s>user\n", add_special_tokens=False)["input_ids"]] * 2
+    # query: the template cut where the user's message begins, so the teacher writes that message, then answers it (Magpie)
+    query = gen.prompt_source("query", tok, _settings())
+    assert query(0, 2) == [tok("<s>user\n", add_special_tokens=False)["input_ids"]] * 2
+    assert query.reply == tuple(tok("</s>\n<s>assistant\n", add_special_tokens=False)["input_ids"]) and query.reply[0] == tok.eos_token_id
+    opening, eos = query(0, 1)[0], tok.eos_token_id
+    asked = [*opening, 40, 41, *query.reply, 50, eos, 60, 61]  # a message, the opening fed, an answer, the model starting over
+    unanswered = [*opening, 40, 41, 42]  # the message ran to the token limit
+    starts = [gen._last_turn_start(r, len(opening), query.reply) for r in (asked, unanswered)]
+    assert gen._join([asked, unanswered], starts, eos).tolist() == asked[: asked.index(50) + 2] + unanswered + [eos]
+    samples = gen.generate(teacher, tok, query, _settings(), tmp_path / "q")
+    assert list(samples.stream[: len(opening)]) == opening
     with pytest.raises(EdgekdError, match="no chat template"):
         gen.prompt_source("query", tiny_tokenizer, _settings())
     bad = tmp_path / "bad.jsonl"

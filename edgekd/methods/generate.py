@@ -16,6 +16,7 @@ resumes with the shards it has and ends with the same samples as an uninterrupte
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -70,7 +71,8 @@ def resolve_prompt_kind(kind: str, has_corpus: bool, prompt_file: Any = None) ->
 
 def prompt_source(kind: str, tokenizer: Any, settings: Generation, corpus_blocks: np.ndarray | None = None,
                   prompt_file: Any = None) -> Callable[[int, int], list[list[int]]]:
-    """``prompts(shard, n)``: the shard's ``n`` prompts (token ids), a pure function of the shard."""
+    """``prompts(shard, n)``: the shard's ``n`` prompts (token ids), a pure function of the shard. For
+    ``query`` it has a ``reply`` attribute: the tokens that close the user's message and open the answer."""
     if kind == "corpus":
         if corpus_blocks is None or len(corpus_blocks) == 0:
             raise EdgekdError("no corpus blocks to take prompts from", fix="pass --data, or --prompts FILE")
@@ -92,8 +94,12 @@ def prompt_source(kind: str, tokenizer: Any, settings: Generation, corpus_blocks
         turn = chat_prompt(tokenizer, [{"role": "user", "content": ""}])
         return lambda shard, n: [list(turn) for _ in range(n)]
     if kind == "query":
-        opening = pre_query_prompt(tokenizer)
-        return lambda shard, n: [list(opening) for _ in range(n)]
+        opening, reply = pre_query_prompt(tokenizer)
+
+        def from_the_user_turn(shard: int, n: int) -> list[list[int]]:
+            return [list(opening) for _ in range(n)]
+        from_the_user_turn.reply = reply  # type: ignore[attr-defined]  # generate() feeds it after the user's message
+        return from_the_user_turn
     if kind == "file":
         prompts = read_prompt_file(prompt_file, tokenizer)
 
@@ -115,19 +121,26 @@ def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
 _SENTINEL = "\x00edgekd-user-message\x00"
 
 
-def pre_query_prompt(tokenizer: Any) -> list[int]:
+def pre_query_prompt(tokenizer: Any) -> tuple[list[int], tuple[int, ...]]:
     """The chat template up to where the user's message begins (its system prompt included), so the
-    teacher's continuation is a user's message: Magpie's pre-query template (Xu et al. 2024). A row ends
-    where the teacher ends the message (its end-of-turn token); no answer is sampled after it."""
+    teacher's continuation is a user's message, and what the template writes after that message (its
+    end-of-turn token, then the assistant's turn opened), so the teacher then answers it: Magpie's
+    two steps (Xu et al. 2024), sampled as one sequence (edgekd.methods.sampling.Turns)."""
     if not getattr(tokenizer, "chat_template", None):
         raise EdgekdError("generation.prompts is 'query' but the teacher's tokenizer has no chat template",
                           fix="set compression.data.generation.prompts to none, or use a teacher with a chat template")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False, add_generation_prompt=True)
     if _SENTINEL not in text:
         raise EdgekdError("the teacher's chat template does not show the user's message, so it has no pre-query part",
                           fix="set compression.data.generation.prompts to none or chat")
+    before, after = text.split(_SENTINEL, 1)
     # the rendered text carries its own BOS where the template writes one: no second one added
-    return list(tokenizer(text[: text.index(_SENTINEL)], add_special_tokens=False)["input_ids"])
+    opening = list(tokenizer(before, add_special_tokens=False)["input_ids"])
+    reply = tuple(tokenizer(after, add_special_tokens=False)["input_ids"])
+    if not reply or reply[0] not in set(tokenizer.all_special_ids):
+        raise EdgekdError("the teacher's chat template ends a user's message with no special token, so the end of a "
+                          "sampled message cannot be told", fix="set compression.data.generation.prompts to none or chat")
+    return opening, reply
 
 
 def check_prompt_file(path: Any) -> None:
@@ -182,14 +195,17 @@ def generate(teacher: Any, tokenizer: Any, prompts: Callable[[int, int], list[li
     ``seconds_left()``: the time a budget leaves for sampling; once the first shard has measured the
     pace, a projection past it is refused (the shards made so far are kept for ``--resume``)."""
     directory = Path(directory)
-    meta = {**asdict(settings), "eos": tokenizer.eos_token_id}
+    reply = getattr(prompts, "reply", ())
+    # the first shard's prompts stand for where the prompts come from: other prompts, other samples
+    fingerprint = hashlib.sha256(json.dumps([prompts(0, settings.batch_size), list(reply)]).encode()).hexdigest()
+    meta = {**asdict(settings), "eos": tokenizer.eos_token_id, "prompts_sha256": fingerprint}
     meta_path = directory / "meta.json"
     if meta_path.exists() and json.loads(meta_path.read_text()) != meta:
         for old in directory.glob("shard-*.npy"):  # made with other settings: not these samples
             old.unlink()
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_json(meta_path, meta)
-    engine = _engine(settings, teacher, gguf_path)
+    engine = _engine(settings, teacher, gguf_path, reply)
     n_shards, pieces, made, t_gen, n_gen = shard_count(settings), [], 0, 0.0, 0
     for shard in range(n_shards):
         path = directory / f"shard-{shard:05d}.npy"
@@ -203,7 +219,7 @@ def generate(teacher: Any, tokenizer: Any, prompts: Callable[[int, int], list[li
         shard_prompts = prompts(shard, settings.batch_size)
         rows = engine(shard_prompts, rng, tokenizer.eos_token_id)
         t_gen += time.perf_counter() - t0
-        stream = _join(rows, [len(p) for p in shard_prompts], tokenizer.eos_token_id)
+        stream = _join(rows, [_last_turn_start(r, len(p), reply) for r, p in zip(rows, shard_prompts)], tokenizer.eos_token_id)
         n_gen += sum(len(r) - len(p) for r, p in zip(rows, shard_prompts))  # sampled tokens, not prompts
         atomic_write_bytes(path, _npy_bytes(stream))
         pieces.append(stream)
@@ -216,8 +232,9 @@ def generate(teacher: Any, tokenizer: Any, prompts: Callable[[int, int], list[li
     return Samples(stream, n_shards, made, n_gen / t_gen if t_gen else None, settings.engine)
 
 
-def _engine(settings: Generation, teacher: Any, gguf_path: Any) -> Callable[..., list[list[int]]]:
-    """``run(prompts, rng, eos)``: each prompt continued by up to ``settings.new_tokens`` sampled tokens."""
+def _engine(settings: Generation, teacher: Any, gguf_path: Any, reply: tuple[int, ...] = ()) -> Callable[..., list[list[int]]]:
+    """``run(prompts, rng, eos)``: each prompt continued by up to ``settings.new_tokens`` sampled tokens
+    (``reply``: see edgekd.methods.sampling.torch_continue)."""
     temperature, top_p, new, greedy = settings.temperature, settings.top_p, settings.new_tokens, settings.greedy_tokens
     if settings.engine == "llama.cpp":
         if gguf_path is None:
@@ -234,7 +251,7 @@ def _engine(settings: Generation, teacher: Any, gguf_path: Any) -> Callable[...,
                 if "llm" in opened:
                     opened["llm"].close()
                 opened.update(n_ctx=need, llm=llamacpp.load(gguf_path, n_ctx=need, threads=usable_threads(1 << 10)))
-            return [llama_cpp_continue(opened["llm"], p, new, rng, temperature, top_p, eos, greedy) for p in prompts]
+            return [llama_cpp_continue(opened["llm"], p, new, rng, temperature, top_p, eos, greedy, reply) for p in prompts]
         return run_llama_cpp
 
     def run_torch(prompts: list[list[int]], rng: np.random.Generator, eos: int | None) -> list[list[int]]:
@@ -245,7 +262,7 @@ def _engine(settings: Generation, teacher: Any, gguf_path: Any) -> Callable[...,
         for length in sorted(by_length):  # equal-length prompts run as one batch
             rows = by_length[length]
             done = torch_continue(teacher, np.asarray([prompts[i] for i in rows]), new, rng, temperature, top_p, stop_id=eos,
-                                  greedy_first=greedy)
+                                  greedy_first=greedy, reply=reply)
             for i, row in zip(rows, done):
                 out[i] = row.tolist()
         return out  # type: ignore[return-value]
@@ -275,10 +292,17 @@ def predict_generation_peak(config: Any, settings: Generation) -> float:
     return predict_forward_peak(config, settings.batch_size, settings.prompt_tokens, logit_copies=0.0, extra_bytes=kv + sampler)
 
 
-def _join(rows: list[list[int]], prompt_lengths: list[int], eos: int | None) -> np.ndarray:
-    """Each row cut after its first EOS past the prompt (the rest is the model starting over), EOS-separated."""
+def _last_turn_start(row: list[int], prompt_length: int, reply: tuple[int, ...]) -> int:
+    """Where the row's last turn begins: after the prompt, or after the reply's opening the row was fed."""
+    if reply and reply[0] in row[prompt_length:]:
+        return row.index(reply[0], prompt_length) + len(reply)
+    return prompt_length
+
+
+def _join(rows: list[list[int]], starts: list[int], eos: int | None) -> np.ndarray:
+    """Each row cut after its first EOS past ``starts`` (its last turn: the rest is the model starting over), EOS-separated."""
     stream: list[int] = []
-    for row, p in zip(rows, prompt_lengths):
+    for row, p in zip(rows, starts):
         if eos is not None and eos in row[p:]:
             row = row[: row.index(eos, p) + 1]
         stream.extend(row)

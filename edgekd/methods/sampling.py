@@ -61,11 +61,14 @@ def _inverse_cdf(mass: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def torch_continue(model: Any, prompts: np.ndarray, new_tokens: int, rng: np.random.Generator, temperature: float = 1.0,
                    top_p: float = 1.0, autocast: Callable[[], Any] = contextlib.nullcontext,
-                   stop_id: int | None = None, greedy_first: int = 0) -> np.ndarray:
+                   stop_id: int | None = None, greedy_first: int = 0, reply: tuple[int, ...] = ()) -> np.ndarray:
     """``prompts`` (rows, P) continued by ``new_tokens`` sampled tokens each with ``model``'s KV
     cache: (rows, P + new_tokens); shorter when every row has sampled ``stop_id`` (the rows that
     did earlier go on sampling until then). Rows run as one batch (equal-length prompts, no padding).
-    ``greedy_first``: the first this many new tokens are the most likely ones (LLM-QAT's hybrid sampling)."""
+    ``greedy_first``: the first this many new tokens are the most likely ones (LLM-QAT's hybrid sampling).
+    ``reply`` (end of turn, then the next turn's opening): a row that samples ``reply[0]`` is fed the rest
+    of ``reply`` (not sampled) and goes on sampling the next turn, and only a ``stop_id`` after that
+    stops it: a user's message the model wrote, then its answer (see :class:`Turns`)."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -76,36 +79,67 @@ def torch_continue(model: Any, prompts: np.ndarray, new_tokens: int, rng: np.ran
     cache_arg = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"  # transformers 5.x renamed it
     step_in, past = ids, 0
     stopped = np.zeros(len(out), dtype=bool)
+    turns = Turns(len(out), reply)
     for i in range(new_tokens):
         positions = torch.arange(past, past + step_in.shape[1], device=device).expand(len(out), -1)
         with autocast():
             logits = model(input_ids=step_in, position_ids=positions, use_cache=True, logits_to_keep=1,
                            **{cache_arg: cache}).logits[:, -1]
         past += step_in.shape[1]
-        tok = next_tokens(logits.float().cpu().numpy(), rng, temperature if i >= greedy_first else 0.0, top_p)
+        tok, sampled_in_reply = turns.take(next_tokens(logits.float().cpu().numpy(), rng, temperature if i >= greedy_first else 0.0, top_p))
         out[:, ids.shape[1] + i] = tok
         if stop_id is not None:
-            stopped |= tok == stop_id
+            stopped |= (tok == stop_id) & sampled_in_reply
             if stopped.all():
                 return out[:, : ids.shape[1] + i + 1]
         step_in = torch.as_tensor(tok[:, None], device=device)
     return out
 
 
+class Turns:
+    """Per row: sampling its first turn, being fed the next turn's opening, or sampling that turn.
+    Without ``reply`` every row is in its last turn from the start (plain continuation)."""
+
+    def __init__(self, rows: int, reply: tuple[int, ...] = ()):
+        self.reply = tuple(reply)
+        self.replying = np.full(rows, not self.reply)  # sampling the turn a stop token ends
+        self.fed = np.zeros(rows, dtype=np.int64)  # tokens of the opening fed so far (1..len-1 while feeding)
+
+    def take(self, sampled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The tokens the rows append (``sampled``, or the opening's next token where a row is being fed),
+        and which of them were sampled in the last turn (only those may stop a row)."""
+        tok = np.asarray(sampled).copy()
+        if not self.reply:
+            return tok, self.replying
+        feeding = (self.fed > 0) & (self.fed < len(self.reply))
+        tok[feeding] = np.asarray(self.reply)[self.fed[feeding]]
+        self.fed[feeding] += 1
+        last_turn = self.replying & ~feeding
+        ends_turn = ~self.replying & ~feeding & (self.fed == 0) & (tok == self.reply[0])
+        self.fed[ends_turn] = 1
+        self.replying |= ends_turn & (len(self.reply) == 1)
+        self.replying |= feeding & (self.fed >= len(self.reply))
+        return tok, last_turn
+
+
 def llama_cpp_continue(llm: Any, prompt: list[int], new_tokens: int, rng: np.random.Generator, temperature: float = 1.0,
-                       top_p: float = 1.0, stop_id: int | None = None, greedy_first: int = 0) -> list[int]:
+                       top_p: float = 1.0, stop_id: int | None = None, greedy_first: int = 0,
+                       reply: tuple[int, ...] = ()) -> list[int]:
     """``prompt`` continued by ``new_tokens`` tokens, the logits computed by llama.cpp (``llm``, a
-    llama_cpp.Llama from edgekd.device.llamacpp.load), the tokens picked by :func:`next_tokens`."""
+    llama_cpp.Llama from edgekd.device.llamacpp.load), the tokens picked by :func:`next_tokens`;
+    ``reply`` as in :func:`torch_continue`."""
     from ..device.llamacpp import last_logits
 
     llm.reset()
     seq = list(prompt)
     llm.eval(seq)
+    turns = Turns(1, reply)
     for i in range(new_tokens):
         logits = last_logits(llm)[None]
-        tok = int(next_tokens(logits, rng, temperature if i >= greedy_first else 0.0, top_p)[0])
+        picked, last_turn = turns.take(next_tokens(logits, rng, temperature if i >= greedy_first else 0.0, top_p))
+        tok = int(picked[0])
         seq.append(tok)
-        if tok == stop_id:
+        if tok == stop_id and last_turn[0]:
             break
         if i < new_tokens - 1:
             llm.eval([tok])
