@@ -390,6 +390,11 @@ def test_cli_prompt_file_errors_exit_2(tmp_path, tiny_model_dir, capsys):
     code = main(["compress", "--teacher", str(tiny_model_dir), "--data", "teacher", "--prompts", str(tmp_path / "none.jsonl"),
                  "--output", str(tmp_path / "out")])
     assert code == 2 and "prompt file not found" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    # query prompts need a chat template: one message with the fix, exit 2
+    code = main(["compress", "--teacher", str(tiny_model_dir), "--data", "teacher", "--output", str(tmp_path / "q"), "--quiet",
+                 "--set", "compression.data.generation.prompts=query"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "has no chat template" in err and "prompts to none" in err and "Traceback" not in err
 
 
 def test_llama_cpp_engine_samples_the_gguf_teacher_deterministically(tmp_path, tiny_model_dir):
@@ -417,6 +422,17 @@ def test_llama_cpp_engine_samples_the_gguf_teacher_deterministically(tmp_path, t
     assert np.array_equal(a.stream, b.stream)
     with pytest.raises(EdgekdError, match="needs the teacher as a GGUF"):
         gen.generate(model, tok, src, replace_engine(sampled, "llama.cpp"), tmp_path / "c")
+    # a reply opening (query prompts) is fed the same way by both engines
+    first = int(by_torch.stream[4])  # the first sample's first new token ends its turn
+
+    def with_reply(shard, n):
+        return src(shard, n)
+    with_reply.reply = (first, 5, 6)
+    replied = {engine: gen.generate(model if engine == "llama.cpp" else in_f16, tok, with_reply, replace_engine(greedy, engine),
+                                    tmp_path / f"r-{engine}", gguf_path=path) for engine in ("llama.cpp", "torch")}
+    assert all(r.stream[4:7].tolist() == [first, 5, 6] for r in replied.values())
+    assert len(replied["torch"].stream) == len(replied["llama.cpp"].stream)
+    assert (replied["torch"].stream == replied["llama.cpp"].stream).mean() > 0.9
 
 
 def replace_engine(settings, engine):
