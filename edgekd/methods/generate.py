@@ -8,10 +8,11 @@ with no corpus at all the samples are the whole training set (data-free QAT: LLM
 Prompts: the first tokens of corpus blocks, a JSONL file (chat messages rendered by the
 tokenizer's chat template, or plain text), nothing (a first token drawn from the vocabulary, as
 LLM-QAT starts its samples), the chat template's empty turn, or the chat template opened at the
-user's turn, so that the teacher writes the user's message itself (Magpie: Xu et al. 2024 found an
-aligned model's pre-query template alone draws varied, in-distribution instructions). Generation runs in shards of one
-batch each, written atomically; shard i is sampled with the seed ``(seed, i)``, so a killed run
-resumes with the shards it has and ends with the same samples as an uninterrupted one.
+user's turn, so that the teacher writes a user's message and then answers it (Magpie, Xu et al.
+2024: an aligned model's pre-query template alone draws instructions like those it was tuned on).
+Generation runs in shards of one batch each, written atomically; shard i is sampled with the seed
+``(seed, i)``, so a killed run resumes with the shards it has and ends with the same samples as an
+uninterrupted one.
 """
 
 from __future__ import annotations

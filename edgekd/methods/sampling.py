@@ -86,10 +86,10 @@ def torch_continue(model: Any, prompts: np.ndarray, new_tokens: int, rng: np.ran
             logits = model(input_ids=step_in, position_ids=positions, use_cache=True, logits_to_keep=1,
                            **{cache_arg: cache}).logits[:, -1]
         past += step_in.shape[1]
-        tok, sampled_in_reply = turns.take(next_tokens(logits.float().cpu().numpy(), rng, temperature if i >= greedy_first else 0.0, top_p))
+        tok, in_last_turn = turns.take(next_tokens(logits.float().cpu().numpy(), rng, temperature if i >= greedy_first else 0.0, top_p))
         out[:, ids.shape[1] + i] = tok
         if stop_id is not None:
-            stopped |= (tok == stop_id) & sampled_in_reply
+            stopped |= (tok == stop_id) & in_last_turn
             if stopped.all():
                 return out[:, : ids.shape[1] + i + 1]
         step_in = torch.as_tensor(tok[:, None], device=device)
