@@ -113,10 +113,10 @@ def main() -> int:
     result["on_policy"] = {"kl": policy.kl, "steps_per_generation": policy.steps_per_generation,
                            "prompt_tokens": policy.prompt_tokens, "new_tokens": policy.new_tokens, "start": policy.start}
     free_kinds = args.data_free_prompts.split(",")
-    rows = [(0, "corpus only", "corpus", 0.0, 0.0), (1, "corpus + teacher samples", "corpus", 0.5, 0.0),
+    rows = [(0, "corpus only", "corpus", 0.0, 0.0, starts[0]), (1, "corpus + teacher samples", "corpus", 0.5, 0.0, starts[0]),
             (2, "corpus + teacher samples + on-policy", "corpus", 0.25, 0.25, starts[0]),
-            *[(3, "data-free (teacher samples only)" + ("" if kind == "none" else f", prompts: {kind}"), kind, 1.0, 0.0)
-              for kind in free_kinds],
+            *[(3, "data-free (teacher samples only)" + ("" if kind == "none" else f", prompts: {kind}"), kind, 1.0, 0.0,
+               starts[0]) for kind in free_kinds],
             *[(4, "corpus + on-policy" + (f", start {start}" if len(starts) > 1 else ""), "corpus", 0.0,
                args.on_policy_share, start) for start in starts]]
     for stage in ("distill", "qat"):
@@ -131,8 +131,8 @@ def main() -> int:
                    **quality(start, teacher, setup.heldout, ood, prompts)}
             result["rows"].append(row)
             print_row(row)
-        for i, name, prompt_kind, w_samples, w_on, *start in rows:
-            row_policy = replace(policy, start=start[0]) if start else policy
+        for i, name, prompt_kind, w_samples, w_on, start in rows:
+            row_policy = replace(policy, start=start)
             if args.rows is not None and str(i) not in args.rows.split(","):
                 continue
             t_row = time.perf_counter()

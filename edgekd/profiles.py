@@ -148,10 +148,8 @@ class GenerationSettings(_Strict):
 
     tokens: int = Field(default=65536, gt=0)  # training tokens to generate (prompts included, EOS-separated)
     # corpus: the first prompt_tokens of training blocks; none: a first token drawn from the
-    # vocabulary (LLM-QAT); chat: the chat template's empty user turn; query: the chat template opened
-    # at the user's turn, the teacher writing a user's message and answering it (Magpie; measured against
-    # none for data-free QAT in benchmarks/RESULTS.md: lower out-of-domain KL, higher held-out KL); auto:
-    # corpus, or none without one. --prompts FILE (JSONL of {"messages": [...]} or {"prompt": "..."}) replaces them
+    # vocabulary (LLM-QAT); chat: the chat template's empty user turn; query: the teacher writes a user's
+    # message and answers it (Magpie); auto: corpus, or none without one. --prompts FILE replaces them
     prompts: Literal["auto", "corpus", "none", "chat", "query"] = "auto"
     prompt_tokens: int = Field(default=16, gt=0)
     new_tokens: int = Field(default=240, gt=0)

@@ -102,23 +102,20 @@ class Turns:
 
     def __init__(self, rows: int, reply: tuple[int, ...] = ()):
         self.reply = tuple(reply)
-        self.replying = np.full(rows, not self.reply)  # sampling the turn a stop token ends
-        self.fed = np.zeros(rows, dtype=np.int64)  # tokens of the opening fed so far (1..len-1 while feeding)
+        # tokens of the opening fed so far: 0 in the first turn, 1..len-1 while feeding, len in the last turn
+        self.fed = np.zeros(rows, dtype=np.int64)
 
     def take(self, sampled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The tokens the rows append (``sampled``, or the opening's next token where a row is being fed),
         and which of them were sampled in the last turn (only those may stop a row)."""
         tok = np.asarray(sampled).copy()
         if not self.reply:
-            return tok, self.replying
-        feeding = (self.fed > 0) & (self.fed < len(self.reply))
+            return tok, np.ones(len(tok), dtype=bool)
+        last_turn = self.fed >= len(self.reply)
+        feeding = (self.fed > 0) & ~last_turn
         tok[feeding] = np.asarray(self.reply)[self.fed[feeding]]
         self.fed[feeding] += 1
-        last_turn = self.replying & ~feeding
-        ends_turn = ~self.replying & ~feeding & (self.fed == 0) & (tok == self.reply[0])
-        self.fed[ends_turn] = 1
-        self.replying |= ends_turn & (len(self.reply) == 1)
-        self.replying |= feeding & (self.fed >= len(self.reply))
+        self.fed[(self.fed == 0) & (tok == self.reply[0])] = 1  # the first turn ends: feeding starts
         return tok, last_turn
 
 
