@@ -149,13 +149,14 @@ def main() -> int:
             calib = pools[0][np.linspace(0, len(pools[0]) - 1, 16).astype(int)]
             deadline = t_row + args.budget_min * 60
             if stage == "distill":
-                student, outcome, cfg = distill_row(setup, train, mixture, deadline)
+                student, outcome, cfg, probe_s = distill_row(setup, train, mixture, deadline)
             else:
-                student, outcome, cfg = qat_row(setup, train, calib, mixture, deadline)
+                student, outcome, cfg, probe_s = qat_row(setup, train, calib, mixture, deadline)
             contention.stop()
             summary = outcome.summary()
             row = {"stage": stage, "row": name, "generation_s": round(gen_s, 1), "steps": outcome.steps,
-                   "planned_steps": cfg.steps,
+                   "planned_steps": cfg.steps, "probe_s_per_step": round(probe_s, 3),
+                   "median_step_s": round(float(np.median([h["step_s"] for h in outcome.history])), 3) if outcome.history else None,
                    "stopped_at_deadline": outcome.stopped_at_deadline, "final_lr": outcome.history[-1]["lr"] if outcome.history else None,
                    "training_tokens": outcome.tokens, "wall_time_s": round(time.perf_counter() - t_row, 1),
                    "sampling_tokens_per_s": summary["sampling_tokens_per_s"], "sampling_share": summary["sampling_share"],
@@ -194,7 +195,8 @@ class Contention:
 
 def distill_row(setup, train, mixture, deadline, **overrides):
     """The pruned student distilled until ``deadline``, its steps fitted to the time left: (student,
-    outcome, the config it trained with; the deadline stops a row that runs slower than its probe said).
+    outcome, the config it trained with, the probe's seconds a step; the deadline stops a row that
+    runs slower than its probe said).
     ``overrides``: DistillConfig fields set over the profile's (e.g. ``temperature``)."""
     teacher = setup.teacher.model
     plan = pruned_student_plan(setup)
@@ -209,7 +211,7 @@ def distill_row(setup, train, mixture, deadline, **overrides):
     cfg.steps = max(1, int((deadline - time.perf_counter()) / per_step))
     outcome, _ = run_distillation(student, teacher, train, cfg, plan.layer_map, "distilling", deadline=deadline,
                                   memory=memory, mixture=mixture)
-    return student, outcome, cfg
+    return student, outcome, cfg, per_step
 
 
 def qat_row(setup, train, calib, mixture, deadline):
@@ -217,10 +219,14 @@ def qat_row(setup, train, calib, mixture, deadline):
     student = copy.deepcopy(teacher)
     cfg = qat_config(setup.profile.compression.distill, setup.profile.compression.qat)
     cfg.on_policy_share = mixture.on_policy_share
-    result = qat_kd(student, teacher, train, calib, FormatPlan.uniform("q4_0"), cfg, clip_search=True,
-                    fit_steps=lambda probe: max(1, int((deadline - time.perf_counter()) / probe())), deadline=deadline,
-                    memory_target_gb=setup.profile.compression.memory_target_gb, mixture=mixture)
-    return result.model, result.outcome, cfg
+    probed = []
+
+    def fit(probe) -> int:
+        probed.append(probe())
+        return max(1, int((deadline - time.perf_counter()) / probed[-1]))
+    result = qat_kd(student, teacher, train, calib, FormatPlan.uniform("q4_0"), cfg, clip_search=True, fit_steps=fit,
+                    deadline=deadline, memory_target_gb=setup.profile.compression.memory_target_gb, mixture=mixture)
+    return result.model, result.outcome, cfg, probed[0]
 
 
 @torch.no_grad()

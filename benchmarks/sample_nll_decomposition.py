@@ -48,8 +48,8 @@ def main() -> int:
     print("teacher", flush=True)
     result["teacher"] = [decompose(teacher, teacher, prompts, t) for t in (1.0, 0.8)]
     for kd_t in (float(t) for t in args.kd_temperatures.split(",")):
-        student, outcome, _ = distill_row(setup, setup.train, Mixture.single(len(setup.train)),
-                                       time.perf_counter() + args.budget_min * 60, temperature=kd_t)
+        student, outcome, _, _ = distill_row(setup, setup.train, Mixture.single(len(setup.train)),
+                                          time.perf_counter() + args.budget_min * 60, temperature=kd_t)
         row = {"kd_temperature": kd_t, "steps": outcome.steps, **quality(student, teacher, setup.heldout, ood, prompts)}
         print(f"student, KD temperature {kd_t}: {outcome.steps} steps, held-out KL {row['heldout_kl']:.4f}, "
               f"ppl {row['heldout_ppl']:.2f}, rep-4 {row['repeated_4grams']:.3f}", flush=True)
