@@ -8,7 +8,7 @@ rows joining after ``--start`` of the steps: the probe weights both kinds of ste
 steps before and after the join are reported apart.
 
     .venv/bin/python benchmarks/step_probe_check.py --out step_probe_check
-    .venv/bin/python benchmarks/step_probe_check.py --on-policy-share 0.5 --start 0.5 --steps 40 --out step_probe_check_on_policy
+    .venv/bin/python benchmarks/step_probe_check.py --on-policy-share 0.5 --start 0.5 --steps 48 --out step_probe_check_on_policy
 """
 
 from __future__ import annotations
