@@ -193,6 +193,11 @@ class Contention:
             self.proc.wait()
 
 
+def steps_until(deadline: float, per_step: float) -> int:
+    """The steps of ``per_step`` seconds that fit between now and ``deadline`` (at least 1)."""
+    return max(1, int((deadline - time.perf_counter()) / per_step))
+
+
 def distill_row(setup, train, mixture, deadline, **overrides):
     """The pruned student distilled until ``deadline``, its steps fitted to the time left: (student,
     outcome, the config it trained with, the probe's seconds a step; the deadline stops a row that
@@ -208,7 +213,7 @@ def distill_row(setup, train, mixture, deadline, **overrides):
     cfg, memory = plan_memory(student, teacher, cfg, train.shape[1], target_gb=setup.profile.compression.memory_target_gb)
     apply_memory_settings(cfg, memory)
     per_step = probe_step_seconds(student, teacher, train, cfg, plan.layer_map, mixture=mixture)
-    cfg.steps = max(1, int((deadline - time.perf_counter()) / per_step))
+    cfg.steps = steps_until(deadline, per_step)
     outcome, _ = run_distillation(student, teacher, train, cfg, plan.layer_map, "distilling", deadline=deadline,
                                   memory=memory, mixture=mixture)
     return student, outcome, cfg, per_step
@@ -219,11 +224,11 @@ def qat_row(setup, train, calib, mixture, deadline):
     student = copy.deepcopy(teacher)
     cfg = qat_config(setup.profile.compression.distill, setup.profile.compression.qat)
     cfg.on_policy_share = mixture.on_policy_share
-    probed = []
+    probed = []  # the probe's seconds a step, for the row's record
 
     def fit(probe) -> int:
         probed.append(probe())
-        return max(1, int((deadline - time.perf_counter()) / probed[-1]))
+        return steps_until(deadline, probed[-1])
     result = qat_kd(student, teacher, train, calib, FormatPlan.uniform("q4_0"), cfg, clip_search=True, fit_steps=fit,
                     deadline=deadline, memory_target_gb=setup.profile.compression.memory_target_gb, mixture=mixture)
     return result.model, result.outcome, cfg, probed[0]
