@@ -16,6 +16,7 @@ It also measures the two generation engines side by side (torch batched vs llama
     .venv/bin/python benchmarks/data_sources.py --only distill --rows 0,4 --budget-min 25 --on-policy-share 0.5 --on-policy-after 0.5
     .venv/bin/python benchmarks/data_sources.py --only qat --rows 0,3 --budget-min 15 --data-free-tokens 65536 --data-free-prompts none,query
     .venv/bin/python benchmarks/data_sources.py --only distill --rows 0,4 --budget-min 10 --on-policy-share 0.5 --on-policy-after 0.75,0.5
+    .venv/bin/python benchmarks/data_sources.py --only qat --rows 3 --budget-min 30 --data-free-tokens 65536 --data-free-share 0,0.3
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ def main() -> int:
     ap.add_argument("--data-free-prompts", default="none",
                     help="the data-free row's prompts, comma-separated for one row each: none (a drawn first token), "
                          "query (the teacher writes the user's turn), chat")
+    ap.add_argument("--data-free-share", default="0",
+                    help="comma-separated, one data-free row each: sampling goes on past --data-free-tokens until this share "
+                         "of the row's budget (compression.data.generation.time_share; 0: the tokens exactly)")
     ap.add_argument("--greedy-tokens", type=int, default=None,
                     help="the teacher samples' first tokens taken greedily (LLM-QAT's hybrid sampling; default: the profile's)")
     ap.add_argument("--only", choices=["distill", "qat"], default=None)
@@ -96,11 +100,11 @@ def main() -> int:
     result["generation"] = asdict(base)
     scratch = Path("export/data-sources")
 
-    def samples(kind: str, tokens: int) -> tuple[np.ndarray, float]:
+    def samples(kind: str, tokens: int, fill_s: float | None = None) -> tuple[np.ndarray, float]:
         s = replace(base, tokens=tokens, seed=11)
         t0 = time.perf_counter()
         src = gen.prompt_source(kind, tok, s, setup.train)
-        out = gen.generate(teacher, tok, src, s, scratch / f"{kind}-{tokens}-{time.time_ns()}")
+        out = gen.generate(teacher, tok, src, s, scratch / f"{kind}-{tokens}-{time.time_ns()}", fill_s=fill_s)
         return out.blocks(block_len), time.perf_counter() - t0
 
     policy = OnPolicy.from_settings(setup.profile.compression.data.on_policy)
@@ -113,12 +117,15 @@ def main() -> int:
     result["on_policy"] = {"kl": policy.kl, "steps_per_generation": policy.steps_per_generation,
                            "prompt_tokens": policy.prompt_tokens, "new_tokens": policy.new_tokens, "start": policy.start}
     free_kinds = args.data_free_prompts.split(",")
-    rows = [(0, "corpus only", "corpus", 0.0, 0.0, starts[0]), (1, "corpus + teacher samples", "corpus", 0.5, 0.0, starts[0]),
-            (2, "corpus + teacher samples + on-policy", "corpus", 0.25, 0.25, starts[0]),
-            *[(3, "data-free (teacher samples only)" + ("" if kind == "none" else f", prompts: {kind}"), kind, 1.0, 0.0,
-               starts[0]) for kind in free_kinds],
+    shares = [float(x) for x in args.data_free_share.split(",")]
+    rows = [(0, "corpus only", "corpus", 0.0, 0.0, starts[0], 0.0),
+            (1, "corpus + teacher samples", "corpus", 0.5, 0.0, starts[0], 0.0),
+            (2, "corpus + teacher samples + on-policy", "corpus", 0.25, 0.25, starts[0], 0.0),
+            *[(3, "data-free (teacher samples only)" + ("" if kind == "none" else f", prompts: {kind}")
+               + (f", time share {share}" if share else ""), kind, 1.0, 0.0, starts[0], share)
+              for kind in free_kinds for share in shares],
             *[(4, "corpus + on-policy" + (f", start {start}" if len(starts) > 1 else ""), "corpus", 0.0,
-               args.on_policy_share, start) for start in starts]]
+               args.on_policy_share, start, 0.0) for start in starts]]
     for stage in ("distill", "qat"):
         if args.only and stage != args.only:
             continue
@@ -131,7 +138,7 @@ def main() -> int:
                    **quality(start, teacher, setup.heldout, ood, prompts)}
             result["rows"].append(row)
             print_row(row)
-        for i, name, prompt_kind, w_samples, w_on, start in rows:
+        for i, name, prompt_kind, w_samples, w_on, start, share in rows:
             row_policy = replace(policy, start=start)
             if args.rows is not None and str(i) not in args.rows.split(","):
                 continue
@@ -139,7 +146,8 @@ def main() -> int:
             contention = Contention(args.contend_after)
             pools, weights, gen_s, blocks = [setup.train], [1.0 - w_samples - w_on], 0.0, None
             if w_samples:
-                blocks, gen_s = samples(prompt_kind, args.data_free_tokens if prompt_kind != "corpus" else args.sample_tokens)
+                blocks, gen_s = samples(prompt_kind, args.data_free_tokens if prompt_kind != "corpus" else args.sample_tokens,
+                                        share * args.budget_min * 60 if share else None)
                 if prompt_kind != "corpus":
                     pools, weights = [blocks], [1.0]
                 else:
@@ -161,7 +169,8 @@ def main() -> int:
                    "training_tokens": outcome.tokens, "wall_time_s": round(time.perf_counter() - t_row, 1),
                    "sampling_tokens_per_s": summary["sampling_tokens_per_s"], "sampling_share": summary["sampling_share"],
                    "mixture": {"corpus": weights[0] if prompt_kind == "corpus" else 0.0, "teacher_samples": w_samples, "on_policy": w_on},
-                   "sample_prompts": prompt_kind if w_samples else None, "sample_blocks": None if blocks is None else len(blocks)}
+                   "sample_prompts": prompt_kind if w_samples else None, "sample_blocks": None if blocks is None else len(blocks),
+                   "sample_time_share": share or None}
             if w_on:  # the first step that trained on on-policy rows
                 row["on_policy_start"] = row_policy.start
                 row["on_policy_from_step"] = next((h["step"] - 1 for h in outcome.history if "on_policy_kd" in h), None)

@@ -147,6 +147,9 @@ class GenerationSettings(_Strict):
     ``--data teacher`` the whole corpus (data-free QAT)."""
 
     tokens: int = Field(default=65536, gt=0)  # training tokens to generate (prompts included, EOS-separated)
+    # with --data teacher and a time budget: sampling goes on past `tokens` until this share of the
+    # training time the budget leaves (0: `tokens` exactly); a longer budget buys distinct samples, not repeats
+    time_share: float = Field(default=0.0, ge=0, le=0.5)
     # corpus: the first prompt_tokens of training blocks; none: a first token drawn from the
     # vocabulary (LLM-QAT); chat: the chat template's empty user turn; query: the teacher writes a user's
     # message and answers it (Magpie); auto: corpus, or none without one. --prompts FILE replaces them

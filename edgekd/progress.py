@@ -44,8 +44,9 @@ class Reporter:
         with Progress(*columns, console=console, transient=False) as bar:
             task_id = bar.add_task(description, total=total, status="")
 
-            def advance(n: int = 1, status: str | None = None) -> None:
-                bar.update(task_id, advance=n, **({"status": status} if status is not None else {}))
+            def advance(n: int = 1, status: str | None = None, total: int | None = None) -> None:
+                bar.update(task_id, advance=n, **({"status": status} if status is not None else {}),
+                           **({"total": total} if total is not None else {}))
 
             yield advance
             if total is None:

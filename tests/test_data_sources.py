@@ -142,6 +142,63 @@ def test_samples_are_deterministic_resume_from_their_shards_and_cut_at_eos(tmp_p
     assert first.stream[-1] == eos and all(tuple(first.stream[a:a + 4]) in openings for a in starts)
 
 
+class _Clock:
+    """``time`` for edgekd.methods.generate with every shard taking one second."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def perf_counter(self):
+        self.calls += 1
+        return self.calls // 2  # t0 and the shard's end: one second apart
+
+
+def test_a_time_share_fills_past_the_settings_with_the_same_seeded_stream(tmp_path, tiny_tokenizer, monkeypatch):
+    teacher = make_tiny_llama(len(tiny_tokenizer))
+    s = _settings()
+    prompts = gen.prompt_source("none", tiny_tokenizer, s)
+    plain = gen.generate(teacher, tiny_tokenizer, prompts, s, tmp_path / "plain")
+    monkeypatch.setattr(gen, "time", _Clock())
+    totals = []
+    filled = gen.generate(teacher, tiny_tokenizer, prompts, s, tmp_path / "fill", fill_s=7.0,
+                          progress=lambda n=1, status=None, total=None: totals.append(total))
+    # 5 shards asked for, then one more while the shards so far and the next fit 7 s: 6 s, 7 s, not 8 s
+    assert plain.shards == 5 and filled.shards == filled.generated_now == 7
+    assert np.array_equal(filled.stream[: plain.stream.size], plain.stream) and filled.stream.size > plain.stream.size
+    assert [t for t in totals if t is not None] == [7, 7]  # the bar's end projected from the pace
+    again = gen.generate(teacher, tiny_tokenizer, prompts, s, tmp_path / "fill")  # resumed: what was sampled is kept
+    assert again.generated_now == 0 and np.array_equal(again.stream, filled.stream)
+
+
+@pytest.mark.parametrize("share, train_shards", [(0.5, 5), (0.0, 2)])
+def test_a_data_free_run_under_a_time_budget_fills_its_share_with_samples(tmp_path, tiny_tokenizer, monkeypatch, share,
+                                                                          train_shards):
+    from types import SimpleNamespace
+
+    from edgekd.pipeline.context import RunContext, RunInputs
+    from edgekd.pipeline.rundir import RunDir
+    from edgekd.pipeline.timebudget import MIN_RESERVE_S, TimeBudget
+    from edgekd.progress import Reporter
+    from edgekd.report import Report
+    from edgekd.stages.samples import teacher_samples
+
+    profile = edgekd.load_profile("raspberry-pi-5", ["compression.data.block_len=16", "compression.data.generation.tokens=96",
+                                                     "compression.data.generation.prompt_tokens=4",
+                                                     "compression.data.generation.new_tokens=12",
+                                                     "compression.data.generation.batch_size=3",
+                                                     f"compression.data.generation.time_share={share}"])
+    teacher = SimpleNamespace(model=make_tiny_llama(len(tiny_tokenizer)), tokenizer=tiny_tokenizer,
+                              source=SimpleNamespace(kind="hf", path=None))
+    ctx = RunContext(profile, RunDir(tmp_path), Report("r", str(tmp_path), {}), Reporter(quiet=True), RunInputs(data="teacher"),
+                     teacher=teacher)
+    ctx.time_budget = TimeBudget(MIN_RESERVE_S + 11.0)  # 11 s of training time: a 0.5 share fills about 5.5 s
+    monkeypatch.setattr(gen, "time", _Clock())  # each shard one second
+    record = teacher_samples(ctx)
+    # 2 shards asked for (96 tokens, 48 a shard), then more while they fit the share; the held-out split is not filled
+    assert record.metrics["train_shards"] == train_shards and record.metrics["heldout_shards"] == 1
+    assert ("fill_s" in record.metrics) == (share > 0) and len(ctx.corpus.train) * 16 <= 48 * train_shards
+
+
 def test_chat_prompts_go_through_the_chat_template(tmp_path, tiny_tokenizer):
     tok = tiny_tokenizer.__class__(tokenizer_object=tiny_tokenizer.backend_tokenizer, bos_token="<s>", eos_token="</s>",
                                    pad_token="</s>", unk_token="<unk>")

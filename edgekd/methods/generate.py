@@ -191,10 +191,13 @@ def shard_count(settings: Generation) -> int:
 
 def generate(teacher: Any, tokenizer: Any, prompts: Callable[[int, int], list[list[int]]], settings: Generation,
              directory: Path, gguf_path: Any = None, progress: Callable[..., None] | None = None,
-             seconds_left: Callable[[], float] | None = None) -> Samples:
+             seconds_left: Callable[[], float] | None = None, fill_s: float | None = None) -> Samples:
     """The teacher's samples under ``directory``: shards already there (same settings) are reused.
     ``seconds_left()``: the time a budget leaves for sampling; once the first shard has measured the
-    pace, a projection past it is refused (the shards made so far are kept for ``--resume``)."""
+    pace, a projection past it is refused (the shards made so far are kept for ``--resume``).
+    ``fill_s``: after the ``settings.tokens`` the settings ask for, go on sampling shards (the same
+    seeded stream) while those sampled in this call and the next one at their pace fit in ``fill_s``
+    seconds: a time budget's share turned into distinct samples rather than repeats of fewer."""
     directory = Path(directory)
     reply = getattr(prompts, "reply", ())
     # the first shard's prompts stand for where the prompts come from: other prompts, other samples
@@ -208,29 +211,38 @@ def generate(teacher: Any, tokenizer: Any, prompts: Callable[[int, int], list[li
     atomic_write_json(meta_path, meta)
     engine = _engine(settings, teacher, gguf_path, reply)
     n_shards, pieces, made, t_gen, n_gen = shard_count(settings), [], 0, 0.0, 0
-    for shard in range(n_shards):
+
+    def another(shard: int) -> bool:
+        """Past the settings' shards: one on disk (a resumed fill), or one more that fits ``fill_s``."""
+        if (directory / f"shard-{shard:05d}.npy").exists():
+            return True
+        return bool(fill_s) and made > 0 and t_gen * (made + 1) / made <= fill_s
+
+    shard = 0
+    while shard < n_shards or another(shard):
         path = directory / f"shard-{shard:05d}.npy"
+        if shard >= n_shards and progress and made:  # the fill's projected end, from the pace so far
+            progress(0, total=shard + 1 + max(0, int((fill_s - t_gen * (made + 1) / made) / (t_gen / made))))
         if path.exists():
             pieces.append(np.load(path))
-            if progress:
-                progress(1)
-            continue
-        rng = np.random.default_rng([settings.seed, shard])
-        t0 = time.perf_counter()
-        shard_prompts = prompts(shard, settings.batch_size)
-        rows = engine(shard_prompts, rng, tokenizer.eos_token_id)
-        t_gen += time.perf_counter() - t0
-        stream = _join(rows, [_last_turn_start(r, len(p), reply) for r, p in zip(rows, shard_prompts)], tokenizer.eos_token_id)
-        n_gen += sum(len(r) - len(p) for r, p in zip(rows, shard_prompts))  # sampled tokens, not prompts
-        atomic_write_bytes(path, _npy_bytes(stream))
-        pieces.append(stream)
-        made += 1
-        if seconds_left is not None and made == 1:
-            _check_pace(t_gen, n_shards - shard - 1, seconds_left())
+        else:
+            rng = np.random.default_rng([settings.seed, shard])
+            t0 = time.perf_counter()
+            shard_prompts = prompts(shard, settings.batch_size)
+            rows = engine(shard_prompts, rng, tokenizer.eos_token_id)
+            t_gen += time.perf_counter() - t0
+            stream = _join(rows, [_last_turn_start(r, len(p), reply) for r, p in zip(rows, shard_prompts)], tokenizer.eos_token_id)
+            n_gen += sum(len(r) - len(p) for r, p in zip(rows, shard_prompts))  # sampled tokens, not prompts
+            atomic_write_bytes(path, _npy_bytes(stream))
+            pieces.append(stream)
+            made += 1
+            if seconds_left is not None and made == 1 and shard < n_shards:
+                _check_pace(t_gen, n_shards - shard - 1, seconds_left())
         if progress:
-            progress(1, status=f"{n_gen / max(t_gen, 1e-9):.0f} tok/s")
+            progress(1, **({"status": f"{n_gen / max(t_gen, 1e-9):.0f} tok/s"} if made else {}))
+        shard += 1
     stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
-    return Samples(stream, n_shards, made, n_gen / t_gen if t_gen else None, settings.engine)
+    return Samples(stream, shard, made, n_gen / t_gen if t_gen else None, settings.engine)
 
 
 def _engine(settings: Generation, teacher: Any, gguf_path: Any, reply: tuple[int, ...] = ()) -> Callable[..., list[list[int]]]:

@@ -28,9 +28,11 @@ def teacher_samples(ctx: RunContext) -> StageRecord:
     predicted = gen.predict_generation_peak(ctx.teacher.model.config, settings)  # before the heap grows
     refuse_over_limit(predicted, ctx.profile.compression.memory_gb, "sampling the teacher (the prompts' forward pass, the KV cache "
                       "of a batch, the sampler)", "lower compression.data.generation.batch_size or new_tokens")
-    seconds_left = None
+    seconds_left = fill_s = None
     if ctx.time_budget is not None:  # sampling may take half the training time the budget leaves
         seconds_left = lambda: SAMPLING_SHARE * ctx.time_budget.training_left_s()  # noqa: E731
+        if data_free and data.generation.time_share > 0:  # the samples are the whole training set: more of them
+            fill_s = data.generation.time_share * max(0.0, ctx.time_budget.training_left_s())
     splits = {"train": settings}
     if data_free:  # a held-out split of its own, sampled with another seed
         frac = ctx.profile.compression.evaluation.heldout_fraction
@@ -41,7 +43,7 @@ def teacher_samples(ctx: RunContext) -> StageRecord:
         with ctx.reporter.task(f"sampling the teacher ({split}, {s.engine}, prompts: {kind})", total=gen.shard_count(s),
                                unit="shards") as advance:
             made[split] = gen.generate(ctx.teacher.model, tokenizer, prompts, s, ctx.run.path(SAMPLES_DIR, split), gguf, advance,
-                                       seconds_left)
+                                       seconds_left, fill_s if split == "train" else None)
     blocks = {split: samples.blocks(data.block_len) for split, samples in made.items()}
     if any(len(b) == 0 for b in blocks.values()):
         from ..errors import EdgekdError
@@ -67,6 +69,8 @@ def teacher_samples(ctx: RunContext) -> StageRecord:
                 "shards_reused": samples.shards - samples.generated_now,
                 "tokens_per_s": round(samples.tokens_per_s, 1) if samples.tokens_per_s else None}.items()}
     metrics["engine"] = settings.engine
+    if fill_s is not None:
+        metrics["fill_s"] = round(fill_s, 1)  # the time budget's share the train split could fill past generation.tokens
     metrics["predicted_peak_rss_mb"] = round(predicted / 2**20, 1)
     return StageRecord("teacher_samples", settings={**asdict(settings), "prompts": kind, "data_free": data_free},
                        metrics=metrics, artifacts=artifacts)
