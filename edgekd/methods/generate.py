@@ -216,13 +216,13 @@ def generate(teacher: Any, tokenizer: Any, prompts: Callable[[int, int], list[li
         """Past the settings' shards: one on disk (a resumed fill), or one more that fits ``fill_s``."""
         if (directory / f"shard-{shard:05d}.npy").exists():
             return True
-        return bool(fill_s) and made > 0 and t_gen * (made + 1) / made <= fill_s
+        return bool(fill_s) and made > 0 and t_gen + t_gen / made <= fill_s
 
     shard = 0
     while shard < n_shards or another(shard):
         path = directory / f"shard-{shard:05d}.npy"
-        if shard >= n_shards and progress and made:  # the fill's projected end, from the pace so far
-            progress(0, total=shard + 1 + max(0, int((fill_s - t_gen * (made + 1) / made) / (t_gen / made))))
+        if shard >= n_shards and progress and made:  # the fill's projected end: this shard and those after it that fit
+            progress(0, total=shard + max(1, int((fill_s - t_gen) / (t_gen / made))))
         if path.exists():
             pieces.append(np.load(path))
         else:
