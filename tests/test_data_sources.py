@@ -234,6 +234,40 @@ def test_chat_prompts_go_through_the_chat_template(tmp_path, tiny_tokenizer):
         gen.read_prompt_file(path, tiny_tokenizer)
 
 
+# A system header with today's date, read the two ways real templates do: Llama 3.x's (a date_string
+# argument, else strftime_now) and SmolLM3's (strftime_now, always)
+DATED_TEMPLATES = {
+    "date_string, else the clock": ("{{ bos_token }}{% if not date_string is defined %}{% if strftime_now is defined %}"
+                                    "{% set date_string = strftime_now('%d %b %Y') %}{% else %}{% set date_string = 'none' %}"
+                                    "{% endif %}{% endif %}<s>system\nToday Date: {{ date_string }}</s>\n" + CHAT_TEMPLATE,
+                                    "Today Date: 26 Jul 2024"),
+    "the clock": ("<s>system\nToday Date: {{ strftime_now('%-d %B %Y') }}</s>\n" + CHAT_TEMPLATE, "Today Date: 26 July 2024"),
+}
+
+
+@pytest.mark.parametrize("reads", DATED_TEMPLATES)
+def test_a_chat_template_that_writes_todays_date_renders_one_fixed_date(tmp_path, tiny_tokenizer, reads):
+    """Llama 3.x and SmolLM3 templates date every prompt: pinned, a seed fixes the samples and a run
+    resumed on another day keeps its shards."""
+    import re
+
+    from edgekd.methods import chat_template
+
+    template, header = DATED_TEMPLATES[reads]
+    tok = tiny_tokenizer.__class__(tokenizer_object=tiny_tokenizer.backend_tokenizer, bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>", unk_token="<unk>")
+    tok.chat_template = template
+    user = [{"role": "user", "content": "What is a list?"}]
+    as_is = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    pinned = chat_template.render(tok, user, tokenize=False)
+    assert pinned != as_is and pinned == re.sub("Today Date: [^<]*", header, as_is)  # on its own the template reads the clock
+    assert gen.chat_prompt(tok, user) == tok(pinned, add_special_tokens=False)["input_ids"]
+    opening, reply = gen.pre_query_prompt(tok)
+    assert header in tok.decode(opening) and reply == tuple(tok("</s>\n<s>assistant\n", add_special_tokens=False)["input_ids"])
+    # a template that never asks for the date is rendered as it is
+    assert chat_template.pinned_template(CHAT_TEMPLATE) == CHAT_TEMPLATE
+
+
 def test_prompts_from_nothing_are_one_drawn_token():
     class Tok:
         all_special_ids = [0, 1, 2]

@@ -30,6 +30,7 @@ import numpy as np
 
 from ..errors import EdgekdError
 from ..fileio import atomic_write_bytes, atomic_write_json
+from .chat_template import chat_prompt, pre_query_prompt
 from .data import _npy_bytes, jsonl_records, pack
 from .sampling import llama_cpp_continue, torch_continue
 
@@ -108,40 +109,6 @@ def prompt_source(kind: str, tokenizer: Any, settings: Generation, corpus_blocks
             return [prompts[(shard * n + i) % len(prompts)] for i in range(n)]
         return from_file
     raise ValueError(f"unknown prompt kind {kind!r}")
-
-
-def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """``messages`` through the tokenizer's chat template, ending with the assistant's turn opened."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise EdgekdError("the teacher's tokenizer has no chat template, so chat messages cannot be rendered",
-                          fix='give the prompts as plain text ({"prompt": "..."} lines), or use a teacher with a chat template')
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-    return list(ids["input_ids"])
-
-
-_SENTINEL = "\x00edgekd-user-message\x00"
-
-
-def pre_query_prompt(tokenizer: Any) -> tuple[list[int], tuple[int, ...]]:
-    """The chat template up to where the user's message begins (its system prompt included), so the
-    teacher's continuation is a user's message, and what the template writes after that message (its
-    end-of-turn token, then the assistant's turn opened), so the teacher then answers it: Magpie's
-    two steps (Xu et al. 2024), sampled as one sequence (edgekd.methods.sampling.Turns)."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise EdgekdError("generation.prompts is 'query' but the teacher's tokenizer has no chat template",
-                          fix="set compression.data.generation.prompts to none, or use a teacher with a chat template")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False, add_generation_prompt=True)
-    if _SENTINEL not in text:
-        raise EdgekdError("the teacher's chat template does not show the user's message, so it has no pre-query part",
-                          fix="set compression.data.generation.prompts to none or chat")
-    before, after = text.split(_SENTINEL, 1)
-    # the rendered text carries its own BOS where the template writes one: no second one added
-    opening = list(tokenizer(before, add_special_tokens=False)["input_ids"])
-    reply = tuple(tokenizer(after, add_special_tokens=False)["input_ids"])
-    if not reply or reply[0] not in set(tokenizer.all_special_ids):
-        raise EdgekdError("the teacher's chat template ends a user's message with no special token, so the end of a "
-                          "sampled message cannot be told", fix="set compression.data.generation.prompts to none or chat")
-    return opening, reply
 
 
 def check_prompt_file(path: Any) -> None:

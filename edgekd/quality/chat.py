@@ -21,7 +21,8 @@ Greedy = Callable[[list[int], int], list[int]]  # (prompt ids, new tokens) -> co
 def prompt_ids(tokenizer: Any, prompts: list[str], prompts_file: Any = None) -> list[tuple[str, list[int]]]:
     """(shown text, token ids) per prompt: the profile's strings as one user turn each, then a JSONL
     file's (``{"messages": [...]}`` or ``{"prompt": "..."}``, as ``--prompts`` reads them)."""
-    from ..methods.generate import chat_prompt, read_prompt_file
+    from ..methods.chat_template import chat_prompt
+    from ..methods.generate import read_prompt_file
 
     out = []
     for text in prompts:
