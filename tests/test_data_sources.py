@@ -78,7 +78,7 @@ def test_a_reply_opening_is_fed_after_the_first_turn_and_only_the_last_turn_stop
     prompts = np.array([[5, 9, 30, 7], [11, 12, 13, 14]])
     end = int(torch_continue(model, prompts, 1, np.random.default_rng(0), temperature=0.0)[0, 4])  # row 0's first token ends its turn
     reply = (end, 40, 41)
-    out = torch_continue(model, prompts, 10, np.random.default_rng(0), temperature=0.0, stop_id=end, reply=reply)
+    out = torch_continue(model, prompts, 10, np.random.default_rng(0), temperature=0.0, stop_ids=(end,), reply=reply)
     assert out[0, 4:7].tolist() == [end, 40, 41]
     for r in range(2):  # reference: full forward passes, the turns kept by hand
         seq, fed, replying = list(prompts[r]), [], False
@@ -266,6 +266,27 @@ def test_a_chat_template_that_writes_todays_date_renders_one_fixed_date(tmp_path
     assert header in tok.decode(opening) and reply == tuple(tok("</s>\n<s>assistant\n", add_special_tokens=False)["input_ids"])
     # a template that never asks for the date is rendered as it is
     assert chat_template.pinned_template(CHAT_TEMPLATE) == CHAT_TEMPLATE
+
+
+def test_a_sample_ends_at_every_stop_token_the_generation_config_lists(tmp_path, tiny_tokenizer):
+    """Gemma 3 ends an assistant's turn with <end_of_turn>, Phi-4-mini with <|end|>: neither is their tokenizer's EOS."""
+    from edgekd.methods.chat_template import stop_ids
+
+    teacher = make_tiny_llama(len(tiny_tokenizer))
+    blocks = np.random.default_rng(0).integers(3, len(tiny_tokenizer), size=(10, 32)).astype(np.int32)
+    s = _settings(temperature=0.0)
+    prompts = gen.prompt_source("corpus", tiny_tokenizer, s, blocks)
+    eos, first = tiny_tokenizer.eos_token_id, prompts(0, s.batch_size)[0]
+    assert stop_ids(teacher, tiny_tokenizer) == (eos,)
+    plain = gen.generate(teacher, tiny_tokenizer, prompts, s, tmp_path / "s")
+    end = int(plain.stream[len(first)])  # the first sample's first new token: made the end of a turn
+    assert end != eos and plain.stream[len(first) + 1] != eos
+    teacher.generation_config.eos_token_id = [eos, end]
+    assert stop_ids(teacher, tiny_tokenizer) == (eos, end)
+    ended = gen.generate(teacher, tiny_tokenizer, prompts, s, tmp_path / "s")
+    assert ended.generated_now == ended.shards  # other stop tokens: other samples
+    assert ended.stream[: len(first) + 2].tolist() == [*first, end, eos]  # cut after the turn's end, then the separator
+    assert len(ended.stream) < len(plain.stream)
 
 
 def test_prompts_from_nothing_are_one_drawn_token():

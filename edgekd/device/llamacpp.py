@@ -154,15 +154,15 @@ class Tokenizer:
         return {"input_ids": [self._vocab.tokenize(t.encode("utf-8"), add_bos=add_special_tokens, special=False) for t in texts]}
 
 
-def greedy(llm: Any, prompt: list[int], new_tokens: int, stop_id: int | None = None) -> list[int]:
-    """Greedy continuation of ``prompt`` (argmax of the context's logits each step), ending at ``stop_id``."""
+def greedy(llm: Any, prompt: list[int], new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:
+    """Greedy continuation of ``prompt`` (argmax of the context's logits each step), ending at any of ``stop_ids``."""
     llm.reset()
     llm.eval([int(t) for t in prompt])
     out: list[int] = []
     for _ in range(new_tokens):
         token = int(last_logits(llm).argmax())
         out.append(token)
-        if token == stop_id or len(prompt) + len(out) >= llm.n_ctx():
+        if token in stop_ids or len(prompt) + len(out) >= llm.n_ctx():
             break
         llm.eval([token])
     return out

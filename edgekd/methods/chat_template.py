@@ -40,6 +40,17 @@ def pinned_template(template: str) -> str:
     return _pin_macro() + template if "strftime_now" in template else template
 
 
+def stop_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
+    """The tokens that end a reply: the tokenizer's EOS first (it also separates samples), then the
+    others of the model's generation config. Gemma 3 ends an assistant's turn with ``<end_of_turn>``,
+    Phi-4-mini with ``<|end|>``, neither of them its tokenizer's EOS; transformers' ``generate`` stops
+    at every id the config lists, and so does sampling here."""
+    config = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    listed = [config] if isinstance(config, int) else list(config or [])
+    first = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return tuple(dict.fromkeys(int(t) for t in first + listed))
+
+
 def render(tokenizer: Any, messages: list[dict[str, str]], tokenize: bool) -> Any:
     """``messages`` through the tokenizer's chat template with the assistant's turn opened: the text,
     or with ``tokenize`` the token ids (the template's own special tokens, no others added)."""

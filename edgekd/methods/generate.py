@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import EdgekdError
 from ..fileio import atomic_write_bytes, atomic_write_json
-from .chat_template import chat_prompt, pre_query_prompt
+from .chat_template import chat_prompt, pre_query_prompt, stop_ids
 from .data import _npy_bytes, jsonl_records, pack
 from .sampling import llama_cpp_continue, torch_continue
 
@@ -169,7 +169,10 @@ def generate(teacher: Any, tokenizer: Any, prompts: Callable[[int, int], list[li
     reply = getattr(prompts, "reply", ())
     # the first shard's prompts stand for where the prompts come from: other prompts, other samples
     fingerprint = hashlib.sha256(json.dumps([prompts(0, settings.batch_size), list(reply)]).encode()).hexdigest()
+    stops = stop_ids(teacher, tokenizer)
     meta = {**asdict(settings), "eos": tokenizer.eos_token_id, "prompts_sha256": fingerprint}
+    if stops[1:]:  # recorded only where the model ends a reply with more than its EOS (shards of one-EOS models stay valid)
+        meta["stops"] = list(stops)
     meta_path = directory / "meta.json"
     if meta_path.exists() and json.loads(meta_path.read_text()) != meta:
         for old in directory.glob("shard-*.npy"):  # made with other settings: not these samples
@@ -196,9 +199,9 @@ def generate(teacher: Any, tokenizer: Any, prompts: Callable[[int, int], list[li
             rng = np.random.default_rng([settings.seed, shard])
             t0 = time.perf_counter()
             shard_prompts = prompts(shard, settings.batch_size)
-            rows = engine(shard_prompts, rng, tokenizer.eos_token_id)
+            rows = engine(shard_prompts, rng, stops)
             t_gen += time.perf_counter() - t0
-            stream = _join(rows, [_last_turn_start(r, len(p), reply) for r, p in zip(rows, shard_prompts)], tokenizer.eos_token_id)
+            stream = _join(rows, [_last_turn_start(r, len(p), reply) for r, p in zip(rows, shard_prompts)], tokenizer.eos_token_id, stops)
             n_gen += sum(len(r) - len(p) for r, p in zip(rows, shard_prompts))  # sampled tokens, not prompts
             atomic_write_bytes(path, _npy_bytes(stream))
             pieces.append(stream)
@@ -213,7 +216,7 @@ def generate(teacher: Any, tokenizer: Any, prompts: Callable[[int, int], list[li
 
 
 def _engine(settings: Generation, teacher: Any, gguf_path: Any, reply: tuple[int, ...] = ()) -> Callable[..., list[list[int]]]:
-    """``run(prompts, rng, eos)``: each prompt continued by up to ``settings.new_tokens`` sampled tokens
+    """``run(prompts, rng, stops)``: each prompt continued by up to ``settings.new_tokens`` sampled tokens
     (``reply``: see edgekd.methods.sampling.torch_continue)."""
     temperature, top_p, new, greedy = settings.temperature, settings.top_p, settings.new_tokens, settings.greedy_tokens
     if settings.engine == "llama.cpp":
@@ -225,23 +228,23 @@ def _engine(settings: Generation, teacher: Any, gguf_path: Any, reply: tuple[int
 
         opened: dict[str, Any] = {}
 
-        def run_llama_cpp(prompts: list[list[int]], rng: np.random.Generator, eos: int | None) -> list[list[int]]:
+        def run_llama_cpp(prompts: list[list[int]], rng: np.random.Generator, stops: tuple[int, ...]) -> list[list[int]]:
             need = max(len(p) for p in prompts) + new
             if opened.get("n_ctx", 0) < need:  # a context that holds the longest prompt and its continuation
                 if "llm" in opened:
                     opened["llm"].close()
                 opened.update(n_ctx=need, llm=llamacpp.load(gguf_path, n_ctx=need, threads=usable_threads(1 << 10)))
-            return [llama_cpp_continue(opened["llm"], p, new, rng, temperature, top_p, eos, greedy, reply) for p in prompts]
+            return [llama_cpp_continue(opened["llm"], p, new, rng, temperature, top_p, stops, greedy, reply) for p in prompts]
         return run_llama_cpp
 
-    def run_torch(prompts: list[list[int]], rng: np.random.Generator, eos: int | None) -> list[list[int]]:
+    def run_torch(prompts: list[list[int]], rng: np.random.Generator, stops: tuple[int, ...]) -> list[list[int]]:
         out: list[list[int] | None] = [None] * len(prompts)
         by_length: dict[int, list[int]] = {}
         for i, p in enumerate(prompts):
             by_length.setdefault(len(p), []).append(i)
         for length in sorted(by_length):  # equal-length prompts run as one batch
             rows = by_length[length]
-            done = torch_continue(teacher, np.asarray([prompts[i] for i in rows]), new, rng, temperature, top_p, stop_id=eos,
+            done = torch_continue(teacher, np.asarray([prompts[i] for i in rows]), new, rng, temperature, top_p, stop_ids=stops,
                                   greedy_first=greedy, reply=reply)
             for i, row in zip(rows, done):
                 out[i] = row.tolist()
@@ -279,12 +282,15 @@ def _last_turn_start(row: list[int], prompt_length: int, reply: tuple[int, ...])
     return prompt_length
 
 
-def _join(rows: list[list[int]], starts: list[int], eos: int | None) -> np.ndarray:
-    """Each row cut after its first EOS past ``starts`` (its last turn: the rest is the model starting over), EOS-separated."""
+def _join(rows: list[list[int]], starts: list[int], eos: int | None, stops: tuple[int, ...] = ()) -> np.ndarray:
+    """Each row cut after its first stop token (EOS or another of ``stops``) past ``starts`` (its last
+    turn: the rest is the model starting over), EOS-separated."""
+    ends = {eos, *stops} - {None}
     stream: list[int] = []
     for row, p in zip(rows, starts):
-        if eos is not None and eos in row[p:]:
-            row = row[: row.index(eos, p) + 1]
+        cut = next((i for i in range(p, len(row)) if row[i] in ends), None)
+        if cut is not None:
+            row = row[: cut + 1]
         stream.extend(row)
         if eos is not None and row[-1] != eos:
             stream.append(eos)

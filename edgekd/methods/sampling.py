@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import numpy as np
@@ -61,13 +61,13 @@ def _inverse_cdf(mass: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def torch_continue(model: Any, prompts: np.ndarray, new_tokens: int, rng: np.random.Generator, temperature: float = 1.0,
                    top_p: float = 1.0, autocast: Callable[[], Any] = contextlib.nullcontext,
-                   stop_id: int | None = None, greedy_first: int = 0, reply: tuple[int, ...] = ()) -> np.ndarray:
+                   stop_ids: Collection[int] = (), greedy_first: int = 0, reply: tuple[int, ...] = ()) -> np.ndarray:
     """``prompts`` (rows, P) continued by ``new_tokens`` sampled tokens each with ``model``'s KV
-    cache: (rows, P + new_tokens); shorter when every row has sampled ``stop_id`` (the rows that
+    cache: (rows, P + new_tokens); shorter when every row has sampled one of ``stop_ids`` (the rows that
     did earlier go on sampling until then). Rows run as one batch (equal-length prompts, no padding).
     ``greedy_first``: the first this many new tokens are the most likely ones (LLM-QAT's hybrid sampling).
     ``reply`` (end of turn, then the next turn's opening): a row that samples ``reply[0]`` is fed the rest
-    of ``reply`` (not sampled) and goes on sampling the next turn, and only a ``stop_id`` after that
+    of ``reply`` (not sampled) and goes on sampling the next turn, and only a stop token after that
     stops it: a user's message the model wrote, then its answer (see :class:`Turns`)."""
     from transformers import DynamicCache
 
@@ -88,8 +88,8 @@ def torch_continue(model: Any, prompts: np.ndarray, new_tokens: int, rng: np.ran
         past += step_in.shape[1]
         tok, in_last_turn = turns.take(next_tokens(logits.float().cpu().numpy(), rng, temperature if i >= greedy_first else 0.0, top_p))
         out[:, ids.shape[1] + i] = tok
-        if stop_id is not None:
-            stopped |= (tok == stop_id) & in_last_turn
+        if len(stop_ids):
+            stopped |= np.isin(tok, list(stop_ids)) & in_last_turn
             if stopped.all():
                 return out[:, : ids.shape[1] + i + 1]
         step_in = torch.as_tensor(tok[:, None], device=device)
@@ -120,7 +120,7 @@ class Turns:
 
 
 def llama_cpp_continue(llm: Any, prompt: list[int], new_tokens: int, rng: np.random.Generator, temperature: float = 1.0,
-                       top_p: float = 1.0, stop_id: int | None = None, greedy_first: int = 0,
+                       top_p: float = 1.0, stop_ids: Collection[int] = (), greedy_first: int = 0,
                        reply: tuple[int, ...] = ()) -> list[int]:
     """``prompt`` continued by ``new_tokens`` tokens, the logits computed by llama.cpp (``llm``, a
     llama_cpp.Llama from edgekd.device.llamacpp.load), the tokens picked by :func:`next_tokens`;
@@ -136,7 +136,7 @@ def llama_cpp_continue(llm: Any, prompt: list[int], new_tokens: int, rng: np.ran
         picked, last_turn = turns.take(next_tokens(logits, rng, temperature if i >= greedy_first else 0.0, top_p))
         tok = int(picked[0])
         seq.append(tok)
-        if tok == stop_id and last_turn[0]:
+        if tok in stop_ids and last_turn[0]:
             break
         if i < new_tokens - 1:
             llm.eval([tok])

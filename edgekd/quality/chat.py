@@ -9,7 +9,7 @@ token with the teacher's.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -36,24 +36,24 @@ def prompt_ids(tokenizer: Any, prompts: list[str], prompts_file: Any = None) -> 
     return out
 
 
-def until_stop(tokens: list[int], stop_id: int | None) -> list[int]:
-    """``tokens`` up to and without the first ``stop_id``."""
-    return tokens[: tokens.index(stop_id)] if stop_id in tokens else list(tokens)
+def until_stop(tokens: list[int], stop_ids: Collection[int]) -> list[int]:
+    """``tokens`` up to and without the first of ``stop_ids``."""
+    return next((tokens[:i] for i, t in enumerate(tokens) if t in stop_ids), list(tokens))
 
 
-def torch_greedy(model: Any, stop_id: int | None) -> Greedy:
+def torch_greedy(model: Any, stop_ids: tuple[int, ...]) -> Greedy:
     import torch
 
     def run(prompt: list[int], new_tokens: int) -> list[int]:
         with torch.no_grad():
             out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
-                                 eos_token_id=stop_id, pad_token_id=stop_id)
+                                 eos_token_id=list(stop_ids) or None, pad_token_id=stop_ids[0] if stop_ids else None)
         return out[0, len(prompt):].tolist()
 
     return run
 
 
-def runtime_greedy(path: Path, threads: int, context: int, stop_id: int | None) -> Greedy:
+def runtime_greedy(path: Path, threads: int, context: int, stop_ids: tuple[int, ...]) -> Greedy:
     """Greedy decoding in the runtime that ships ``path`` (llama.cpp, onnxruntime-genai, onnxruntime)."""
     from .sources import kind_of
 
@@ -62,7 +62,7 @@ def runtime_greedy(path: Path, threads: int, context: int, stop_id: int | None) 
         from ..device import llamacpp
 
         llm = llamacpp.load(path, n_ctx=context, threads=threads)
-        return llamacpp.Owned(llm, lambda prompt, n: llamacpp.greedy(llm, prompt, n, stop_id))
+        return llamacpp.Owned(llm, lambda prompt, n: llamacpp.greedy(llm, prompt, n, stop_ids))
     if kind == "onnx-genai":
         from ..device.onnxgenai import GenaiModel, folder_of
 
@@ -77,15 +77,15 @@ def runtime_greedy(path: Path, threads: int, context: int, stop_id: int | None) 
 
 
 def side_by_side(teacher: Greedy, files: dict[str, Greedy], prompts: list[tuple[str, list[int]]], new_tokens: int,
-                 tokenizer: Any, stop_id: int | None) -> list[dict[str, Any]]:
+                 tokenizer: Any, stop_ids: tuple[int, ...]) -> list[dict[str, Any]]:
     """Per prompt: the teacher's reply and each file's, with how many leading tokens match the teacher's."""
     out = []
     for text, ids in prompts:
-        ref = until_stop(teacher(ids, new_tokens), stop_id)
+        ref = until_stop(teacher(ids, new_tokens), stop_ids)
         row = {"prompt": text, "prompt_tokens": len(ids), "teacher": tokenizer.decode(ref, skip_special_tokens=True),
                "teacher_tokens": len(ref), "files": {}}
         for name, greedy in files.items():
-            got = until_stop(greedy(ids, new_tokens), stop_id)
+            got = until_stop(greedy(ids, new_tokens), stop_ids)
             same = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
             row["files"][name] = {"reply": tokenizer.decode(got, skip_special_tokens=True), "tokens": len(got),
                                   "same_prefix_tokens": same, "identical": got == ref}

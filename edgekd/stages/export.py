@@ -83,7 +83,9 @@ def _chat(ctx: RunContext, threads: int) -> list[dict[str, Any]]:
     prompts = prompt_ids(tokenizer, ev.chat_prompts, ev.chat_prompts_file) if ev.chat_new_tokens else []
     if not prompts:
         return []
-    stop = tokenizer.eos_token_id
+    from ..methods.chat_template import stop_ids
+
+    stop = stop_ids(ctx.teacher.model, tokenizer)  # the EOS, and the end of an assistant's turn where that is another token
     context = max(len(ids) for _, ids in prompts) + ev.chat_new_tokens + 1
     with ctx.reporter.task(f"chat side by side: {len(prompts)} prompts, teacher and {len(ctx.exports)} files"):
         files = {e.path.name: runtime_greedy(e.path, threads, context, stop) for e in ctx.exports}
