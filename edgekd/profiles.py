@@ -240,8 +240,8 @@ class DistillSettings(_Strict):
     logit_cache: LogitCacheSettings | None = None  # None: the live teacher
     checkpoint_every: int = Field(default=50, gt=0)
     seed: int = 0
-    # arithmetic of the forward passes in distillation and QAT; master weights, gradients and
-    # optimizer state stay fp32. auto: bf16 where the hardware has native bf16, else fp32.
+    # arithmetic of the forward passes in distillation and QAT (and of the teacher's sampling); master
+    # weights, gradients and optimizer state stay fp32. auto: bf16 where the hardware has native bf16, else fp32.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 

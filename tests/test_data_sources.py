@@ -108,6 +108,37 @@ def test_turns_feed_the_opening_and_let_only_the_last_turn_stop():
     assert plain.take(np.array([9, 1]))[1].tolist() == [True, True]  # without a reply every row is in its last turn
 
 
+def test_bf16_held_linears_sample_what_autocast_alone_samples(tiny_tokenizer):
+    """The teacher's sampling under bf16 holds its linear weights as bf16 copies (no cast at every decode
+    step): the same logits bit for bit, the same tokens, and the fp32 weights and the tied head put back."""
+    import functools
+
+    from edgekd.methods import precision
+
+    model = make_tiny_llama(len(tiny_tokenizer))
+    autocast = functools.partial(precision.forward_precision, "bf16", "cpu")
+    prompts = np.array([[5, 9, 30, 7], [11, 12, 13, 14]])
+    weights = {n: p for n, p in model.named_parameters()}
+    with torch.no_grad(), autocast():
+        alone = model(torch.from_numpy(prompts)).logits
+    with precision.bf16_linear_weights(model):
+        assert model.lm_head.weight.dtype == torch.bfloat16 and model.model.embed_tokens.weight.dtype == torch.float32
+        with torch.no_grad(), autocast():
+            held = model(torch.from_numpy(prompts)).logits
+        sampled_held = torch_continue(model, prompts, 8, np.random.default_rng(3), 1.0, 0.95, autocast)
+    assert torch.equal(alone, held)
+    assert np.array_equal(sampled_held, torch_continue(model, prompts, 8, np.random.default_rng(3), 1.0, 0.95, autocast))
+    assert all(p is weights[n] and p.dtype == torch.float32 for n, p in model.named_parameters())
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied again
+    linears = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert precision.bf16_linear_copy_bytes(model) == 2 * linears
+    # the engine takes that path with precision bf16, and a seed still fixes its samples
+    s = _settings(precision="bf16")
+    src = gen.prompt_source("none", tiny_tokenizer, s)
+    runs = [gen._engine(s, model, None)(src(0, 3), np.random.default_rng(0), (2,)) for _ in range(2)]
+    assert runs[0] == runs[1] and all(p.dtype == torch.float32 for p in model.parameters())
+
+
 # ---------------------------------------------------------------- the teacher's samples
 
 

@@ -12,6 +12,7 @@ import contextlib
 import statistics
 import sys
 import time
+from dataclasses import replace
 from unittest import mock
 
 import numpy as np
@@ -91,3 +92,61 @@ def cmd_sampling(args) -> None:
         gap = f"{max(r['parting_logit_gaps']):.1e}" if r["parting_logit_gaps"] else "none parted"
         print(f"| {r['rows']} | {r['new_tokens']} | {r['top_p']} | {r['edgekd_tokens_per_s']:.0f} | "
               f"{r['row_by_row_tokens_per_s']:.0f} | {r['speed_up']:.2f}x | {r['same_tokens']:.1%} | {gap} |")
+
+
+def _qwen3_shape_teacher():
+    """A randomly initialised model with Qwen3-0.6B's configuration (speed only: the numbers do not depend on the weights)."""
+    from memory_fit import QWEN3_06B
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen3ForCausalLM(Qwen3Config(**QWEN3_06B)).eval()
+
+
+def cmd_sampling_precision(args) -> None:
+    """The teacher's sampling in fp32, under bf16 autocast, and under autocast with the linear weights
+    held in bf16 (edgekd's torch engine with ``precision: bf16``), side by side on the same prompts
+    and seeds; and whether the held weights give autocast's logits bit for bit."""
+    import functools
+
+    from edgekd.methods.generate import Generation, _engine
+    from edgekd.methods.precision import bf16_linear_weights, forward_precision
+
+    s = default_setup(args.teacher, args.blocks)
+    spec = s.profile.compression.data.generation
+    models = {"default teacher": s.teacher.model}
+    if args.qwen3_shape:
+        models["Qwen3-0.6B shape (random weights)"] = _qwen3_shape_teacher()
+    autocast = functools.partial(forward_precision, "bf16", "cpu")
+    rows = []
+    for label, model in models.items():
+        vocab = model.config.vocab_size
+        prompts = (s.train[: args.rows, : spec.prompt_tokens] % vocab).astype(np.int64)
+        with torch.no_grad(), autocast():
+            alone = model(torch.from_numpy(prompts[:4])).logits
+        with torch.no_grad(), bf16_linear_weights(model), autocast():
+            exact = bool(torch.equal(alone, model(torch.from_numpy(prompts[:4])).logits))
+        del alone
+        base = Generation(1, spec.prompt_tokens, args.new_tokens, spec.temperature, spec.top_p, "torch", args.rows, 0)
+        arms = {"fp32": base, "bf16 autocast": None, "bf16, linears held in bf16 (the engine)": replace(base, precision="bf16")}
+        times: dict[str, list[float]] = {name: [] for name in arms}
+        for r in range(args.rounds):
+            for name, settings in arms.items():  # alternating, so a slower stretch of a shared host hits all
+                t0 = time.perf_counter()
+                if settings is None:  # autocast alone: each weight cast to bf16 at every decode step
+                    sampling.torch_continue(model, prompts, args.new_tokens, np.random.default_rng(r), spec.temperature, spec.top_p, autocast)
+                else:
+                    _engine(settings, model, None)([list(p) for p in prompts], np.random.default_rng(r), ())
+                times[name].append(time.perf_counter() - t0)
+        rates = {name: round(args.rows * args.new_tokens / statistics.median(t), 1) for name, t in times.items()}
+        row = {"model": label, "rows": args.rows, "new_tokens": args.new_tokens, "tokens_per_s": rates,
+               "speed_up_over_fp32": {n: round(v / rates["fp32"], 2) for n, v in rates.items()}, "held_logits_bit_exact": exact}
+        rows.append(row)
+        print(row, file=sys.stderr, flush=True)
+    write_result("speed_sampling_precision", {"rounds": args.rounds, "rows": rows})
+    print("| teacher | rows | new tokens | fp32 (tokens/s) | bf16 autocast | bf16, linears held in bf16 | speed-up over fp32 | logits = autocast's |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        t = list(r["tokens_per_s"].values())
+        print(f"| {r['model']} | {r['rows']} | {r['new_tokens']} | {t[0]:.0f} | {t[1]:.0f} | {t[2]:.0f} | "
+              f"{t[2] / t[0]:.2f}x | {'bit for bit' if r['held_logits_bit_exact'] else 'NO'} |")

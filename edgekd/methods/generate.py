@@ -17,6 +17,8 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -32,6 +34,7 @@ from ..errors import EdgekdError
 from ..fileio import atomic_write_bytes, atomic_write_json
 from .chat_template import chat_prompt, pre_query_prompt, stop_ids
 from .data import _npy_bytes, jsonl_records, pack
+from .precision import bf16_linear_weights, forward_precision
 from .sampling import llama_cpp_continue, torch_continue
 
 PROMPT_KINDS = ("corpus", "none", "chat", "query", "file")
@@ -50,11 +53,13 @@ class Generation:
     batch_size: int
     seed: int
     greedy_tokens: int = 0  # the first new tokens of a sample taken greedily (LLM-QAT's hybrid sampling)
+    precision: str = "fp32"  # the torch engine's arithmetic: "bf16" (autocast, the linears held in bf16) or "fp32"
 
     @classmethod
-    def from_settings(cls, s: Any) -> Generation:
+    def from_settings(cls, s: Any, precision: str = "fp32") -> Generation:
+        """``precision``: resolved (edgekd.methods.precision.resolve_precision), the run's forward passes' own."""
         return cls(s.tokens, s.prompt_tokens, s.new_tokens, s.temperature, s.top_p,
-                   "torch" if s.engine == "auto" else s.engine, s.batch_size, s.seed, s.greedy_tokens)
+                   "torch" if s.engine == "auto" else s.engine, s.batch_size, s.seed, s.greedy_tokens, precision)
 
 
 # ---------------------------------------------------------------- prompts
@@ -237,17 +242,21 @@ def _engine(settings: Generation, teacher: Any, gguf_path: Any, reply: tuple[int
             return [llama_cpp_continue(opened["llm"], p, new, rng, temperature, top_p, stops, greedy, reply) for p in prompts]
         return run_llama_cpp
 
+    bf16 = settings.precision == "bf16"
+    autocast = functools.partial(forward_precision, settings.precision, next(teacher.parameters()).device.type)
+
     def run_torch(prompts: list[list[int]], rng: np.random.Generator, stops: tuple[int, ...]) -> list[list[int]]:
         out: list[list[int] | None] = [None] * len(prompts)
         by_length: dict[int, list[int]] = {}
         for i, p in enumerate(prompts):
             by_length.setdefault(len(p), []).append(i)
-        for length in sorted(by_length):  # equal-length prompts run as one batch
-            rows = by_length[length]
-            done = torch_continue(teacher, np.asarray([prompts[i] for i in rows]), new, rng, temperature, top_p, stop_ids=stops,
-                                  greedy_first=greedy, reply=reply)
-            for i, row in zip(rows, done):
-                out[i] = row.tolist()
+        with bf16_linear_weights(teacher) if bf16 else contextlib.nullcontext():
+            for length in sorted(by_length):  # equal-length prompts run as one batch
+                rows = by_length[length]
+                done = torch_continue(teacher, np.asarray([prompts[i] for i in rows]), new, rng, temperature, top_p, autocast,
+                                      stop_ids=stops, greedy_first=greedy, reply=reply)
+                for i, row in zip(rows, done):
+                    out[i] = row.tolist()
         return out  # type: ignore[return-value]
     return run_torch
 
@@ -262,9 +271,10 @@ def _check_pace(first_shard_s: float, shards_left: int, seconds: float) -> None:
             "or rerun with --resume and no budget to finish the shards kept so far")
 
 
-def predict_generation_peak(config: Any, settings: Generation) -> float:
+def predict_generation_peak(config: Any, settings: Generation, held_bytes: float = 0.0) -> float:
     """The sampling stage's predicted peak resident bytes: the prompts' forward pass, the KV cache of a
-    full batch in fp32, and the sampler's float64 copies of a batch of last-position logits (x6)."""
+    full batch in fp32, the sampler's float64 copies of a batch of last-position logits (x6), and
+    ``held_bytes`` (the bf16 copies of the linear weights under bf16)."""
     from .memory import predict_forward_peak
 
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -272,7 +282,7 @@ def predict_generation_peak(config: Any, settings: Generation) -> float:
     length = settings.prompt_tokens * 4 + settings.new_tokens  # a file's prompts may be longer than prompt_tokens
     kv = 2 * config.num_hidden_layers * settings.batch_size * length * kv_heads * head_dim * 4
     sampler = settings.batch_size * config.vocab_size * 8 * 6
-    return predict_forward_peak(config, settings.batch_size, settings.prompt_tokens, logit_copies=0.0, extra_bytes=kv + sampler)
+    return predict_forward_peak(config, settings.batch_size, settings.prompt_tokens, logit_copies=0.0, extra_bytes=kv + sampler + held_bytes)
 
 
 def _last_turn_start(row: list[int], prompt_length: int, reply: tuple[int, ...]) -> int:
