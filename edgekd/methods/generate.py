@@ -242,7 +242,7 @@ def _engine(settings: Generation, teacher: Any, gguf_path: Any, reply: tuple[int
             return [llama_cpp_continue(opened["llm"], p, new, rng, temperature, top_p, stops, greedy, reply) for p in prompts]
         return run_llama_cpp
 
-    bf16 = settings.precision == "bf16"
+    bf16, held = settings.precision == "bf16", {}  # held: the bf16 copies, made at the first shard for all of them
     autocast = functools.partial(forward_precision, settings.precision, next(teacher.parameters()).device.type)
 
     def run_torch(prompts: list[list[int]], rng: np.random.Generator, stops: tuple[int, ...]) -> list[list[int]]:
@@ -250,7 +250,7 @@ def _engine(settings: Generation, teacher: Any, gguf_path: Any, reply: tuple[int
         by_length: dict[int, list[int]] = {}
         for i, p in enumerate(prompts):
             by_length.setdefault(len(p), []).append(i)
-        with bf16_linear_weights(teacher) if bf16 else contextlib.nullcontext():
+        with bf16_linear_weights(teacher, held) if bf16 else contextlib.nullcontext():
             for length in sorted(by_length):  # equal-length prompts run as one batch
                 rows = by_length[length]
                 done = torch_continue(teacher, np.asarray([prompts[i] for i in rows]), new, rng, temperature, top_p, autocast,
