@@ -155,8 +155,9 @@ class GenerationSettings(_Strict):
     # the first new tokens of each sample taken greedily, the rest sampled: LLM-QAT's hybrid sampling
     # (Liu et al. 2023, their generations start greedy for 3-5 tokens) against samples that drift at once
     greedy_tokens: int = Field(default=0, ge=0)
-    # auto: torch with batched KV-cache decoding (measured faster than llama.cpp's one sequence at a
-    # time on the default teacher; benchmarks/RESULTS.md, "Distillation data"); llama.cpp: the teacher's GGUF
+    # auto: torch with batched KV-cache decoding, in compression.distill.precision (measured faster than
+    # llama.cpp's one sequence at a time on the default teacher; benchmarks/RESULTS.md, "Distillation data"
+    # and "Speed of the toolkit"); llama.cpp: the teacher's GGUF
     engine: Literal["auto", "torch", "llama.cpp"] = "auto"
     batch_size: int = Field(default=32, gt=0)  # prompts sampled together (torch): more rows per decode step, more tokens/s
     seed: int = 0
