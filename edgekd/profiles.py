@@ -148,6 +148,9 @@ class GenerationSettings(_Strict):
     # vocabulary (LLM-QAT); chat: the chat template's empty user turn; query: the teacher writes a user's
     # message and answers it (Magpie); auto: corpus, or none without one. --prompts FILE replaces them
     prompts: Literal["auto", "corpus", "none", "chat", "query"] = "auto"
+    # extra arguments of the teacher's chat template for chat, query and --prompts messages, as
+    # transformers' apply_chat_template takes them: {enable_thinking: false} for Qwen3's or SmolLM3's replies without reasoning
+    chat_template_args: dict[str, Union[bool, int, float, str]] = Field(default_factory=dict)  # noqa: UP007
     prompt_tokens: int = Field(default=16, gt=0)
     new_tokens: int = Field(default=240, gt=0)
     temperature: float = Field(default=1.0, ge=0)
@@ -161,6 +164,16 @@ class GenerationSettings(_Strict):
     engine: Literal["auto", "torch", "llama.cpp"] = "auto"
     batch_size: int = Field(default=32, gt=0)  # prompts sampled together (torch): more rows per decode step, more tokens/s
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _template_args_reach_the_template(self) -> GenerationSettings:
+        from .methods.chat_template import CALL_PARAMETERS
+
+        clash = sorted(set(self.chat_template_args) & CALL_PARAMETERS)
+        if clash:
+            raise ValueError(f"chat_template_args names {', '.join(clash)}: a parameter of the chat template call itself, "
+                             "not a variable of the template (give the template's own, e.g. enable_thinking: false)")
+        return self
 
 
 class OnPolicySettings(_Strict):

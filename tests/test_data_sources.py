@@ -299,6 +299,24 @@ def test_a_chat_template_that_writes_todays_date_renders_one_fixed_date(tmp_path
     assert chat_template.pinned_template(CHAT_TEMPLATE) == CHAT_TEMPLATE
 
 
+def test_chat_template_args_reach_the_template(tmp_path, tiny_tokenizer):
+    """Qwen3's and SmolLM3's templates open the reply with an empty reasoning block when enable_thinking is false."""
+    tok = tiny_tokenizer.__class__(tokenizer_object=tiny_tokenizer.backend_tokenizer, bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>", unk_token="<unk>")
+    tok.chat_template = CHAT_TEMPLATE.replace("<s>assistant\n{% endif %}", "<s>assistant\n{% if enable_thinking is defined and "
+                                              "enable_thinking is false %}<think></think>\n{% endif %}{% endif %}")
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "What is a list?"}]}) + "\n")
+    off = {"enable_thinking": False}
+    for kind, file in (("chat", None), ("file", path)):
+        thinking = tok.decode(gen.prompt_source(kind, tok, _settings(), prompt_file=file)(0, 1)[0])
+        plain = tok.decode(gen.prompt_source(kind, tok, _settings(), prompt_file=file, template_args=off)(0, 1)[0])
+        assert thinking.endswith("assistant\n") and plain == thinking + "<think></think>\n"
+    assert gen.prompt_source("query", tok, _settings(), template_args=off).reply[-3:] != gen.prompt_source("query", tok, _settings()).reply[-3:]
+    with pytest.raises(EdgekdError, match="chat_template_args names tokenize"):
+        edgekd.load_profile("raspberry-pi-5", ["compression.data.generation.chat_template_args.tokenize=false"])
+
+
 def test_a_sample_ends_at_every_stop_token_the_generation_config_lists(tmp_path, tiny_tokenizer):
     """Gemma 3 ends an assistant's turn with <end_of_turn>, Phi-4-mini with <|end|>: neither is their tokenizer's EOS."""
     from edgekd.methods.chat_template import stop_ids

@@ -51,26 +51,35 @@ def stop_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
     return tuple(dict.fromkeys(int(t) for t in first + listed))
 
 
-def render(tokenizer: Any, messages: list[dict[str, str]], tokenize: bool) -> Any:
+# apply_chat_template's own parameters: a template argument of one of these names would not reach the template
+CALL_PARAMETERS = frozenset({"conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+                             "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+                             "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "sanitize_control_tokens"})
+
+
+def render(tokenizer: Any, messages: list[dict[str, str]], tokenize: bool, template_args: dict[str, Any] | None = None) -> Any:
     """``messages`` through the tokenizer's chat template with the assistant's turn opened: the text,
-    or with ``tokenize`` the token ids (the template's own special tokens, no others added)."""
+    or with ``tokenize`` the token ids (the template's own special tokens, no others added).
+    ``template_args``: variables the template reads (``enable_thinking``)."""
+    args = dict(template_args or {})
     # a tokenizer may hold several named templates: the one a plain chat renders with
     template = pinned_template(tokenizer.get_chat_template() if hasattr(tokenizer, "get_chat_template") else tokenizer.chat_template)
     if not tokenize:
-        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
-    ids = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True, **args)
+    ids = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True, add_generation_prompt=True,
+                                        **args)
     return list(ids["input_ids"])
 
 
-def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+def chat_prompt(tokenizer: Any, messages: list[dict[str, str]], template_args: dict[str, Any] | None = None) -> list[int]:
     """``messages`` through the tokenizer's chat template, ending with the assistant's turn opened."""
     if not getattr(tokenizer, "chat_template", None):
         raise EdgekdError("the teacher's tokenizer has no chat template, so chat messages cannot be rendered",
                           fix='give the prompts as plain text ({"prompt": "..."} lines), or use a teacher with a chat template')
-    return render(tokenizer, messages, tokenize=True)
+    return render(tokenizer, messages, tokenize=True, template_args=template_args)
 
 
-def pre_query_prompt(tokenizer: Any) -> tuple[list[int], tuple[int, ...]]:
+def pre_query_prompt(tokenizer: Any, template_args: dict[str, Any] | None = None) -> tuple[list[int], tuple[int, ...]]:
     """The chat template up to where the user's message begins (its system prompt included), so the
     teacher's continuation is a user's message, and what the template writes after that message (its
     end-of-turn token, then the assistant's turn opened), so the teacher then answers it: Magpie's
@@ -78,7 +87,7 @@ def pre_query_prompt(tokenizer: Any) -> tuple[list[int], tuple[int, ...]]:
     if not getattr(tokenizer, "chat_template", None):
         raise EdgekdError("generation.prompts is 'query' but the teacher's tokenizer has no chat template",
                           fix="set compression.data.generation.prompts to none, or use a teacher with a chat template")
-    text = render(tokenizer, [{"role": "user", "content": _SENTINEL}], tokenize=False)
+    text = render(tokenizer, [{"role": "user", "content": _SENTINEL}], tokenize=False, template_args=template_args)
     if _SENTINEL not in text:
         raise EdgekdError("the teacher's chat template does not show the user's message, so it has no pre-query part",
                           fix="set compression.data.generation.prompts to none or chat")

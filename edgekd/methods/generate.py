@@ -77,9 +77,10 @@ def resolve_prompt_kind(kind: str, has_corpus: bool, prompt_file: Any = None) ->
 
 
 def prompt_source(kind: str, tokenizer: Any, settings: Generation, corpus_blocks: np.ndarray | None = None,
-                  prompt_file: Any = None) -> Callable[[int, int], list[list[int]]]:
+                  prompt_file: Any = None, template_args: dict[str, Any] | None = None) -> Callable[[int, int], list[list[int]]]:
     """``prompts(shard, n)``: the shard's ``n`` prompts (token ids), a pure function of the shard. For
-    ``query`` it has a ``reply`` attribute: the tokens that close the user's message and open the answer."""
+    ``query`` it has a ``reply`` attribute: the tokens that close the user's message and open the answer.
+    ``template_args``: the chat template's own variables (chat, query and a file's messages)."""
     if kind == "corpus":
         if corpus_blocks is None or len(corpus_blocks) == 0:
             raise EdgekdError("no corpus blocks to take prompts from", fix="pass --data, or --prompts FILE")
@@ -98,17 +99,17 @@ def prompt_source(kind: str, tokenizer: Any, settings: Generation, corpus_blocks
             return [[*start, int(t)] for t in firsts]
         return from_nothing
     if kind == "chat":
-        turn = chat_prompt(tokenizer, [{"role": "user", "content": ""}])
+        turn = chat_prompt(tokenizer, [{"role": "user", "content": ""}], template_args)
         return lambda shard, n: [list(turn) for _ in range(n)]
     if kind == "query":
-        opening, reply = pre_query_prompt(tokenizer)
+        opening, reply = pre_query_prompt(tokenizer, template_args)
 
         def from_the_user_turn(shard: int, n: int) -> list[list[int]]:
             return [list(opening) for _ in range(n)]
         from_the_user_turn.reply = reply  # type: ignore[attr-defined]  # generate() feeds it after the user's message
         return from_the_user_turn
     if kind == "file":
-        prompts = read_prompt_file(prompt_file, tokenizer)
+        prompts = read_prompt_file(prompt_file, tokenizer, template_args)
 
         def from_file(shard: int, n: int) -> list[list[int]]:
             return [prompts[(shard * n + i) % len(prompts)] for i in range(n)]
@@ -122,7 +123,7 @@ def check_prompt_file(path: Any) -> None:
         raise EdgekdError(f"prompt file not found: {path}", fix='pass a JSONL file with one {"messages": [...]} or {"prompt": "..."} per line')
 
 
-def read_prompt_file(path: Any, tokenizer: Any) -> list[list[int]]:
+def read_prompt_file(path: Any, tokenizer: Any, template_args: dict[str, Any] | None = None) -> list[list[int]]:
     """Prompts from a JSONL file: ``{"messages": [{"role": ..., "content": ...}, ...]}`` (chat
     template applied) or ``{"prompt": "text"}`` per line."""
     check_prompt_file(path)
@@ -130,7 +131,7 @@ def read_prompt_file(path: Any, tokenizer: Any) -> list[list[int]]:
     prompts = []
     for n, row in jsonl_records(path):
         if isinstance(row, dict) and isinstance(row.get("messages"), list):
-            prompts.append(chat_prompt(tokenizer, row["messages"]))
+            prompts.append(chat_prompt(tokenizer, row["messages"], template_args))
         elif isinstance(row, dict) and isinstance(row.get("prompt"), str):
             prompts.append(tokenizer(row["prompt"], add_special_tokens=True)["input_ids"])
         else:

@@ -24,7 +24,8 @@ def teacher_samples(ctx: RunContext) -> StageRecord:
     settings = gen.Generation.from_settings(data.generation, precision)
     kind = gen.resolve_prompt_kind(data.generation.prompts, not data_free, ctx.inputs.prompts)
     tokenizer = ctx.teacher.tokenizer
-    prompts = gen.prompt_source(kind, tokenizer, settings, None if data_free else ctx.corpus.train, ctx.inputs.prompts)
+    prompts = gen.prompt_source(kind, tokenizer, settings, None if data_free else ctx.corpus.train, ctx.inputs.prompts,
+                                data.generation.chat_template_args)
     source = ctx.teacher.source
     gguf = source.path if source.kind in ("gguf", "default") else None  # the llama.cpp engine's file
     held = bf16_linear_copy_bytes(ctx.teacher.model) if settings.engine == "torch" and precision == "bf16" else 0
