@@ -176,9 +176,7 @@ def generate(teacher: Any, tokenizer: Any, prompts: Callable[[int, int], list[li
     # the first shard's prompts stand for where the prompts come from: other prompts, other samples
     fingerprint = hashlib.sha256(json.dumps([prompts(0, settings.batch_size), list(reply)]).encode()).hexdigest()
     stops = stop_ids(teacher, tokenizer)
-    meta = {**asdict(settings), "eos": tokenizer.eos_token_id, "prompts_sha256": fingerprint}
-    if stops[1:]:  # recorded only where the model ends a reply with more than its EOS (shards of one-EOS models stay valid)
-        meta["stops"] = list(stops)
+    meta = {**asdict(settings), "eos": tokenizer.eos_token_id, "stops": list(stops), "prompts_sha256": fingerprint}
     meta_path = directory / "meta.json"
     if meta_path.exists() and json.loads(meta_path.read_text()) != meta:
         for old in directory.glob("shard-*.npy"):  # made with other settings: not these samples
