@@ -103,6 +103,17 @@ def _qwen3_shape_teacher():
     return Qwen3ForCausalLM(Qwen3Config(**QWEN3_06B)).eval()
 
 
+@torch.no_grad()
+def fp32_nll(model, seqs: np.ndarray, prompt_len: int) -> float:
+    """The fp32 model's mean NLL of the sampled tokens of ``seqs`` (positions ``prompt_len`` on)."""
+    total = 0.0
+    for rows in np.array_split(seqs.astype(np.int64), max(1, len(seqs) // 16)):  # 16 rows a pass
+        ids = torch.from_numpy(rows)
+        logp = torch.log_softmax(model(ids).logits[:, prompt_len - 1:-1].float(), -1)
+        total += float(-logp.gather(-1, ids[:, prompt_len:, None]).sum())
+    return total / (len(seqs) * (seqs.shape[1] - prompt_len))
+
+
 def cmd_sampling_precision(args) -> None:
     """The teacher's sampling in fp32, under bf16 autocast, and under autocast with the linear weights
     held in bf16 (edgekd's torch engine with ``precision: bf16``), side by side on the same prompts
@@ -132,18 +143,24 @@ def cmd_sampling_precision(args) -> None:
         # one engine per arm for all rounds, as generate() keeps one for all its shards (the bf16 copies made at the first)
         engines = {name: _engine(settings, model, None) for name, settings in arms.items() if settings is not None}
         times: dict[str, list[float]] = {name: [] for name in arms}
+        samples: dict[str, list[np.ndarray]] = {name: [] for name in arms}  # every round's, the same seeds for all arms
         for r in range(args.rounds):
             for name in arms:  # alternating, so a slower stretch of a shared host hits all
                 t0 = time.perf_counter()
                 if name in engines:
-                    engines[name]([list(p) for p in prompts], np.random.default_rng(r), ())
+                    samples[name].append(np.asarray(engines[name]([list(p) for p in prompts], np.random.default_rng(r), ())))
                 else:  # autocast alone: each weight cast to bf16 at every decode step
-                    sampling.torch_continue(model, prompts, args.new_tokens, np.random.default_rng(r), spec.temperature, spec.top_p, autocast)
+                    samples[name].append(sampling.torch_continue(model, prompts, args.new_tokens, np.random.default_rng(r),
+                                                                 spec.temperature, spec.top_p, autocast))
                 times[name].append(time.perf_counter() - t0)
         del engines
         rates = {name: round(args.rows * args.new_tokens / statistics.median(t), 1) for name, t in times.items()}
         row = {"model": label, "rows": args.rows, "new_tokens": args.new_tokens, "tokens_per_s": rates,
                "speed_up_over_fp32": {n: round(v / rates["fp32"], 2) for n, v in rates.items()}, "held_logits_bit_exact": exact}
+        if model is s.teacher.model:  # real weights: is a bf16 sample as likely under the fp32 teacher as an fp32 one?
+            got = {n: np.concatenate(x) for n, x in samples.items()}
+            row["fp32_teacher_nll_of_samples"] = {n: round(fp32_nll(model, x, prompts.shape[1]), 4) for n, x in got.items()}
+            row["tokens_as_fp32_arm"] = {n: round(float((x == got["fp32"]).mean()), 3) for n, x in got.items()}
         rows.append(row)
         print(row, file=sys.stderr, flush=True)
     write_result("speed_sampling_precision", {"rounds": args.rounds, "rows": rows})
