@@ -43,7 +43,7 @@ def bf16_linear_weights(model: Any, copies: dict[int, torch.nn.Parameter] | None
     """For a frozen model decoding under bf16 autocast: its linear weights held as bf16 copies inside
     the block, put back on exit. Autocast rounds every product's weight to bf16 anyway, so the logits
     are bit for bit those of autocast alone (tested), without casting each weight again at every
-    decode step: the teacher's sampling measured 1.35x the tokens/s of fp32 (135M, and a Qwen3-0.6B shape)
+    decode step: the teacher's sampling measured 1.35x the tokens/s of fp32 (135M; 1.35-1.79x a Qwen3-0.6B shape)
     on an AMX CPU, where autocast alone was slower (benchmarks/RESULTS.md, "Speed of the
     toolkit"). A head tied to the token embedding gets a copy of its own; the table stays fp32 for its lookups.
     ``copies``: a dict kept by the caller, so the copies are made once for many blocks (one per shard)."""
