@@ -1,4 +1,5 @@
-"""The teacher's chat template, rendered the same on every day: chat prompts and Magpie's pre-query part.
+"""The teacher's chat turns: chat prompts and Magpie's pre-query part rendered the same on every day,
+the template's own variables (``enable_thinking``) passed through, and the tokens that end a reply.
 
 Some templates write today's date into every prompt through transformers' ``strftime_now``: Llama
 3.x's system header ("Today Date: 26 Jul 2024" where the clock is not available), SmolLM3's metadata
