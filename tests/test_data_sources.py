@@ -336,6 +336,10 @@ def test_a_sample_ends_at_every_stop_token_the_generation_config_lists(tmp_path,
     assert ended.generated_now == ended.shards  # other stop tokens: other samples
     assert ended.stream[: len(first) + 2].tolist() == [*first, end, eos]  # cut after the turn's end, then the separator
     assert len(ended.stream) < len(plain.stream)
+    # a config converted from a GGUF lists only the EOS: the end-of-turn token is also found by its text
+    gemma_like = copy.deepcopy(tiny_tokenizer)
+    gemma_like.add_special_tokens({"additional_special_tokens": ["<end_of_turn>"]})
+    assert stop_ids(make_tiny_llama(len(gemma_like)), gemma_like) == (eos, gemma_like.convert_tokens_to_ids("<end_of_turn>"))
 
 
 def test_prompts_from_nothing_are_one_drawn_token():

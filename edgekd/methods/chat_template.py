@@ -41,15 +41,23 @@ def pinned_template(template: str) -> str:
     return _pin_macro() + template if "strftime_now" in template else template
 
 
+# the end-of-turn tokens of the families edgekd reads (Gemma, Phi-3/4, Llama 3.x, ChatML): llama.cpp ends
+# generation at these by their text too, whatever a GGUF's metadata names as its EOS
+END_OF_TURN = ("<end_of_turn>", "<|end|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>")
+
+
 def stop_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
     """The tokens that end a reply: the tokenizer's EOS first (it also separates samples), then the
-    others of the model's generation config. Gemma 3 ends an assistant's turn with ``<end_of_turn>``,
-    Phi-4-mini with ``<|end|>``, neither of them its tokenizer's EOS; transformers' ``generate`` stops
-    at every id the config lists, and so does sampling here."""
+    others of the model's generation config, then the tokenizer's special end-of-turn tokens. Gemma 3
+    ends an assistant's turn with ``<end_of_turn>``, Phi-4-mini with ``<|end|>``, neither of them its
+    tokenizer's EOS: transformers' ``generate`` stops at every id a checkpoint's generation config lists,
+    but a config converted from a GGUF lists only the EOS, so the turn's end is also found by its text."""
     config = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     listed = [config] if isinstance(config, int) else list(config or [])
     first = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    return tuple(dict.fromkeys(int(t) for t in first + listed))
+    added = {token.content: i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items()}  # never plain text
+    turns = [added[t] for t in END_OF_TURN if t in added]
+    return tuple(dict.fromkeys(int(t) for t in first + listed + turns))
 
 
 # apply_chat_template's own parameters: a template argument of one of these names would not reach the template
