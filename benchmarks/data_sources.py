@@ -93,8 +93,7 @@ def main() -> int:
     result["teacher_nll_of_own_samples"] = sample_nlls(teacher, teacher, prompts)["teacher_nll"]
     print(f"teacher: repeated 4-grams {result['teacher_repeated_4grams']:.3f}, NLL of its own samples "
           f"{result['teacher_nll_of_own_samples']:.3f}", flush=True)
-    spec = setup.profile.compression.data.generation
-    base = gen.Generation.from_settings(spec, sampling_precision(setup))
+    base = gen.Generation.of_profile(setup.profile)
     if args.greedy_tokens is not None:
         base = replace(base, greedy_tokens=args.greedy_tokens)
     result["generation"] = asdict(base)
@@ -295,17 +294,9 @@ def repeated_ngrams(rows: np.ndarray, n: int = 4) -> float:
     return float(np.mean(rates))
 
 
-def sampling_precision(setup) -> str:
-    """The teacher's sampling arithmetic as the pipeline picks it (the run's forward passes': edgekd.stages.samples)."""
-    from edgekd.methods.precision import resolve_precision
-
-    return resolve_precision(setup.profile.compression.distill.precision)
-
-
 def engine_speeds(setup) -> dict:
     """Tokens/s of the teacher's sampling in torch (batched) and in llama.cpp (one sequence), same prompts."""
-    s = replace(gen.Generation.from_settings(setup.profile.compression.data.generation, sampling_precision(setup)), tokens=1,
-                new_tokens=64, batch_size=16)
+    s = replace(gen.Generation.of_profile(setup.profile), tokens=1, new_tokens=64, batch_size=16)
     src = gen.prompt_source("corpus", setup.teacher.tokenizer, s, setup.train)
     out = {}
     for engine in ("torch", "llama.cpp"):

@@ -37,6 +37,15 @@ QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, nu
 QWEN3_KEEP = list(range(24))  # the student: 24 of the 28 blocks
 
 
+def qwen3_06b_teacher():
+    """A randomly initialised model with Qwen3-0.6B's configuration (seed 0)."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen3ForCausalLM(Qwen3Config(**QWEN3_06B)).eval()
+
+
 def synthetic_byte_bpe(vocab_size: int):
     """A byte-level BPE tokenizer with exactly ``vocab_size`` tokens (all 2-byte merges, then 3-byte
     ones): a stand-in with a real vocabulary's size for a model whose tokenizer is not on this machine."""
@@ -72,19 +81,15 @@ def synthetic_byte_bpe(vocab_size: int):
 def setup(model: str):
     """(teacher, tokenizer, train blocks, calibration blocks, heldout blocks, student, layer map)."""
     import numpy as np
-    import torch
     from common import default_setup, pruned_student_plan
 
     if model == "default":
         s = default_setup()
         plan = pruned_student_plan(s)
         return s.teacher.model, s.teacher.tokenizer, s.train, s.calibration, s.heldout, plan.make_student(s.teacher.model), plan.layer_map
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
     from edgekd.methods.data import calibration_blocks, load_corpus
 
-    torch.manual_seed(0)
-    teacher = Qwen3ForCausalLM(Qwen3Config(**QWEN3_06B)).eval()
+    teacher = qwen3_06b_teacher()
     tokenizer = synthetic_byte_bpe(QWEN3_06B["vocab_size"])
     corpus = load_corpus(None, tokenizer, 256, 0.1)
     train = corpus.train[:256].astype(np.int32)

@@ -108,7 +108,7 @@ def test_turns_feed_the_opening_and_let_only_the_last_turn_stop():
     assert plain.take(np.array([9, 1]))[1].tolist() == [True, True]  # without a reply every row is in its last turn
 
 
-def test_bf16_held_linears_sample_what_autocast_alone_samples(tiny_tokenizer):
+def test_bf16_held_linears_sample_what_autocast_alone_samples(tiny_tokenizer, monkeypatch):
     """The teacher's sampling under bf16 holds its linear weights as bf16 copies (no cast at every decode
     step): the same logits bit for bit, the same tokens, and the fp32 weights and the tied head put back."""
     import functools
@@ -135,8 +135,14 @@ def test_bf16_held_linears_sample_what_autocast_alone_samples(tiny_tokenizer):
     # the engine takes that path with precision bf16, and a seed still fixes its samples
     s = _settings(precision="bf16")
     src = gen.prompt_source("none", tiny_tokenizer, s)
+    held: list[int] = []  # the copies the engine holds while it samples
+    spy = precision.bf16_linear_weights
+    monkeypatch.setattr(gen, "bf16_linear_weights", lambda m, c=None: (held.append(1), spy(m, c))[1])
     runs = [gen._engine(s, model, None)(src(0, 3), np.random.default_rng(0), (2,)) for _ in range(2)]
     assert runs[0] == runs[1] and all(p.dtype == torch.float32 for p in model.parameters())
+    assert held == [1, 1]  # the copies held for each call
+    gen._engine(_settings(), model, None)(src(0, 3), np.random.default_rng(0), (2,))
+    assert held == [1, 1]  # fp32: no copies
 
 
 # ---------------------------------------------------------------- the teacher's samples

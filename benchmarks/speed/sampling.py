@@ -94,15 +94,6 @@ def cmd_sampling(args) -> None:
               f"{r['row_by_row_tokens_per_s']:.0f} | {r['speed_up']:.2f}x | {r['same_tokens']:.1%} | {gap} |")
 
 
-def _qwen3_shape_teacher():
-    """A randomly initialised model with Qwen3-0.6B's configuration (speed only: the numbers do not depend on the weights)."""
-    from memory_fit import QWEN3_06B
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    return Qwen3ForCausalLM(Qwen3Config(**QWEN3_06B)).eval()
-
-
 @torch.no_grad()
 def fp32_nll(model, seqs: np.ndarray, prompt_len: int) -> float:
     """The fp32 model's mean NLL of the sampled tokens of ``seqs`` (positions ``prompt_len`` on)."""
@@ -127,7 +118,9 @@ def cmd_sampling_precision(args) -> None:
     spec = s.profile.compression.data.generation
     models = {"default teacher": s.teacher.model}
     if args.qwen3_shape:
-        models["Qwen3-0.6B shape (random weights)"] = _qwen3_shape_teacher()
+        from memory_fit import qwen3_06b_teacher
+
+        models["Qwen3-0.6B shape (random weights)"] = qwen3_06b_teacher()  # speed only: it does not depend on the weights
     autocast = functools.partial(forward_precision, "bf16", "cpu")
     rows = []
     for label, model in models.items():

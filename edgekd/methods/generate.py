@@ -57,9 +57,16 @@ class Generation:
 
     @classmethod
     def from_settings(cls, s: Any, precision: str = "fp32") -> Generation:
-        """``precision``: resolved (edgekd.methods.precision.resolve_precision), the run's forward passes' own."""
+        """``precision``: resolved (edgekd.methods.precision.resolve_precision)."""
         return cls(s.tokens, s.prompt_tokens, s.new_tokens, s.temperature, s.top_p,
                    "torch" if s.engine == "auto" else s.engine, s.batch_size, s.seed, s.greedy_tokens, precision)
+
+    @classmethod
+    def of_profile(cls, profile: Any) -> Generation:
+        """A run's samples: its generation settings, in its forward passes' precision (``compression.distill.precision``)."""
+        from .precision import resolve_precision
+
+        return cls.from_settings(profile.compression.data.generation, resolve_precision(profile.compression.distill.precision))
 
 
 # ---------------------------------------------------------------- prompts

@@ -44,28 +44,32 @@ def bf16_linear_weights(model: Any, copies: dict[int, torch.nn.Parameter] | None
     the block, put back on exit. Autocast rounds every product's weight to bf16 anyway, so the logits
     are bit for bit those of autocast alone (tested), without casting each weight again at every
     decode step: the teacher's sampling measured 1.35x the tokens/s of fp32 (135M; 1.35-1.79x a Qwen3-0.6B shape)
-    on an AMX CPU, where autocast alone was slower (benchmarks/RESULTS.md, "Speed of the
+    on an AMX CPU, where autocast alone was no faster (benchmarks/RESULTS.md, "Speed of the
     toolkit"). A head tied to the token embedding gets a copy of its own; the table stays fp32 for its lookups.
     ``copies``: a dict kept by the caller, so the copies are made once for many blocks (one per shard)."""
-    from torch.nn.utils import parametrize
-
     copies = {} if copies is None else copies
     swapped: list[tuple[torch.nn.Module, torch.nn.Parameter]] = []
     try:
-        for m in model.modules():
-            if isinstance(m, torch.nn.Linear) and not parametrize.is_parametrized(m) and m.weight.dtype == torch.float32:
-                w = m.weight
-                if id(w) not in copies:
-                    copies[id(w)] = torch.nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=False)
-                swapped.append((m, w))
-                m.weight = copies[id(w)]
+        for m in _fp32_linears(model):
+            w = m.weight
+            if id(w) not in copies:
+                copies[id(w)] = torch.nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=False)
+            swapped.append((m, w))
+            m.weight = copies[id(w)]
         yield
     finally:
         for m, w in swapped:
             m.weight = w
 
 
+def _fp32_linears(model: Any) -> list[torch.nn.Module]:
+    """The linear layers :func:`bf16_linear_weights` gives bf16 copies: fp32 weights, not computed by a parametrization (QAT)."""
+    from torch.nn.utils import parametrize
+
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear) and not parametrize.is_parametrized(m)
+            and m.weight.dtype == torch.float32]
+
+
 def bf16_linear_copy_bytes(model: Any) -> int:
-    """What :func:`bf16_linear_weights` holds besides the fp32 weights."""
-    seen = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    return 2 * sum(seen.values())
+    """What :func:`bf16_linear_weights` holds besides the fp32 weights (a weight two layers share, once)."""
+    return 2 * sum({id(m.weight): m.weight.numel() for m in _fp32_linears(model)}.values())

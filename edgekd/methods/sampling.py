@@ -79,6 +79,7 @@ def torch_continue(model: Any, prompts: np.ndarray, new_tokens: int, rng: np.ran
     cache_arg = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"  # transformers 5.x renamed it
     step_in, past = ids, 0
     stopped = np.zeros(len(out), dtype=bool)
+    stops = np.asarray(list(stop_ids), dtype=np.int64)
     turns = Turns(len(out), reply)
     for i in range(new_tokens):
         positions = torch.arange(past, past + step_in.shape[1], device=device).expand(len(out), -1)
@@ -88,8 +89,8 @@ def torch_continue(model: Any, prompts: np.ndarray, new_tokens: int, rng: np.ran
         past += step_in.shape[1]
         tok, in_last_turn = turns.take(next_tokens(logits.float().cpu().numpy(), rng, temperature if i >= greedy_first else 0.0, top_p))
         out[:, ids.shape[1] + i] = tok
-        if len(stop_ids):
-            stopped |= np.isin(tok, list(stop_ids)) & in_last_turn
+        if len(stops):
+            stopped |= np.isin(tok, stops) & in_last_turn
             if stopped.all():
                 return out[:, : ids.shape[1] + i + 1]
         step_in = torch.as_tensor(tok[:, None], device=device)

@@ -76,6 +76,7 @@ def _against_teacher(ctx: RunContext, path: Path, threads: int) -> dict[str, Any
 
 def _chat(ctx: RunContext, threads: int) -> list[dict[str, Any]]:
     """The profile's chat prompts, greedy, through the teacher and every shipped file (edgekd.quality.chat)."""
+    from ..methods.chat_template import stop_ids
     from ..quality.chat import prompt_ids, runtime_greedy, side_by_side, torch_greedy
 
     ev = ctx.profile.compression.evaluation
@@ -83,8 +84,6 @@ def _chat(ctx: RunContext, threads: int) -> list[dict[str, Any]]:
     prompts = prompt_ids(tokenizer, ev.chat_prompts, ev.chat_prompts_file) if ev.chat_new_tokens else []
     if not prompts:
         return []
-    from ..methods.chat_template import stop_ids
-
     stop = stop_ids(ctx.teacher.model, tokenizer)  # the EOS, and the end of an assistant's turn where that is another token
     context = max(len(ids) for _, ids in prompts) + ev.chat_new_tokens + 1
     with ctx.reporter.task(f"chat side by side: {len(prompts)} prompts, teacher and {len(ctx.exports)} files"):

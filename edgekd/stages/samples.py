@@ -16,19 +16,18 @@ def teacher_samples(ctx: RunContext) -> StageRecord:
     from ..methods import generate as gen
     from ..methods.data import Corpus, _npy_bytes
     from ..methods.memory import refuse_over_limit
-    from ..methods.precision import bf16_linear_copy_bytes, resolve_precision
+    from ..methods.precision import bf16_linear_copy_bytes
 
     data = ctx.profile.compression.data
     data_free = ctx.inputs.data_free
-    precision = resolve_precision(ctx.profile.compression.distill.precision)  # the run's forward passes' arithmetic
-    settings = gen.Generation.from_settings(data.generation, precision)
+    settings = gen.Generation.of_profile(ctx.profile)
     kind = gen.resolve_prompt_kind(data.generation.prompts, not data_free, ctx.inputs.prompts)
     tokenizer = ctx.teacher.tokenizer
     prompts = gen.prompt_source(kind, tokenizer, settings, None if data_free else ctx.corpus.train, ctx.inputs.prompts,
                                 data.generation.chat_template_args)
     source = ctx.teacher.source
     gguf = source.path if source.kind in ("gguf", "default") else None  # the llama.cpp engine's file
-    held = bf16_linear_copy_bytes(ctx.teacher.model) if settings.engine == "torch" and precision == "bf16" else 0
+    held = bf16_linear_copy_bytes(ctx.teacher.model) if settings.engine == "torch" and settings.precision == "bf16" else 0
     predicted = gen.predict_generation_peak(ctx.teacher.model.config, settings, held)  # before the heap grows
     refuse_over_limit(predicted, ctx.profile.compression.memory_gb, "sampling the teacher (the prompts' forward pass, the KV cache "
                       "of a batch, the sampler)", "lower compression.data.generation.batch_size or new_tokens")
