@@ -17,6 +17,8 @@ It also measures the two generation engines side by side (torch batched vs llama
     .venv/bin/python benchmarks/data_sources.py --only qat --rows 0,3 --budget-min 15 --data-free-tokens 65536 --data-free-prompts none,query
     .venv/bin/python benchmarks/data_sources.py --only distill --rows 0,4 --budget-min 10 --on-policy-share 0.5 --on-policy-after 0.75,0.5
     .venv/bin/python benchmarks/data_sources.py --only qat --rows 3 --budget-min 30 --data-free-tokens 65536 --data-free-share 0,0.3
+    .venv/bin/python benchmarks/data_sources.py --only qat --rows 0,3 --budget-min 15 --data-free-tokens 65536 \
+        --data-free-prompts file:benchmarks/prompts/python_questions.jsonl,file:benchmarks/prompts/python_reference_openings.jsonl
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def main() -> int:
     ap.add_argument("--data-free-tokens", type=int, default=16384, help="teacher samples for the data-free rows")
     ap.add_argument("--data-free-prompts", default="none",
                     help="the data-free row's prompts, comma-separated for one row each: none (a drawn first token), "
-                         "query (the teacher writes the user's turn), chat")
+                         "query (the teacher writes the user's turn), chat, file:PATH (a JSONL prompt file, as --prompts)")
     ap.add_argument("--data-free-share", default="0",
                     help="comma-separated, one data-free row each: sampling goes on past --data-free-tokens until this share "
                          "of the row's budget (compression.data.generation.time_share; 0: the tokens exactly)")
@@ -102,7 +104,8 @@ def main() -> int:
     def samples(kind: str, tokens: int, fill_s: float | None = None) -> tuple[np.ndarray, float]:
         s = replace(base, tokens=tokens, seed=11)
         t0 = time.perf_counter()
-        src = gen.prompt_source(kind, tok, s, setup.train)
+        kind, _, path = kind.partition(":")  # file:PATH
+        src = gen.prompt_source(kind, tok, s, setup.train, path or None)
         out = gen.generate(teacher, tok, src, s, scratch / f"{kind}-{tokens}-{time.time_ns()}", fill_s=fill_s)
         return out.blocks(block_len), time.perf_counter() - t0
 
