@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/speed_table.py bf16   [--steps 20 --qat-steps 5]  # bf16 autocast vs fp32
     .venv/bin/python benchmarks/speed_table.py sampling [--batches 32 64]       # the teacher's sampling: edgekd's sampler vs row by row
     .venv/bin/python benchmarks/speed_table.py sampling-precision [--qwen3-shape]  # the teacher's sampling: fp32 vs bf16
+    .venv/bin/python benchmarks/speed_table.py sampling-file-prompts  # a prompt file's prompts: one padded batch vs one per length
     .venv/bin/python benchmarks/speed_table.py decode [--gguf F] [--onnx F|default]  # decode vs the bandwidth roofline
     .venv/bin/python benchmarks/speed_table.py profile [--tool perf --threads 2]  # where decode time goes
     .venv/bin/python benchmarks/speed_table.py builds --build NAME=SITE_DIR ...  # llama.cpp builds side by side
@@ -49,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--qwen3-shape", action="store_true", help="also a randomly initialised model with Qwen3-0.6B's configuration")
+    p = sub.add_parser("sampling-file-prompts", help="a prompt file's prompts of different lengths: one padded batch against one per length")
+    p.add_argument("--prompts", default="benchmarks/prompts/python_questions.jsonl")
+    p.add_argument("--rows", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=96)
+    p.add_argument("--rounds", type=int, default=3)
     p = sub.add_parser("decode", help="decode tokens/s against the copy-bandwidth roofline")
     p.add_argument("--gguf", default=None, help=GGUF_HELP)
     p.add_argument("--rounds", type=int, default=5)
@@ -84,7 +90,7 @@ def main() -> int:
     if getattr(args, "onnx", "") == "default":
         args.onnx = decode.default_file("onnx", args.teacher)
     {"loop": training.cmd_loop, "cache": training.cmd_cache, "bf16": training.cmd_bf16, "sampling": sampling.cmd_sampling,
-     "sampling-precision": sampling.cmd_sampling_precision, "decode": decode.cmd_decode,
+     "sampling-precision": sampling.cmd_sampling_precision, "sampling-file-prompts": sampling.cmd_sampling_file_prompts, "decode": decode.cmd_decode,
      "builds": decode.cmd_builds, "files": decode.cmd_files, "profile": profile.cmd_profile}[args.cmd](args)
     return 0
 

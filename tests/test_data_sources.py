@@ -64,6 +64,19 @@ def test_kv_cache_decoding_equals_recomputing_every_step(tiny_tokenizer):
     assert np.array_equal(cached, seq.numpy())
 
 
+def test_prompts_of_different_lengths_run_as_one_padded_batch_with_each_rows_own_tokens(tiny_tokenizer):
+    model = make_tiny_llama(len(tiny_tokenizer))
+    prompts = [[5, 9, 30, 7], [11, 12], [40, 41, 42, 43, 44, 45]]  # a prompt file's rows: three lengths
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    settings = gen.Generation(tokens=64, prompt_tokens=4, new_tokens=6, temperature=0.0, top_p=1.0, engine="torch", batch_size=3, seed=0)
+    rows = gen._engine(settings, model, None)(prompts, np.random.default_rng(0), ())
+    hook.remove()
+    assert len(calls) == 6  # one batch: a forward pass per new token, not one per prompt length
+    for p, row in zip(prompts, rows):  # each row as it is sampled alone: the padding is masked, the positions its own
+        assert row == torch_continue(model, np.array([p]), 6, np.random.default_rng(0), temperature=0.0)[0].tolist()
+
+
 def test_hybrid_sampling_starts_greedy_then_samples(tiny_tokenizer):
     model = make_tiny_llama(len(tiny_tokenizer))
     prompts = np.array([[5, 9, 30, 7], [11, 12, 13, 14]])

@@ -163,3 +163,46 @@ def cmd_sampling_precision(args) -> None:
         t = list(r["tokens_per_s"].values())
         print(f"| {r['model']} | {r['rows']} | {r['new_tokens']} | {t[0]:.0f} | {t[1]:.0f} | {t[2]:.0f} | "
               f"{t[2] / t[0]:.2f}x | {'bit for bit' if r['held_logits_bit_exact'] else 'NO'} |")
+
+
+def cmd_sampling_file_prompts(args) -> None:
+    """A prompt file's prompts (different lengths) sampled by the torch engine as one left-padded,
+    masked batch, against the batches of equal-length prompts it ran before (near one row a batch
+    for a file of questions), side by side on the same prompts and seeds, in the run's precision."""
+    from edgekd.methods.generate import Generation, _engine, prompt_source
+
+    s = default_setup(args.teacher, args.blocks)
+    spec = s.profile.compression.data.generation
+    base = replace(Generation.of_profile(s.profile), tokens=1, new_tokens=args.new_tokens, batch_size=args.rows)
+    prompts = prompt_source("file", s.teacher.tokenizer, base, None, args.prompts)(0, args.rows)
+    padded = _engine(base, s.teacher.model, None)
+
+    def by_length(batch, rng, stops):  # the engine before: one torch_continue per prompt length
+        out = [None] * len(batch)
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(batch):
+            groups.setdefault(len(p), []).append(i)
+        for length in sorted(groups):
+            done = padded([batch[i] for i in groups[length]], rng, stops)  # equal lengths: no padding
+            for i, row in zip(groups[length], done):
+                out[i] = row
+        return out
+
+    arms = {"one batch per prompt length (before)": by_length, "one padded batch (the engine)": padded}
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    for r in range(args.rounds):
+        for name, run in arms.items():  # alternating, so a slower stretch of a shared host hits both
+            t0 = time.perf_counter()
+            run(prompts, np.random.default_rng(r), ())  # no stop tokens: every row samples new_tokens
+            times[name].append(time.perf_counter() - t0)
+    rates = {name: round(args.rows * args.new_tokens / statistics.median(t), 1) for name, t in times.items()}
+    lengths = sorted({len(p) for p in prompts})
+    row = {"prompts": args.prompts, "rows": args.rows, "prompt_lengths": len(lengths), "shortest": lengths[0], "longest": lengths[-1],
+           "new_tokens": args.new_tokens, "precision": base.precision, "top_p": spec.top_p, "rounds": args.rounds,
+           "tokens_per_s": rates, "speed_up": round(rates["one padded batch (the engine)"] / rates["one batch per prompt length (before)"], 2)}
+    print(row, file=sys.stderr, flush=True)
+    write_result("speed_sampling_file_prompts", row)
+    print("| prompts | rows | prompt lengths | new tokens | precision | one batch per length (tokens/s) | one padded batch | speed-up |\n"
+          "|---|---|---|---|---|---|---|---|")
+    print(f"| {args.prompts} | {args.rows} | {len(lengths)} ({lengths[0]}-{lengths[-1]} tokens) | {args.new_tokens} | {base.precision} | "
+          f"{list(rates.values())[0]:.0f} | {list(rates.values())[1]:.0f} | {row['speed_up']:.2f}x |")

@@ -35,7 +35,7 @@ from ..fileio import atomic_write_bytes, atomic_write_json
 from .chat_template import chat_prompt, pre_query_prompt, stop_ids
 from .data import _npy_bytes, jsonl_records, pack
 from .precision import bf16_linear_weights, forward_precision
-from .sampling import llama_cpp_continue, torch_continue
+from .sampling import left_padded, llama_cpp_continue, torch_continue
 
 PROMPT_KINDS = ("corpus", "none", "chat", "query", "file")
 
@@ -252,18 +252,12 @@ def _engine(settings: Generation, teacher: Any, gguf_path: Any, reply: tuple[int
     autocast = functools.partial(forward_precision, settings.precision, next(teacher.parameters()).device.type)
 
     def run_torch(prompts: list[list[int]], rng: np.random.Generator, stops: tuple[int, ...]) -> list[list[int]]:
-        out: list[list[int] | None] = [None] * len(prompts)
-        by_length: dict[int, list[int]] = {}
-        for i, p in enumerate(prompts):
-            by_length.setdefault(len(p), []).append(i)
+        # one batch: prompts of different lengths (a prompt file's) padded on the left and masked
+        batch, pads = left_padded(prompts)
         with bf16_linear_weights(teacher, held) if bf16 else contextlib.nullcontext():
-            for length in sorted(by_length):  # equal-length prompts run as one batch
-                rows = by_length[length]
-                done = torch_continue(teacher, np.asarray([prompts[i] for i in rows]), new, rng, temperature, top_p, autocast,
-                                      stop_ids=stops, greedy_first=greedy, reply=reply)
-                for i, row in zip(rows, done):
-                    out[i] = row.tolist()
-        return out  # type: ignore[return-value]
+            done = torch_continue(teacher, batch, new, rng, temperature, top_p, autocast, stop_ids=stops,
+                                  greedy_first=greedy, reply=reply, pads=pads)
+        return [row[n:].tolist() for row, n in zip(done, pads)]
     return run_torch
 
 
