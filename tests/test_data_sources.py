@@ -260,8 +260,13 @@ def test_chat_prompts_go_through_the_chat_template(tmp_path, tiny_tokenizer):
     rendered = tok("<s>user\nWhat is a list?</s>\n<s>assistant\n", add_special_tokens=False)["input_ids"]
     assert prompts[0] == rendered and prompts[1] == tok("def main")["input_ids"]
     teacher = make_tiny_llama(len(tok))
-    samples = gen.generate(teacher, tok, gen.prompt_source("file", tok, _settings(), prompt_file=path), _settings(), tmp_path / "s")
+    from_file = gen.prompt_source("file", tok, _settings(), prompt_file=path)
+    samples = gen.generate(teacher, tok, from_file, _settings(), tmp_path / "s")
     assert list(samples.stream[: len(rendered)]) == rendered
+    # the memory check sizes the padded batch's KV cache by the file's longest prompt
+    assert from_file.longest == len(rendered)
+    long = replace(_settings(), prompt_tokens=1)  # 4x prompt_tokens is shorter than the rendered chat prompt
+    assert gen.predict_generation_peak(teacher.config, long, 0, from_file.longest) > gen.predict_generation_peak(teacher.config, long)
     assert gen.prompt_source("chat", tok, _settings())(0, 2) == [tok("<s>user\n</s>\n<s>assistant\n", add_special_tokens=False)["input_ids"]] * 2
     # query: the template cut where the user's message begins, so the teacher writes that message, then answers it (Magpie)
     query = gen.prompt_source("query", tok, _settings())

@@ -120,6 +120,7 @@ def prompt_source(kind: str, tokenizer: Any, settings: Generation, corpus_blocks
 
         def from_file(shard: int, n: int) -> list[list[int]]:
             return [prompts[(shard * n + i) % len(prompts)] for i in range(n)]
+        from_file.longest = max(len(p) for p in prompts)  # type: ignore[attr-defined]  # a batch is padded to it
         return from_file
     raise ValueError(f"unknown prompt kind {kind!r}")
 
@@ -271,18 +272,21 @@ def _check_pace(first_shard_s: float, shards_left: int, seconds: float) -> None:
             "or rerun with --resume and no budget to finish the shards kept so far")
 
 
-def predict_generation_peak(config: Any, settings: Generation, held_bytes: float = 0.0) -> float:
+def predict_generation_peak(config: Any, settings: Generation, held_bytes: float = 0.0, longest_prompt: int | None = None) -> float:
     """The sampling stage's predicted peak resident bytes: the prompts' forward pass, the KV cache of a
     full batch in fp32, the sampler's float64 copies of a batch of last-position logits (x6), and
-    ``held_bytes`` (the bf16 copies of the linear weights under bf16)."""
+    ``held_bytes`` (the bf16 copies of the linear weights under bf16). ``longest_prompt``: a prompt
+    file's longest prompt in tokens (the batch is padded to it); else 4x ``prompt_tokens``, room for a
+    chat template's turn."""
     from .memory import predict_forward_peak
 
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    length = settings.prompt_tokens * 4 + settings.new_tokens  # a file's prompts may be longer than prompt_tokens
-    kv = 2 * config.num_hidden_layers * settings.batch_size * length * kv_heads * head_dim * 4
+    prompt = longest_prompt or settings.prompt_tokens * 4
+    kv = 2 * config.num_hidden_layers * settings.batch_size * (prompt + settings.new_tokens) * kv_heads * head_dim * 4
     sampler = settings.batch_size * config.vocab_size * 8 * 6
-    return predict_forward_peak(config, settings.batch_size, settings.prompt_tokens, logit_copies=0.0, extra_bytes=kv + sampler + held_bytes)
+    return predict_forward_peak(config, settings.batch_size, longest_prompt or settings.prompt_tokens, logit_copies=0.0,
+                                extra_bytes=kv + sampler + held_bytes)
 
 
 def _last_turn_start(row: list[int], prompt_length: int, reply: tuple[int, ...]) -> int:

@@ -28,7 +28,8 @@ def teacher_samples(ctx: RunContext) -> StageRecord:
     source = ctx.teacher.source
     gguf = source.path if source.kind in ("gguf", "default") else None  # the llama.cpp engine's file
     held = bf16_linear_copy_bytes(ctx.teacher.model) if settings.engine == "torch" and settings.precision == "bf16" else 0
-    predicted = gen.predict_generation_peak(ctx.teacher.model.config, settings, held)  # before the heap grows
+    predicted = gen.predict_generation_peak(ctx.teacher.model.config, settings, held,  # before the heap grows
+                                            getattr(prompts, "longest", None))
     refuse_over_limit(predicted, ctx.profile.compression.memory_gb, "sampling the teacher (the prompts' forward pass, the KV cache "
                       "of a batch, the sampler)", "lower compression.data.generation.batch_size or new_tokens")
     seconds_left = fill_s = None
