@@ -91,10 +91,9 @@ def torch_continue(model: Any, prompts: np.ndarray, new_tokens: int, rng: np.ran
         shift = torch.as_tensor(np.asarray(pads, dtype=np.int64), device=device)[:, None]
         mask = (torch.arange(out.shape[1], device=device)[None, :] >= shift).long()  # (rows, P + new): 0 on the padding
     for i in range(new_tokens):
-        positions = torch.arange(past, past + step_in.shape[1], device=device).expand(len(out), -1)
-        masked = {"attention_mask": mask[:, : past + step_in.shape[1]]} if padded else {}
-        if padded:
-            positions = (positions - shift).clamp_min(0)
+        positions, masked = torch.arange(past, past + step_in.shape[1], device=device).expand(len(out), -1), {}
+        if padded:  # each row's positions from its first real token; the padding masked out
+            positions, masked = (positions - shift).clamp_min(0), {"attention_mask": mask[:, : past + step_in.shape[1]]}
         with autocast():
             logits = model(input_ids=step_in, position_ids=positions, use_cache=True, logits_to_keep=1,
                            **{cache_arg: cache}, **masked).logits[:, -1]
