@@ -3,12 +3,16 @@
     .venv/bin/python benchmarks/memory_fit.py --model default [--steps 2]      # the 135M default teacher
     .venv/bin/python benchmarks/memory_fit.py --model qwen3-0.6b [--memory-gb 12]
     .venv/bin/python benchmarks/memory_fit.py --run export/<dir>               # a finished compress run's stages
+    .venv/bin/python benchmarks/memory_fit.py --model default --sampling-only [--concat-kv-cache]
 
 In one process, each stage as the pipeline runs it: the student (the default run's depth-pruned
 one; for Qwen3-0.6B, a randomly initialised model with Qwen3-0.6B's configuration, 24 of its 28
 blocks), ``--steps`` distillation steps with the Pi 5 profile's recipe (batch 4 x 256 tokens,
 logit + hidden-state + attention losses), as many QAT-KD steps onto Q4_0, and the GGUF export with
-its llama.cpp parity check. Before each stage freed memory is handed back to the OS; each stage's
+its llama.cpp parity check. ``--sampling``: also shards of the teacher's samples at the profile's
+generation settings, in the run's precision (``--sampling-only``: that stage alone after loading;
+``--sampling-shards``: how many; ``--concat-kv-cache``: decoded with transformers' ``DynamicCache``, grown by concatenation, in place
+of edgekd's cache written in place, the reference for its peak). Before each stage freed memory is handed back to the OS; each stage's
 peak is the kernel's high-water mark (edgekd.pipeline.peak_memory) and its prediction is the one
 the stage makes before it starts (edgekd.methods.memory). ``--memory-gb``: the limit the memory
 check fits the training settings to (a 16 GB laptop leaves ~12 GB to a run). Writes
@@ -159,6 +163,32 @@ def inference_stages(teacher, student, train, calib, heldout, layer_map, sensiti
     return rows
 
 
+def sampling_stage(teacher, tokenizer, train, prof, out: Path, concat_kv_cache: bool, shards: int = 4) -> dict:
+    """``shards`` shards of the teacher's samples as the teacher_samples stage makes them, with its prediction."""
+    from dataclasses import replace
+    from unittest import mock
+
+    from edgekd.methods import generate as gen
+    from edgekd.methods import kv_cache
+    from edgekd.methods.precision import bf16_linear_copy_bytes
+    from edgekd.pipeline.peak_memory import peak_memory, release_freed_memory
+
+    settings = gen.Generation.of_profile(prof)
+    settings = replace(settings, tokens=shards * settings.batch_size * (settings.prompt_tokens + settings.new_tokens))
+    prompts = gen.prompt_source("corpus", tokenizer, settings, train)
+    held = bf16_linear_copy_bytes(teacher) if settings.precision == "bf16" else 0
+    release_freed_memory()
+    predicted = gen.predict_generation_peak(teacher.config, settings, held)
+    concat = mock.patch.object(kv_cache, "decode_cache", lambda capacity: kv_cache.DynamicCache()) if concat_kv_cache \
+        else contextlib.nullcontext()
+    t0 = time.perf_counter()
+    with peak_memory() as pm, concat:
+        samples = gen.generate(teacher, tokenizer, prompts, settings, out / f"samples-{time.time_ns()}")
+    return stage_row("teacher_samples", pm, predicted / 2**20, time.perf_counter() - t0, precision=settings.precision,
+                     kv_cache="DynamicCache (concatenation)" if concat_kv_cache else "edgekd (in place)",
+                     rows=settings.batch_size, new_tokens=settings.new_tokens, tokens_per_s=round(samples.tokens_per_s, 1))
+
+
 def teacher_logit_cache(teacher, train, prof, out: Path, rows: list[dict]):
     """The profile's teacher cache over ``train``, built as the teacher_logits stage builds it (its row
     added to ``rows``); None when the profile has no cache."""
@@ -185,7 +215,8 @@ def phase_peaks(sampler: PhaseSampler, since: float, phases: bool) -> dict:
 
 
 def measure(model: str, steps: int, memory_gb: float | None, out: Path, force: list[str] = (), sensitivity: bool = False,
-            live_teacher: bool = False, phases: bool = False) -> dict:
+            live_teacher: bool = False, phases: bool = False, sampling: str = "", concat_kv_cache: bool = False,
+            sampling_shards: int = 4) -> dict:
     from common import PROFILE
 
     import edgekd
@@ -209,6 +240,10 @@ def measure(model: str, steps: int, memory_gb: float | None, out: Path, force: l
                           teacher_params=sum(p.numel() for p in teacher.parameters()),
                           student_params=sum(p.numel() for p in student.parameters())))
     prof = edgekd.load_profile(PROFILE)
+    if sampling:
+        rows.append(sampling_stage(teacher, tokenizer, train, prof, out, concat_kv_cache, sampling_shards))
+        if sampling == "only":
+            return {"model": model, "stages": rows, "process_peak_mb": max(r["peak_mb"] for r in rows)}
     if live_teacher:
         prof.compression.distill.logit_cache = None
     rows += inference_stages(teacher, student, train, calib, heldout, layer_map, sensitivity, prof, memory_gb)
@@ -279,6 +314,10 @@ def main() -> int:
     ap.add_argument("--force", action="append", default=[], choices=sorted(FORCE),
                     help="turn a memory saving on whatever the check says (to measure its effect)")
     ap.add_argument("--phases", action="store_true", help="also each training step's peak phase by phase (head, chunk loop, backward, update)")
+    ap.add_argument("--sampling", action="store_true", help="also the teacher's samples (the teacher_samples stage)")
+    ap.add_argument("--sampling-only", action="store_true", help="the teacher's samples alone after loading")
+    ap.add_argument("--sampling-shards", type=int, default=4, help="shards of 32 samples the sampling stage makes")
+    ap.add_argument("--concat-kv-cache", action="store_true", help="sample with transformers' DynamicCache (the reference)")
     ap.add_argument("--live-teacher", action="store_true", help="no logit cache, whatever the profile says")
     ap.add_argument("--out", type=Path, default=Path("export/memory-fit"))
     args = ap.parse_args()
@@ -287,10 +326,12 @@ def main() -> int:
         result, name = from_run(args.run), f"memory_fit_run_{args.run.name}"
     else:
         args.out.mkdir(parents=True, exist_ok=True)
-        suffix = "".join(f"_{f}" for f in args.force) + ("_live" if args.live_teacher else "")
+        sampling = "only" if args.sampling_only else "also" if args.sampling else ""
+        suffix = ("".join(f"_{f}" for f in args.force) + ("_live" if args.live_teacher else "") + ("_sampling" if args.sampling_only else "")
+                  + ("_concat" if args.concat_kv_cache else ""))
         try:
             result = measure(args.model, args.steps, args.memory_gb, args.out, args.force, args.sensitivity, args.live_teacher,
-                             args.phases)
+                             args.phases, sampling, args.concat_kv_cache, args.sampling_shards)
         except EdgekdError as exc:  # the memory check refused a stage: that is the measurement
             result = {"model": args.model, "memory_gb": args.memory_gb, "refused": str(exc)}
             print(exc, file=sys.stderr)

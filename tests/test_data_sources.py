@@ -64,6 +64,24 @@ def test_kv_cache_decoding_equals_recomputing_every_step(tiny_tokenizer):
     assert np.array_equal(cached, seq.numpy())
 
 
+def test_the_kv_cache_is_written_in_place_not_copied_at_every_step(tiny_tokenizer, monkeypatch):
+    from edgekd.methods import kv_cache
+
+    model = make_tiny_llama(len(tiny_tokenizer))
+    made, decode_cache = [], kv_cache.decode_cache  # the cache the sampler makes, kept to look at
+    monkeypatch.setattr(kv_cache, "decode_cache", lambda capacity: made.append(decode_cache(capacity)) or made[-1])
+    storages = []  # after each forward pass: where each layer's keys live
+    hook = model.register_forward_hook(lambda *_: storages.append(tuple(layer.keys.untyped_storage().data_ptr()
+                                                                        for layer in made[-1].layers)))
+    out = torch_continue(model, np.array([[5, 9, 30, 7], [11, 12, 13, 14]]), 6, np.random.default_rng(0), temperature=0.0)
+    hook.remove()
+    assert len(storages) == 6 and len(set(storages)) == 1  # one allocation a layer for the whole decode
+    assert made[-1].get_seq_length() == out.shape[1] - 1  # the last token drawn is never fed
+    monkeypatch.setattr(kv_cache, "decode_cache", lambda capacity: kv_cache.PreallocatedCache(capacity - 2))
+    with pytest.raises(ValueError, match="holds 8 positions"):  # a decode longer than the cache is refused, not cut short
+        torch_continue(model, np.array([[5, 9, 30, 7]]), 6, np.random.default_rng(0), temperature=0.0)
+
+
 def test_prompts_of_different_lengths_run_as_one_padded_batch_with_each_rows_own_tokens(tiny_tokenizer):
     model = make_tiny_llama(len(tiny_tokenizer))
     prompts = [[5, 9, 30, 7], [11, 12], [40, 41, 42, 43, 44, 45]]  # a prompt file's rows: three lengths

@@ -519,3 +519,29 @@ def test_the_cost_model_counts_the_kv_cells_llama_cpp_allocates_for_sliding_wind
     assert (shape.sliding_layers, shape.sliding_window) == (2, 6)
     facts = shape.facts(FormatPlan.uniform("f16"))
     assert facts.cached_positions(4096) == 2 * cells["non-SWA"] + 2 * cells["    SWA"] == 2 * 4096 + 2 * 768
+
+
+# ------------------------------------------------------------------ the sampler's KV cache, every family
+
+
+@pytest.mark.parametrize("build", ["qwen3", "smollm3", "phi3", "gemma3"])
+def test_the_sampler_decodes_every_family_as_full_forward_passes(tiny_tokenizer, build):
+    """edgekd's in-place KV cache (edgekd.methods.kv_cache) under each family's attention: Qwen3's
+    q/k norms, SmolLM3's unroped blocks, Phi-3's partial rotary, Gemma 3's 6-token window decoded
+    past its end; and a batch padded on the left, each row as sampled alone."""
+    from edgekd.methods import generate as gen
+    from edgekd.methods.sampling import torch_continue
+
+    vocab = len(tiny_tokenizer) + 1  # phi3 needs room for its <|endoftext|>
+    model = {"qwen3": tiny_qwen3, "smollm3": tiny_smollm3, "phi3": tiny_phi3, "gemma3": tiny_gemma3}[build](vocab)
+    prompts = np.array([[5, 9, 30, 7], [11, 12, 13, 14]])
+    cached = torch_continue(model, prompts, 12, np.random.default_rng(0), temperature=0.0)
+    seq = torch.from_numpy(prompts)
+    with torch.no_grad():
+        for _ in range(12):  # greedy by full forward passes, no cache
+            seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert np.array_equal(cached, seq.numpy())
+    rows = [[5, 9, 30, 7], [11, 12], [40, 41, 42, 43, 44, 45]]
+    settings = gen.Generation(tokens=64, prompt_tokens=4, new_tokens=10, temperature=0.0, top_p=1.0, engine="torch", batch_size=3, seed=0)
+    for p, row in zip(rows, gen._engine(settings, model, None)(rows, np.random.default_rng(0), ())):
+        assert row == torch_continue(model, np.array([p]), 10, np.random.default_rng(0), temperature=0.0)[0].tolist()

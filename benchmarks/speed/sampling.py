@@ -206,3 +206,51 @@ def cmd_sampling_file_prompts(args) -> None:
           "|---|---|---|---|---|---|---|---|")
     print(f"| {args.prompts} | {args.rows} | {len(lengths)} ({lengths[0]}-{lengths[-1]} tokens) | {args.new_tokens} | {base.precision} | "
           f"{list(rates.values())[0]:.0f} | {list(rates.values())[1]:.0f} | {row['speed_up']:.2f}x |")
+
+
+def cmd_sampling_kv_cache(args) -> None:
+    """The teacher's sampling with edgekd's KV cache (allocated once, written in place) against
+    transformers' DynamicCache (grown by concatenation, the whole cache copied at every step), side by
+    side on the same prompts and seeds through the engine (the run's precision, the profile's prompt
+    length), and whether both draw the same tokens."""
+    from unittest import mock
+
+    from edgekd.methods import kv_cache
+    from edgekd.methods.generate import Generation, _engine
+
+    s = default_setup(args.teacher, args.blocks)
+    spec = s.profile.compression.data.generation
+    models = {"default teacher": s.teacher.model}
+    if args.qwen3_shape:
+        from memory_fit import qwen3_06b_teacher
+
+        models["Qwen3-0.6B shape (random weights)"] = qwen3_06b_teacher()  # speed only: it does not depend on the weights
+    arms = {"DynamicCache (concatenation)": lambda capacity: kv_cache.DynamicCache(), "edgekd (in place)": kv_cache.decode_cache}
+    rows = []
+    for label, model in models.items():
+        prompts = [list(p) for p in (s.train[: args.rows, : spec.prompt_tokens] % model.config.vocab_size).astype(np.int64)]
+        settings = replace(Generation.of_profile(s.profile), tokens=1, new_tokens=args.new_tokens, batch_size=args.rows)
+        engine = _engine(settings, model, None)  # one for both arms: the bf16 copies made once
+        times: dict[str, list[float]] = {name: [] for name in arms}
+        same = []
+        for r in range(args.rounds):
+            outs = {}
+            for name, make in arms.items():  # alternating, so a slower stretch of a shared host hits both
+                with mock.patch.object(kv_cache, "decode_cache", make):
+                    t0 = time.perf_counter()
+                    outs[name] = np.asarray(engine(prompts, np.random.default_rng(r), ()))  # no stops: every row samples new_tokens
+                    times[name].append(time.perf_counter() - t0)
+            same.append(float((outs["edgekd (in place)"] == outs["DynamicCache (concatenation)"]).mean()))
+        rates = {name: round(args.rows * args.new_tokens / statistics.median(t), 1) for name, t in times.items()}
+        row = {"model": label, "rows": args.rows, "prompt_tokens": spec.prompt_tokens, "new_tokens": args.new_tokens,
+               "precision": settings.precision, "rounds": args.rounds, "tokens_per_s": rates,
+               "speed_up": round(rates["edgekd (in place)"] / rates["DynamicCache (concatenation)"], 2), "same_tokens": min(same)}
+        rows.append(row)
+        print(row, file=sys.stderr, flush=True)
+    write_result("speed_sampling_kv_cache", {"rows": rows})
+    print("| teacher | rows | new tokens | precision | DynamicCache (tokens/s) | in place | speed-up | same tokens |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        t = list(r["tokens_per_s"].values())
+        print(f"| {r['model']} | {r['rows']} | {r['new_tokens']} | {r['precision']} | {t[0]:.0f} | {t[1]:.0f} | {r['speed_up']:.2f}x | "
+              f"{r['same_tokens']:.1%} |")

@@ -274,16 +274,15 @@ def _check_pace(first_shard_s: float, shards_left: int, seconds: float) -> None:
 
 def predict_generation_peak(config: Any, settings: Generation, held_bytes: float = 0.0, longest_prompt: int | None = None) -> float:
     """The sampling stage's predicted peak resident bytes: the prompts' forward pass, the KV cache of a
-    full batch in fp32, the sampler's float64 copies of a batch of last-position logits (x6), and
-    ``held_bytes`` (the bf16 copies of the linear weights under bf16). ``longest_prompt``: a prompt
-    file's longest prompt in tokens (the batch is padded to it); else 4x ``prompt_tokens``, room for a
-    chat template's turn."""
+    full batch (fp32: the keys and values leave the rotary embedding in fp32 under bf16 autocast too;
+    allocated once, edgekd.methods.kv_cache), the sampler's float64 copies of a batch of last-position
+    logits (x6), and ``held_bytes`` (the bf16 copies of the linear weights under bf16). ``longest_prompt``:
+    a prompt file's longest prompt in tokens (the batch is padded to it); else 4x ``prompt_tokens``, room
+    for a chat template's turn."""
+    from .kv_cache import kv_cache_bytes
     from .memory import predict_forward_peak
 
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    prompt = longest_prompt or settings.prompt_tokens * 4
-    kv = 2 * config.num_hidden_layers * settings.batch_size * (prompt + settings.new_tokens) * kv_heads * head_dim * 4
+    kv = kv_cache_bytes(config, settings.batch_size, (longest_prompt or settings.prompt_tokens * 4) + settings.new_tokens, 4)
     sampler = settings.batch_size * config.vocab_size * 8 * 6
     return predict_forward_peak(config, settings.batch_size, longest_prompt or settings.prompt_tokens, logit_copies=0.0,
                                 extra_bytes=kv + sampler + held_bytes)

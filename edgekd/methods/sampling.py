@@ -11,7 +11,6 @@ et al. 2024).
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -74,14 +73,13 @@ def torch_continue(model: Any, prompts: np.ndarray, new_tokens: int, rng: np.ran
     ``reply`` (end of turn, then the next turn's opening): a row that samples ``reply[0]`` is fed the rest
     of ``reply`` (not sampled) and goes on sampling the next turn, and only a stop token after that
     stops it: a user's message the model wrote, then its answer (see :class:`Turns`)."""
-    from transformers import DynamicCache
+    from .kv_cache import cache_argument, decode_cache
 
     device = next(model.parameters()).device
     ids = torch.as_tensor(np.asarray(prompts, dtype=np.int64), device=device)
     out = np.empty((ids.shape[0], ids.shape[1] + new_tokens), dtype=np.int64)
     out[:, : ids.shape[1]] = ids.cpu().numpy()
-    cache = DynamicCache()
-    cache_arg = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"  # transformers 5.x renamed it
+    cache, cache_arg = decode_cache(out.shape[1]), cache_argument(model)  # written in place: no step copies it
     step_in, past = ids, 0
     stopped = np.zeros(len(out), dtype=bool)
     stops = np.asarray(list(stop_ids), dtype=np.int64)
