@@ -129,8 +129,8 @@ def stage_row(name: str, pm, predicted_mb: float | None, seconds: float, **extra
 def inference_stages(teacher, student, train, calib, heldout, layer_map, sensitivity: bool, prof, memory_gb) -> list[dict]:
     """The no-grad stages of a run, each with the prediction its pipeline stage makes."""
     from edgekd.methods.evaluate import evaluate, torch_logits_fn
-    from edgekd.methods.memory import predict_evaluation_peak, predict_forward_peak
-    from edgekd.methods.prune import score_blocks
+    from edgekd.methods.memory import predict_evaluation_peak
+    from edgekd.methods.prune import predict_scoring_peak, score_blocks
     from edgekd.methods.sensitivity import (
         measure_sensitivity,
         predict_sensitivity_peak,
@@ -155,7 +155,7 @@ def inference_stages(teacher, student, train, calib, heldout, layer_map, sensiti
         keep, _ = sensitivity_layout(teacher, blocks, memory_gb, prof.compression.memory_target_gb)
         run("sensitivity", lambda: predict_sensitivity_peak(teacher, blocks, keep),
             lambda: measure_sensitivity(teacher, blocks, ["q4_0", "q8_0", "q4_k"], (0.75,), keep_teacher_logprobs=keep))
-    run("score_blocks", lambda: predict_forward_peak(teacher.config, 4, calib.shape[1], logit_copies=1, hidden_copies=2),
+    run("score_blocks", lambda: predict_scoring_peak(teacher.config, calib.shape[1]),
         lambda: score_blocks(teacher, calib))
     # the prune stage's evaluation, the student already made (its copy is in the stage's prediction)
     run("evaluate_student", lambda: predict_evaluation_peak(student.config, heldout.shape[1], True),

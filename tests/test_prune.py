@@ -29,7 +29,11 @@ def calib(tiny):
 
 
 def test_block_influence_matches_direct_computation(tiny, calib):
+    head_positions = []  # the scores read the block boundaries only: the head runs on one position, not all 32
+    hook = tiny.lm_head.register_forward_hook(lambda mod, args, out: head_positions.append(out.shape[1]))
     scores = score_blocks(tiny, calib, batch_size=2)
+    hook.remove()
+    assert head_positions == [1, 1]
     with torch.no_grad():
         hs = tiny(input_ids=torch.from_numpy(calib.astype(np.int64)), output_hidden_states=True).hidden_states
     # hidden_states[i] is block i's input for i < L (the last entry is after the final norm)

@@ -69,6 +69,14 @@ class BlockScores:
         return cls(**d)
 
 
+def predict_scoring_peak(config: Any, block_len: int, batch_size: int = 4) -> float:
+    """:func:`score_blocks`'s predicted peak resident bytes: every block boundary's hidden states of a
+    batch with their unit-normalised copies (no logits: the head runs on the last position only)."""
+    from .memory import predict_forward_peak
+
+    return predict_forward_peak(config, batch_size, block_len, logit_copies=0, hidden_copies=2)
+
+
 @torch.no_grad()
 def score_blocks(
     model: Any, blocks: np.ndarray, batch_size: int = 4, max_window: int | None = None,
@@ -93,13 +101,15 @@ def score_blocks(
     tokens = 0
     try:
         for ids in _batches(blocks, batch_size):
-            model(input_ids=ids, use_cache=False)
-            flat = [a.reshape(-1, a.shape[-1]) for a in acts]
-            unit = [torch.nn.functional.normalize(a, dim=-1) for a in flat]
+            # only the block boundaries are read: the head runs on the last position alone (no (batch, T, vocab) logits)
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            unit = [torch.nn.functional.normalize(a.reshape(-1, a.shape[-1]), dim=-1) for a in acts]
+            acts[:] = [None] * len(acts)  # this batch's states go before the next forward pass makes its own
             for start in range(n_layers):
                 for n in range(1, min(max_window, n_layers - start) + 1):
                     cos_sums[start, n] += (unit[start] * unit[start + n]).sum(-1).clamp(-1, 1).sum().item()
-            tokens += flat[0].shape[0]
+            tokens += unit[0].shape[0]
+            del unit
             if progress:
                 progress(len(ids))
     finally:
@@ -225,7 +235,7 @@ def mlp_channel_importance(model: Any, blocks: np.ndarray, batch_size: int = 4) 
         handles.append(family.mlp_down(layer).register_forward_pre_hook(pre))
     try:
         for ids in _batches(blocks, batch_size):
-            model(input_ids=ids, use_cache=False)
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)  # the MLPs' inputs only: no (batch, T, vocab) logits
             count[0] += ids.numel()
     finally:
         for h in handles:

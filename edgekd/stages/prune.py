@@ -14,15 +14,12 @@ TABLE = "Block importance (teacher)"
 
 def score_blocks(ctx: Any) -> StageRecord:
     from ..fileio import atomic_write_json
-    from ..methods.prune import loss_increase_scores, score_blocks
+    from ..methods.prune import loss_increase_scores, predict_scoring_peak, score_blocks
 
     settings = ctx.profile.compression.prune
-    from ..methods.memory import predict_forward_peak
-
     calib = ctx.calibration_blocks()
     model = ctx.teacher.model
-    # the logits of a batch, and every block boundary's hidden states with their unit-normalised copies
-    predicted = predict_forward_peak(model.config, 4, calib.shape[1], logit_copies=1, hidden_copies=2)
+    predicted = predict_scoring_peak(model.config, calib.shape[1])
     with ctx.reporter.task("scoring blocks (calibration pass)", total=len(calib), unit="blocks") as advance:
         scores = score_blocks(model, calib, progress=advance)
     if settings.method == "loss_increase":
