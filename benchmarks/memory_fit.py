@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/memory_fit.py --model qwen3-0.6b [--memory-gb 12]
     .venv/bin/python benchmarks/memory_fit.py --run export/<dir>               # a finished compress run's stages
     .venv/bin/python benchmarks/memory_fit.py --model default --sampling-only [--concat-kv-cache]
+    .venv/bin/python benchmarks/memory_fit.py --model qwen3-0.6b --inference-only   # the no-grad stages alone
 
 In one process, each stage as the pipeline runs it: the student (the default run's depth-pruned
 one; for Qwen3-0.6B, a randomly initialised model with Qwen3-0.6B's configuration, 24 of its 28
@@ -216,7 +217,7 @@ def phase_peaks(sampler: PhaseSampler, since: float, phases: bool) -> dict:
 
 def measure(model: str, steps: int, memory_gb: float | None, out: Path, force: list[str] = (), sensitivity: bool = False,
             live_teacher: bool = False, phases: bool = False, sampling: str = "", concat_kv_cache: bool = False,
-            sampling_shards: int = 4) -> dict:
+            sampling_shards: int = 4, inference_only: bool = False) -> dict:
     from common import PROFILE
 
     import edgekd
@@ -247,6 +248,8 @@ def measure(model: str, steps: int, memory_gb: float | None, out: Path, force: l
     if live_teacher:
         prof.compression.distill.logit_cache = None
     rows += inference_stages(teacher, student, train, calib, heldout, layer_map, sensitivity, prof, memory_gb)
+    if inference_only:
+        return {"model": model, "stages": rows, "process_peak_mb": max(r["peak_mb"] for r in rows)}
     if prof.compression.distill.logit_cache is not None:  # only the blocks the steps read: a cache of them all takes long here
         train = train[:steps * prof.compression.distill.batch_size]
     cache = teacher_logit_cache(teacher, train, prof, out, rows)
@@ -318,6 +321,7 @@ def main() -> int:
     ap.add_argument("--sampling-only", action="store_true", help="the teacher's samples alone after loading")
     ap.add_argument("--sampling-shards", type=int, default=4, help="shards of 32 samples the sampling stage makes")
     ap.add_argument("--concat-kv-cache", action="store_true", help="sample with transformers' DynamicCache (the reference)")
+    ap.add_argument("--inference-only", action="store_true", help="the no-grad stages alone (evaluations, block scores, sensitivity)")
     ap.add_argument("--live-teacher", action="store_true", help="no logit cache, whatever the profile says")
     ap.add_argument("--out", type=Path, default=Path("export/memory-fit"))
     args = ap.parse_args()
@@ -328,10 +332,12 @@ def main() -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         sampling = "only" if args.sampling_only else "also" if args.sampling else ""
         suffix = ("".join(f"_{f}" for f in args.force) + ("_live" if args.live_teacher else "") + ("_sampling" if args.sampling_only else "")
+                  + ("_inference" if args.inference_only else "")
                   + ("_concat" if args.concat_kv_cache else ""))
         try:
             result = measure(args.model, args.steps, args.memory_gb, args.out, args.force, args.sensitivity, args.live_teacher,
-                             args.phases, sampling, args.concat_kv_cache, args.sampling_shards)
+                             args.phases, sampling, args.concat_kv_cache, args.sampling_shards,
+                             args.inference_only)
         except EdgekdError as exc:  # the memory check refused a stage: that is the measurement
             result = {"model": args.model, "memory_gb": args.memory_gb, "refused": str(exc)}
             print(exc, file=sys.stderr)

@@ -48,3 +48,25 @@ def test_log_softmax_is_stable():
     x = np.array([[1000.0, 0.0, -1000.0]], dtype=np.float32)
     out = log_softmax(x)
     assert np.isfinite(out).all() and out[0, 0] == pytest.approx(0.0)
+
+
+def test_a_batchs_logits_are_freed_before_the_next_batchs_forward_passes():
+    import weakref
+
+    blocks = np.random.default_rng(0).integers(0, 16, size=(6, 8))
+    made = []  # every logits array handed out, weakly: the memory check counts one batch's of each model
+
+    def logits_fn(batch):
+        assert all(ref() is None for ref in made + teacher_made), "an earlier batch's logits are still held"
+        out = np.random.default_rng(len(made)).normal(size=(len(batch), batch.shape[1], 16)).astype(np.float32)
+        made.append(weakref.ref(out))
+        return out
+
+    def teacher_fn(batch):
+        out = np.zeros((len(batch), batch.shape[1], 16), dtype=np.float32)
+        teacher_made.append(weakref.ref(out))
+        return out
+
+    teacher_made = []
+    metrics = evaluate(logits_fn, blocks, teacher_fn, batch_size=2)
+    assert len(made) == len(teacher_made) == 3 and metrics.tokens == 6 * 7

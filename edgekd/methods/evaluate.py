@@ -79,6 +79,7 @@ def evaluate(
             )
             for k, v in sums.items():
                 totals[k] += v
+        del logits, teacher  # before the next batch's forward passes make theirs (else two batches' logits at the peak)
         if progress:
             progress(len(batch))
     n = max(totals["n"], 1)
