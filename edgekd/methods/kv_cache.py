@@ -1,13 +1,14 @@
 """The KV cache the torch sampler decodes with: transformers' cache, its keys and values written in place.
 
 transformers' ``DynamicCache`` grows each layer's keys and values by ``torch.cat`` at every decode
-step, so a step copies the whole cache and frees the old one: memory traffic that grows with the
-sequence (quadratic over a sample), and freed blocks of every size that the allocator keeps (the
-sampling stage's peak RSS ran above the memory check's prediction, benchmarks/RESULTS.md). Here each
-layer's buffers are allocated once for the decode's whole length (prompt + new tokens, known before
-it starts) and each step writes its token's keys and values into them; attention reads a view of
-the part written so far, so the masks, positions and logits are those of ``DynamicCache``. The
-transformers-facing names live in this module only.
+step, so a step copies the whole cache: memory traffic that grows with the sequence (quadratic over
+a sample). Here each layer's buffers are allocated once for the decode's whole length (prompt + new
+tokens, known before it starts) and each step writes its token's keys and values into them;
+attention reads a view of the part written so far, so the masks, positions and sampled tokens are
+those of ``DynamicCache``. Measured: 1.09x the teacher's sampling tokens/s on the default teacher,
+1.11x on a Qwen3-0.6B shape, the same tokens; the resident peak barely changes (the allocator reuses
+the freed copies) (benchmarks/RESULTS.md, "Speed of the toolkit", item 9). The transformers-facing
+names live in this module only.
 """
 
 from __future__ import annotations
