@@ -48,6 +48,11 @@ class PreallocatedLayer(DynamicLayer):
         self.length = 0
         super().reset()
 
+    def _not_for_sampling(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("edgekd's sampling cache is only filled in order (crop and batch reordering would leave it stale)")
+
+    crop = batch_repeat_interleave = batch_select_indices = _not_for_sampling
+
 
 class PreallocatedCache(DynamicCache):
     """A ``DynamicCache`` (what model code expects) of :class:`PreallocatedLayer` layers."""
