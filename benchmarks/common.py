@@ -78,3 +78,11 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**result, "host": host_info(), "versions": library_versions()}, indent=2) + "\n")
     return out
+
+
+def concatenating_kv_cache(capacity: int):
+    """transformers' ``DynamicCache``, grown by concatenation: the reference edgekd's in-place sampling
+    cache (edgekd.methods.kv_cache.decode_cache) is measured against; ``capacity`` unused."""
+    from transformers import DynamicCache
+
+    return DynamicCache()

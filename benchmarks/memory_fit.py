@@ -12,9 +12,10 @@ blocks), ``--steps`` distillation steps with the Pi 5 profile's recipe (batch 4 
 logit + hidden-state + attention losses), as many QAT-KD steps onto Q4_0, and the GGUF export with
 its llama.cpp parity check. ``--sampling``: also shards of the teacher's samples at the profile's
 generation settings, in the run's precision (``--sampling-only``: that stage alone after loading;
-``--sampling-shards``: how many; ``--concat-kv-cache``: decoded with transformers' ``DynamicCache``, grown by concatenation, in place
-of edgekd's cache written in place, the reference for its peak). Before each stage freed memory is handed back to the OS; each stage's
-peak is the kernel's high-water mark (edgekd.pipeline.peak_memory) and its prediction is the one
+``--sampling-shards``: how many; ``--concat-kv-cache``: decoded with transformers' ``DynamicCache``,
+grown by concatenation, in place of edgekd's cache written in place, the reference for its peak).
+``--inference-only``: the no-grad stages alone. Before each stage freed memory is handed back to
+the OS; each stage's peak is the kernel's high-water mark (edgekd.pipeline.peak_memory) and its prediction is the one
 the stage makes before it starts (edgekd.methods.memory). ``--memory-gb``: the limit the memory
 check fits the training settings to (a 16 GB laptop leaves ~12 GB to a run). Writes
 ``results/memory_fit_<model>.json``.
@@ -169,19 +170,18 @@ def sampling_stage(teacher, tokenizer, train, prof, out: Path, concat_kv_cache: 
     from dataclasses import replace
     from unittest import mock
 
+    from common import concatenating_kv_cache
+
     from edgekd.methods import generate as gen
     from edgekd.methods import kv_cache
-    from edgekd.methods.precision import bf16_linear_copy_bytes
     from edgekd.pipeline.peak_memory import peak_memory, release_freed_memory
 
     settings = gen.Generation.of_profile(prof)
     settings = replace(settings, tokens=shards * settings.batch_size * (settings.prompt_tokens + settings.new_tokens))
     prompts = gen.prompt_source("corpus", tokenizer, settings, train)
-    held = bf16_linear_copy_bytes(teacher) if settings.precision == "bf16" else 0
     release_freed_memory()
-    predicted = gen.predict_generation_peak(teacher.config, settings, held)
-    concat = mock.patch.object(kv_cache, "decode_cache", lambda capacity: kv_cache.DynamicCache()) if concat_kv_cache \
-        else contextlib.nullcontext()
+    predicted = gen.predict_sampling_peak(teacher, settings)
+    concat = mock.patch.object(kv_cache, "decode_cache", concatenating_kv_cache) if concat_kv_cache else contextlib.nullcontext()
     t0 = time.perf_counter()
     with peak_memory() as pm, concat:
         samples = gen.generate(teacher, tokenizer, prompts, settings, out / f"samples-{time.time_ns()}")
@@ -241,15 +241,16 @@ def measure(model: str, steps: int, memory_gb: float | None, out: Path, force: l
                           teacher_params=sum(p.numel() for p in teacher.parameters()),
                           student_params=sum(p.numel() for p in student.parameters())))
     prof = edgekd.load_profile(PROFILE)
+    stopped_early = {"model": model, "stages": rows}  # --sampling-only, --inference-only: the rows so far
     if sampling:
         rows.append(sampling_stage(teacher, tokenizer, train, prof, out, concat_kv_cache, sampling_shards))
         if sampling == "only":
-            return {"model": model, "stages": rows, "process_peak_mb": max(r["peak_mb"] for r in rows)}
+            return {**stopped_early, "process_peak_mb": max(r["peak_mb"] for r in rows)}
     if live_teacher:
         prof.compression.distill.logit_cache = None
     rows += inference_stages(teacher, student, train, calib, heldout, layer_map, sensitivity, prof, memory_gb)
     if inference_only:
-        return {"model": model, "stages": rows, "process_peak_mb": max(r["peak_mb"] for r in rows)}
+        return {**stopped_early, "process_peak_mb": max(r["peak_mb"] for r in rows)}
     if prof.compression.distill.logit_cache is not None:  # only the blocks the steps read: a cache of them all takes long here
         train = train[:steps * prof.compression.distill.batch_size]
     cache = teacher_logit_cache(teacher, train, prof, out, rows)

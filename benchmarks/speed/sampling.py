@@ -17,7 +17,7 @@ from unittest import mock
 
 import numpy as np
 import torch
-from common import default_setup, write_result
+from common import concatenating_kv_cache, default_setup, write_result
 
 from edgekd.methods import sampling
 
@@ -225,7 +225,7 @@ def cmd_sampling_kv_cache(args) -> None:
         from memory_fit import qwen3_06b_teacher
 
         models["Qwen3-0.6B shape (random weights)"] = qwen3_06b_teacher()  # speed only: it does not depend on the weights
-    arms = {"DynamicCache (concatenation)": lambda capacity: kv_cache.DynamicCache(), "edgekd (in place)": kv_cache.decode_cache}
+    arms = {"DynamicCache (concatenation)": concatenating_kv_cache, "edgekd (in place)": kv_cache.decode_cache}
     rows = []
     for label, model in models.items():
         prompts = [list(p) for p in (s.train[: args.rows, : spec.prompt_tokens] % model.config.vocab_size).astype(np.int64)]

@@ -274,18 +274,26 @@ def _check_pace(first_shard_s: float, shards_left: int, seconds: float) -> None:
 
 def predict_generation_peak(config: Any, settings: Generation, held_bytes: float = 0.0, longest_prompt: int | None = None) -> float:
     """The sampling stage's predicted peak resident bytes: the prompts' forward pass, the KV cache of a
-    full batch (fp32: the keys and values leave the rotary embedding in fp32 under bf16 autocast too;
-    allocated once, edgekd.methods.kv_cache), the sampler's float64 copies of a batch of last-position
+    full batch (fp32: on the default teacher the keys and values leave the rotary embedding in fp32 under
+    bf16 autocast too, measured; allocated once, edgekd.methods.kv_cache), the sampler's float64 copies of a batch of last-position
     logits (x6), and ``held_bytes`` (the bf16 copies of the linear weights under bf16). ``longest_prompt``:
     a prompt file's longest prompt in tokens (the batch is padded to it); else 4x ``prompt_tokens``, room
     for a chat template's turn."""
-    from .kv_cache import kv_cache_bytes
-    from .memory import predict_forward_peak
+    from .memory import kv_cache_bytes, predict_forward_peak
 
     kv = kv_cache_bytes(config, settings.batch_size, (longest_prompt or settings.prompt_tokens * 4) + settings.new_tokens, 4)
     sampler = settings.batch_size * config.vocab_size * 8 * 6
     return predict_forward_peak(config, settings.batch_size, longest_prompt or settings.prompt_tokens, logit_copies=0.0,
                                 extra_bytes=kv + sampler + held_bytes)
+
+
+def predict_sampling_peak(teacher: Any, settings: Generation, longest_prompt: int | None = None) -> float:
+    """:func:`predict_generation_peak` for ``teacher`` sampled with ``settings``: the bf16 copies counted
+    where the torch engine holds them."""
+    from .precision import bf16_linear_copy_bytes
+
+    held = bf16_linear_copy_bytes(teacher) if settings.engine == "torch" and settings.precision == "bf16" else 0
+    return predict_generation_peak(teacher.config, settings, held, longest_prompt)
 
 
 def _last_turn_start(row: list[int], prompt_length: int, reply: tuple[int, ...]) -> int:

@@ -70,9 +70,3 @@ def cache_argument(model: Any) -> str:
     """The name ``model``'s forward takes its KV cache by (transformers 5.x renamed ``past_key_values``)."""
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
-
-def kv_cache_bytes(config: Any, rows: int, positions: int, element_bytes: int) -> float:
-    """The preallocated cache's bytes: keys and values of every layer for ``rows`` x ``positions``."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return float(2 * config.num_hidden_layers * rows * positions * kv_heads * head_dim * element_bytes)

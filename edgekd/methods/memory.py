@@ -46,6 +46,12 @@ def _dims(config: Any) -> tuple[int, int, int, int, int, int]:
     return h, config.intermediate_size, heads, kv, head_dim, config.num_hidden_layers
 
 
+
+def kv_cache_bytes(config: Any, rows: int, positions: int, element_bytes: int) -> float:
+    """A KV cache's bytes: keys and values of every layer for ``rows`` x ``positions``."""
+    _, _, _, kv, head_dim, layers = _dims(config)
+    return float(2 * layers * rows * positions * kv * head_dim * element_bytes)
+
 def layer_activation_bytes_per_token(config: Any, act_bytes: int) -> int:
     """What autograd keeps for backward, per token, in one decoder block (sdpa attention).
 

@@ -16,7 +16,6 @@ def teacher_samples(ctx: RunContext) -> StageRecord:
     from ..methods import generate as gen
     from ..methods.data import Corpus, _npy_bytes
     from ..methods.memory import refuse_over_limit
-    from ..methods.precision import bf16_linear_copy_bytes
 
     data = ctx.profile.compression.data
     data_free = ctx.inputs.data_free
@@ -27,9 +26,7 @@ def teacher_samples(ctx: RunContext) -> StageRecord:
                                 data.generation.chat_template_args)
     source = ctx.teacher.source
     gguf = source.path if source.kind in ("gguf", "default") else None  # the llama.cpp engine's file
-    held = bf16_linear_copy_bytes(ctx.teacher.model) if settings.engine == "torch" and settings.precision == "bf16" else 0
-    predicted = gen.predict_generation_peak(ctx.teacher.model.config, settings, held,  # before the heap grows
-                                            getattr(prompts, "longest", None))
+    predicted = gen.predict_sampling_peak(ctx.teacher.model, settings, getattr(prompts, "longest", None))  # before the heap grows
     refuse_over_limit(predicted, ctx.profile.compression.memory_gb, "sampling the teacher (the prompts' forward pass, the KV cache "
                       "of a batch, the sampler)", "lower compression.data.generation.batch_size or new_tokens")
     seconds_left = fill_s = None
