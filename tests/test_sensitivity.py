@@ -79,3 +79,47 @@ def test_kept_teacher_logprobs_give_the_same_costs_bit_for_bit(tiny, monkeypatch
     monkeypatch.setattr("edgekd.methods.memory._resident_now", lambda: 1e9)  # the same process both times
     extra = predict_sensitivity_peak(tiny, blocks, keep_teacher_logprobs=True) - predict_sensitivity_peak(tiny, blocks)
     assert extra == teacher_logprob_bytes(tiny, blocks)
+
+
+def test_weights_already_on_a_formats_grid_cost_nothing_and_run_no_forward_pass(tiny):
+    """A GGUF teacher stored in a candidate format (the default teacher's linears are Q4_1) is
+    unchanged by that format's round trip: KL 0 recorded without a pass; other formats still measured."""
+    import copy
+
+    from edgekd.formats import FORMATS
+    from edgekd.methods.sensitivity import measure_sensitivity
+
+    gridded = copy.deepcopy(tiny)
+    with torch.no_grad():
+        for name, p in gridded.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.copy_(FORMATS["q4_0"].torch_round_trip(p))
+    passes = []
+    gridded.register_forward_hook(lambda *_: passes.append(1))
+    blocks = np.random.default_rng(3).integers(0, 128, size=(2, 32))
+    s = measure_sensitivity(gridded, blocks, ["q4_0", "q8_0"])
+    linear_roles = [g for g in s.formats if g != "embedding"]
+    assert all(s.formats[g]["q4_0"] == 0.0 and s.formats[g]["q8_0"] > 0 for g in linear_roles)
+    assert s.formats["embedding"]["q4_0"] > 0
+    # the teacher's reference pass, one per measured format (embedding x2, each role's q8_0), one per skipped block
+    assert len(passes) == 1 + 2 + len(linear_roles) + 3
+
+
+def test_a_time_share_measures_on_as_many_batches_as_fit(tiny):
+    """With ``seconds``, one timed measurement of the first batch decides how many batches of 4 blocks
+    the measurements use: none too many for the time given, never fewer than one."""
+    from edgekd.methods.sensitivity import batches_within, measure_sensitivity, measurements
+
+    assert batches_within(100.0, 10, 1.0, 4) == 4  # 10 s a batch: all 4 fit
+    assert batches_within(25.0, 10, 1.0, 4) == 2
+    assert batches_within(5.0, 10, 1.0, 4) == 1  # not even one fits: one, the least a measurement needs
+    assert batches_within(5.0, 10, 0.0, 4) == 4
+    blocks = np.random.default_rng(4).integers(0, 128, size=(8, 32))
+    formats = ["q4_0", "q8_0"]
+    short = measure_sensitivity(tiny, blocks, formats, seconds=1e-6)
+    assert (short.calibration_blocks, short.tokens) == (4, 4 * 31)
+    whole = measure_sensitivity(tiny, blocks, formats, seconds=1e6)
+    assert (whole.calibration_blocks, whole.tokens) == (8, 8 * 31)
+    plain = measure_sensitivity(tiny, blocks, formats)
+    assert (plain.formats, plain.blocks) == (whole.formats, whole.blocks)  # the timed first pass changes no number
+    assert measurements(tiny, formats) == 8 * 2 + 3

@@ -116,3 +116,22 @@ def test_the_step_probe_times_the_whole_step_and_changes_no_weight(monkeypatch):
     assert with_grads == [len(list(student.parameters()))] * 3  # each probed step: every weight's gradient, then the update
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
     assert all(p.grad is None for p in student.parameters())
+
+
+def test_a_short_budget_measures_the_planners_knobs_on_fewer_blocks(tmp_path, tiny_model_dir, small_corpus_file,
+                                                                    tiny_profile_overrides, monkeypatch):
+    """Under a budget too short for them, the knob measurements use one batch of calibration blocks
+    (of the 8 asked), the record says how many and the report says why."""
+    import edgekd
+    from edgekd.pipeline import timebudget
+
+    monkeypatch.setattr(timebudget, "MIN_RESERVE_S", 0.0)
+    overrides = [o for o in tiny_profile_overrides if "tensor_formats" not in o] + [
+        "deployment.tensor_formats=auto", "compression.planner.sensitivity_blocks=8",
+        "compression.planner.candidates=[q4_0, q8_0]", "compression.planner.embedding_candidates=[q8_0]"]
+    report = edgekd.compress(teacher=tiny_model_dir, profile="raspberry-pi-5", data=small_corpus_file, output=tmp_path,
+                             run_name="short", overrides=overrides, quiet=True, time_budget="1s")
+    sens = report.stage("sensitivity")
+    assert sens.settings["blocks"] == 8 and sens.metrics["calibration_blocks"] == 4
+    assert sens.metrics["tokens"] == 4 * 63 and sens.metrics["seconds_allowed"] == 0
+    assert any(n.startswith("sensitivity: measured on 4 of 8 calibration blocks") for n in report.notes)

@@ -50,6 +50,7 @@ class Sensitivity:
     blocks: list[float]  # KL with block i skipped
     mlp_width: dict[str, float] = field(default_factory=dict)  # keep fraction (as text) -> KL
     seconds: float = 0.0
+    calibration_blocks: int = 0  # the blocks measured on (fewer than given where a time budget's share fitted them)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,16 +67,26 @@ class _KLMeter:
     unless ``keep_teacher_logprobs``: then each chunk's log-probabilities are made once and kept,
     and a measurement runs one head instead of two (the same numbers, bit for bit)."""
 
-    def __init__(self, teacher: Any, blocks: np.ndarray, batch_size: int = 4, keep_teacher_logprobs: bool = False):
-        self.batches = [torch.from_numpy(blocks[i:i + batch_size].astype(np.int64)) for i in range(0, len(blocks), batch_size)]
+    def __init__(self, teacher: Any, blocks: np.ndarray, batch_size: int = 4, keep_teacher_logprobs: bool = False,
+                 batches: int | None = None):
+        self.available = [torch.from_numpy(blocks[i:i + batch_size].astype(np.int64)) for i in range(0, len(blocks), batch_size)]
+        self.teacher = teacher
         head = head_of(teacher)
         # the head's tensors as they are now: measurements swap a weight's .data for its round trip,
         # which leaves the tensor these aliases share untouched
         self.teacher_head = Head(head.weight.detach(), head.bias.detach() if head.bias is not None else None, head.softcap)
-        self.teacher_hidden = [self._hidden(teacher, ids) for ids in self.batches]
+        self.teacher_hidden: list[torch.Tensor] = []
+        self.teacher_logp: list[list[torch.Tensor]] | None = [] if keep_teacher_logprobs else None
+        self.use(len(self.available) if batches is None else batches)
+
+    def use(self, batches: int) -> None:
+        """Measure on the first ``batches`` batches only (at least one): the teacher's side of each made now."""
+        self.batches = self.available[:max(1, batches)]
+        for ids in self.batches[len(self.teacher_hidden):]:
+            self.teacher_hidden.append(self._hidden(self.teacher, ids))
+            if self.teacher_logp is not None:
+                self.teacher_logp.append(teacher_logprob_chunks(self.teacher_hidden[-1], self.teacher_head))
         self.tokens = int(sum(ids[:, :-1].numel() for ids in self.batches))
-        self.teacher_logp = [teacher_logprob_chunks(t_hidden, self.teacher_head) for t_hidden in self.teacher_hidden] \
-            if keep_teacher_logprobs else None
 
     @staticmethod
     @torch.no_grad()
@@ -132,12 +143,21 @@ def _group_modules(model: Any) -> dict[str, list[Any]]:
 
 @torch.no_grad()
 def measure_sensitivity(model: Any, blocks: np.ndarray, candidates: list[str], mlp_fractions: tuple[float, ...] = (),
-                        progress: Callable[[int], None] | None = None, keep_teacher_logprobs: bool = False) -> Sensitivity:
+                        progress: Callable[[int], None] | None = None, keep_teacher_logprobs: bool = False,
+                        seconds: float | None = None) -> Sensitivity:
     """Every measurement of the module docstring, on ``blocks``, for the teacher ``model`` (left unchanged).
     ``keep_teacher_logprobs``: hold the teacher's log-probabilities (:func:`teacher_logprob_bytes`)
-    instead of making them again for every measurement (the default run's stage: 265 s against 349 s)."""
+    instead of making them again for every measurement (the default run's stage: 265 s against 349 s).
+    ``seconds``: a time budget's share for the measurements; from one measurement of the first batch,
+    timed (the teacher itself, KL 0), only as many batches of ``blocks`` are used as the measurements
+    are projected to fit in it (at least one; :func:`batches_within`)."""
     t0 = time.perf_counter()
-    meter = _KLMeter(model, blocks, keep_teacher_logprobs=keep_teacher_logprobs)
+    meter = _KLMeter(model, blocks, keep_teacher_logprobs=keep_teacher_logprobs, batches=1 if seconds is not None else None)
+    if seconds is not None:
+        t1 = time.perf_counter()
+        meter.kl(model)
+        meter.use(batches_within(seconds, measurements(model, candidates, mlp_fractions), time.perf_counter() - t1,
+                                 len(meter.available)))
     groups = _group_modules(model)
     formats: dict[str, dict[str, float]] = {}
     for group, modules in groups.items():
@@ -147,9 +167,13 @@ def measure_sensitivity(model: Any, blocks: np.ndarray, candidates: list[str], m
         formats[group] = {}
         for name in _fitting(candidates, modules):
             fmt = FORMATS[name]
+            unchanged = True
             for m, w in zip(modules, originals):
                 m.weight.data = fmt.torch_round_trip(w)
-            formats[group][name] = meter.kl(model)
+                unchanged = unchanged and torch.equal(m.weight.data, w)
+            # weights already on this format's grid (a GGUF teacher stored in it: the default teacher's
+            # linears are Q4_1) leave the model as it is: KL 0 without a forward pass
+            formats[group][name] = 0.0 if unchanged else meter.kl(model)
             if progress:
                 progress(1)
         for m, w in zip(modules, originals):
@@ -171,7 +195,7 @@ def measure_sensitivity(model: Any, blocks: np.ndarray, candidates: list[str], m
                 width[f"{fraction:g}"] = meter.kl(model)
             if progress:
                 progress(1)
-    return Sensitivity(meter.tokens, formats, skipped, width, time.perf_counter() - t0)
+    return Sensitivity(meter.tokens, formats, skipped, width, time.perf_counter() - t0, sum(len(ids) for ids in meter.batches))
 
 
 def predict_sensitivity_peak(model: Any, blocks: np.ndarray, keep_teacher_logprobs: bool = False) -> float:
@@ -199,6 +223,14 @@ def sensitivity_layout(model: Any, blocks: np.ndarray, memory_gb: float | None, 
     kept = predict_sensitivity_peak(model, blocks, keep_teacher_logprobs=True)
     allowed = min(HEADROOM * memory_limit_bytes(memory_gb), target_gb * 1e9 if target_gb else float("inf"))
     return (True, kept) if kept <= allowed else (False, predict_sensitivity_peak(model, blocks))
+
+
+def batches_within(seconds: float, count: int, batch_s: float, available: int) -> int:
+    """How many calibration batches ``count`` measurements fit in ``seconds`` (at least 1, at most
+    ``available``), a measurement taking ``batch_s`` a batch (a PROJECTION from one timed measurement;
+    the formats' round trips take their own time besides, the same for any number of batches)."""
+    per_batch = count * batch_s
+    return max(1, min(available, int(seconds // per_batch) if per_batch > 0 else available))
 
 
 def _fitting(candidates: list[str], modules: list[Any]) -> list[str]:

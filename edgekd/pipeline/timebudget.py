@@ -9,7 +9,9 @@ stages still to come fit in what is left; the counts are written to the run dire
 shared machine slows down): each training stage also gets a deadline and stops there, with a
 checkpoint, if its steps run slower than measured, its learning-rate schedule cut where it stands
 (measured against compressing the schedule to the deadline, which did worse: benchmarks/RESULTS.md,
-"Time budgets").
+"Time budgets"). The planner's knob measurements, the largest stage before training (about 4 minutes
+for the 135M teacher), take at most ``edgekd.stages.plan.SENSITIVITY_SHARE`` of the training time left
+when they start: a short budget measures on fewer calibration blocks.
 """
 
 from __future__ import annotations
@@ -87,9 +89,14 @@ def fitted_steps(stage_dir: Path, compute: callable) -> dict:
 
 
 def budget_notes(stages: list) -> list[str]:
-    """Report notes for the training stages whose steps a time budget lowered (from their records)."""
+    """Report notes for the stages a time budget cut short: training stages' steps lowered (from their
+    records), the planner's measurements made on fewer calibration blocks."""
     out = []
     for record in stages:
+        used, given = record.metrics.get("calibration_blocks"), record.settings.get("blocks")
+        if record.name == "sensitivity" and used and given and used < given:
+            out.append(f"sensitivity: measured on {used} of {given} calibration blocks, fitted to the time budget's "
+                       f"{record.metrics['seconds_allowed']:.0f} s for it (took {record.metrics['seconds']:.0f} s)")
         fitted = record.settings.get("time_budget")
         if fitted and fitted["steps"] < fitted["planned_steps"]:
             out.append(f"{record.name}: {fitted['steps']} of {fitted['planned_steps']} steps, fitted to the time budget "

@@ -12,6 +12,10 @@ SENSITIVITY = ("plan", "sensitivity.json")
 PLAN = ("plan", "plan.json")
 TABLE = "Compression plan (PROJECTION from the cost model and the measured knob costs; chosen first)"
 RUNNERS_UP = 5
+# of a time budget's training time, the most the knob measurements may take: a short budget measures
+# on fewer calibration blocks rather than leave the training stages a few steps
+# (benchmarks/RESULTS.md, "The planner's measurements under a short time budget")
+SENSITIVITY_SHARE = 0.2
 
 
 def needs_planner(profile: Any) -> bool:
@@ -49,13 +53,16 @@ def sensitivity(ctx: RunContext) -> StageRecord:
     model = ctx.teacher.model
     keep_logprobs, predicted = sensitivity_layout(model, blocks, ctx.profile.compression.memory_gb,
                                                   ctx.profile.compression.memory_target_gb)
+    seconds = SENSITIVITY_SHARE * max(0.0, ctx.time_budget.training_left_s()) if ctx.time_budget is not None else None
     with ctx.reporter.task("measuring what each format, block and width costs (KL to the teacher)",
                            total=measurements(model, names, fractions), unit="runs") as advance:
-        result = measure_sensitivity(model, blocks, names, fractions, progress=advance, keep_teacher_logprobs=keep_logprobs)
+        result = measure_sensitivity(model, blocks, names, fractions, progress=advance, keep_teacher_logprobs=keep_logprobs,
+                                     seconds=seconds)
     atomic_write_json(ctx.run.path(*SENSITIVITY), result.to_dict())
     cheapest = sorted(range(len(result.blocks)), key=lambda i: result.blocks[i])[:5]
     return StageRecord("sensitivity", settings={"formats": names, "mlp_fractions": list(fractions), "blocks": len(blocks)},
-                       metrics={"tokens": result.tokens, "seconds": round(result.seconds, 1), "formats": result.formats,
+                       metrics={"tokens": result.tokens, "seconds": round(result.seconds, 1), "calibration_blocks": result.calibration_blocks,
+                                "seconds_allowed": round(seconds, 1) if seconds is not None else None, "formats": result.formats,
                                 "block_kl": result.blocks, "cheapest_blocks": cheapest, "mlp_width_kl": result.mlp_width,
                                 "teacher_logprobs_kept": keep_logprobs, "predicted_peak_rss_mb": round(predicted / 2**20, 1)},
                        artifacts={"knob costs": "plan/sensitivity.json"})
