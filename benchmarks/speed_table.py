@@ -7,6 +7,7 @@
     .venv/bin/python benchmarks/speed_table.py sampling-precision [--qwen3-shape]  # the teacher's sampling: fp32 vs bf16
     .venv/bin/python benchmarks/speed_table.py sampling-file-prompts  # a prompt file's prompts: one padded batch vs one per length
     .venv/bin/python benchmarks/speed_table.py sampling-kv-cache [--qwen3-shape]  # the sampler's KV cache: in place vs concatenated
+    .venv/bin/python benchmarks/speed_table.py kquants [--rounds 3]         # K-quant reference quantizers: one call vs a thread per core
     .venv/bin/python benchmarks/speed_table.py decode [--gguf F] [--onnx F|default]  # decode vs the bandwidth roofline
     .venv/bin/python benchmarks/speed_table.py profile [--tool perf --threads 2]  # where decode time goes
     .venv/bin/python benchmarks/speed_table.py builds --build NAME=SITE_DIR ...  # llama.cpp builds side by side
@@ -61,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=240)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--qwen3-shape", action="store_true", help="also a randomly initialised model with Qwen3-0.6B's configuration")
+    p = sub.add_parser("kquants", help="the K-quant reference quantizers in one call against a thread per core (same bytes)")
+    p.add_argument("--rounds", type=int, default=3)
     p = sub.add_parser("decode", help="decode tokens/s against the copy-bandwidth roofline")
     p.add_argument("--gguf", default=None, help=GGUF_HELP)
     p.add_argument("--rounds", type=int, default=5)
@@ -89,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> int:
     args = build_parser().parse_args()
-    from speed import decode, profile, sampling, training
+    from speed import decode, profile, quantizers, sampling, training
 
     if getattr(args, "gguf", "") is None:
         args.gguf = decode.default_file("gguf", args.teacher)
@@ -97,7 +100,7 @@ def main() -> int:
         args.onnx = decode.default_file("onnx", args.teacher)
     {"loop": training.cmd_loop, "cache": training.cmd_cache, "bf16": training.cmd_bf16, "sampling": sampling.cmd_sampling,
      "sampling-precision": sampling.cmd_sampling_precision, "sampling-file-prompts": sampling.cmd_sampling_file_prompts,
-     "sampling-kv-cache": sampling.cmd_sampling_kv_cache, "decode": decode.cmd_decode,
+     "sampling-kv-cache": sampling.cmd_sampling_kv_cache, "kquants": quantizers.cmd_kquants, "decode": decode.cmd_decode,
      "builds": decode.cmd_builds, "files": decode.cmd_files, "profile": profile.cmd_profile}[args.cmd](args)
     return 0
 

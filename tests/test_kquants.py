@@ -50,10 +50,14 @@ def _matrices(path):
     return {t.name: t for t in GGUFReader(str(path)).tensors if len(t.shape) == 2}
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_bytes_equal_llama_model_quantize(kind, f16_file, tmp_path):
+def test_bytes_equal_llama_model_quantize(kind, threads, f16_file, tmp_path, monkeypatch):
     """llama.cpp quantizes the F16 file (every tensor in one type: ``pure``); our reference,
-    given the same weights, writes the same bytes for every super-block of every tensor."""
+    given the same weights, writes the same bytes for every super-block of every tensor, in one
+    call or with its scale searches split over 3 threads by rows (however few cores run the test)."""
+    split = kq._in_row_chunks
+    monkeypatch.setattr(kq, "_in_row_chunks", lambda search, *a: split(search, *a, workers=threads, min_rows=1))
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.pure, params.nthread = KINDS[kind], True, 1
     out = tmp_path / f"m-{kind}.gguf"

@@ -1,0 +1,52 @@
+"""The K-quant reference quantizers (edgekd.kquants) in one call against their scale searches split
+over a thread per core: the same bytes, measured side by side on weights of real models' shapes."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import numpy as np
+from common import write_result
+
+from edgekd import kquants
+
+SHAPES = {  # (rows, cols) of a real tensor: K-quants need cols a multiple of 256
+    "SmolLM2-135M ffn_down": (576, 1536),
+    "Qwen3-0.6B ffn_up": (3072, 1024),
+    "Llama-3.2-1B ffn_up": (8192, 2048),
+}
+
+
+def cmd_kquants(args) -> None:
+    split = kquants._in_row_chunks
+    rows = []
+    for shape_name, shape in SHAPES.items():
+        w = (np.random.default_rng(0).standard_normal(shape) * 0.02).astype(np.float32)
+        for kind in ("q4_k", "q5_k", "q6_k"):
+            times: dict[str, list[float]] = {"one call": [], "threads": []}
+            same = True
+            for _ in range(args.rounds):
+                out = {}
+                for arm in times:  # alternating, so a slower stretch of a shared host hits both
+                    kquants._in_row_chunks = (lambda search, *a: split(search, *a, workers=1)) if arm == "one call" else split
+                    try:
+                        t0 = time.perf_counter()
+                        out[arm] = kquants.QUANTIZERS[kind](w)
+                        times[arm].append(time.perf_counter() - t0)
+                    finally:
+                        kquants._in_row_chunks = split
+                same = same and all(np.array_equal(getattr(out["one call"], f), getattr(out["threads"], f))
+                                    for f in kquants.GRID_FIELDS if getattr(out["one call"], f) is not None)
+            one, threaded = statistics.median(times["one call"]), statistics.median(times["threads"])
+            row = {"tensor": shape_name, "shape": list(shape), "kind": kind, "one_call_s": round(one, 3),
+                   "threads_s": round(threaded, 3), "speed_up": round(one / threaded, 2),
+                   "threads_mweights_per_s": round(w.size / 1e6 / threaded, 2), "same_bytes": same}
+            rows.append(row)
+            print(row, file=sys.stderr, flush=True)
+    write_result("speed_kquants", {"rounds": args.rounds, "rows": rows})
+    print("| tensor | kind | one call (s) | threads (s) | speed-up | M weights/s | same bytes |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['tensor']} {tuple(r['shape'])} | {r['kind']} | {r['one_call_s']:.2f} | {r['threads_s']:.2f} | "
+              f"{r['speed_up']:.2f}x | {r['threads_mweights_per_s']:.2f} | {'yes' if r['same_bytes'] else 'NO'} |")
