@@ -7,7 +7,7 @@
     .venv/bin/python benchmarks/speed_table.py sampling-precision [--qwen3-shape]  # the teacher's sampling: fp32 vs bf16
     .venv/bin/python benchmarks/speed_table.py sampling-file-prompts  # a prompt file's prompts: one padded batch vs one per length
     .venv/bin/python benchmarks/speed_table.py sampling-kv-cache [--qwen3-shape]  # the sampler's KV cache: in place vs concatenated
-    .venv/bin/python benchmarks/speed_table.py kquants [--rounds 3]         # K-quant reference quantizers: one call vs a thread per core
+    .venv/bin/python benchmarks/speed_table.py kquants [--rounds 3]         # K-quant reference quantizers: one call vs chunks on a thread per core
     .venv/bin/python benchmarks/speed_table.py decode [--gguf F] [--onnx F|default]  # decode vs the bandwidth roofline
     .venv/bin/python benchmarks/speed_table.py profile [--tool perf --threads 2]  # where decode time goes
     .venv/bin/python benchmarks/speed_table.py builds --build NAME=SITE_DIR ...  # llama.cpp builds side by side
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=240)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--qwen3-shape", action="store_true", help="also a randomly initialised model with Qwen3-0.6B's configuration")
-    p = sub.add_parser("kquants", help="the K-quant reference quantizers in one call against a thread per core (same bytes)")
+    p = sub.add_parser("kquants", help="the K-quant reference quantizers in one call against chunks over a thread per core (same bytes)")
     p.add_argument("--rounds", type=int, default=3)
     p = sub.add_parser("decode", help="decode tokens/s against the copy-bandwidth roofline")
     p.add_argument("--gguf", default=None, help=GGUF_HELP)

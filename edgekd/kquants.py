@@ -76,18 +76,23 @@ def _seqsum(terms: np.ndarray) -> np.ndarray:
     return acc
 
 
-def _in_row_chunks(search: Any, *arrays: np.ndarray, workers: int | None = None, min_rows: int = 1 << 15) -> tuple[np.ndarray, ...]:
-    """``search(*arrays)`` over chunks of their rows on a thread per core (``workers``), its outputs
-    joined. The searches treat every sub-block (row) on its own and numpy's element-wise operations
-    let go of the GIL, so the result is the same bytes as one call: about twice as fast on 2 cores
-    (benchmarks/RESULTS.md, "Speed of the toolkit"). Below ``min_rows`` rows a chunk, one call."""
+CHUNK_ROWS = 1 << 15  # sub-blocks a search call takes at most: 1M weights, whose temporaries stay in cache
+
+
+def _in_row_chunks(search: Any, *arrays: np.ndarray, workers: int | None = None, chunk_rows: int = CHUNK_ROWS) -> tuple[np.ndarray, ...]:
+    """``search(*arrays)`` over chunks of at most ``chunk_rows`` rows (at least one a core) on
+    ``workers`` threads (default: one per core), its outputs joined. The searches treat every
+    sub-block (row) on its own and numpy's element-wise operations let go of the GIL, so the result
+    is the same bytes as one call; smaller chunks keep the searches' temporaries in cache, and the
+    threads use every core (benchmarks/RESULTS.md, "Speed of the toolkit")."""
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = min(workers, max(1, len(arrays[0]) // min_rows))
-    if workers < 2:
+    rows = len(arrays[0])
+    pieces = max(-(-rows // chunk_rows), min(workers, rows // 4096))
+    if pieces < 2:
         return search(*arrays)
-    bounds = np.linspace(0, len(arrays[0]), workers + 1).astype(int)
-    with ThreadPoolExecutor(workers) as pool:
+    bounds = np.linspace(0, rows, pieces + 1).astype(int)
+    with ThreadPoolExecutor(max(1, min(workers, pieces))) as pool:
         parts = list(pool.map(lambda ab: search(*(a[ab[0]:ab[1]] for a in arrays)), zip(bounds[:-1], bounds[1:])))
     return tuple(np.concatenate(out) for out in zip(*parts))
 

@@ -1,5 +1,6 @@
 """The K-quant reference quantizers (edgekd.kquants) in one call against their scale searches split
-over a thread per core: the same bytes, measured side by side on weights of real models' shapes."""
+by rows into cache-sized chunks over a thread per core: the same bytes, measured side by side on
+weights of real models' shapes."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def cmd_kquants(args) -> None:
             for _ in range(args.rounds):
                 out = {}
                 for arm in times:  # alternating, so a slower stretch of a shared host hits both
-                    kquants._in_row_chunks = (lambda search, *a: split(search, *a, workers=1)) if arm == "one call" else split
+                    kquants._in_row_chunks = (lambda search, *a: search(*a)) if arm == "one call" else split
                     try:
                         t0 = time.perf_counter()
                         out[arm] = kquants.QUANTIZERS[kind](w)
