@@ -79,16 +79,18 @@ def _seqsum(terms: np.ndarray) -> np.ndarray:
 CHUNK_ROWS = 1 << 15  # sub-blocks a search call takes at most: 1M weights, whose temporaries stay in cache
 
 
-def _in_row_chunks(search: Any, *arrays: np.ndarray, workers: int | None = None, chunk_rows: int = CHUNK_ROWS) -> tuple[np.ndarray, ...]:
-    """``search(*arrays)`` over chunks of at most ``chunk_rows`` rows (at least one a core) on
-    ``workers`` threads (default: one per core), its outputs joined. The searches treat every
+def _in_row_chunks(search: Any, *arrays: np.ndarray, workers: int | None = None, chunk_rows: int = CHUNK_ROWS,
+                   min_rows: int = 4096) -> tuple[np.ndarray, ...]:
+    """``search(*arrays)`` over chunks of at most ``chunk_rows`` rows, as many for each of
+    ``workers`` threads (default: one per core) and none under ``min_rows``, its outputs joined. The searches treat every
     sub-block (row) on its own and numpy's element-wise operations let go of the GIL, so the result
     is the same bytes as one call; smaller chunks keep the searches' temporaries in cache, and the
     threads use every core (benchmarks/RESULTS.md, "Speed of the toolkit")."""
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     rows = len(arrays[0])
-    pieces = max(-(-rows // chunk_rows), min(workers, rows // 4096))
+    pieces = -(-rows // chunk_rows)
+    pieces = min(-(-pieces // workers) * workers, max(1, rows // min_rows))  # the same number of chunks for every thread
     if pieces < 2:
         return search(*arrays)
     bounds = np.linspace(0, rows, pieces + 1).astype(int)

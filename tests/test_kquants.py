@@ -58,7 +58,7 @@ def test_bytes_equal_llama_model_quantize(kind, threads, f16_file, tmp_path, mon
     call or with its scale searches split by rows into chunks of 97 sub-blocks over 3 threads (however few cores run the test)."""
     split = kq._in_row_chunks
     if threads > 1:
-        monkeypatch.setattr(kq, "_in_row_chunks", lambda search, *a: split(search, *a, workers=threads, chunk_rows=97))
+        monkeypatch.setattr(kq, "_in_row_chunks", lambda search, *a: split(search, *a, workers=threads, chunk_rows=97, min_rows=1))
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.pure, params.nthread = KINDS[kind], True, 1
     out = tmp_path / f"m-{kind}.gguf"
