@@ -545,3 +545,24 @@ def test_the_sampler_decodes_every_family_as_full_forward_passes(tiny_tokenizer,
     settings = gen.Generation(tokens=64, prompt_tokens=4, new_tokens=10, temperature=0.0, top_p=1.0, engine="torch", batch_size=3, seed=0)
     for p, row in zip(rows, gen._engine(settings, model, None)(rows, np.random.default_rng(0), ())):
         assert row == torch_continue(model, np.array([p]), 10, np.random.default_rng(0), temperature=0.0)[0].tolist()
+
+
+@pytest.mark.parametrize("build", ["qwen3", "smollm3", "phi3", "gemma3"])
+def test_the_planners_block_skips_replay_every_family_exactly(tiny_tokenizer, build):
+    """The sensitivity stage's skipped blocks, measured from the teacher's recorded block outputs
+    (edgekd.methods.sensitivity.replayed), cost what a full pass with the block skipped costs, under
+    each family's layers: SmolLM3's unroped blocks, Phi-3's partial rotary, Gemma 3's window and its
+    alternating layer types."""
+    from edgekd.methods.prune import decoder_layers, skip_block
+    from edgekd.methods.sensitivity import _KLMeter, measure_sensitivity
+
+    vocab = len(tiny_tokenizer) + 1
+    model = {"qwen3": tiny_qwen3, "smollm3": tiny_smollm3, "phi3": tiny_phi3, "gemma3": tiny_gemma3}[build](vocab)
+    blocks = _blocks(vocab, n=5, length=16)
+    meter = _KLMeter(model, blocks)
+    full = []
+    for layer in decoder_layers(model):
+        handle = layer.register_forward_hook(skip_block, with_kwargs=True)
+        full.append(meter.kl(model))
+        handle.remove()
+    assert measure_sensitivity(model, blocks, []).blocks == full and all(kl > 0 for kl in full)

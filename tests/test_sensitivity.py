@@ -123,3 +123,29 @@ def test_a_time_share_measures_on_as_many_batches_as_fit(tiny):
     plain = measure_sensitivity(tiny, blocks, formats)
     assert (plain.formats, plain.blocks) == (whole.formats, whole.blocks)  # the timed first pass changes no number
     assert measurements(tiny, formats) == 8 * 2 + 3
+
+
+def test_skipped_blocks_replay_the_teachers_earlier_blocks_and_cost_the_same(tiny):
+    """A block skipped is measured from the teacher's own outputs of the blocks before it: only the
+    blocks after it are computed, and every cost equals the full pass with the block skipped."""
+    from edgekd.methods.prune import decoder_layers, skip_block
+    from edgekd.methods.sensitivity import _KLMeter, measure_sensitivity
+
+    blocks = np.random.default_rng(5).integers(0, 128, size=(6, 32))  # two batches, the second short
+    meter = _KLMeter(tiny, blocks)
+    full = []
+    for layer in decoder_layers(tiny):
+        handle = layer.register_forward_hook(skip_block, with_kwargs=True)
+        full.append(meter.kl(tiny))
+        handle.remove()
+    computed = []
+    handles = [layer.self_attn.register_forward_hook(lambda *_: computed.append(1)) for layer in decoder_layers(tiny)]
+    try:
+        s = measure_sensitivity(tiny, blocks, [])
+    finally:
+        for h in handles:
+            h.remove()
+    assert s.blocks == full
+    # per batch: the teacher's pass (3 blocks), block 0 skipped (3: computed, then passed over), 1 (block 2), 2 (none)
+    assert len(computed) == 2 * (3 + 3 + 1 + 0)
+    assert all(kl > 0 for kl in s.blocks) and "forward" not in vars(decoder_layers(tiny)[0])

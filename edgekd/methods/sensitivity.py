@@ -77,13 +77,22 @@ class _KLMeter:
         self.teacher_head = Head(head.weight.detach(), head.bias.detach() if head.bias is not None else None, head.softcap)
         self.teacher_hidden: list[torch.Tensor] = []
         self.teacher_logp: list[list[torch.Tensor]] | None = [] if keep_teacher_logprobs else None
+        self.block_outputs: list[list[Any]] = []  # per batch, every decoder block's output in the teacher's pass
         self.use(len(self.available) if batches is None else batches)
 
     def use(self, batches: int) -> None:
-        """Measure on the first ``batches`` batches only (at least one): the teacher's side of each made now."""
+        """Measure on the first ``batches`` batches only (at least one): the teacher's side of each made
+        now, with every decoder block's output in the teacher's pass (:meth:`kl`'s ``replay``)."""
         self.batches = self.available[:max(1, batches)]
         for ids in self.batches[len(self.teacher_hidden):]:
-            self.teacher_hidden.append(self._hidden(self.teacher, ids))
+            outputs: list[Any] = []
+            handles = [layer.register_forward_hook(lambda _m, _a, out, seen=outputs: seen.append(out)) for layer in decoder_layers(self.teacher)]
+            try:
+                self.teacher_hidden.append(self._hidden(self.teacher, ids))
+            finally:
+                for h in handles:
+                    h.remove()
+            self.block_outputs.append(outputs)
             if self.teacher_logp is not None:
                 self.teacher_logp.append(teacher_logprob_chunks(self.teacher_hidden[-1], self.teacher_head))
         self.tokens = int(sum(ids[:, :-1].numel() for ids in self.batches))
@@ -94,12 +103,31 @@ class _KLMeter:
         return forward_to_hidden(model, ids.to(model.device))[1][:, :-1].float()
 
     @torch.no_grad()
-    def kl(self, model: Any) -> float:
+    def kl(self, model: Any, replay: Callable[[int], Any] | None = None) -> float:
+        """KL(teacher || ``model``) per token; ``replay(b)``: a context the forward pass of batch b runs in."""
         head = head_of(model)
         kept = self.teacher_logp or [None] * len(self.batches)
-        total = sum(chunked_kl_sum(self._hidden(model, ids), head, t_hidden.to(model.device), self.teacher_head, teacher_logp=logp)
-                    for ids, t_hidden, logp in zip(self.batches, self.teacher_hidden, kept))
+        total = 0
+        for b, (ids, t_hidden, logp) in enumerate(zip(self.batches, self.teacher_hidden, kept)):
+            with replay(b) if replay is not None else contextlib.nullcontext():
+                hidden = self._hidden(model, ids)
+            total += chunked_kl_sum(hidden, head, t_hidden.to(model.device), self.teacher_head, teacher_logp=logp)
         return max(total / self.tokens, 0.0)  # rounding can leave a tiny negative sum where nothing changed
+
+
+@contextlib.contextmanager
+def replayed(layers: list[Any], outputs: list[Any]) -> Iterator[None]:
+    """Inside the block, each of ``layers`` returns its entry of ``outputs`` without computing
+    anything: a forward pass then computes only the blocks after them, from the very tensors the
+    teacher's own pass made, so a block skipped this way costs the same KL bit for bit as the
+    full pass with that block skipped, at the cost of the blocks after it only."""
+    try:
+        for layer, out in zip(layers, outputs):
+            layer.forward = lambda *_args, _out=out, **_kwargs: _out
+        yield
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
 
 
 def teacher_logprob_bytes(model: Any, blocks: np.ndarray) -> int:
@@ -179,12 +207,17 @@ def measure_sensitivity(model: Any, blocks: np.ndarray, candidates: list[str], m
         for m, w in zip(modules, originals):
             m.weight.data = w
     skipped = []
-    for layer in decoder_layers(model):
-        handle = layer.register_forward_hook(skip_block, with_kwargs=True)
-        try:
-            skipped.append(meter.kl(model))
-        finally:
-            handle.remove()
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        if i == 0:
+            handle = layer.register_forward_hook(skip_block, with_kwargs=True)
+            try:
+                skipped.append(meter.kl(model))
+            finally:
+                handle.remove()
+        else:  # blocks 0 .. i-1 give the teacher's outputs back uncomputed, block i passes block i-1's on
+            skipped.append(meter.kl(model, replay=lambda b, i=i: replayed(
+                layers[:i + 1], [*meter.block_outputs[b][:i], meter.block_outputs[b][i - 1]])))
         if progress:
             progress(1)
     width = {}
@@ -200,7 +233,7 @@ def measure_sensitivity(model: Any, blocks: np.ndarray, candidates: list[str], m
 
 def predict_sensitivity_peak(model: Any, blocks: np.ndarray, keep_teacher_logprobs: bool = False) -> float:
     """The predicted peak resident bytes of :func:`measure_sensitivity`: a batch's forward pass and
-    chunked KL, the teacher's stored hidden states, and the largest tensor group's working set
+    chunked KL, the teacher's stored final hidden states and block outputs, and the largest tensor group's working set
     three times over (its round trips and the quantizer's temporaries; with two copies the default
     run measured 0.92 of the peak on an AVX-512 host and 0.87 on an AVX2 one)."""
     from .chunked_head import chunk_positions
@@ -208,7 +241,7 @@ def predict_sensitivity_peak(model: Any, blocks: np.ndarray, keep_teacher_logpro
 
     largest = max(sum(m.weight.numel() for m in mods) for mods in _group_modules(model).values()) * 4
     vocab, hidden = model.config.vocab_size, model.config.hidden_size
-    stored = blocks.shape[0] * blocks.shape[1] * hidden * 4
+    stored = blocks.shape[0] * blocks.shape[1] * hidden * 4 * (1 + model.config.num_hidden_layers)  # final hidden + every block's output
     chunk_kl = 6 * chunk_positions(vocab) * vocab * 4
     if keep_teacher_logprobs:
         stored += teacher_logprob_bytes(model, blocks)
