@@ -6,7 +6,8 @@ On a few calibration blocks (never held-out ones), against the teacher's own log
   token embedding (with a tied head, the head too) and each linear role (``attn_q`` ...
   ``ffn_down``) in all blocks at once (HAWQ, Dong et al. 2019, ranks layers by a Hessian proxy;
   ModelOpt's AutoQuantize and this module measure the loss itself);
-- every decoder block skipped alone (the residual stream passes through it), the measured-loss
+- every decoder block skipped alone (the residual stream passes through it; the blocks before it give
+  back their outputs recorded in the teacher's pass, :func:`replayed`), the measured-loss
   ranking that agreed best with held-out damage (Spearman 0.97 against Block Influence's 0.74,
   benchmarks/RESULTS.md);
 - MLP width pruning of every block at each candidate keep fraction (Minitron's activation

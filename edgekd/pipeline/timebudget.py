@@ -9,7 +9,7 @@ stages still to come fit in what is left; the counts are written to the run dire
 shared machine slows down): each training stage also gets a deadline and stops there, with a
 checkpoint, if its steps run slower than measured, its learning-rate schedule cut where it stands
 (measured against compressing the schedule to the deadline, which did worse: benchmarks/RESULTS.md,
-"Time budgets"). The planner's knob measurements, the largest stage before training (about 3 minutes
+"Time budgets"). The planner's knob measurements, the largest stage before training (under 3 minutes
 for the 135M teacher), take at most ``edgekd.stages.plan.SENSITIVITY_SHARE`` of the training time left
 when they start: a short budget measures on fewer calibration blocks.
 """
