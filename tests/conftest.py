@@ -72,3 +72,20 @@ def tiny_gguf_of(tiny_model_dir, tmp_path_factory):
         return made[fmt]
 
     return make
+
+
+def skip_costs_by_full_passes(model, blocks) -> list[float]:
+    """KL to the teacher with each decoder block skipped, each a full forward pass with the block's
+    output replaced by its input: the reference the planner's replayed block skips are held to."""
+    from edgekd.methods.prune import decoder_layers, skip_block
+    from edgekd.methods.sensitivity import _KLMeter
+
+    meter = _KLMeter(model, blocks)
+    costs = []
+    for layer in decoder_layers(model):
+        handle = layer.register_forward_hook(skip_block, with_kwargs=True)
+        try:
+            costs.append(meter.kl(model))
+        finally:
+            handle.remove()
+    return costs

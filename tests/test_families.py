@@ -553,16 +553,12 @@ def test_the_planners_block_skips_replay_every_family_exactly(tiny_tokenizer, bu
     (edgekd.methods.sensitivity.replayed), cost what a full pass with the block skipped costs, under
     each family's layers: SmolLM3's unroped blocks, Phi-3's partial rotary, Gemma 3's window and its
     alternating layer types."""
-    from edgekd.methods.prune import decoder_layers, skip_block
-    from edgekd.methods.sensitivity import _KLMeter, measure_sensitivity
+    from conftest import skip_costs_by_full_passes
+
+    from edgekd.methods.sensitivity import measure_sensitivity
 
     vocab = len(tiny_tokenizer) + 1
     model = {"qwen3": tiny_qwen3, "smollm3": tiny_smollm3, "phi3": tiny_phi3, "gemma3": tiny_gemma3}[build](vocab)
     blocks = _blocks(vocab, n=5, length=16)
-    meter = _KLMeter(model, blocks)
-    full = []
-    for layer in decoder_layers(model):
-        handle = layer.register_forward_hook(skip_block, with_kwargs=True)
-        full.append(meter.kl(model))
-        handle.remove()
+    full = skip_costs_by_full_passes(model, blocks)
     assert measure_sensitivity(model, blocks, []).blocks == full and all(kl > 0 for kl in full)

@@ -128,16 +128,13 @@ def test_a_time_share_measures_on_as_many_batches_as_fit(tiny):
 def test_skipped_blocks_replay_the_teachers_earlier_blocks_and_cost_the_same(tiny):
     """A block skipped is measured from the teacher's own outputs of the blocks before it: only the
     blocks after it are computed, and every cost equals the full pass with the block skipped."""
-    from edgekd.methods.prune import decoder_layers, skip_block
-    from edgekd.methods.sensitivity import _KLMeter, measure_sensitivity
+    from conftest import skip_costs_by_full_passes
+
+    from edgekd.methods.prune import decoder_layers
+    from edgekd.methods.sensitivity import measure_sensitivity
 
     blocks = np.random.default_rng(5).integers(0, 128, size=(6, 32))  # two batches, the second short
-    meter = _KLMeter(tiny, blocks)
-    full = []
-    for layer in decoder_layers(tiny):
-        handle = layer.register_forward_hook(skip_block, with_kwargs=True)
-        full.append(meter.kl(tiny))
-        handle.remove()
+    full = skip_costs_by_full_passes(tiny, blocks)
     computed = []
     handles = [layer.self_attn.register_forward_hook(lambda *_: computed.append(1)) for layer in decoder_layers(tiny)]
     try:
