@@ -81,11 +81,11 @@ CHUNK_ROWS = 1 << 15  # sub-blocks a search call takes at most: 1M weights, whos
 
 def _in_row_chunks(search: Any, *arrays: np.ndarray, workers: int | None = None, chunk_rows: int = CHUNK_ROWS,
                    min_rows: int = 4096) -> tuple[np.ndarray, ...]:
-    """``search(*arrays)`` over chunks of at most ``chunk_rows`` rows, as many for each of
-    ``workers`` threads (default: one per core) and none under ``min_rows``, its outputs joined. The searches treat every
-    sub-block (row) on its own and numpy's element-wise operations let go of the GIL, so the result
-    is the same bytes as one call; smaller chunks keep the searches' temporaries in cache, and the
-    threads use every core (benchmarks/RESULTS.md, "Speed of the toolkit")."""
+    """``search(*arrays)`` over chunks of at most ``chunk_rows`` rows, as many for each of ``workers``
+    threads (default: one per core) and none under ``min_rows``, its outputs joined. The searches
+    treat every sub-block (row) on its own and numpy's element-wise operations let go of the GIL, so
+    the result is the same bytes as one call; smaller chunks keep the searches' temporaries in cache,
+    and the threads use every core (benchmarks/RESULTS.md, "Speed of the toolkit", 10)."""
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     rows = len(arrays[0])

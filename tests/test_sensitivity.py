@@ -146,3 +146,20 @@ def test_skipped_blocks_replay_the_teachers_earlier_blocks_and_cost_the_same(tin
     # per batch: the teacher's pass (3 blocks), block 0 skipped (3: computed, then passed over), 1 (block 2), 2 (none)
     assert len(computed) == 2 * (3 + 3 + 1 + 0)
     assert all(kl > 0 for kl in s.blocks) and "forward" not in vars(decoder_layers(tiny)[0])
+
+
+def test_a_replayed_block_gets_back_a_forward_set_on_its_instance(tiny):
+    """Hook libraries (accelerate's offloading) set ``forward`` on a module instance; replaying the
+    block over it must leave that forward in place afterwards, and a block without one as it was."""
+    from edgekd.methods.prune import decoder_layers
+    from edgekd.methods.sensitivity import replayed
+
+    first, second = decoder_layers(tiny)[:2]
+    own = first.forward  # a bound method set on the instance, as a hook library would
+    first.forward = own
+    try:
+        with replayed([first, second], ["a", "b"]):
+            assert first() == "a" and second() == "b"
+        assert vars(first)["forward"] is own and "forward" not in vars(second)
+    finally:
+        vars(first).pop("forward", None)

@@ -122,13 +122,17 @@ def replayed(layers: list[Any], outputs: list[Any]) -> Iterator[None]:
     anything: a forward pass then computes only the blocks after them, from the very tensors the
     teacher's own pass made, so a block skipped this way costs the same KL bit for bit as the
     full pass with that block skipped, at the cost of the blocks after it only."""
+    own = [vars(layer).get("forward") for layer in layers]  # a forward set on the instance (a hook library's) comes back
     try:
         for layer, out in zip(layers, outputs):
             layer.forward = lambda *_args, _out=out, **_kwargs: _out
         yield
     finally:
-        for layer in layers:
-            layer.__dict__.pop("forward", None)
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                vars(layer).pop("forward", None)
+            else:
+                layer.forward = forward
 
 
 def teacher_logprob_bytes(model: Any, blocks: np.ndarray) -> int:
