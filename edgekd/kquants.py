@@ -24,7 +24,6 @@ grid rounds back to its code exactly (:func:`grid_values` is a fixed point of it
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -86,8 +85,9 @@ def _in_row_chunks(search: Any, *arrays: np.ndarray, workers: int | None = None,
     treat every sub-block (row) on its own and numpy's element-wise operations let go of the GIL, so
     the result is the same bytes as one call; smaller chunks keep the searches' temporaries in cache,
     and the threads use every core (benchmarks/RESULTS.md, "Speed of the toolkit", 10)."""
-    if workers is None:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    from .versions import usable_threads
+
+    workers = workers or usable_threads(1 << 10)
     rows = len(arrays[0])
     pieces = -(-rows // chunk_rows)
     pieces = min(-(-pieces // workers) * workers, max(1, rows // min_rows))  # the same number of chunks for every thread

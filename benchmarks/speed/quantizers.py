@@ -4,9 +4,11 @@ weights of real models' shapes."""
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
 import time
+from unittest import mock
 
 import numpy as np
 from common import write_result
@@ -21,7 +23,6 @@ SHAPES = {  # (rows, cols) of a real tensor: K-quants need cols a multiple of 25
 
 
 def cmd_kquants(args) -> None:
-    split = kquants._in_row_chunks
     rows = []
     for shape_name, shape in SHAPES.items():
         w = (np.random.default_rng(0).standard_normal(shape) * 0.02).astype(np.float32)
@@ -31,13 +32,11 @@ def cmd_kquants(args) -> None:
             for _ in range(args.rounds):
                 out = {}
                 for arm in times:  # alternating, so a slower stretch of a shared host hits both
-                    kquants._in_row_chunks = (lambda search, *a: search(*a)) if arm == "one call" else split
-                    try:
+                    with mock.patch.object(kquants, "_in_row_chunks", lambda search, *a: search(*a)) if arm == "one call" \
+                            else contextlib.nullcontext():
                         t0 = time.perf_counter()
                         out[arm] = kquants.QUANTIZERS[kind](w)
                         times[arm].append(time.perf_counter() - t0)
-                    finally:
-                        kquants._in_row_chunks = split
                 same = same and all(np.array_equal(getattr(out["one call"], f), getattr(out["threads"], f))
                                     for f in kquants.GRID_FIELDS if getattr(out["one call"], f) is not None)
             one, threaded = statistics.median(times["one call"]), statistics.median(times["threads"])
