@@ -1,0 +1,144 @@
+"""Where data-free QAT loses to corpus QAT on the held-out text: which weights, which positions.
+
+Trains the full-depth Q4_0 QAT-KD (the profile's recipe, as ``data_sources.py``'s QAT rows) once on
+the corpus and once per teacher-sample setting on the teacher's samples alone (``prompts: none``),
+each for the same wall time, then measures on the held-out split:
+
+- the KL at positions whose input token never occurs in the samples (embedding rows the data-free
+  run never trains as inputs) against the rest;
+- transplants: the data-free model with one group of weights (token table, attention, MLP,
+  norms, a third of the blocks) taken from the corpus-trained model. The share of the gap a group
+  recovers is where the corpus run's domain gain sits.
+
+    .venv/bin/python benchmarks/data_free_gap.py --budget-min 8 --samples 1.0/0.95,1.3/1.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import default_setup, license_blocks, write_result
+from data_sources import qat_row
+
+from edgekd.methods import generate as gen
+from edgekd.methods.evaluate import evaluate, torch_logits_fn
+from edgekd.methods.mixture import Mixture
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budget-min", type=float, default=8.0, help="wall-clock minutes of QAT-KD per row")
+    ap.add_argument("--tokens", type=int, default=65536, help="teacher samples per data-free row")
+    ap.add_argument("--samples", default="1.0/0.95",
+                    help="comma-separated TEMPERATURE/TOP_P, one data-free row each (the profile's: 1.0/0.95)")
+    ap.add_argument("--out", default="data_free_gap")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    setup = default_setup()
+    teacher, tok = setup.teacher.model, setup.teacher.tokenizer
+    block_len = setup.profile.compression.data.block_len
+    ood = license_blocks(tok, block_len)
+    result: dict = {"budget_min": args.budget_min, "tokens": args.tokens, "rows": []}
+    corpus, corpus_steps = train_row(setup, setup.train, args.budget_min)
+    result["corpus"] = {"steps": corpus_steps, **kl_pair(corpus, teacher, setup.heldout, ood)}
+    print(f"corpus: {result['corpus']}", flush=True)
+    for spec in args.samples.split(","):
+        temperature, top_p = (float(x) for x in spec.split("/"))
+        s = replace(gen.Generation.of_profile(setup.profile), tokens=args.tokens, seed=11, temperature=temperature, top_p=top_p)
+        t0 = time.perf_counter()
+        src = gen.prompt_source("none", tok, s, setup.train)
+        samples = gen.generate(teacher, tok, src, s, Path("export/data-free-gap") / f"{spec.replace('/', '-')}-{time.time_ns()}").blocks(block_len)
+        sample_s = time.perf_counter() - t0
+        free, steps = train_row(setup, samples, args.budget_min)
+        row = {"temperature": temperature, "top_p": top_p, "sample_s": round(sample_s, 1), "steps": steps,
+               "distinct_tokens": int(len(np.unique(samples))), **kl_pair(free, teacher, setup.heldout, ood),
+               **positions(free, corpus, teacher, setup.heldout, samples),
+               "corpus_group_into_free": transplants(free, corpus, teacher, setup.heldout)}
+        result["rows"].append(row)
+        print(f"data-free {spec}: {row}", flush=True)
+        write_result(args.out, result)
+    print_table(result)
+    return 0
+
+
+def train_row(setup, pool: np.ndarray, minutes: float):
+    """Full-depth Q4_0 QAT-KD on ``pool`` alone for ``minutes``: (model on the grid, steps)."""
+    mixture = Mixture((len(pool),), (1.0,), 0.0, None)
+    calib = pool[np.linspace(0, len(pool) - 1, 16).astype(int)]
+    model, outcome, _, _ = qat_row(setup, pool, calib, mixture, time.perf_counter() + minutes * 60)
+    model.eval()
+    return model, outcome.steps
+
+
+@torch.no_grad()
+def kl_pair(model, teacher, heldout, ood) -> dict:
+    held = evaluate(torch_logits_fn(model), heldout, torch_logits_fn(teacher))
+    off = evaluate(torch_logits_fn(model), ood, torch_logits_fn(teacher))
+    return {"heldout_kl": held.kl_to_teacher, "ood_kl": off.kl_to_teacher}
+
+
+@torch.no_grad()
+def position_kls(model, teacher, blocks: np.ndarray) -> np.ndarray:
+    """KL(teacher || model) at every position of ``blocks`` (blocks, block_len)."""
+    out = []
+    for block in blocks:
+        ids = torch.from_numpy(block[None].astype(np.int64))
+        lt = torch.log_softmax(teacher(ids).logits[0].float(), -1)
+        ls = torch.log_softmax(model(ids).logits[0].float(), -1)
+        out.append((lt.exp() * (lt - ls)).sum(-1).numpy())
+    return np.stack(out)
+
+
+def positions(free, corpus, teacher, heldout: np.ndarray, samples: np.ndarray) -> dict:
+    """Held-out KL of both models at positions whose input token the samples never contain, and the rest."""
+    unseen = ~np.isin(heldout, np.unique(samples))
+    out = {"unseen_input_share": float(unseen.mean())}
+    for name, model in (("free", free), ("corpus", corpus)):
+        kls = position_kls(model, teacher, heldout)
+        out[f"{name}_kl_unseen_input"], out[f"{name}_kl_seen_input"] = float(kls[unseen].mean()), float(kls[~unseen].mean())
+    return out
+
+
+def transplants(free, corpus, teacher, heldout: np.ndarray) -> dict:
+    """Held-out KL of ``free`` with one group of weights taken from ``corpus`` (a tied head goes with its
+    table); ``none`` and ``everything``: the two models themselves, the same mean over positions."""
+    layers = teacher.config.num_hidden_layers
+    in_blocks = lambda lo, hi: lambda k: k.startswith("model.layers.") and lo <= int(k.split(".")[2]) < hi  # noqa: E731
+    groups = {"token table": lambda k: "embed_tokens" in k or k.startswith("lm_head"),
+              "attention": lambda k: ".self_attn." in k, "MLP": lambda k: ".mlp." in k,
+              "norms": lambda k: "norm" in k}
+    for third in range(3):
+        lo, hi = third * layers // 3, (third + 1) * layers // 3
+        groups[f"blocks {lo}-{hi - 1}"] = in_blocks(lo, hi)
+    free_sd, corpus_sd = free.state_dict(), corpus.state_dict()
+    model = copy.deepcopy(free)
+    out = {"none": float(position_kls(free, teacher, heldout).mean()), "everything": float(position_kls(corpus, teacher, heldout).mean())}
+    for name, member in groups.items():
+        model.load_state_dict({k: corpus_sd[k] if member(k) else v for k, v in free_sd.items()})
+        out[name] = float(position_kls(model, teacher, heldout).mean())
+    return out
+
+
+def print_table(result: dict) -> None:
+    c = result["corpus"]
+    print(f"\ncorpus QAT: {c['steps']} steps, held-out KL {c['heldout_kl']:.4f}, OOD KL {c['ood_kl']:.4f}")
+    for r in result["rows"]:
+        t = r["corpus_group_into_free"]
+        gap = t["none"] - t["everything"]
+        print(f"data-free T={r['temperature']} top-p={r['top_p']}: {r['steps']} steps, {r['distinct_tokens']} distinct tokens, "
+              f"held-out KL {r['heldout_kl']:.4f} ({r['heldout_kl'] / c['heldout_kl'] - 1:+.0%}), OOD KL {r['ood_kl']:.4f}")
+        print("| corpus group into the data-free model | held-out KL | share of the gap recovered |")
+        print("|---|---|---|")
+        for g, kl in r["corpus_group_into_free"].items():
+            print(f"| {g} | {kl:.4f} | {(t['none'] - kl) / gap:.0%} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
