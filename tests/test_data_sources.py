@@ -544,6 +544,8 @@ def test_data_free_run_end_to_end(tmp_path, tiny_model_dir, tiny_profile_overrid
     assert qat.settings["batch_rows_before_on_policy"] == {"corpus": 2}
     assert report.stage("distill").settings["on_policy"]["new_tokens"] == 16
     assert any("on-policy rows at" in note for note in report.notes)
+    assert any(note.startswith("data-free run: the held-out split is the teacher's own samples") and "(--prompts)" in note
+               for note in report.notes), report.notes
     assert any(note.startswith("qat: the student sampled its on-policy rows at") and "tokens/s (from step 2 of 2)," in note
                for note in report.notes), report.notes
     # the same run from the command line, resumed: every stage reused, the samples not drawn again
@@ -673,3 +675,16 @@ def test_a_stage_that_cannot_fit_in_memory_is_refused_before_it_allocates(tmp_pa
                  "--run-name", "small", "--quiet", *sets]) == 2
     assert "caching the teacher's logits needs about" in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "small" / "teacher-logits").exists()
+
+
+def test_data_free_notes_point_a_run_without_a_prompt_file_to_one():
+    from edgekd.report import StageRecord
+    from edgekd.stages.samples import data_free_notes
+
+    def record(prompts, data_free=True):
+        return StageRecord("teacher_samples", settings={"prompts": prompts, "data_free": data_free})
+    (none,) = data_free_notes([StageRecord("load_teacher"), record("none")])
+    assert "teacher's own samples" in none and "prompts: none seldom reach" in none and "(--prompts)" in none
+    (from_file,) = data_free_notes([record("file")])
+    assert "teacher's own samples" in from_file and "--prompts" not in from_file
+    assert data_free_notes([record("corpus", data_free=False)]) == []

@@ -21,7 +21,7 @@ from ..progress import Reporter
 from ..report import Report
 from ..stages import STAGES
 from ..stages.bench import budget_checks
-from ..stages.samples import sampling_notes
+from ..stages.samples import data_free_notes, sampling_notes
 from ..versions import edgekd_version, host_info, library_versions
 from .context import RunContext, RunInputs, is_data_free
 from .peak_memory import peak_memory, release_freed_memory
@@ -59,7 +59,7 @@ def _assemble_report(ctx: RunContext) -> None:
         if stage is not None and stage.report is not None:
             stage.report(record, ctx)
     ctx.report.budgets = budget_checks(ctx)
-    ctx.report.notes += budget_notes(ctx.report.stages) + sampling_notes(ctx.report.stages)
+    ctx.report.notes += budget_notes(ctx.report.stages) + sampling_notes(ctx.report.stages) + data_free_notes(ctx.report.stages)
 
 
 def _slug(text: str) -> str:
