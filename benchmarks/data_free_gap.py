@@ -2,7 +2,7 @@
 
 Trains the full-depth Q4_0 QAT-KD (the profile's recipe, as ``data_sources.py``'s QAT rows) once on
 the corpus and once per teacher-sample setting on the teacher's samples alone (``prompts: none``),
-each for the same wall time, then measures on the held-out split:
+each for the same wall time of training (the sampling is not counted), then measures on the held-out split:
 
 - the KL at positions whose input token never occurs in the samples (embedding rows the data-free
   run never trains as inputs) against the rest;
@@ -10,7 +10,7 @@ each for the same wall time, then measures on the held-out split:
   norms, a third of the blocks) taken from the corpus-trained model. The share of the gap a group
   recovers is where the corpus run's domain gain sits.
 
-    .venv/bin/python benchmarks/data_free_gap.py --budget-min 8 --samples 1.0/0.95,1.3/1.0
+    .venv/bin/python benchmarks/data_free_gap.py --budget-min 8 --samples 1.0/0.95,0.7/0.95,1.3/1.0
 """
 
 from __future__ import annotations
