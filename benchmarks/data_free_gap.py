@@ -49,6 +49,7 @@ def main() -> int:
     corpus, corpus_steps = train_row(setup, setup.train, args.budget_min)
     result["corpus"] = {"steps": corpus_steps, **kl_pair(corpus, teacher, setup.heldout, ood)}
     print(f"corpus: {result['corpus']}", flush=True)
+    corpus_kls = position_kls(corpus, teacher, setup.heldout)  # once: every row's positions and transplants use it
     for spec in args.samples.split(","):
         temperature, top_p = (float(x) for x in spec.split("/"))
         s = replace(gen.Generation.of_profile(setup.profile), tokens=args.tokens, seed=11, temperature=temperature, top_p=top_p)
@@ -57,10 +58,11 @@ def main() -> int:
         samples = gen.generate(teacher, tok, src, s, Path("export/data-free-gap") / f"{spec.replace('/', '-')}-{time.time_ns()}").blocks(block_len)
         sample_s = time.perf_counter() - t0
         free, steps = train_row(setup, samples, args.budget_min)
+        free_kls = position_kls(free, teacher, setup.heldout)
         row = {"temperature": temperature, "top_p": top_p, "sample_s": round(sample_s, 1), "steps": steps,
                "distinct_tokens": int(len(np.unique(samples))), **kl_pair(free, teacher, setup.heldout, ood),
-               **positions(free, corpus, teacher, setup.heldout, samples),
-               "corpus_group_into_free": transplants(free, corpus, teacher, setup.heldout)}
+               **positions(free_kls, corpus_kls, setup.heldout, samples),
+               "corpus_group_into_free": transplants(free, corpus, teacher, setup.heldout, free_kls, corpus_kls)}
         result["rows"].append(row)
         print(f"data-free {spec}: {row}", flush=True)
         write_result(args.out, result)
@@ -96,19 +98,19 @@ def position_kls(model, teacher, blocks: np.ndarray) -> np.ndarray:
     return np.stack(out)
 
 
-def positions(free, corpus, teacher, heldout: np.ndarray, samples: np.ndarray) -> dict:
-    """Held-out KL of both models at positions whose input token the samples never contain, and the rest."""
+def positions(free_kls: np.ndarray, corpus_kls: np.ndarray, heldout: np.ndarray, samples: np.ndarray) -> dict:
+    """Held-out KL of both models (their :func:`position_kls`) at positions whose input token the samples
+    never contain, and the rest."""
     unseen = ~np.isin(heldout, np.unique(samples))
     out = {"unseen_input_share": float(unseen.mean())}
-    for name, model in (("free", free), ("corpus", corpus)):
-        kls = position_kls(model, teacher, heldout)
+    for name, kls in (("free", free_kls), ("corpus", corpus_kls)):
         out[f"{name}_kl_unseen_input"], out[f"{name}_kl_seen_input"] = float(kls[unseen].mean()), float(kls[~unseen].mean())
     return out
 
 
-def transplants(free, corpus, teacher, heldout: np.ndarray) -> dict:
+def transplants(free, corpus, teacher, heldout: np.ndarray, free_kls: np.ndarray, corpus_kls: np.ndarray) -> dict:
     """Held-out KL of ``free`` with one group of weights taken from ``corpus`` (a tied head goes with its
-    table); ``none`` and ``everything``: the two models themselves, the same mean over positions."""
+    table); ``none`` and ``everything``: the two models themselves (their :func:`position_kls`), the same mean over positions."""
     layers = teacher.config.num_hidden_layers
     in_blocks = lambda lo, hi: lambda k: k.startswith("model.layers.") and lo <= int(k.split(".")[2]) < hi  # noqa: E731
     groups = {"token table": lambda k: "embed_tokens" in k or k.startswith("lm_head"),
@@ -119,7 +121,7 @@ def transplants(free, corpus, teacher, heldout: np.ndarray) -> dict:
         groups[f"blocks {lo}-{hi - 1}"] = in_blocks(lo, hi)
     free_sd, corpus_sd = free.state_dict(), corpus.state_dict()
     model = copy.deepcopy(free)
-    out = {"none": float(position_kls(free, teacher, heldout).mean()), "everything": float(position_kls(corpus, teacher, heldout).mean())}
+    out = {"none": float(free_kls.mean()), "everything": float(corpus_kls.mean())}
     for name, member in groups.items():
         model.load_state_dict({k: corpus_sd[k] if member(k) else v for k, v in free_sd.items()})
         out[name] = float(position_kls(model, teacher, heldout).mean())

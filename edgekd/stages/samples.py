@@ -95,14 +95,13 @@ def sampling_notes(stages: list) -> list[str]:
 def data_free_notes(stages: list) -> list[str]:
     """Report notes for a data-free run: what its held-out KL measures, and how a user steers the samples to a domain
     (the held-out gap measured in benchmarks/RESULTS.md: "Data-free QAT from a prompt file")."""
-    for record in stages:
-        if record.name != "teacher_samples" or not record.settings.get("data_free"):
-            continue
-        kind = record.settings.get("prompts")
-        note = ("data-free run: the held-out split is the teacher's own samples (another seed), so the evaluation's KL "
-                "measures fidelity to what the teacher writes, not to the text of a deployment domain")
-        if kind != "file":
-            note += (f"; samples from prompts: {kind} seldom reach a specific domain: a JSONL file of a few dozen prompts "
-                     "of yours (--prompts) steers them there")
-        return [note]
-    return []
+    record = next((r for r in stages if r.name == "teacher_samples" and r.settings.get("data_free")), None)
+    if record is None:
+        return []
+    kind = record.settings.get("prompts")
+    note = ("data-free run: the held-out split is the teacher's own samples (another seed), so the evaluation's KL "
+            "measures fidelity to what the teacher writes, not to the text of a deployment domain")
+    if kind != "file":
+        note += (f"; samples from prompts: {kind} seldom reach a specific domain: a JSONL file of a few dozen prompts "
+                 "of yours (--prompts) steers them there")
+    return [note]
