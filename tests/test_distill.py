@@ -193,3 +193,19 @@ def test_a_hidden_state_cache_holds_the_blocks_the_steps_read_and_no_more(tmp_pa
     assert logit_cache.load(tmp_path / "h", None, 2.0, blocks, "hidden", "fp32", rows=np.arange(len(blocks))) is None
     with pytest.raises(ValueError, match="not built for"):
         distill(make_student(teacher, [0, 1]), teacher, blocks, DistillConfig(steps=20, batch_size=4), [0, 1], logit_cache=cache)
+
+
+def test_the_step_probe_of_a_stage_shorter_than_its_probes_reads_only_cached_blocks(tmp_path):
+    """A smoke run (``--set compression.distill.steps=1``) under a time budget: the probe's three
+    steps must read the blocks of the one planned step, which is all its hidden-state cache holds."""
+    from conftest import make_tiny_llama
+
+    from edgekd.methods import logit_cache
+    from edgekd.methods.step_probe import probe_step_seconds
+
+    teacher = make_tiny_llama(64, layers=2, seed=4).requires_grad_(False)
+    blocks = np.random.default_rng(0).integers(0, 64, size=(40, 16)).astype(np.int32)
+    cfg = DistillConfig(steps=1, batch_size=4, alpha=1.0, learning_rate=1e-3)
+    rows = logit_cache.blocks_read(Mixture.single(len(blocks)), cfg, cfg.steps)
+    cache = logit_cache.build_hidden(teacher, blocks, tmp_path / "h", "fp32", rows=rows)
+    assert probe_step_seconds(make_student(teacher, [0, 1]), teacher, blocks, cfg, [0, 1], logit_cache=cache, probes=3) > 0

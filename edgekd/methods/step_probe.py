@@ -58,8 +58,10 @@ def _probe(student: Any, teacher: Any, train_blocks: np.ndarray, cfg: DistillCon
         with training_layout(student, teacher, cfg, cached=cache_kind(logit_cache)):
             if hasattr(optimizer, "init_state"):  # moments before the first step's activations, as in the loop
                 optimizer.init_state()
-            for step in range(probes):
-                t0, sampled = time.perf_counter(), 0.0
+            for probe in range(probes):
+                # a stage of fewer steps than probes times its own batches again: a teacher cache holds
+                # only the blocks the planned steps read (edgekd.stages.distill.cache_rows)
+                step, t0, sampled = probe % max(1, cfg.steps), time.perf_counter(), 0.0
                 for micro in range(cfg.grad_accum):
                     terms, _ = micro_step(student, teacher, train_blocks, cfg, layer_map, mixture, step, micro, 0, 1,
                                           params[0].device, logit_cache, rollouts=rollouts)
