@@ -8,6 +8,7 @@
     .venv/bin/python benchmarks/speed_table.py sampling-file-prompts  # a prompt file's prompts: one padded batch vs one per length
     .venv/bin/python benchmarks/speed_table.py sampling-kv-cache [--qwen3-shape]  # the sampler's KV cache: in place vs concatenated
     .venv/bin/python benchmarks/speed_table.py kquants [--rounds 3]         # K-quant reference quantizers: one call vs chunks on a thread per core
+    .venv/bin/python benchmarks/speed_table.py round-trips [--model qwen3-0.6b]  # the planner's round trips: projected vs made
     .venv/bin/python benchmarks/speed_table.py decode [--gguf F] [--onnx F|default]  # decode vs the bandwidth roofline
     .venv/bin/python benchmarks/speed_table.py profile [--tool perf --threads 2]  # where decode time goes
     .venv/bin/python benchmarks/speed_table.py builds --build NAME=SITE_DIR ...  # llama.cpp builds side by side
@@ -82,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--name", default="files", help="results/speed_NAME.json")
+    p = sub.add_parser("round-trips", help="the sensitivity stage's format round trips: projected against made")
+    p.add_argument("--model", choices=["default", "qwen3-0.6b"], default="default")
     p = sub.add_parser("profile", help="where decode time goes (py-spy or perf)")
     p.add_argument("--gguf", default=None, help=GGUF_HELP)
     p.add_argument("--seconds", type=float, default=20.0)
@@ -100,7 +103,8 @@ def main() -> int:
         args.onnx = decode.default_file("onnx", args.teacher)
     {"loop": training.cmd_loop, "cache": training.cmd_cache, "bf16": training.cmd_bf16, "sampling": sampling.cmd_sampling,
      "sampling-precision": sampling.cmd_sampling_precision, "sampling-file-prompts": sampling.cmd_sampling_file_prompts,
-     "sampling-kv-cache": sampling.cmd_sampling_kv_cache, "kquants": quantizers.cmd_kquants, "decode": decode.cmd_decode,
+     "sampling-kv-cache": sampling.cmd_sampling_kv_cache, "kquants": quantizers.cmd_kquants,
+     "round-trips": quantizers.cmd_round_trips, "decode": decode.cmd_decode,
      "builds": decode.cmd_builds, "files": decode.cmd_files, "profile": profile.cmd_profile}[args.cmd](args)
     return 0
 

@@ -12,7 +12,7 @@ SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name not in ("comm
 
 
 @pytest.mark.parametrize("args", [[s, "--help"] for s in SCRIPTS] +
-                         [["speed_table.py", sub, "--help"] for sub in ("loop", "cache", "bf16", "sampling", "decode", "builds", "files", "profile")])
+                         [["speed_table.py", sub, "--help"] for sub in ("loop", "cache", "bf16", "sampling", "decode", "builds", "files", "profile", "round-trips")])
 def test_benchmark_script_starts(args):
     out = subprocess.run([sys.executable, *args], cwd=BENCHMARKS, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -101,6 +101,24 @@ def test_a_hugging_face_teacher_with_a_broken_chat_template_is_refused_before_tr
     assert "not a valid Jinja template" in err and "Traceback" not in err and not (tmp_path / "o").exists()
 
 
+def test_spans_longer_than_the_teachers_positions_are_refused(tiny_model_dir, tmp_path, capsys):
+    """A rotary teacher computes past its positions without an error, its logits (the student's targets) off
+    what it was trained on: a training block or a teacher sample longer than them is refused (the tiny model: 512)."""
+    import json
+
+    code = main(["compress", "--teacher", str(tiny_model_dir), "--output", str(tmp_path / "block"), "--quiet",
+                 "--set", "compression.data.block_len=1024"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "(compression.data.block_len=1024) is 1024 tokens, longer than the teacher's context of 512 positions" in err
+    assert "Traceback" not in err and not (tmp_path / "block").exists()
+    (tmp_path / "long.jsonl").write_text(json.dumps({"prompt": " ".join(["the attribute of the object"] * 200)}) + "\n")
+    code = main(["compress", "--teacher", str(tiny_model_dir), "--data", "teacher", "--prompts", str(tmp_path / "long.jsonl"),
+                 "--output", str(tmp_path / "long"), "--quiet"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "longer than the teacher's context of 512 positions" in err and "shorten the prompts" in err
+    assert "Traceback" not in err and not (tmp_path / "long").exists()
+
+
 def mutate(good: bytes, head: int, i: int, rng) -> bytes:
     """The i-th mutation of a GGUF whose header and tensor infos end at ``head``: byte flips, runs of
     0xff (huge lengths and counts), a cut anywhere, a 64-bit integer overwritten."""

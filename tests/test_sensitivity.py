@@ -123,6 +123,22 @@ def test_a_time_share_measures_on_as_many_batches_as_fit(tiny):
     plain = measure_sensitivity(tiny, blocks, formats)
     assert (plain.formats, plain.blocks) == (whole.formats, whole.blocks)  # the timed first pass changes no number
     assert measurements(tiny, formats) == 8 * 2 + 3
+    assert short.round_trips_s > 0 and plain.round_trips_s is None  # projected only where a budget needs it
+
+
+def test_the_formats_round_trips_come_out_of_the_time_share_first(tiny, monkeypatch):
+    """The round trips take the same time for any number of batches: a share they fill leaves one
+    batch however fast a measurement is; the projection counts the groups a format fits, and only them."""
+    from edgekd.methods import sensitivity as sens
+
+    groups = sens._group_modules(tiny)
+    assert sens.round_trip_seconds(groups, ["q4_k", "q6_k"]) == 0.0  # rows of 64: no K-quant fits a group of the tiny model
+    assert sens.round_trip_seconds(groups, ["q4_0"]) > 0 and sens.round_trip_seconds(groups, ["f32"]) == 0.0
+    blocks = np.random.default_rng(4).integers(0, 128, size=(8, 32))
+    assert sens.measure_sensitivity(tiny, blocks, ["q4_0"], seconds=1e6).calibration_blocks == 8
+    monkeypatch.setattr(sens, "round_trip_seconds", lambda groups, candidates: 1e6)
+    fenced = sens.measure_sensitivity(tiny, blocks, ["q4_0"], seconds=1e6)
+    assert (fenced.calibration_blocks, fenced.round_trips_s) == (4, 1e6)
 
 
 def test_skipped_blocks_replay_the_teachers_earlier_blocks_and_cost_the_same(tiny):

@@ -50,3 +50,39 @@ def cmd_kquants(args) -> None:
     for r in rows:
         print(f"| {r['tensor']} {tuple(r['shape'])} | {r['kind']} | {r['one_call_s']:.2f} | {r['threads_s']:.2f} | "
               f"{r['speed_up']:.2f}x | {r['threads_mweights_per_s']:.2f} | {'yes' if r['same_bytes'] else 'NO'} |")
+
+
+def cmd_round_trips(args) -> None:
+    """The sensitivity stage's round trips: ``round_trip_seconds``'s projection against the round trips
+    themselves, every tensor group through every planner format it fits, timed as the stage makes them."""
+    import torch
+
+    from edgekd.formats import FORMATS, PLANNER_FORMATS
+    from edgekd.methods import sensitivity as sens
+
+    if args.model == "default":
+        from common import default_setup
+
+        model = default_setup().teacher.model
+    else:
+        from memory_fit import qwen3_06b_teacher
+
+        model = qwen3_06b_teacher()
+    groups, candidates = sens._group_modules(model), list(PLANNER_FORMATS)
+    t0 = time.perf_counter()
+    projected = sens.round_trip_seconds(groups, candidates)
+    probe_s = time.perf_counter() - t0
+    by_format: dict[str, float] = {}
+    with torch.no_grad():
+        for mods in groups.values():
+            for name in sens._fitting(candidates, mods):
+                t1 = time.perf_counter()
+                for m in mods:
+                    FORMATS[name].torch_round_trip(m.weight.data)
+                by_format[name] = by_format.get(name, 0.0) + time.perf_counter() - t1
+    measured = sum(by_format.values())
+    out = {"model": args.model, "formats": candidates, "projected_s": round(projected, 1), "projection_took_s": round(probe_s, 2),
+           "measured_s": round(measured, 1), "projected_over_measured": round(projected / measured, 3),
+           "measured_by_format_s": {k: round(v, 1) for k, v in by_format.items()}}
+    write_result(f"speed_round_trips_{args.model}", out)
+    print(out)

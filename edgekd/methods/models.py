@@ -210,6 +210,15 @@ def check_chat_template(template: str | None, where: Any) -> None:
                           "--chat-template; a Hugging Face directory's chat_template in tokenizer_config.json)") from None
 
 
+def check_within_context(config: Any, tokens: int, what: str, fix: str) -> None:
+    """Refuse a token span longer than the teacher's positions (``max_position_embeddings``): a
+    rotary model computes past them without an error, but its logits there, the student's targets,
+    are outside what it was trained on."""
+    context = int(getattr(config, "max_position_embeddings", 0) or 0)
+    if context and tokens > context:
+        raise EdgekdError(f"{what} is {tokens} tokens, longer than the teacher's context of {context} positions", fix=fix)
+
+
 def inspect_gguf(path: str | os.PathLike) -> dict[str, Any]:
     """Read a GGUF header: architecture, name, layer count, tensor count. Raises EdgekdError if corrupt."""
     from ..device.gguf_check import read_gguf

@@ -52,6 +52,7 @@ class Sensitivity:
     mlp_width: dict[str, float] = field(default_factory=dict)  # keep fraction (as text) -> KL
     seconds: float = 0.0
     calibration_blocks: int = 0  # the blocks measured on (fewer than given where a time budget's share fitted them)
+    round_trips_s: float | None = None  # with a time budget: the formats' round trips, a PROJECTION (round_trip_seconds)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -186,12 +187,15 @@ def measure_sensitivity(model: Any, blocks: np.ndarray, candidates: list[str], m
     are projected to fit in it (at least one; :func:`batches_within`)."""
     t0 = time.perf_counter()
     meter = _KLMeter(model, blocks, keep_teacher_logprobs=keep_teacher_logprobs, batches=1 if seconds is not None else None)
+    groups = _group_modules(model)
+    round_trips_s = None
     if seconds is not None:
         t1 = time.perf_counter()
         meter.kl(model)
-        meter.use(batches_within(seconds, measurements(model, candidates, mlp_fractions), time.perf_counter() - t1,
+        batch_s = time.perf_counter() - t1
+        round_trips_s = round_trip_seconds(groups, candidates)  # the same for any number of batches: out of the share first
+        meter.use(batches_within(seconds - round_trips_s, measurements(model, candidates, mlp_fractions), batch_s,
                                  len(meter.available)))
-    groups = _group_modules(model)
     formats: dict[str, dict[str, float]] = {}
     for group, modules in groups.items():
         # the tensors themselves, not copies: round trips are new tensors, and a copy would move a
@@ -233,7 +237,34 @@ def measure_sensitivity(model: Any, blocks: np.ndarray, candidates: list[str], m
                 width[f"{fraction:g}"] = meter.kl(model)
             if progress:
                 progress(1)
-    return Sensitivity(meter.tokens, formats, skipped, width, time.perf_counter() - t0, sum(len(ids) for ids in meter.batches))
+    return Sensitivity(meter.tokens, formats, skipped, width, time.perf_counter() - t0, sum(len(ids) for ids in meter.batches),
+                       round_trips_s)
+
+
+ROUND_TRIP_PROBE_WEIGHTS = 1 << 18  # weights of the slice each format's round trip is timed on
+
+
+@torch.no_grad()
+def round_trip_seconds(groups: dict[str, list[Any]], candidates: list[str]) -> float:
+    """The seconds :func:`measure_sensitivity` spends rounding weights, a PROJECTION: each candidate
+    format's round trip timed on a slice of rows of the largest tensor it fits (about
+    ``ROUND_TRIP_PROBE_WEIGHTS`` weights, the faster of two runs: the first warms up), scaled to the
+    weights of every group it fits. K-quants' scale searches make this the larger part of the stage
+    on a Qwen3-0.6B-sized teacher (benchmarks/RESULTS.md, "Speed of the toolkit", item 10)."""
+    total = 0.0
+    for name in dict.fromkeys(candidates):
+        fitting = [mods for mods in groups.values() if name in _fitting([name], mods)]
+        if not fitting or FORMATS[name].torch_quantize is None:  # fp32 / fp16: a copy, nothing to project
+            continue
+        w = max((m.weight for mods in fitting for m in mods), key=operator.methodcaller("numel"))
+        piece = w.data[: max(1, min(w.shape[0], -(-ROUND_TRIP_PROBE_WEIGHTS // w.shape[1])))]
+        runs = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            FORMATS[name].torch_round_trip(piece)
+            runs.append(time.perf_counter() - t0)
+        total += min(runs) / piece.numel() * sum(m.weight.numel() for mods in fitting for m in mods)
+    return total
 
 
 def predict_sensitivity_peak(model: Any, blocks: np.ndarray, keep_teacher_logprobs: bool = False) -> float:

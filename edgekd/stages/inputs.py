@@ -9,12 +9,20 @@ from ..report import StageRecord
 
 
 def load_teacher(ctx: Any) -> StageRecord:
-    from ..methods.models import check_chat_template, load_causal_lm, resolve_model_source
+    from ..methods.models import (
+        check_chat_template,
+        check_within_context,
+        load_causal_lm,
+        resolve_model_source,
+    )
 
     source = resolve_model_source(ctx.inputs.teacher)
     with ctx.reporter.task(f"loading teacher {source.name}"):
         ctx.teacher = load_causal_lm(source, trust_remote_code=ctx.inputs.trust_remote_code)
     check_chat_template(getattr(ctx.teacher.tokenizer, "chat_template", None), source.path)
+    block_len = ctx.profile.compression.data.block_len
+    check_within_context(ctx.teacher.model.config, block_len, f"a training block (compression.data.block_len={block_len})",
+                         "lower compression.data.block_len to the teacher's context or below")
     ctx.report.teacher = {**source.describe(), **ctx.teacher.info}
     if ctx.profile.deployment.tensor_formats != "auto":
         from ..methods.qat import quantized_tensors

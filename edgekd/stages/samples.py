@@ -16,6 +16,7 @@ def teacher_samples(ctx: RunContext) -> StageRecord:
     from ..methods import generate as gen
     from ..methods.data import Corpus, _npy_bytes
     from ..methods.memory import refuse_over_limit
+    from ..methods.models import check_within_context
 
     data = ctx.profile.compression.data
     data_free = ctx.inputs.data_free
@@ -26,6 +27,10 @@ def teacher_samples(ctx: RunContext) -> StageRecord:
                                 data.generation.chat_template_args)
     source = ctx.teacher.source
     gguf = source.path if source.kind in ("gguf", "default") else None  # the llama.cpp engine's file
+    longest = getattr(prompts, "longest", None) or max(len(p) for p in prompts(0, settings.batch_size))
+    check_within_context(ctx.teacher.model.config, longest + settings.new_tokens,
+                         f"a teacher sample (the longest prompt, {longest} tokens, + generation.new_tokens {settings.new_tokens})",
+                         "shorten the prompts (--prompts) or lower compression.data.generation.new_tokens")
     predicted = gen.predict_sampling_peak(ctx.teacher.model, settings, getattr(prompts, "longest", None))  # before the heap grows
     refuse_over_limit(predicted, ctx.profile.compression.memory_gb, "sampling the teacher (the prompts' forward pass, the KV cache "
                       "of a batch, the sampler)", "lower compression.data.generation.batch_size or new_tokens")
