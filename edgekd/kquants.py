@@ -24,6 +24,7 @@ grid rounds back to its code exactly (:func:`grid_values` is a fixed point of it
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -429,4 +430,20 @@ def load_grids(path: Any) -> dict[str, KBlocks]:
                 for n in names}
 
 
-QUANTIZERS: dict[str, Any] = {"q4_k": quantize_q4_k, "q5_k": quantize_q5_k, "q6_k": quantize_q6_k}
+REFERENCES: dict[str, Any] = {"q4_k": quantize_q4_k, "q5_k": quantize_q5_k, "q6_k": quantize_q6_k}
+
+
+def quantize(kind: str, w: np.ndarray) -> KBlocks:
+    """``w`` in ``kind``: llama.cpp's own quantizer where llama-cpp-python is installed (its bytes
+    unpacked; 20-60x faster than the numpy reference on 2 cores: benchmarks/RESULTS.md, "Speed of the
+    toolkit"), else the numpy reference. The same bytes either way: tests compare both with the files
+    ``llama_model_quantize`` writes."""
+    from .device.llamacpp import ggml_quantize
+    from .versions import usable_threads
+
+    w = _check(w)
+    raw = ggml_quantize(kind, w, w.shape[1] // QK_K * SPEC[kind][2], usable_threads(1 << 10))
+    return REFERENCES[kind](w) if raw is None else unpack(kind, raw, w.shape)
+
+
+QUANTIZERS: dict[str, Any] = {kind: functools.partial(quantize, kind) for kind in REFERENCES}

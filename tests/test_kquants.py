@@ -50,15 +50,24 @@ def _matrices(path):
     return {t.name: t for t in GGUFReader(str(path)).tensors if len(t.shape) == 2}
 
 
-@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("arm", ["reference", "reference, 3 threads", "llama.cpp's quantizer"])
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_bytes_equal_llama_model_quantize(kind, threads, f16_file, tmp_path, monkeypatch):
-    """llama.cpp quantizes the F16 file (every tensor in one type: ``pure``); our reference,
-    given the same weights, writes the same bytes for every super-block of every tensor, in one
-    call or with its scale searches split by rows into chunks of 97 sub-blocks over 3 threads (however few cores run the test)."""
-    split = kq._in_row_chunks
-    if threads > 1:
-        monkeypatch.setattr(kq, "_in_row_chunks", lambda search, *a: split(search, *a, workers=threads, chunk_rows=97, min_rows=1))
+def test_bytes_equal_llama_model_quantize(kind, arm, f16_file, tmp_path, monkeypatch):
+    """llama.cpp quantizes the F16 file (every tensor in one type: ``pure``); given the same weights,
+    our numpy reference writes the same bytes for every super-block of every tensor, in one call or
+    with its scale searches split by rows into chunks of 97 sub-blocks over 3 threads (however few
+    cores run the test), and so does the quantizer the formats use (``kq.quantize``: llama.cpp's
+    ``ggml_quantize_chunk`` called on row ranges over 3 threads)."""
+    from edgekd.device import llamacpp as native
+
+    split, called = kq._in_row_chunks, []
+    if arm == "reference, 3 threads":
+        monkeypatch.setattr(kq, "_in_row_chunks", lambda search, *a: split(search, *a, workers=3, chunk_rows=97, min_rows=1))
+    if arm == "llama.cpp's quantizer":
+        assert FORMATS[kind].quantize.func is kq.quantize
+        through = native.ggml_quantize
+        monkeypatch.setattr(native, "ggml_quantize", lambda *a: called.append(1) or through(*a[:-1], 3))
+    quantize = FORMATS[kind].quantize if arm == "llama.cpp's quantizer" else kq.REFERENCES[kind]
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.pure, params.nthread = KINDS[kind], True, 1
     out = tmp_path / f"m-{kind}.gguf"
@@ -68,10 +77,23 @@ def test_bytes_equal_llama_model_quantize(kind, threads, f16_file, tmp_path, mon
     for name, t in _matrices(out).items():
         assert t.tensor_type == GGMLQuantizationType[kind.upper()], name
         w = np.array(source[name].data).astype(np.float32).reshape(-1, int(source[name].shape[0]))
-        ours = FORMATS[kind].pack(FORMATS[kind].quantize(w))
+        ours = FORMATS[kind].pack(quantize(w))
         assert np.array_equal(ours, np.array(t.data).reshape(ours.shape)), name
         compared += 1
     assert compared == 2 * 7 + 1  # every linear layer and the (tied) embedding
+    assert len(called) == (compared if arm == "llama.cpp's quantizer" else 0)  # the arm ran the quantizer it names
+
+
+def test_without_llama_cpps_library_the_formats_quantize_with_the_numpy_reference(wide_model, monkeypatch):
+    from edgekd.device import llamacpp as native
+
+    w = wide_model.model.layers[0].mlp.down_proj.weight.detach().numpy()
+    with_library = {kind: kq.pack(kq.quantize(kind, w)) for kind in KINDS}
+    monkeypatch.setitem(native._GGML, "lib", None)  # as where llama-cpp-python is not installed
+    assert native.ggml_quantize("q4_k", w, 144 * w.shape[1] // 256, 1) is None
+    for kind in KINDS:
+        assert np.array_equal(kq.pack(FORMATS[kind].quantize(w)), with_library[kind])
+        assert np.array_equal(kq.pack(kq.REFERENCES[kind](w)), with_library[kind])
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

@@ -1,6 +1,7 @@
-"""The K-quant reference quantizers (edgekd.kquants) in one call against their scale searches split
-by rows into cache-sized chunks over a thread per core: the same bytes, measured side by side on
-weights of real models' shapes."""
+"""The K-quant numpy reference quantizers (edgekd.kquants) in one call against their scale searches split
+by rows into cache-sized chunks over a thread per core, and against llama.cpp's own quantizer (what the
+formats use where llama-cpp-python is installed): the same bytes, measured side by side on weights of
+real models' shapes."""
 
 from __future__ import annotations
 
@@ -27,29 +28,33 @@ def cmd_kquants(args) -> None:
     for shape_name, shape in SHAPES.items():
         w = (np.random.default_rng(0).standard_normal(shape) * 0.02).astype(np.float32)
         for kind in ("q4_k", "q5_k", "q6_k"):
-            times: dict[str, list[float]] = {"one call": [], "threads": []}
+            times: dict[str, list[float]] = {"one call": [], "threads": [], "llama.cpp": []}
             same = True
             for _ in range(args.rounds):
                 out = {}
-                for arm in times:  # alternating, so a slower stretch of a shared host hits both
+                for arm in times:  # alternating, so a slower stretch of a shared host hits every arm
                     with mock.patch.object(kquants, "_in_row_chunks", lambda search, *a: search(*a)) if arm == "one call" \
                             else contextlib.nullcontext():
                         t0 = time.perf_counter()
-                        out[arm] = kquants.QUANTIZERS[kind](w)
+                        out[arm] = kquants.quantize(kind, w) if arm == "llama.cpp" else kquants.REFERENCES[kind](w)
                         times[arm].append(time.perf_counter() - t0)
-                same = same and all(np.array_equal(getattr(out["one call"], f), getattr(out["threads"], f))
-                                    for f in kquants.GRID_FIELDS if getattr(out["one call"], f) is not None)
-            one, threaded = statistics.median(times["one call"]), statistics.median(times["threads"])
+                same = same and all(np.array_equal(getattr(out["one call"], f), getattr(out[arm], f))
+                                    for arm in ("threads", "llama.cpp") for f in kquants.GRID_FIELDS if getattr(out["one call"], f) is not None)
+            one, threaded, native = (statistics.median(times[a]) for a in ("one call", "threads", "llama.cpp"))
             row = {"tensor": shape_name, "shape": list(shape), "kind": kind, "one_call_s": round(one, 3),
                    "threads_s": round(threaded, 3), "speed_up": round(one / threaded, 2),
-                   "threads_mweights_per_s": round(w.size / 1e6 / threaded, 2), "same_bytes": same}
+                   "threads_mweights_per_s": round(w.size / 1e6 / threaded, 2), "llama_cpp_s": round(native, 4),
+                   "llama_cpp_mweights_per_s": round(w.size / 1e6 / native, 1), "llama_cpp_over_threads": round(threaded / native, 1),
+                   "same_bytes": same}
             rows.append(row)
             print(row, file=sys.stderr, flush=True)
     write_result("speed_kquants", {"rounds": args.rounds, "rows": rows})
-    print("| tensor | kind | one call (s) | threads (s) | speed-up | M weights/s | same bytes |\n|---|---|---|---|---|---|---|")
+    print("| tensor | kind | one call (s) | threads (s) | speed-up | M weights/s | llama.cpp's (s) | M weights/s | "
+          "against threads | same bytes |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['tensor']} {tuple(r['shape'])} | {r['kind']} | {r['one_call_s']:.2f} | {r['threads_s']:.2f} | "
-              f"{r['speed_up']:.2f}x | {r['threads_mweights_per_s']:.2f} | {'yes' if r['same_bytes'] else 'NO'} |")
+              f"{r['speed_up']:.2f}x | {r['threads_mweights_per_s']:.2f} | {r['llama_cpp_s']:.3f} | {r['llama_cpp_mweights_per_s']:.1f} | "
+              f"{r['llama_cpp_over_threads']:.1f}x | {'yes' if r['same_bytes'] else 'NO'} |")
 
 
 def cmd_round_trips(args) -> None:

@@ -217,3 +217,65 @@ def last_logits(llm: Any) -> np.ndarray:
     """The logits of the last position ``llm.eval`` computed (a copy): llama-cpp-python keeps them in
     ``scores`` only with ``logits_all``, so they are read from the context's own buffer."""
     return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).astype(np.float32)
+
+
+# ggml's type ids of the formats quantized through ggml_quantize_chunk (ggml.h, enum ggml_type)
+GGML_TYPE_IDS = {"q4_k": 12, "q5_k": 13, "q6_k": 14}
+
+
+def _ggml_base() -> Any:
+    """llama-cpp-python's ggml base library with ``ggml_quantize_chunk`` declared, or None where
+    llama-cpp-python (or that symbol) is not installed. Found without importing llama_cpp itself."""
+    if "lib" in _GGML:
+        return _GGML["lib"]
+    import ctypes
+    import importlib.util
+
+    lib = None
+    spec = importlib.util.find_spec("llama_cpp")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
+            if lib is None and (Path(folder) / "lib" / name).exists():
+                try:
+                    lib = ctypes.CDLL(str(Path(folder) / "lib" / name))
+                    fn = lib.ggml_quantize_chunk
+                except (OSError, AttributeError):
+                    lib = None
+                    continue
+                fn.restype = ctypes.c_size_t
+                fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                               ctypes.c_int64, ctypes.c_void_p]
+    _GGML["lib"] = lib
+    return lib
+
+
+_GGML: dict[str, Any] = {}
+
+
+def ggml_quantize(kind: str, w: np.ndarray, row_bytes: int, threads: int) -> np.ndarray | None:
+    """GGUF bytes (rows, ``row_bytes``) of the float32 matrix ``w`` in ``kind``, written by llama.cpp's own
+    quantizer: ``ggml_quantize_chunk`` with no importance matrix, what ``llama-quantize`` runs (for the
+    K-quants, ggml-quants.c's ``quantize_row_q*_K_ref``). Rows are split over ``threads`` threads (ctypes
+    lets go of the GIL in the call; each row is quantized on its own, so the bytes do not depend on the
+    split). None where the library is not installed: the caller falls back to its numpy reference."""
+    lib = _ggml_base()
+    if lib is None or kind not in GGML_TYPE_IDS:
+        return None
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    rows, cols = w.shape
+    out = np.empty((rows, row_bytes), np.uint8)
+
+    def run(lo: int, hi: int) -> None:
+        written = lib.ggml_quantize_chunk(GGML_TYPE_IDS[kind], w[lo:hi].ctypes.data, out[lo:hi].ctypes.data, 0, hi - lo, cols, None)
+        if written != (hi - lo) * row_bytes:
+            raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes for {hi - lo} rows of {row_bytes}")
+
+    bounds = np.linspace(0, rows, max(1, min(threads, rows)) + 1).astype(int)
+    if len(bounds) == 2:
+        run(0, rows)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(bounds) - 1) as pool:
+            list(pool.map(lambda ab: run(*ab), zip(bounds[:-1], bounds[1:])))
+    return out
