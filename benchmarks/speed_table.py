@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="files", help="results/speed_NAME.json")
     p = sub.add_parser("round-trips", help="the sensitivity stage's format round trips: projected against made")
     p.add_argument("--model", choices=["default", "qwen3-0.6b"], default="default")
+    p.add_argument("--stage", type=int, default=0, metavar="BLOCKS",
+                   help="also time the whole sensitivity stage on this many calibration blocks with each quantizer (default teacher)")
     p = sub.add_parser("profile", help="where decode time goes (py-spy or perf)")
     p.add_argument("--gguf", default=None, help=GGUF_HELP)
     p.add_argument("--seconds", type=float, default=20.0)
