@@ -12,7 +12,9 @@ runs without an importance matrix): the least-squares scale/minimum search of
 ``make_qkx2_quants`` (Q4_K, Q5_K) and the weighted scale search of ``make_qx_quants`` (Q6_K),
 written with the same IEEE single-precision operations in the same order, so every byte matches
 (tests compare with files ``llama_model_quantize`` writes). Sums run element by element, as the
-C loops do, because float addition is not associative.
+C loops do, because float addition is not associative. Where llama-cpp-python is installed the
+formats quantize with llama.cpp's own C function instead (:func:`quantize`; the same bytes, several
+times faster); the numpy references stay the definition a machine without it runs, and the tests'.
 
 Unlike the 32-weight types, re-quantizing a K-quant's own output need not give the same codes:
 the search may find another scale for the rounded values. So QAT fixes the **grid** (every
@@ -435,8 +437,8 @@ REFERENCES: dict[str, Any] = {"q4_k": quantize_q4_k, "q5_k": quantize_q5_k, "q6_
 
 def quantize(kind: str, w: np.ndarray) -> KBlocks:
     """``w`` in ``kind``: llama.cpp's own quantizer where llama-cpp-python is installed (its bytes
-    unpacked; 20-60x faster than the numpy reference on 2 cores: benchmarks/RESULTS.md, "Speed of the
-    toolkit"), else the numpy reference. The same bytes either way: tests compare both with the files
+    unpacked; 6-11x faster than the numpy reference on every core, measured on 2: benchmarks/RESULTS.md,
+    "Speed of the toolkit", 12), else the numpy reference. The same bytes either way: tests compare both with the files
     ``llama_model_quantize`` writes."""
     from .device.llamacpp import ggml_quantize
     from .versions import usable_threads
