@@ -43,8 +43,11 @@ def describe_validation_errors(exc: ValidationError, model: type[BaseModel]) -> 
             lines.append(f"{key}: renamed to {RENAMED_KEYS[loc]}; move the value there")
         elif kind == "extra_forbidden":
             allowed = _field_names(model, loc[:-1])
-            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            name, _, value = str(loc[-1]).partition(":")
+            close = difflib.get_close_matches(name, allowed, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"allowed keys here: {', '.join(allowed)}"
+            if value and name in allowed:  # {corpus:0.5} in YAML is one key, "corpus:0.5", with no value
+                hint = f"YAML needs a space after the colon: {name}: {value}"
             lines.append(f"{key}: unknown key; {hint}")
         elif kind == "missing":
             lines.append(f"{key}: required key is missing; add it")

@@ -104,6 +104,7 @@ def test_cli_exit_1_when_a_budget_fails(tmp_path, tiny_model_dir, small_corpus_f
     [
         (["--profile", "nope"], "unknown profile 'nope'"),
         (["--profile", "raspberry-pi-5", "--set", "deployment.threadz=2"], "did you mean 'threads'"),
+        (["--set", "compression.data.mixture={corpus:0.5,teacher_samples:0.5}"], "YAML needs a space after the colon: corpus: 0.5"),
         (["--teacher", "/no/such/dir"], "model not found: /no/such/dir"),
         (["--data", "/no/such/corpus.txt"], "corpus not found"),
         (["--run-name", "bad name!"], "bad run name"),
