@@ -303,6 +303,13 @@ def test_chat_prompts_go_through_the_chat_template(tmp_path, tiny_tokenizer):
     bad.write_text('{"text": 1}\n')
     with pytest.raises(EdgekdError, match="neither a 'messages' list"):
         gen.read_prompt_file(bad, tok)
+    # a template that refuses the messages (Llama 3's and Gemma's raise_exception on roles out of order): the row named
+    strict = copy.copy(tok)
+    strict.chat_template = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation must start with the user') }}"
+                            "{% endif %}" + CHAT_TEMPLATE)
+    bad.write_text(json.dumps({"prompt": "def main"}) + "\n" + json.dumps({"messages": [{"role": "assistant", "content": "Hi"}]}) + "\n")
+    with pytest.raises(EdgekdError, match=r"bad.jsonl:2: the teacher's chat template refused these messages: Conversation must start"):
+        gen.read_prompt_file(bad, strict)
     with pytest.raises(EdgekdError, match="no chat template"):
         gen.read_prompt_file(path, tiny_tokenizer)
 

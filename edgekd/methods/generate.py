@@ -139,7 +139,7 @@ def read_prompt_file(path: Any, tokenizer: Any, template_args: dict[str, Any] | 
     prompts = []
     for n, row in jsonl_records(path):
         if isinstance(row, dict) and isinstance(row.get("messages"), list):
-            prompts.append(chat_prompt(tokenizer, row["messages"], template_args))
+            prompts.append(_rendered(tokenizer, row["messages"], template_args, f"{path}:{n}"))
         elif isinstance(row, dict) and isinstance(row.get("prompt"), str):
             prompts.append(tokenizer(row["prompt"], add_special_tokens=True)["input_ids"])
         else:
@@ -148,6 +148,19 @@ def read_prompt_file(path: Any, tokenizer: Any, template_args: dict[str, Any] | 
     if not prompts or not any(prompts):
         raise EdgekdError(f"{path} holds no prompts", fix="add at least one line")
     return [p for p in prompts if p]
+
+
+def _rendered(tokenizer: Any, messages: list[Any], template_args: dict[str, Any] | None, where: str) -> list[int]:
+    """One prompt file row's messages through the chat template; a template that refuses them (its
+    ``raise_exception``: roles that do not alternate, a system turn it does not take) names the row."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return chat_prompt(tokenizer, messages, template_args)
+    except TemplateError as exc:
+        raise EdgekdError(f"{where}: the teacher's chat template refused these messages: {str(exc)[:200]}",
+                          fix='write the messages as the template expects them ({"role": "user", "content": "..."} first, '
+                          "then alternating turns), or give the prompt as plain text ({\"prompt\": \"...\"})") from None
 
 
 # ---------------------------------------------------------------- sampling in shards
