@@ -611,6 +611,11 @@ def test_cli_prompt_file_errors_exit_2(tmp_path, tiny_model_dir, capsys):
                  "--set", "compression.data.generation.prompts=query"])
     err = " ".join(capsys.readouterr().err.split())
     assert code == 2 and "has no chat template" in err and "prompts to none" in err and "Traceback" not in err
+    # a prompt file for a run that samples nothing from the teacher (a corpus, no teacher_samples in the mixture)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "def main"}\n')
+    code = main(["compress", "--teacher", str(tiny_model_dir), "--prompts", str(tmp_path / "p.jsonl"), "--output", str(tmp_path / "unused")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "trains on none of them" in err and "--data teacher" in err and not (tmp_path / "unused").exists()
 
 
 def test_llama_cpp_engine_samples_the_gguf_teacher_deterministically(tmp_path, tiny_model_dir):

@@ -105,6 +105,11 @@ def compress(
         from ..methods.generate import check_prompt_file
 
         check_prompt_file(prompts)
+        if not is_data_free(data) and prof.compression.data.mixture.teacher_samples <= 0:
+            raise EdgekdError("--prompts feeds the teacher's samples, and this run trains on none of them (the profile's "
+                              "compression.data.mixture has no teacher_samples)",
+                              fix="add --data teacher to train on the teacher's samples alone, or put them in the mixture: "
+                              "--set 'compression.data.mixture={corpus: 0.5, teacher_samples: 0.5}'")
     budget = time_budget if time_budget is not None else prof.compression.time_budget
     budget_s = None if budget is None else parse_duration(budget)
     name = run_name or f"{prof.name}-{_slug(source.name)}"
