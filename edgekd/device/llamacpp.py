@@ -223,33 +223,31 @@ def last_logits(llm: Any) -> np.ndarray:
 GGML_TYPE_IDS = {"q4_k": 12, "q5_k": 13, "q6_k": 14}
 
 
+_GGML: dict[str, Any] = {}  # "lib": the loaded library, or None once it was looked for and not found
+
+
 def _ggml_base() -> Any:
     """llama-cpp-python's ggml base library with ``ggml_quantize_chunk`` declared, or None where
     llama-cpp-python (or that symbol) is not installed. Found without importing llama_cpp itself."""
-    if "lib" in _GGML:
-        return _GGML["lib"]
-    import ctypes
-    import importlib.util
+    if "lib" not in _GGML:
+        import ctypes
+        import importlib.util
 
-    lib = None
-    spec = importlib.util.find_spec("llama_cpp")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
-            if lib is None and (Path(folder) / "lib" / name).exists():
-                try:
-                    lib = ctypes.CDLL(str(Path(folder) / "lib" / name))
-                    fn = lib.ggml_quantize_chunk
-                except (OSError, AttributeError):
-                    lib = None
-                    continue
-                fn.restype = ctypes.c_size_t
-                fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                               ctypes.c_int64, ctypes.c_void_p]
-    _GGML["lib"] = lib
-    return lib
-
-
-_GGML: dict[str, Any] = {}
+        spec = importlib.util.find_spec("llama_cpp")
+        folders = [Path(f) / "lib" for f in (spec.submodule_search_locations or [])] if spec else []
+        _GGML["lib"] = None
+        for path in (f / name for f in folders for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll")):
+            try:
+                lib = ctypes.CDLL(str(path))
+                fn = lib.ggml_quantize_chunk
+            except (OSError, AttributeError):  # not there, or a build without the symbol
+                continue
+            fn.restype = ctypes.c_size_t
+            fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                           ctypes.c_void_p]
+            _GGML["lib"] = lib
+            break
+    return _GGML["lib"]
 
 
 def ggml_quantize(kind: str, w: np.ndarray, row_bytes: int, threads: int) -> np.ndarray | None:

@@ -250,7 +250,7 @@ def round_trip_seconds(groups: dict[str, list[Any]], candidates: list[str]) -> f
     format's round trip timed on a slice of rows of the largest tensor it fits (about
     ``ROUND_TRIP_PROBE_WEIGHTS`` weights, the faster of two runs: the first warms up), scaled to the
     weights of every group it fits. K-quants' scale searches make this the larger part of the stage
-    on a Qwen3-0.6B-sized teacher (benchmarks/RESULTS.md, "Speed of the toolkit", item 10)."""
+    on a Qwen3-0.6B-sized teacher (benchmarks/RESULTS.md, "Speed of the toolkit", items 10 and 12)."""
     total = 0.0
     for name in dict.fromkeys(candidates):
         fitting = [mods for mods in groups.values() if name in _fitting([name], mods)]

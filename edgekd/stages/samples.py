@@ -27,7 +27,8 @@ def teacher_samples(ctx: RunContext) -> StageRecord:
                                 data.generation.chat_template_args)
     source = ctx.teacher.source
     gguf = source.path if source.kind in ("gguf", "default") else None  # the llama.cpp engine's file
-    longest = getattr(prompts, "longest", None) or max(len(p) for p in prompts(0, settings.batch_size))
+    # the longest prompt, and a query's reply opening fed after the user's message (edgekd.methods.sampling.Turns)
+    longest = (getattr(prompts, "longest", None) or max(len(p) for p in prompts(0, settings.batch_size))) + len(getattr(prompts, "reply", ()))
     check_within_context(ctx.teacher.model.config, longest + settings.new_tokens,
                          f"a teacher sample (the longest prompt, {longest} tokens, + generation.new_tokens {settings.new_tokens})",
                          "shorten the prompts (--prompts) or lower compression.data.generation.new_tokens")
