@@ -219,8 +219,10 @@ def last_logits(llm: Any) -> np.ndarray:
     return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).astype(np.float32)
 
 
-# ggml's type ids of the formats quantized through ggml_quantize_chunk (ggml.h, enum ggml_type)
+# ggml's type ids of the formats quantized through ggml_quantize_chunk (ggml.h, enum ggml_type), and the
+# bytes of a 256-weight row in each: a library whose ggml_row_size disagrees is not used
 GGML_TYPE_IDS = {"q4_k": 12, "q5_k": 13, "q6_k": 14}
+GGML_ROW_BYTES_256 = {"q4_k": 144, "q5_k": 176, "q6_k": 210}
 
 
 _GGML: dict[str, Any] = {}  # "lib": the loaded library, or None once it was looked for and not found
@@ -239,13 +241,15 @@ def _ggml_base() -> Any:
         for path in (f / name for f in folders for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll")):
             try:
                 lib = ctypes.CDLL(str(path))
-                fn = lib.ggml_quantize_chunk
-            except (OSError, AttributeError):  # not there, or a build without the symbol
+                quantize, row_size = lib.ggml_quantize_chunk, lib.ggml_row_size
+            except (OSError, AttributeError):  # not there, or a build without the symbols
                 continue
-            fn.restype = ctypes.c_size_t
-            fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                           ctypes.c_void_p]
-            _GGML["lib"] = lib
+            quantize.restype = ctypes.c_size_t
+            quantize.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                 ctypes.c_void_p]
+            row_size.restype, row_size.argtypes = ctypes.c_size_t, [ctypes.c_int, ctypes.c_int64]
+            if all(row_size(GGML_TYPE_IDS[k], 256) == n for k, n in GGML_ROW_BYTES_256.items()):
+                _GGML["lib"] = lib
             break
     return _GGML["lib"]
 
