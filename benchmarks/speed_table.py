@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("round-trips", help="the sensitivity stage's format round trips: projected against made")
     p.add_argument("--model", choices=["default", "qwen3-0.6b"], default="default")
     p.add_argument("--stage", type=int, default=0, metavar="BLOCKS",
-                   help="also time the whole sensitivity stage on this many calibration blocks with each quantizer (default teacher)")
+                   help="also time the whole sensitivity stage on this many calibration blocks with each quantizer")
+    p.add_argument("--stage-arms", default="llama.cpp,reference", help="the quantizers --stage times, comma-separated")
     p = sub.add_parser("profile", help="where decode time goes (py-spy or perf)")
     p.add_argument("--gguf", default=None, help=GGUF_HELP)
     p.add_argument("--seconds", type=float, default=20.0)

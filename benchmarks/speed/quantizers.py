@@ -90,27 +90,31 @@ def cmd_round_trips(args) -> None:
            "measured_s": round(measured, 1), "projected_over_measured": round(projected / measured, 3),
            "measured_by_format_s": {k: round(v, 1) for k, v in by_format.items()}}
     if args.stage:  # the whole stage on the profile's calibration blocks, each quantizer, every cost compared
-        out["stage"] = stage_with_each_quantizer(model, candidates, args.stage)
+        out["stage"] = stage_with_each_quantizer(model, candidates, args.stage, args.stage_arms.split(","))
     write_result(f"speed_round_trips_{args.model}", out)
     print(out)
 
 
-def stage_with_each_quantizer(model, candidates: list[str], blocks: int) -> dict:
-    """``measure_sensitivity`` on ``blocks`` calibration blocks of the corpus with llama.cpp's quantizer and
-    with the numpy reference (its library hidden), one after the other: seconds, and whether every cost is the same."""
+def stage_with_each_quantizer(model, candidates: list[str], blocks: int, arms: list[str]) -> dict:
+    """``measure_sensitivity`` on ``blocks`` calibration blocks of the default corpus (the default teacher's token
+    ids, whatever the model: a timing) with llama.cpp's quantizer and with the numpy reference (its library
+    hidden), one after the other: seconds, measurements, and whether every cost is the same."""
     from common import default_setup
 
     from edgekd.device import llamacpp as native
     from edgekd.methods.data import calibration_blocks
-    from edgekd.methods.sensitivity import measure_sensitivity
+    from edgekd.methods.sensitivity import measure_sensitivity, measurements
 
     calib = calibration_blocks(default_setup().train, blocks)
     runs = {}
-    for arm in ("llama.cpp", "reference"):
+    for arm in arms:
         with mock.patch.dict(native._GGML, {"lib": None}) if arm == "reference" else contextlib.nullcontext():
             t0 = time.perf_counter()
             runs[arm] = (measure_sensitivity(model, calib, candidates), time.perf_counter() - t0)
         print(arm, f"{runs[arm][1]:.1f} s", file=sys.stderr, flush=True)
-    a, b = runs["llama.cpp"][0], runs["reference"][0]
-    return {"blocks": blocks, "llama_cpp_s": round(runs["llama.cpp"][1], 1), "reference_s": round(runs["reference"][1], 1),
-            "same_costs": (a.formats, a.blocks, a.mlp_width) == (b.formats, b.blocks, b.mlp_width)}
+    out = {"blocks": blocks, "measurements": measurements(model, candidates),
+           **{f"{arm.replace('.', '_')}_s": round(runs[arm][1], 1) for arm in runs}}
+    if len(runs) == 2:
+        a, b = runs["llama.cpp"][0], runs["reference"][0]
+        out["same_costs"] = (a.formats, a.blocks, a.mlp_width) == (b.formats, b.blocks, b.mlp_width)
+    return out
