@@ -263,21 +263,17 @@ def ggml_quantize(kind: str, w: np.ndarray, row_bytes: int, threads: int) -> np.
     lib = _ggml_base()
     if lib is None or kind not in GGML_TYPE_IDS:
         return None
+    from ..kquants import _in_row_chunks  # numpy only: the split the numpy references use
+
     w = np.ascontiguousarray(w, dtype=np.float32)
     rows, cols = w.shape
-    out = np.empty((rows, row_bytes), np.uint8)
 
-    def run(lo: int, hi: int) -> None:
-        written = lib.ggml_quantize_chunk(GGML_TYPE_IDS[kind], w[lo:hi].ctypes.data, out[lo:hi].ctypes.data, 0, hi - lo, cols, None)
-        if written != (hi - lo) * row_bytes:
-            raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes for {hi - lo} rows of {row_bytes}")
+    def rows_quantized(part: np.ndarray) -> tuple[np.ndarray]:
+        out = np.empty((len(part), row_bytes), np.uint8)
+        written = lib.ggml_quantize_chunk(GGML_TYPE_IDS[kind], part.ctypes.data, out.ctypes.data, 0, len(part), cols, None)
+        if written != out.size:
+            raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes for {len(part)} rows of {row_bytes}")
+        return (out,)
 
-    bounds = np.linspace(0, rows, max(1, min(threads, rows)) + 1).astype(int)
-    if len(bounds) == 2:
-        run(0, rows)
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(len(bounds) - 1) as pool:
-            list(pool.map(lambda ab: run(*ab), zip(bounds[:-1], bounds[1:])))
-    return out
+    threads = max(1, min(threads, rows))
+    return _in_row_chunks(rows_quantized, w, workers=threads, chunk_rows=-(-rows // threads), min_rows=1)[0]

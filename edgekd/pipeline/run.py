@@ -105,7 +105,7 @@ def compress(
         from ..methods.generate import check_prompt_file
 
         check_prompt_file(prompts)
-        if not is_data_free(data) and prof.compression.data.mixture.teacher_samples <= 0:
+        if "teacher_samples" not in plan_stages(prof, is_data_free(data)):  # the plan's own decision
             raise EdgekdError("--prompts feeds the teacher's samples, and this run trains on none of them (the profile's "
                               "compression.data.mixture has no teacher_samples)",
                               fix="add --data teacher to train on the teacher's samples alone, or put them in the mixture: "

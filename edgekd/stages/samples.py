@@ -27,12 +27,13 @@ def teacher_samples(ctx: RunContext) -> StageRecord:
                                 data.generation.chat_template_args)
     source = ctx.teacher.source
     gguf = source.path if source.kind in ("gguf", "default") else None  # the llama.cpp engine's file
+    file_longest = getattr(prompts, "longest", None)  # a prompt file's longest prompt (the batch is padded to it)
     # the longest prompt, and a query's reply opening fed after the user's message (edgekd.methods.sampling.Turns)
-    longest = (getattr(prompts, "longest", None) or max(len(p) for p in prompts(0, settings.batch_size))) + len(getattr(prompts, "reply", ()))
+    longest = (file_longest or max(len(p) for p in prompts(0, settings.batch_size))) + len(getattr(prompts, "reply", ()))
     check_within_context(ctx.teacher.model.config, longest + settings.new_tokens,
                          f"a teacher sample (the longest prompt, {longest} tokens, + generation.new_tokens {settings.new_tokens})",
                          "shorten the prompts (--prompts) or lower compression.data.generation.new_tokens")
-    predicted = gen.predict_sampling_peak(ctx.teacher.model, settings, getattr(prompts, "longest", None))  # before the heap grows
+    predicted = gen.predict_sampling_peak(ctx.teacher.model, settings, file_longest)  # before the heap grows
     refuse_over_limit(predicted, ctx.profile.compression.memory_gb, "sampling the teacher (the prompts' forward pass, the KV cache "
                       "of a batch, the sampler)", "lower compression.data.generation.batch_size or new_tokens")
     seconds_left = fill_s = None
