@@ -11,6 +11,10 @@ each for the same wall time of training (the sampling is not counted), then meas
   recovers is where the corpus run's domain gain sits.
 
     .venv/bin/python benchmarks/data_free_gap.py --budget-min 8 --samples 1.0/0.95,0.7/0.95,1.3/1.0
+
+``--hidden 0,1`` trains each data-free row once per hidden-state loss weight (0: the profile's
+logit-only recipe) on the same samples, and ``--corpus-hidden 0,1`` the corpus rows likewise;
+``--no-transplants`` leaves the transplants out.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=65536, help="teacher samples per data-free row")
     ap.add_argument("--samples", default="1.0/0.95",
                     help="comma-separated TEMPERATURE/TOP_P, one data-free row each (the profile's: 1.0/0.95)")
+    ap.add_argument("--hidden", default="0", help="comma-separated hidden-state loss weights, one data-free row each per sample setting")
+    ap.add_argument("--corpus-hidden", default="0", help="comma-separated hidden-state loss weights, one corpus row each (the first: the reference)")
+    ap.add_argument("--no-transplants", action="store_true", help="skip the transplants (a row's KLs only)")
     ap.add_argument("--out", default="data_free_gap")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -45,10 +52,16 @@ def main() -> int:
     teacher, tok = setup.teacher.model, setup.teacher.tokenizer
     block_len = setup.profile.compression.data.block_len
     ood = license_blocks(tok, block_len)
-    result: dict = {"budget_min": args.budget_min, "tokens": args.tokens, "rows": []}
-    corpus, corpus_steps = train_row(setup, setup.train, args.budget_min)
-    result["corpus"] = {"steps": corpus_steps, **kl_pair(corpus, teacher, setup.heldout, ood)}
-    print(f"corpus: {result['corpus']}", flush=True)
+    result: dict = {"budget_min": args.budget_min, "tokens": args.tokens, "rows": [], "corpus_rows": []}
+    corpus = None
+    for weight in (float(w) for w in args.corpus_hidden.split(",")):
+        model, steps = train_row(setup, setup.train, args.budget_min, weight)
+        row = {"hidden_weight": weight, "steps": steps, **kl_pair(model, teacher, setup.heldout, ood)}
+        result["corpus_rows"].append(row)
+        if corpus is None:  # the reference the data-free rows' gaps and transplants are taken against
+            corpus, result["corpus"] = model, row
+        print(f"corpus, hidden weight {weight}: {row}", flush=True)
+        write_result(args.out, result)
     corpus_kls = position_kls(corpus, teacher, setup.heldout)  # once: every row's positions and transplants use it
     for spec in args.samples.split(","):
         temperature, top_p = (float(x) for x in spec.split("/"))
@@ -57,24 +70,26 @@ def main() -> int:
         src = gen.prompt_source("none", tok, s, setup.train)
         samples = gen.generate(teacher, tok, src, s, Path("export/data-free-gap") / f"{spec.replace('/', '-')}-{time.time_ns()}").blocks(block_len)
         sample_s = time.perf_counter() - t0
-        free, steps = train_row(setup, samples, args.budget_min)
-        free_kls = position_kls(free, teacher, setup.heldout)
-        row = {"temperature": temperature, "top_p": top_p, "sample_s": round(sample_s, 1), "steps": steps,
-               "distinct_tokens": int(len(np.unique(samples))), **kl_pair(free, teacher, setup.heldout, ood),
-               **positions(free_kls, corpus_kls, setup.heldout, samples),
-               "corpus_group_into_free": transplants(free, corpus, teacher, setup.heldout, free_kls, corpus_kls)}
-        result["rows"].append(row)
-        print(f"data-free {spec}: {row}", flush=True)
-        write_result(args.out, result)
+        for weight in (float(w) for w in args.hidden.split(",")):
+            free, steps = train_row(setup, samples, args.budget_min, weight)
+            free_kls = position_kls(free, teacher, setup.heldout)
+            row = {"temperature": temperature, "top_p": top_p, "hidden_weight": weight, "sample_s": round(sample_s, 1),
+                   "steps": steps, "distinct_tokens": int(len(np.unique(samples))),
+                   **kl_pair(free, teacher, setup.heldout, ood), **positions(free_kls, corpus_kls, setup.heldout, samples)}
+            if not args.no_transplants:
+                row["corpus_group_into_free"] = transplants(free, corpus, teacher, setup.heldout, free_kls, corpus_kls)
+            result["rows"].append(row)
+            print(f"data-free {spec}, hidden weight {weight}: {row}", flush=True)
+            write_result(args.out, result)
     print_table(result)
     return 0
 
 
-def train_row(setup, pool: np.ndarray, minutes: float):
+def train_row(setup, pool: np.ndarray, minutes: float, hidden_weight: float = 0.0):
     """Full-depth Q4_0 QAT-KD on ``pool`` alone for ``minutes``: (model on the grid, steps)."""
     mixture = Mixture((len(pool),), (1.0,), 0.0, None)
     calib = pool[np.linspace(0, len(pool) - 1, 16).astype(int)]
-    model, outcome, _, _ = qat_row(setup, pool, calib, mixture, time.perf_counter() + minutes * 60)
+    model, outcome, _, _ = qat_row(setup, pool, calib, mixture, time.perf_counter() + minutes * 60, hidden_weight)
     model.eval()
     return model, outcome.steps
 
@@ -130,12 +145,17 @@ def transplants(free, corpus, teacher, heldout: np.ndarray, free_kls: np.ndarray
 
 def print_table(result: dict) -> None:
     c = result["corpus"]
-    print(f"\ncorpus QAT: {c['steps']} steps, held-out KL {c['heldout_kl']:.4f}, OOD KL {c['ood_kl']:.4f}")
+    for r in result["corpus_rows"]:
+        print(f"\ncorpus QAT, hidden weight {r['hidden_weight']}: {r['steps']} steps, held-out KL {r['heldout_kl']:.4f} "
+              f"({r['heldout_kl'] / c['heldout_kl'] - 1:+.1%}), OOD KL {r['ood_kl']:.4f} ({r['ood_kl'] / c['ood_kl'] - 1:+.1%})")
     for r in result["rows"]:
+        print(f"data-free T={r['temperature']} top-p={r['top_p']} hidden weight {r['hidden_weight']}: {r['steps']} steps, "
+              f"{r['distinct_tokens']} distinct tokens, held-out KL {r['heldout_kl']:.4f} ({r['heldout_kl'] / c['heldout_kl'] - 1:+.1%}), "
+              f"OOD KL {r['ood_kl']:.4f} ({r['ood_kl'] / c['ood_kl'] - 1:+.1%})")
+        if "corpus_group_into_free" not in r:
+            continue
         t = r["corpus_group_into_free"]
         gap = t["none"] - t["everything"]
-        print(f"data-free T={r['temperature']} top-p={r['top_p']}: {r['steps']} steps, {r['distinct_tokens']} distinct tokens, "
-              f"held-out KL {r['heldout_kl']:.4f} ({r['heldout_kl'] / c['heldout_kl'] - 1:+.0%}), OOD KL {r['ood_kl']:.4f}")
         print("| corpus group into the data-free model | held-out KL | share of the gap recovered |")
         print("|---|---|---|")
         for g, kl in r["corpus_group_into_free"].items():

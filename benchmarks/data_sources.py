@@ -230,10 +230,13 @@ def distill_row(setup, train, mixture, deadline, **overrides):
     return student, outcome, cfg, per_step
 
 
-def qat_row(setup, train, calib, mixture, deadline):
+def qat_row(setup, train, calib, mixture, deadline, hidden_weight: float = 0.0):
+    """Full-depth all-Q4_0 QAT-KD of a copy of the teacher, the profile's recipe (logit KD alone) unless
+    ``hidden_weight`` adds the hidden-state loss at every block (FitNets' term; the teacher pass is there anyway)."""
     teacher = setup.teacher.model
     student = copy.deepcopy(teacher)
     cfg = qat_config(setup.profile.compression.distill, setup.profile.compression.qat)
+    cfg.w_hidden = hidden_weight
     cfg.on_policy_share = mixture.on_policy_share
     probed = []  # the probe's seconds a step, for the row's record
 
