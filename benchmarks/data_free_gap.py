@@ -14,7 +14,9 @@ each for the same wall time of training (the sampling is not counted), then meas
 
 ``--hidden 0,1`` trains each data-free row once per hidden-state loss weight (0: the profile's
 logit-only recipe) on the same samples, and ``--corpus-hidden 0,1`` the corpus rows likewise;
-``--no-transplants`` leaves the transplants out.
+``--no-transplants`` leaves the transplants out; ``--cache`` gives the logit-only rows the teacher's
+final hidden states from a cache, as the pipeline's QAT stage has them (its build not timed in the row),
+so they run no teacher pass; ``--samples ""``: corpus rows only.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from data_sources import qat_row
 
 from edgekd.methods import generate as gen
 from edgekd.methods.evaluate import evaluate, torch_logits_fn
+from edgekd.methods.logit_cache import build_hidden
 from edgekd.methods.mixture import Mixture
+from edgekd.methods.precision import resolve_precision
 
 
 def main() -> int:
@@ -45,6 +49,7 @@ def main() -> int:
     ap.add_argument("--hidden", default="0", help="comma-separated hidden-state loss weights, one data-free row each per sample setting")
     ap.add_argument("--corpus-hidden", default="0", help="comma-separated hidden-state loss weights, one corpus row each (the first: the reference)")
     ap.add_argument("--no-transplants", action="store_true", help="skip the transplants (a row's KLs only)")
+    ap.add_argument("--cache", action="store_true", help="logit-only rows read the teacher's final hidden states from a cache")
     ap.add_argument("--out", default="data_free_gap")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -55,15 +60,17 @@ def main() -> int:
     result: dict = {"budget_min": args.budget_min, "tokens": args.tokens, "rows": [], "corpus_rows": []}
     corpus = None
     for weight in (float(w) for w in args.corpus_hidden.split(",")):
-        model, steps = train_row(setup, setup.train, args.budget_min, weight)
-        row = {"hidden_weight": weight, "steps": steps, **kl_pair(model, teacher, setup.heldout, ood)}
+        cache, cache_s = teacher_cache(setup, setup.train) if args.cache and weight == 0 else (None, None)
+        model, steps = train_row(setup, setup.train, args.budget_min, weight, cache)
+        row = {"hidden_weight": weight, "cached_teacher": cache is not None, "cache_s": cache_s, "steps": steps,
+               **kl_pair(model, teacher, setup.heldout, ood)}
         result["corpus_rows"].append(row)
         if corpus is None:  # the reference the data-free rows' gaps and transplants are taken against
             corpus, result["corpus"] = model, row
         print(f"corpus, hidden weight {weight}: {row}", flush=True)
         write_result(args.out, result)
     corpus_kls = position_kls(corpus, teacher, setup.heldout)  # once: every row's positions and transplants use it
-    for spec in args.samples.split(","):
+    for spec in filter(None, args.samples.split(",")):
         temperature, top_p = (float(x) for x in spec.split("/"))
         s = replace(gen.Generation.of_profile(setup.profile), tokens=args.tokens, seed=11, temperature=temperature, top_p=top_p)
         t0 = time.perf_counter()
@@ -71,9 +78,11 @@ def main() -> int:
         samples = gen.generate(teacher, tok, src, s, Path("export/data-free-gap") / f"{spec.replace('/', '-')}-{time.time_ns()}").blocks(block_len)
         sample_s = time.perf_counter() - t0
         for weight in (float(w) for w in args.hidden.split(",")):
-            free, steps = train_row(setup, samples, args.budget_min, weight)
+            cache, cache_s = teacher_cache(setup, samples) if args.cache and weight == 0 else (None, None)
+            free, steps = train_row(setup, samples, args.budget_min, weight, cache)
             free_kls = position_kls(free, teacher, setup.heldout)
-            row = {"temperature": temperature, "top_p": top_p, "hidden_weight": weight, "sample_s": round(sample_s, 1),
+            row = {"temperature": temperature, "top_p": top_p, "hidden_weight": weight, "cached_teacher": cache is not None,
+                   "cache_s": cache_s, "sample_s": round(sample_s, 1),
                    "steps": steps, "distinct_tokens": int(len(np.unique(samples))),
                    **kl_pair(free, teacher, setup.heldout, ood), **positions(free_kls, corpus_kls, setup.heldout, samples)}
             if not args.no_transplants:
@@ -85,11 +94,20 @@ def main() -> int:
     return 0
 
 
-def train_row(setup, pool: np.ndarray, minutes: float, hidden_weight: float = 0.0):
+def teacher_cache(setup, pool: np.ndarray):
+    """The teacher's final hidden states of every block of ``pool`` (a hidden-state cache, the training
+    precision), and the seconds its build took."""
+    precision = resolve_precision(setup.profile.compression.distill.precision)
+    t0 = time.perf_counter()
+    cache = build_hidden(setup.teacher.model, pool, Path("export/data-free-gap") / f"cache-{time.time_ns()}", precision)
+    return cache, round(time.perf_counter() - t0, 1)
+
+
+def train_row(setup, pool: np.ndarray, minutes: float, hidden_weight: float = 0.0, cache=None):
     """Full-depth Q4_0 QAT-KD on ``pool`` alone for ``minutes``: (model on the grid, steps)."""
     mixture = Mixture((len(pool),), (1.0,), 0.0, None)
     calib = pool[np.linspace(0, len(pool) - 1, 16).astype(int)]
-    model, outcome, _, _ = qat_row(setup, pool, calib, mixture, time.perf_counter() + minutes * 60, hidden_weight)
+    model, outcome, _, _ = qat_row(setup, pool, calib, mixture, time.perf_counter() + minutes * 60, hidden_weight, cache)
     model.eval()
     return model, outcome.steps
 
@@ -146,7 +164,8 @@ def transplants(free, corpus, teacher, heldout: np.ndarray, free_kls: np.ndarray
 def print_table(result: dict) -> None:
     c = result["corpus"]
     for r in result["corpus_rows"]:
-        print(f"\ncorpus QAT, hidden weight {r['hidden_weight']}: {r['steps']} steps, held-out KL {r['heldout_kl']:.4f} "
+        cached = ", teacher from the cache" if r.get("cached_teacher") else ""
+        print(f"\ncorpus QAT, hidden weight {r['hidden_weight']}{cached}: {r['steps']} steps, held-out KL {r['heldout_kl']:.4f} "
               f"({r['heldout_kl'] / c['heldout_kl'] - 1:+.1%}), OOD KL {r['ood_kl']:.4f} ({r['ood_kl'] / c['ood_kl'] - 1:+.1%})")
     for r in result["rows"]:
         print(f"data-free T={r['temperature']} top-p={r['top_p']} hidden weight {r['hidden_weight']}: {r['steps']} steps, "

@@ -230,9 +230,10 @@ def distill_row(setup, train, mixture, deadline, **overrides):
     return student, outcome, cfg, per_step
 
 
-def qat_row(setup, train, calib, mixture, deadline, hidden_weight: float = 0.0):
+def qat_row(setup, train, calib, mixture, deadline, hidden_weight: float = 0.0, logit_cache=None):
     """Full-depth all-Q4_0 QAT-KD of a copy of the teacher, the profile's recipe (logit KD alone) unless
-    ``hidden_weight`` adds the hidden-state loss at every block (FitNets' term; the teacher pass is there anyway)."""
+    ``hidden_weight`` adds the hidden-state loss at every block (FitNets' term); ``logit_cache``: the
+    teacher's targets from a cache (edgekd.methods.logit_cache) instead of its pass in every step."""
     teacher = setup.teacher.model
     student = copy.deepcopy(teacher)
     cfg = qat_config(setup.profile.compression.distill, setup.profile.compression.qat)
@@ -244,7 +245,8 @@ def qat_row(setup, train, calib, mixture, deadline, hidden_weight: float = 0.0):
         probed.append(probe())
         return steps_until(deadline, probed[-1])
     result = qat_kd(student, teacher, train, calib, FormatPlan.uniform("q4_0"), cfg, clip_search=True, fit_steps=fit,
-                    deadline=deadline, memory_target_gb=setup.profile.compression.memory_target_gb, mixture=mixture)
+                    deadline=deadline, memory_target_gb=setup.profile.compression.memory_target_gb, mixture=mixture,
+                    logit_cache=logit_cache)
     return result.model, result.outcome, cfg, probed[0]
 
 
