@@ -69,8 +69,9 @@ def main() -> int:
             corpus, result["corpus"] = model, row
         print(f"corpus, hidden weight {weight}: {row}", flush=True)
         write_result(args.out, result)
-    corpus_kls = position_kls(corpus, teacher, setup.heldout)  # once: every row's positions and transplants use it
-    for spec in filter(None, args.samples.split(",")):
+    specs = [spec for spec in args.samples.split(",") if spec]
+    corpus_kls = position_kls(corpus, teacher, setup.heldout) if specs else None  # once: every row's positions and transplants use it
+    for spec in specs:
         temperature, top_p = (float(x) for x in spec.split("/"))
         s = replace(gen.Generation.of_profile(setup.profile), tokens=args.tokens, seed=11, temperature=temperature, top_p=top_p)
         t0 = time.perf_counter()
