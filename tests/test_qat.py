@@ -159,3 +159,31 @@ def test_qat_kd_recipe_without_steps_is_ptq_on_the_same_grid(tiny):
     assert on_grid(result.model)
     f16 = qat_kd(copy.deepcopy(tiny), tiny, blocks, blocks[:2], FormatPlan.uniform("f16"), None)
     assert f16.method == "no quantization" and not f16.clip_stats
+
+
+def test_qat_losses_reach_the_step_and_attention_is_refused(tiny):
+    """qat.losses: logit KD alone by default; a hidden-state term set in the profile reaches the
+    QAT-KD step's config and its loss (the student's block outputs against the teacher's)."""
+    from edgekd.errors import EdgekdError
+    from edgekd.methods.qat_kd import qat_config
+    from edgekd.methods.step_losses import distill_step_losses
+    from edgekd.profiles import load_profile
+
+    default = load_profile("raspberry-pi-5")
+    cfg = qat_config(default.compression.distill, default.compression.qat)
+    assert (cfg.w_logit, cfg.w_hidden, cfg.w_attention, cfg.alpha) == (1.0, 0.0, 0.0, 1.0)
+    assert default.compression.distill.losses["hidden_mse"] > 0  # distillation's terms do not leak into QAT
+
+    profile = load_profile("raspberry-pi-5", ["compression.qat.losses={logit_kl: 1.0, hidden_cos: 30.0}"])
+    cfg = qat_config(profile.compression.distill, profile.compression.qat)
+    assert (cfg.w_logit, cfg.w_hidden, cfg.w_attention, cfg.hidden_kind) == (1.0, 30.0, 0.0, "cosine")
+    student = copy.deepcopy(tiny)
+    with torch.no_grad():
+        student.model.layers[0].mlp.down_proj.weight.mul_(0.5)  # its block outputs now differ from the teacher's
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, 128, size=(2, 16)))
+    terms = distill_step_losses(student, tiny, ids, cfg, list(range(tiny.config.num_hidden_layers)))
+    assert terms["hidden"] > 0 and "attention" not in terms
+    assert torch.isclose(terms["loss"], terms["kd"] + 30.0 * terms["hidden"])
+
+    with pytest.raises(EdgekdError, match="attention_kl"):
+        load_profile("raspberry-pi-5", ["compression.qat.losses={attention_kl: 1.0}"])

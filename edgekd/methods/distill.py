@@ -80,17 +80,11 @@ class DistillConfig:
     @classmethod
     def from_settings(cls, s: Any, steps: int | None = None, learning_rate: float | None = None) -> DistillConfig:
         """From the profile's ``compression.distill`` (``DistillSettings``)."""
-        losses = dict(s.losses)
-        hidden_kind = "cosine" if "hidden_cos" in losses and "hidden_mse" not in losses else "mse"
         return cls(
             steps=s.steps if steps is None else steps, batch_size=s.batch_size, grad_accum=s.grad_accum,
             learning_rate=s.learning_rate if learning_rate is None else learning_rate,
-            temperature=s.temperature, alpha=s.alpha, kl=s.kl,
-            w_logit=losses.get("logit_kl", 0.0),
-            w_hidden=losses.get("hidden_mse", 0.0) + losses.get("hidden_cos", 0.0),
-            w_attention=losses.get("attention_kl", 0.0),
-            hidden_kind=hidden_kind, checkpoint_every=s.checkpoint_every, seed=s.seed,
-            precision=resolve_precision(s.precision),
+            temperature=s.temperature, alpha=s.alpha, kl=s.kl, **loss_weights(s.losses),
+            checkpoint_every=s.checkpoint_every, seed=s.seed, precision=resolve_precision(s.precision),
         )
 
     def lr_at(self, step: int) -> float:
@@ -101,6 +95,13 @@ class DistillConfig:
         progress = (step - warm) / max(1, self.steps - warm)
         cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return self.learning_rate * (self.min_lr_fraction + (1 - self.min_lr_fraction) * cosine)
+
+
+def loss_weights(losses: dict[str, float]) -> dict[str, Any]:
+    """A profile's ``losses`` mapping (``distill.losses``, ``qat.losses``) as DistillConfig's weights."""
+    return {"w_logit": losses.get("logit_kl", 0.0), "w_hidden": losses.get("hidden_mse", 0.0) + losses.get("hidden_cos", 0.0),
+            "w_attention": losses.get("attention_kl", 0.0),
+            "hidden_kind": "cosine" if "hidden_cos" in losses and "hidden_mse" not in losses else "mse"}
 
 
 @dataclass
