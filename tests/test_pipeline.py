@@ -54,6 +54,19 @@ def test_end_to_end_tiny(tmp_path, tiny_model_dir, small_corpus_file, tiny_profi
     assert json.loads((run_dir / "distill" / "checkpoints" / "latest.json").read_text())["step"] == 4
 
 
+def test_qat_hidden_state_term_on_a_pruned_student(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides):
+    """qat.losses with a hidden-state term: the pruned student's blocks are matched to the teacher blocks
+    they were kept from (the prune stage's layer map), and the stage records the term it trained with."""
+    run(tmp_path, tiny_model_dir, small_corpus_file,
+        [*tiny_profile_overrides, "compression.qat.losses={logit_kl: 1.0, hidden_mse: 30.0}"])
+    data = json.loads((tmp_path / "tiny" / "report.json").read_text())
+    qat = next(s for s in data["stages"] if s["name"] == "qat")
+    prune = next(s for s in data["stages"] if s["name"] == "prune")
+    assert len(prune["metrics"]["removed_blocks"]) == 1
+    assert (qat["settings"]["w_logit"], qat["settings"]["w_hidden"]) == (1.0, 30.0)
+    assert qat["metrics"]["steps"] > 0 and qat["metrics"]["final_hidden"] > 0
+
+
 def test_second_run_is_refused_then_resumed(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides):
     first = run(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides)
     with pytest.raises(EdgekdError, match="already holds a finished run"):
