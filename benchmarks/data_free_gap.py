@@ -164,9 +164,10 @@ def transplants(free, corpus, teacher, heldout: np.ndarray, free_kls: np.ndarray
 
 def print_table(result: dict) -> None:
     c = result["corpus"]
+    print()
     for r in result["corpus_rows"]:
         cached = ", teacher from the cache" if r.get("cached_teacher") else ""
-        print(f"\ncorpus QAT, hidden weight {r['hidden_weight']}{cached}: {r['steps']} steps, held-out KL {r['heldout_kl']:.4f} "
+        print(f"corpus QAT, hidden weight {r['hidden_weight']}{cached}: {r['steps']} steps, held-out KL {r['heldout_kl']:.4f} "
               f"({r['heldout_kl'] / c['heldout_kl'] - 1:+.1%}), OOD KL {r['ood_kl']:.4f} ({r['ood_kl'] / c['ood_kl'] - 1:+.1%})")
     for r in result["rows"]:
         print(f"data-free T={r['temperature']} top-p={r['top_p']} hidden weight {r['hidden_weight']}: {r['steps']} steps, "

@@ -8,7 +8,7 @@ factors where the format allows them, else round-to-nearest.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +30,11 @@ from .step_probe import probe_step_seconds
 
 def qat_config(distill_settings: Any, qat_settings: Any) -> DistillConfig:
     """QAT-KD from the profile's distillation settings with QAT's own steps, learning rate, KD weight
-    (``qat.alpha``: 1.0 is pure KD) and loss terms (``qat.losses``; the default, logit KD alone).
-    Every block's hidden-state target (FitNets) at weight 30 as well lowered full-depth Q4_0 QAT's
-    held-out KL by 3-5% at equal wall time in two runs, at weight 10 by -6% and +1%
-    (benchmarks/RESULTS.md, "Hidden-state targets in QAT"); it brings back the teacher pass that a
-    hidden-state cache takes out of every step. Attention targets are not offered: they need the
-    teacher's eager attention besides."""
+    (``qat.alpha``: 1.0 is pure KD) and loss terms (``qat.losses``: logit KD alone by default; what a
+    hidden-state term measured is by that setting, edgekd.profiles.QatSettings). No attention term:
+    it needs the teacher's eager attention besides."""
     cfg = DistillConfig.from_settings(distill_settings, steps=qat_settings.steps, learning_rate=qat_settings.learning_rate)
-    for name, value in loss_weights(qat_settings.losses).items():
-        setattr(cfg, name, value)
-    cfg.alpha = qat_settings.alpha
-    return cfg
+    return replace(cfg, **loss_weights(qat_settings.losses), alpha=qat_settings.alpha)
 
 
 @dataclass
