@@ -109,6 +109,7 @@ def setup_student(teacher):
 
 
 FORCE = {"ckpt": {"gradient_checkpointing": True}, "bf16": {"optimizer_state": "bf16"}, "grads": {"gradient_dtype": "bf16"},
+         "recompute": {"recompute_round_trips": True},
          "micro2": {"batch_size": 2, "grad_accum": 2}, "micro1": {"batch_size": 1, "grad_accum": 4}}
 
 

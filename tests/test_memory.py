@@ -239,6 +239,25 @@ def test_bf16_gradients_are_a_rung_of_the_ladder_and_count_half():
     assert plan.settings()["gradient_dtype"] == "bf16"
 
 
+def test_bf16_gradients_lower_no_qat_estimate_so_a_qat_step_keeps_fp32_ones():
+    """A QAT step's peak sits in its forward pass: bf16 gradients are not credited there, so no
+    memory target or limit turns them on for QAT (they cost ~5% of its step)."""
+    from edgekd.formats import FormatPlan
+    from edgekd.methods.qat import fake_quantized_params
+
+    teacher, student = _models()
+    quantized = fake_quantized_params(student, FormatPlan.uniform("q4_0"))
+    kw = dict(precision="bf16", gradient_checkpointing=True, optimizer_state="bf16", recompute_round_trips=True)
+    fp32_grads = estimate_training_memory(teacher, student, _cfg(**kw), 128, quantized_params=quantized, resident_bytes=RESIDENT)
+    bf16_grads = estimate_training_memory(teacher, student, _cfg(**kw, gradient_dtype="bf16"), 128, quantized_params=quantized,
+                                          resident_bytes=RESIDENT)
+    assert bf16_grads.total == fp32_grads.total
+    for target in (fp32_grads.total * 1.0001, fp32_grads.total * 0.9):  # reachable without them, and not at all
+        chosen, plan = fit_memory(teacher, student, _cfg(precision="bf16"), 128, fp32_grads.total * 2, quantized_params=quantized,
+                                  resident_bytes=RESIDENT, target_bytes=target)
+        assert (chosen.gradient_dtype, chosen.batch_size) == ("fp32", 4) and plan.gradient_dtype == "fp32"
+
+
 def test_a_teacher_behind_a_hidden_state_cache_keeps_only_its_head(tmp_path):
     teacher, student = _models()
     before = {k: v.clone() for k, v in teacher.state_dict().items()}

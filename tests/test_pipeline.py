@@ -55,7 +55,7 @@ def test_end_to_end_tiny(tmp_path, tiny_model_dir, small_corpus_file, tiny_profi
 
 
 def test_qat_hidden_state_term_on_a_pruned_student(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides):
-    """qat.losses with a hidden-state term: the pruned student's blocks are matched to the teacher blocks
+    """qat.losses' hidden-state term (the default, set here explicitly): the pruned student's blocks are matched to the teacher blocks
     they were kept from (the prune stage's layer map), and the stage records the term it trained with."""
     run(tmp_path, tiny_model_dir, small_corpus_file,
         [*tiny_profile_overrides, "compression.qat.losses={logit_kl: 1.0, hidden_mse: 30.0}"])
@@ -188,14 +188,15 @@ def test_logit_cache_through_the_pipeline(tmp_path, tiny_model_dir, small_corpus
 
 
 def test_hidden_state_cache_through_the_pipeline(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides):
-    report = run(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides + ["compression.distill.logit_cache.kind=hidden"])
+    # QAT-KD on the logits alone: the step the cache spares the teacher's pass
+    sets = [*tiny_profile_overrides, "compression.distill.logit_cache.kind=hidden", "compression.qat.losses={logit_kl: 1.0}"]
+    report = run(tmp_path, tiny_model_dir, small_corpus_file, sets)
     rec = report.stage("teacher_logits")
     assert rec.settings["kind"] == "hidden" and rec.metrics["mb_per_million_tokens"] == 64 * (2 if rec.settings["precision"] == "bf16" else 4)
     # distillation's hidden-state and attention losses run the teacher; QAT-KD reads its targets from the cache
     assert report.stage("distill").metrics["teacher_while_training"] != report.stage("qat").metrics["teacher_while_training"]
     assert "but its head" in report.stage("qat").metrics["teacher_while_training"]
-    resumed = run(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides + ["compression.distill.logit_cache.kind=hidden"],
-                  resume=True)
+    resumed = run(tmp_path, tiny_model_dir, small_corpus_file, sets, resume=True)
     assert resumed.status == "complete"
 
 

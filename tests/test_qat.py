@@ -162,7 +162,7 @@ def test_qat_kd_recipe_without_steps_is_ptq_on_the_same_grid(tiny):
 
 
 def test_qat_losses_reach_the_step_and_attention_is_refused(tiny):
-    """qat.losses: logit KD alone by default; a hidden-state term set in the profile reaches the
+    """qat.losses: logit KD and the hidden-state term by default; a term set in the profile reaches the
     QAT-KD step's config and its loss (the student's block outputs against the teacher's)."""
     from edgekd.errors import EdgekdError
     from edgekd.methods.qat_kd import qat_config
@@ -171,8 +171,10 @@ def test_qat_losses_reach_the_step_and_attention_is_refused(tiny):
 
     default = load_profile("raspberry-pi-5")
     cfg = qat_config(default.compression.distill, default.compression.qat)
-    assert (cfg.w_logit, cfg.w_hidden, cfg.w_attention, cfg.alpha) == (1.0, 0.0, 0.0, 1.0)
-    assert default.compression.distill.losses["hidden_mse"] > 0  # distillation's terms do not leak into QAT
+    assert (cfg.w_logit, cfg.w_hidden, cfg.w_attention, cfg.hidden_kind, cfg.alpha) == (1.0, 30.0, 0.0, "mse", 1.0)
+    assert default.compression.distill.losses["attention_kl"] > 0  # distillation's terms do not leak into QAT
+    logit_only = load_profile("raspberry-pi-5", ["compression.qat.losses={logit_kl: 1.0}"])
+    assert qat_config(logit_only.compression.distill, logit_only.compression.qat).w_hidden == 0.0
 
     profile = load_profile("raspberry-pi-5", ["compression.qat.losses={logit_kl: 1.0, hidden_cos: 30.0}"])
     cfg = qat_config(profile.compression.distill, profile.compression.qat)

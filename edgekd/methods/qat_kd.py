@@ -30,8 +30,8 @@ from .step_probe import probe_step_seconds
 
 def qat_config(distill_settings: Any, qat_settings: Any) -> DistillConfig:
     """QAT-KD from the profile's distillation settings with QAT's own steps, learning rate, KD weight
-    (``qat.alpha``: 1.0 is pure KD) and loss terms (``qat.losses``: logit KD alone by default; what a
-    hidden-state term measured is by that setting, edgekd.profiles.QatSettings). No attention term:
+    (``qat.alpha``: 1.0 is pure KD) and loss terms (``qat.losses``: logit KD and every block's hidden-state
+    target by default; what each measured is by that setting, edgekd.profiles.QatSettings). No attention term:
     it needs the teacher's eager attention besides."""
     cfg = DistillConfig.from_settings(distill_settings, steps=qat_settings.steps, learning_rate=qat_settings.learning_rate)
     return replace(cfg, **loss_weights(qat_settings.losses), alpha=qat_settings.alpha)
