@@ -9,9 +9,9 @@ hidden-state target), the heaviest training stage of a default run: the plain re
 profiles' default (the teacher's final hidden states from the cache for the logits, the teacher's
 pass for its block outputs with its linears in bf16, and what the default 3 GB target turns on:
 activation checkpointing and bf16 AdamW moments); with every saving the hard limit adds before
-splitting the batch (round trips recomputed; bf16 gradients lower no QAT peak, so none are counted); logit KD alone (``qat.losses:
-{logit_kl: 1.0}``: the teacher leaves memory but for its head) with the default's savings; and on a
-GPU (the default's parts without the host process).
+splitting the batch (round trips recomputed; bf16 gradients lower no QAT peak, so none are
+counted); logit KD alone (``qat.losses: {logit_kl: 1.0}``: the teacher leaves memory but for its
+head) with the default's savings; and on a GPU (the default's parts without the host process).
 The prediction is checked against measured peaks by memory_fit.py (135M and Qwen3-0.6B shapes).
 Writes ``results/memory_table.json`` and prints a Markdown table.
 """

@@ -269,7 +269,7 @@ class QatSettings(_Strict):
     # the loss terms of a QAT-KD step, as distill.losses (no attention term). Logit KD and every block's hidden-state
     # target at weight 30 (FitNets' term; block-wise reconstruction, BRECQ / EfficientQAT): held-out KL 3-5% lower than
     # logit KD alone in three side-by-side runs, the whole default run's GGUF included, for a teacher pass in every step
-    # (+16% step time, +180 MB peak on the default teacher). {logit_kl: 1.0} is the faster step
+    # (+16% step time, +184 MiB peak on the default teacher). {logit_kl: 1.0} is the faster step
     # (benchmarks/RESULTS.md, "Hidden-state targets in QAT")
     losses: dict[Literal["logit_kl", "hidden_mse", "hidden_cos"], float] = Field(
         default_factory=lambda: {"logit_kl": 1.0, "hidden_mse": 30.0})

@@ -55,8 +55,9 @@ def test_end_to_end_tiny(tmp_path, tiny_model_dir, small_corpus_file, tiny_profi
 
 
 def test_qat_hidden_state_term_on_a_pruned_student(tmp_path, tiny_model_dir, small_corpus_file, tiny_profile_overrides):
-    """qat.losses' hidden-state term (the default, set here explicitly): the pruned student's blocks are matched to the teacher blocks
-    they were kept from (the prune stage's layer map), and the stage records the term it trained with."""
+    """qat.losses' hidden-state term (the default, set here explicitly): the pruned student's blocks are
+    matched to the teacher blocks they were kept from (the prune stage's layer map), and the stage
+    records the term it trained with."""
     run(tmp_path, tiny_model_dir, small_corpus_file,
         [*tiny_profile_overrides, "compression.qat.losses={logit_kl: 1.0, hidden_mse: 30.0}"])
     data = json.loads((tmp_path / "tiny" / "report.json").read_text())
