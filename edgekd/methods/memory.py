@@ -270,7 +270,8 @@ def _savings_ladder(cfg: Any, quantized: bool = False) -> Iterator[Any]:
     if quantized and not cfg.recompute_round_trips:  # each block's round trips made again in backward (~10% of a QAT step)
         cfg = replace(cfg, recompute_round_trips=True)
         yield cfg
-    if cfg.gradient_dtype != "bf16" and cfg.precision == "bf16" and cfg.grad_accum == 1 and not cfg.on_policy_share:
+    # bf16 gradients: not for QAT, whose peak they do not lower (estimate_training_memory)
+    if not quantized and cfg.gradient_dtype != "bf16" and cfg.precision == "bf16" and cfg.grad_accum == 1 and not cfg.on_policy_share:
         cfg = replace(cfg, gradient_dtype="bf16")
         yield cfg
     while cfg.batch_size > 1:
