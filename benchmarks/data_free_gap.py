@@ -16,7 +16,8 @@ each for the same wall time of training (the sampling is not counted), then meas
 logit-only recipe) on the same samples, and ``--corpus-hidden 0,1`` the corpus rows likewise;
 ``--no-transplants`` leaves the transplants out; ``--cache`` gives the logit-only rows the teacher's
 final hidden states from a cache, as the pipeline's QAT stage has them (its build not timed in the row),
-so they run no teacher pass; ``--samples ""``: corpus rows only.
+so they run no teacher pass; ``--samples ""``: corpus rows only; ``--precision fp32``: the forward passes
+in fp32, as ``precision: auto`` runs them on a CPU without native bf16.
 """
 
 from __future__ import annotations
@@ -50,14 +51,18 @@ def main() -> int:
     ap.add_argument("--corpus-hidden", default="0", help="comma-separated hidden-state loss weights, one corpus row each (the first: the reference)")
     ap.add_argument("--no-transplants", action="store_true", help="skip the transplants (a row's KLs only)")
     ap.add_argument("--cache", action="store_true", help="logit-only rows read the teacher's final hidden states from a cache")
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="the forward passes' arithmetic (fp32: as on a CPU without native bf16)")
     ap.add_argument("--out", default="data_free_gap")
     args = ap.parse_args()
     torch.manual_seed(0)
     setup = default_setup()
+    setup.profile.compression.distill.precision = args.precision
     teacher, tok = setup.teacher.model, setup.teacher.tokenizer
     block_len = setup.profile.compression.data.block_len
     ood = license_blocks(tok, block_len)
-    result: dict = {"budget_min": args.budget_min, "tokens": args.tokens, "rows": [], "corpus_rows": []}
+    result: dict = {"budget_min": args.budget_min, "tokens": args.tokens, "precision": resolve_precision(args.precision),
+                    "rows": [], "corpus_rows": []}
     corpus = None
     for weight in (float(w) for w in args.corpus_hidden.split(",")):
         cache, cache_s = teacher_cache(setup, setup.train) if args.cache and weight == 0 else (None, None)
