@@ -268,8 +268,9 @@ class QatSettings(_Strict):
     alpha: float = Field(default=1.0, ge=0, le=1, description="weight of KD against cross-entropy in QAT")
     # the loss terms of a QAT-KD step, as distill.losses (no attention term). Logit KD and every block's hidden-state
     # target at weight 30 (FitNets' term; block-wise reconstruction, BRECQ / EfficientQAT): held-out KL 3-5% lower than
-    # logit KD alone in three side-by-side runs, the whole default run's GGUF included, for a teacher pass in every step
-    # (+16% step time, +184 MiB peak on the default teacher). {logit_kl: 1.0} is the faster step
+    # logit KD alone in four side-by-side runs (the whole default run's GGUF and an fp32 run on a CPU without bf16
+    # included), for a teacher pass in every step (+11-29% step time, +184 MiB peak on the default teacher).
+    # {logit_kl: 1.0} is the faster step
     # (benchmarks/RESULTS.md, "Hidden-state targets in QAT")
     losses: dict[Literal["logit_kl", "hidden_mse", "hidden_cos"], float] = Field(
         default_factory=lambda: {"logit_kl": 1.0, "hidden_mse": 30.0})
