@@ -227,6 +227,7 @@ def measure(model: str, steps: int, memory_gb: float | None, out: Path, force: l
     from edgekd.methods.distill import DistillConfig, plan_memory, run_distillation
     from edgekd.methods.memory import predict_export_peak
     from edgekd.methods.qat_kd import qat_config, qat_kd
+    from edgekd.methods.step_losses import reads_teacher_cache
     from edgekd.pipeline.peak_memory import peak_memory, release_freed_memory
 
     sampler = PhaseSampler()
@@ -252,18 +253,28 @@ def measure(model: str, steps: int, memory_gb: float | None, out: Path, force: l
     rows += inference_stages(teacher, student, train, calib, heldout, layer_map, sensitivity, prof, memory_gb)
     if inference_only:
         return {**stopped_early, "process_peak_mb": max(r["peak_mb"] for r in rows)}
-    if prof.compression.distill.logit_cache is not None:  # only the blocks the steps read: a cache of them all takes long here
-        train = train[:steps * prof.compression.distill.batch_size]
-    cache = teacher_logit_cache(teacher, train, prof, out, rows)
     cfg = DistillConfig.from_settings(prof.compression.distill, steps=steps)
     cfg.checkpoint_every = 10**6
     forced(cfg, force)
+    qcfg = qat_config(prof.compression.distill, prof.compression.qat)
+    qcfg.steps, qcfg.checkpoint_every = steps, 10**6
+    forced(qcfg, force)
+    spec = prof.compression.distill.logit_cache
+    if spec is not None and not any(reads_teacher_cache(c, spec.kind) for c in (cfg, qcfg)):
+        prof.compression.distill.logit_cache = None  # no step would read it: the pipeline builds none either
+    if prof.compression.distill.logit_cache is not None:  # only the blocks the steps read: a cache of them all takes long here
+        train = train[:steps * prof.compression.distill.batch_size]
+    cache = teacher_logit_cache(teacher, train, prof, out, rows)
+
+    def read_by(step_cfg):  # the cache where a stage's steps read it, as edgekd.stages.distill.cached_teacher gives it
+        return cache if cache is not None and reads_teacher_cache(step_cfg, cache.kind) else None
+
     release_freed_memory()
-    fitted, memory = plan_memory(student, teacher, cfg, train.shape[1], cache, memory_gb)
+    fitted, memory = plan_memory(student, teacher, cfg, train.shape[1], read_by(cfg), memory_gb)
     t0 = time.perf_counter()
     with peak_memory() as pm, phased:
         outcome, memory = run_distillation(student, teacher, train, fitted, layer_map, "distilling", memory=memory,
-                                           logit_cache=cache)
+                                           logit_cache=read_by(cfg))
     rows.append(stage_row("distill", pm, memory.total / 2**20, time.perf_counter() - t0, settings=memory.settings(),
                           step_s=[round(h["step_s"], 2) for h in outcome.history],
                           parts_mb={k: round(v / 2**20, 1) for k, v in memory.parts.items()},
@@ -273,13 +284,11 @@ def measure(model: str, steps: int, memory_gb: float | None, out: Path, force: l
     # QAT on the full-depth student, as the default run does (its planner keeps all 30 blocks)
     student, layer_map = (copy.deepcopy(teacher), None) if model == "default" else (setup_student(teacher), QWEN3_KEEP)
     plan = FormatPlan.uniform("q4_0")
-    qcfg = qat_config(prof.compression.distill, prof.compression.qat)
-    qcfg.steps, qcfg.checkpoint_every = steps, 10**6
-    forced(qcfg, force)
     release_freed_memory()
     t0 = time.perf_counter()
     with peak_memory() as pm, phased:
-        result = qat_kd(student, teacher, train, calib, plan, qcfg, layer_map=layer_map, memory_gb=memory_gb, logit_cache=cache)
+        result = qat_kd(student, teacher, train, calib, plan, qcfg, layer_map=layer_map, memory_gb=memory_gb,
+                        logit_cache=read_by(qcfg))
     rows.append(stage_row("qat", pm, result.memory.total / 2**20, time.perf_counter() - t0, settings=result.memory.settings(),
                           step_s=[round(h["step_s"], 2) for h in result.outcome.history],
                           parts_mb={k: round(v / 2**20, 1) for k, v in result.memory.parts.items()},

@@ -38,6 +38,31 @@ def test_every_builtin_profile_loads_and_plans(name):
     assert stages[0] == "load_teacher" and "evaluate_teacher" in stages
 
 
+def test_a_teacher_cache_is_built_only_for_steps_that_read_it():
+    """The shipped profiles ask for a hidden-state cache (the teacher's final hidden states). It spares
+    the teacher's pass only in a logit-only step; with the profiles' loss terms every step runs the
+    teacher for hidden-state targets, so no cache is planned, and turning QAT's hidden-state term off
+    brings it back, for QAT alone. A logit cache stands in for the teacher's logits whatever the terms."""
+    from edgekd.methods.distill import DistillConfig
+    from edgekd.methods.step_losses import reads_teacher_cache
+    from edgekd.stages.distill import cache_readers
+
+    prof = load_profile("raspberry-pi-5")
+    assert prof.compression.distill.logit_cache.kind == "hidden"
+    assert cache_readers(prof) == {} and "teacher_logits" not in plan_stages(prof)
+    logit_only_qat = load_profile("raspberry-pi-5", ["compression.qat.losses={logit_kl: 1.0}"])
+    assert cache_readers(logit_only_qat) == {"qat": prof.compression.qat.steps}
+    assert plan_stages(logit_only_qat).index("teacher_logits") < plan_stages(logit_only_qat).index("qat")
+    sampled = load_profile("raspberry-pi-5", ["compression.distill.logit_cache={kind: sample, k: 8}"])
+    assert cache_readers(sampled) == {"distill": prof.compression.distill.steps, "qat": prof.compression.qat.steps}
+    cfg = DistillConfig.from_settings(prof.compression.distill)
+    assert not reads_teacher_cache(cfg, "hidden") and reads_teacher_cache(cfg, "topk")
+    cfg.w_hidden = cfg.w_attention = 0.0
+    assert reads_teacher_cache(cfg, "hidden")
+    cfg.alpha = 0.0  # cross-entropy alone: no teacher targets at all
+    assert not reads_teacher_cache(cfg, "hidden") and not reads_teacher_cache(cfg, "sample")
+
+
 @pytest.mark.parametrize("name", ["phone", "laptop"])
 def test_battery_devices_have_battery(name):
     assert load_profile(name).hardware.battery_wh > 0

@@ -28,6 +28,15 @@ def needed_terms(cfg: Any) -> tuple[bool, bool, bool]:
     return logits, cfg.w_hidden > 0, cfg.w_attention > 0
 
 
+def reads_teacher_cache(cfg: Any, kind: str) -> bool:
+    """Whether a step with ``cfg``'s loss terms takes teacher targets from a cache of ``kind``. A logit
+    cache ("sample", "topk") stands in for the teacher's logits. A hidden-state cache ("hidden") holds the
+    teacher's final hidden states, which spare the teacher's pass only to a step that needs nothing else
+    of it: hidden-state and attention terms run the teacher, and that pass computes those states anyway."""
+    logits, hidden, attention = needed_terms(cfg)
+    return logits and (kind != "hidden" or not (hidden or attention))
+
+
 def _hidden_pairs(s_out: Any, t_out: Any, layer_map: list[int], teacher: Any) -> tuple[list, list]:
     """Student block outputs and the outputs of the teacher blocks they map to.
 

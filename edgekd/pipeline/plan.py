@@ -11,6 +11,7 @@ ALWAYS_RUN = {"load_teacher", "load_corpus"}  # cheap, and their objects live in
 def plan_stages(profile: DeviceProfile, data_free: bool = False) -> list[str]:
     """The stages edgekd runs for ``profile``, in order; ``data_free``: ``--data teacher``, the
     teacher's samples are the corpus."""
+    from ..stages.distill import cache_readers
     from ..stages.plan import needs_planner
 
     stages = ["load_teacher", "load_corpus"]
@@ -23,7 +24,7 @@ def plan_stages(profile: DeviceProfile, data_free: bool = False) -> list[str]:
     if comp.prune.method != "none":
         stages += ["score_blocks", "prune"]
     distills = comp.distill.steps > 0 and comp.prune.method != "none"
-    if comp.distill.logit_cache is not None and (distills or comp.qat.steps > 0):
+    if cache_readers(profile):  # a teacher cache that some step reads
         stages += ["teacher_logits"]
     if distills:
         stages += ["distill", "evaluate_student"]

@@ -44,24 +44,45 @@ def teacher_logits(ctx: RunContext) -> StageRecord:
                        artifacts={"teacher cache": CACHE_DIR})
 
 
+def cache_readers(profile: Any) -> dict[str, int]:
+    """The training stages whose steps would read the profile's teacher cache, with their planned
+    steps; empty when the profile asks for none or no step would read it (then none is built: the
+    shipped profiles' hidden-state cache serves only a logit-only step, and their distillation and
+    QAT-KD steps match hidden states too, so they run the teacher)."""
+    from ..methods.distill import DistillConfig
+    from ..methods.qat_kd import qat_config
+    from ..methods.step_losses import reads_teacher_cache
+
+    comp = profile.compression
+    if comp.distill.logit_cache is None:
+        return {}
+    kind, readers = comp.distill.logit_cache.kind, {}
+    if comp.prune.method != "none" and comp.distill.steps > 0 and reads_teacher_cache(DistillConfig.from_settings(comp.distill), kind):
+        readers["distill"] = comp.distill.steps
+    if comp.qat.steps > 0 and reads_teacher_cache(qat_config(comp.distill, comp.qat), kind):
+        readers["qat"] = comp.qat.steps
+    return readers
+
+
 def cache_rows(ctx: RunContext) -> Any:
-    """The training blocks the run's planned distillation and QAT-KD steps read: a hidden-state
-    cache holds these (never more teacher passes than the live teacher would make)."""
+    """The training blocks the planned steps that read the cache take: a hidden-state cache holds
+    these (never more teacher passes than the live teacher would make)."""
     from ..methods.distill import DistillConfig
     from ..methods.logit_cache import blocks_read
 
     comp = ctx.profile.compression
-    distills = comp.distill.steps if comp.prune.method != "none" else 0
-    return blocks_read(ctx.mixture(), DistillConfig.from_settings(comp.distill), max(distills, comp.qat.steps))
+    return blocks_read(ctx.mixture(), DistillConfig.from_settings(comp.distill), max(cache_readers(ctx.profile).values(), default=0))
 
 
-def cached_teacher(ctx: RunContext) -> Any:
-    """The teacher cache of this run (logits or final hidden states), or None when the profile asks for the live teacher."""
+def cached_teacher(ctx: RunContext, cfg: Any) -> Any:
+    """The teacher cache of this run (logits or final hidden states) for a step with ``cfg``'s loss
+    terms, or None: the profile asks for the live teacher, or this step does not read the cache."""
     from ..methods import logit_cache
     from ..methods.precision import resolve_precision
+    from ..methods.step_losses import reads_teacher_cache
 
     ds = ctx.profile.compression.distill
-    if ds.logit_cache is None:
+    if ds.logit_cache is None or not reads_teacher_cache(cfg, ds.logit_cache.kind):
         return None
     return logit_cache.load(ctx.run.path(CACHE_DIR), ds.logit_cache.k, ds.temperature, ctx.training_blocks(), ds.logit_cache.kind,
                             resolve_precision(ds.precision), rows=cache_rows(ctx) if ds.logit_cache.kind == "hidden" else None)
@@ -137,7 +158,7 @@ def distill(ctx: RunContext) -> StageRecord:
         _save_student(ctx, student.model)
         return StageRecord("distill", settings={"steps": 0}, metrics={"skipped": "nothing was pruned; the student equals the teacher"},
                            artifacts=artifacts)
-    cache = cached_teacher(ctx)
+    cache = cached_teacher(ctx, cfg)
     compression = ctx.profile.compression
     train, mixture = ctx.training_blocks(), ctx.mixture()
     cfg.on_policy_share = mixture.on_policy_share
@@ -157,7 +178,7 @@ def distill(ctx: RunContext) -> StageRecord:
     return StageRecord(
         "distill", settings={**asdict(cfg), **mixture_settings(mixture, cfg), **({"time_budget": fitted} if fitted else {})},
         metrics={**outcome.summary(), **memory_metrics(memory),
-                 "logit_cache": ctx.profile.compression.distill.logit_cache is not None,
+                 "logit_cache": cache is not None,
                  "live_targets_if_cached_bytes_per_token": live_target_bytes_per_token(teacher_cfg, ctx.corpus.block_len)},
         artifacts={**artifacts, "loss curves": "distill/loss.png"},
     )

@@ -48,7 +48,7 @@ def qat(ctx: RunContext) -> StageRecord:
 
     result = qat_kd(student.model, ctx.teacher.model, ctx.training_blocks(), ctx.calibration_blocks(), plan, cfg,
                     clip_search=qs.clip_search and not exact, learn_clip=qs.learn_clip, layer_map=student.layer_map,
-                    run_dir=ctx.run.path("qat"), reporter=ctx.reporter, logit_cache=cached_teacher(ctx),
+                    run_dir=ctx.run.path("qat"), reporter=ctx.reporter, logit_cache=cached_teacher(ctx, cfg),
                     fit_steps=fit if ctx.time_budget is not None else None,
                     deadline=ctx.time_budget.deadline() if ctx.time_budget is not None else None,
                     memory_gb=ctx.profile.compression.memory_gb, memory_target_gb=ctx.profile.compression.memory_target_gb,
