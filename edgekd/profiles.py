@@ -226,7 +226,8 @@ class LogitCacheSettings(_Strict):
     """The teacher's targets computed once per training position instead of live every step."""
 
     # entries per position: k draws from the teacher ("sample", unbiased KL) or its k most likely tokens ("topk");
-    # "hidden": the teacher's final hidden states, exact targets (its head runs in the step), no k
+    # "hidden": the teacher's final hidden states, exact targets (its head runs in the step), no k; read only by
+    # logit-only steps (edgekd.methods.step_losses.reads_teacher_cache), and not built when no step is one
     k: int | None = Field(default=None, gt=0)
     kind: Literal["sample", "topk", "hidden"] = "sample"
 
