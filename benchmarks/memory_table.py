@@ -6,12 +6,12 @@ For each architecture (config shapes as in profile_fit.py; models built on torch
 nothing is allocated), the predicted peak of one QAT-KD step of the full-depth student with the
 Pi 5 profile's recipe (batch 4 x 256 tokens, bf16 forward passes, logit KD and every block's
 hidden-state target), the heaviest training stage of a default run: the plain recipe; the shipped
-profiles' default (the teacher's final hidden states from the cache for the logits, the teacher's
-pass for its block outputs with its linears in bf16, and what the default 3 GB target turns on:
-activation checkpointing and bf16 AdamW moments); with every saving the hard limit adds before
-splitting the batch (round trips recomputed; bf16 gradients lower no QAT peak, so none are
-counted); logit KD alone (``qat.losses: {logit_kl: 1.0}``: the teacher leaves memory but for its
-head) with the default's savings; and on a GPU (the default's parts without the host process).
+profiles' default (the teacher's pass for its block outputs and logits, its linears in bf16, and
+what the default 3 GB target turns on: activation checkpointing and bf16 AdamW moments); with every
+saving the hard limit adds before splitting the batch (round trips recomputed; bf16 gradients lower
+no QAT peak, so none are counted); logit KD alone (``qat.losses: {logit_kl: 1.0}``: the teacher's
+final hidden states from the profile's cache, the teacher out of memory but for its head) with the
+default's savings; and on a GPU (the default's parts without the host process).
 The prediction is checked against measured peaks by memory_fit.py (135M and Qwen3-0.6B shapes).
 Writes ``results/memory_table.json`` and prints a Markdown table.
 """
@@ -45,6 +45,7 @@ def main() -> int:
     from edgekd.methods.memory import estimate_training_memory
     from edgekd.methods.qat import fake_quantized_params
     from edgekd.methods.qat_kd import qat_config
+    from edgekd.methods.step_losses import reads_teacher_cache
 
     prof = edgekd.load_profile(PROFILE)
     rows = []
@@ -56,10 +57,11 @@ def main() -> int:
         saving = {"gradient_checkpointing": True, "optimizer_state": "bf16"}
         every = {**saving, "recompute_round_trips": True}
         logit_only = prof.compression.qat.model_copy(update={"losses": {"logit_kl": 1.0}})
-        for label, settings, cached, qat in (("plain", {}, False, prof.compression.qat), ("default", saving, "hidden", prof.compression.qat),
-                                             ("every_saving", every, "hidden", prof.compression.qat),
-                                             ("logit_only", saving, "hidden", logit_only)):
+        for label, settings, cache, qat in (("plain", {}, None, prof.compression.qat), ("default", saving, "hidden", prof.compression.qat),
+                                            ("every_saving", every, "hidden", prof.compression.qat),
+                                            ("logit_only", saving, "hidden", logit_only)):
             cfg = qat_config(prof.compression.distill, qat)
+            cached = cache if cache and reads_teacher_cache(cfg, cache) else False  # as the pipeline hands it (stages.distill.cached_teacher)
             cfg.precision = "bf16"
             for k, v in settings.items():
                 setattr(cfg, k, v)
