@@ -106,14 +106,14 @@ def test_weights_already_on_a_formats_grid_cost_nothing_and_run_no_forward_pass(
 
 
 def test_a_time_share_measures_on_as_many_batches_as_fit(tiny):
-    """With ``seconds``, one timed measurement of the first batch decides how many batches of 4 blocks
-    the measurements use: none too many for the time given, never fewer than one."""
+    """With ``seconds``, passes timed on the first batch decide how many batches of 4 blocks the
+    measurements use: none too many for the time given, never fewer than one."""
     from edgekd.methods.sensitivity import batches_within, measure_sensitivity, measurements
 
-    assert batches_within(100.0, 10, 1.0, 4) == 4  # 10 s a batch: all 4 fit
-    assert batches_within(25.0, 10, 1.0, 4) == 2
-    assert batches_within(5.0, 10, 1.0, 4) == 1  # not even one fits: one, the least a measurement needs
-    assert batches_within(5.0, 10, 0.0, 4) == 4
+    assert batches_within(100.0, 10.0, 4) == 4  # 10 s a batch: all 4 fit
+    assert batches_within(25.0, 10.0, 4) == 2
+    assert batches_within(5.0, 10.0, 4) == 1  # not even one fits: one, the least a measurement needs
+    assert batches_within(5.0, 0.0, 4) == 4
     blocks = np.random.default_rng(4).integers(0, 128, size=(8, 32))
     formats = ["q4_0", "q8_0"]
     short = measure_sensitivity(tiny, blocks, formats, seconds=1e-6)
@@ -162,6 +162,33 @@ def test_skipped_blocks_replay_the_teachers_earlier_blocks_and_cost_the_same(tin
     # per batch: the teacher's pass (3 blocks), block 0 skipped (3: computed, then passed over), 1 (block 2), 2 (none)
     assert len(computed) == 2 * (3 + 3 + 1 + 0)
     assert all(kl > 0 for kl in s.blocks) and "forward" not in vars(decoder_layers(tiny)[0])
+
+
+def test_the_batch_projection_counts_the_blocks_a_batch_of_measurements_computes(tiny):
+    """The projection prices a batch as the decoder blocks its measurements run: a full pass for each
+    format, width and the first skipped block, only the blocks after it for every other skip, and the
+    head for each; the channel importance pass runs once per batch besides, outside the batches fitted."""
+    from edgekd.methods import sensitivity as sens
+    from edgekd.methods.prune import decoder_layers
+
+    p = sens.BatchProjection(full_s=2.0, tail_s=0.5, layers=4, full_passes=3, replayed_blocks=3, measures_widths=True)
+    assert (p.block_s, p.batch_s, p.importance_s(2)) == (0.375, 3 * 2.0 + 3 * 0.5 + 3 * 0.375, 2 * 4 * 0.375)
+    assert sens.BatchProjection(2.0, 0.5, 4, 3, 3).importance_s(2) == 0.0  # no widths measured: no importance pass
+
+    blocks = np.random.default_rng(6).integers(0, 128, size=(4, 32))  # one batch
+    formats = ["q4_0", "q8_0"]
+    projection = sens.project_batch_seconds(tiny, sens._KLMeter(tiny, blocks, batches=1), formats, (0.5,))
+    layers = len(decoder_layers(tiny))
+    computed = []
+    handles = [layer.self_attn.register_forward_hook(lambda *_: computed.append(1)) for layer in decoder_layers(tiny)]
+    try:
+        sens.measure_sensitivity(tiny, blocks, formats, (0.5,))
+    finally:
+        for h in handles:
+            h.remove()
+    # besides the batch's measurements: the teacher's own pass and the channel importance pass
+    assert len(computed) - 2 * layers == projection.full_passes * layers + projection.replayed_blocks
+    assert projection.full_passes == sens.measurements(tiny, formats, (0.5,)) - layers + 1
 
 
 def test_a_replayed_block_gets_back_a_forward_set_on_its_instance(tiny):

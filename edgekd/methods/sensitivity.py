@@ -53,6 +53,7 @@ class Sensitivity:
     seconds: float = 0.0
     calibration_blocks: int = 0  # the blocks measured on (fewer than given where a time budget's share fitted them)
     round_trips_s: float | None = None  # with a time budget: the formats' round trips, a PROJECTION (round_trip_seconds)
+    batch_s: float | None = None  # with a time budget: one batch's measurements, a PROJECTION (project_batch_seconds)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -182,20 +183,18 @@ def measure_sensitivity(model: Any, blocks: np.ndarray, candidates: list[str], m
     """Every measurement of the module docstring, on ``blocks``, for the teacher ``model`` (left unchanged).
     ``keep_teacher_logprobs``: hold the teacher's log-probabilities (:func:`teacher_logprob_bytes`)
     instead of making them again for every measurement (the default run's stage: 265 s against 349 s).
-    ``seconds``: a time budget's share for the measurements; from one measurement of the first batch,
-    timed (the teacher itself, KL 0), only as many batches of ``blocks`` are used as the measurements
+    ``seconds``: a time budget's share for the measurements; from passes over the first batch, timed
+    (:func:`project_batch_seconds`), only as many batches of ``blocks`` are used as the measurements
     are projected to fit in it (at least one; :func:`batches_within`)."""
     t0 = time.perf_counter()
     meter = _KLMeter(model, blocks, keep_teacher_logprobs=keep_teacher_logprobs, batches=1 if seconds is not None else None)
     groups = _group_modules(model)
-    round_trips_s = None
+    round_trips_s = projection = None
     if seconds is not None:
-        t1 = time.perf_counter()
-        meter.kl(model)
-        batch_s = time.perf_counter() - t1
+        projection = project_batch_seconds(model, meter, candidates, mlp_fractions)
         round_trips_s = round_trip_seconds(groups, candidates)  # the same for any number of batches: out of the share first
-        meter.use(batches_within(seconds - round_trips_s, measurements(model, candidates, mlp_fractions), batch_s,
-                                 len(meter.available)))
+        fixed_s = round_trips_s + projection.importance_s(len(meter.available))
+        meter.use(batches_within(seconds - fixed_s, projection.batch_s, len(meter.available)))
     formats: dict[str, dict[str, float]] = {}
     for group, modules in groups.items():
         # the tensors themselves, not copies: round trips are new tensors, and a copy would move a
@@ -238,7 +237,60 @@ def measure_sensitivity(model: Any, blocks: np.ndarray, candidates: list[str], m
             if progress:
                 progress(1)
     return Sensitivity(meter.tokens, formats, skipped, width, time.perf_counter() - t0, sum(len(ids) for ids in meter.batches),
-                       round_trips_s)
+                       round_trips_s, projection.batch_s if projection is not None else None)
+
+
+@dataclass(frozen=True)
+class BatchProjection:
+    """What one calibration batch's measurements take, a PROJECTION from passes timed on the first batch.
+
+    A format or width measurement is a full pass; skipping block i (``replayed``) computes only the
+    blocks after it, so the block measurements cost about half the passes they number: counting each
+    as a full pass, and timing a single cold pass, made a 45-minute run measure on 4 of its 8 blocks
+    in one run and all 8 in the next on the same host (benchmarks/RESULTS.md, "The planner's
+    measurements under a short time budget")."""
+
+    full_s: float  # a full forward pass with its KL: the faster of two (the first warms up)
+    tail_s: float  # the final norm, the head and the KL alone: a pass with every block replayed
+    layers: int
+    full_passes: int  # formats, MLP widths and the first skipped block (whose hook runs after the block)
+    replayed_blocks: int  # the decoder blocks the replayed skips compute, summed over them
+    measures_widths: bool = False  # then the MLP channel importance pass runs too, on every available batch
+
+    @property
+    def block_s(self) -> float:
+        return max(self.full_s - self.tail_s, 0.0) / self.layers
+
+    @property
+    def batch_s(self) -> float:
+        return self.full_passes * self.full_s + (self.layers - 1) * self.tail_s + self.replayed_blocks * self.block_s
+
+    def importance_s(self, batches: int) -> float:
+        """The MLP channel importance pass (:func:`edgekd.methods.prune.mlp_channel_importance`, every block,
+        no logits) over ``batches`` batches: the same for any number of measured batches."""
+        return batches * self.layers * self.block_s if self.measures_widths else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "block_s": self.block_s, "batch_s": self.batch_s}
+
+
+@torch.no_grad()
+def project_batch_seconds(model: Any, meter: _KLMeter, candidates: list[str], mlp_fractions: tuple[float, ...] = ()) -> BatchProjection:
+    """Time the teacher's full pass twice and its head alone once on the meter's first batch (each a
+    measurement of the teacher itself, KL 0) and project one batch's measurements from them."""
+    runs = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        meter.kl(model)
+        runs.append(time.perf_counter() - t0)
+    layers = decoder_layers(model)
+    t0 = time.perf_counter()
+    meter.kl(model, replay=lambda b: replayed(layers, meter.block_outputs[b]))
+    tail_s = time.perf_counter() - t0
+    formats = sum(len(_fitting(candidates, mods)) for mods in _group_modules(model).values())
+    n = len(layers)
+    return BatchProjection(full_s=min(runs), tail_s=tail_s, layers=n, full_passes=formats + len(mlp_fractions) + 1,
+                           replayed_blocks=(n - 1) * (n - 2) // 2, measures_widths=bool(mlp_fractions))
 
 
 ROUND_TRIP_PROBE_WEIGHTS = 1 << 18  # weights of the slice each format's round trip is timed on
@@ -294,12 +346,11 @@ def sensitivity_layout(model: Any, blocks: np.ndarray, memory_gb: float | None, 
     return (True, kept) if kept <= allowed else (False, predict_sensitivity_peak(model, blocks))
 
 
-def batches_within(seconds: float, count: int, batch_s: float, available: int) -> int:
-    """How many calibration batches ``count`` measurements fit in ``seconds`` (at least 1, at most
-    ``available``), a measurement taking ``batch_s`` a batch (a PROJECTION from one timed measurement;
-    the formats' round trips take their own time besides, the same for any number of batches)."""
-    per_batch = count * batch_s
-    return max(1, min(available, int(seconds // per_batch) if per_batch > 0 else available))
+def batches_within(seconds: float, batch_s: float, available: int) -> int:
+    """How many calibration batches fit in ``seconds`` (at least 1, at most ``available``), a batch's
+    measurements taking ``batch_s`` (a PROJECTION, :func:`project_batch_seconds`; the formats' round
+    trips take their own time besides, the same for any number of batches)."""
+    return max(1, min(available, int(seconds // batch_s) if batch_s > 0 else available))
 
 
 def _fitting(candidates: list[str], modules: list[Any]) -> list[str]:
