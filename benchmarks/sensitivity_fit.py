@@ -75,14 +75,15 @@ def main() -> int:
         "measured_kl_s": kl_s, "measured_other_s": wall - kl_s, "projected_importance_s": fixed_new, "measured_batch_s": measured_batch_s, "stage_wall_s": wall, "stage_seconds": result.seconds,
         "round_trips_s_projected": round_trips,
         "measured_by_kind_s": {kind: sum(t for k, t in timings if k == kind) for kind in ("full", "replay")},
-        "kl_evaluations": len(timings),
+        "kl_evaluations": len(timings), "kl_evaluations_s": timings,
         "share_s": args.seconds,
         "batches_chosen": {"old": sens.batches_within(allowance, old_batch_s, batches),
                            "new": sens.batches_within(allowance - fixed_new, projection.batch_s, batches),
                            "from_measured": sens.batches_within(allowance - (wall - kl_s - round_trips), measured_batch_s, batches)},
     }
     for k, v in row.items():
-        print(f"{k}: {v}")
+        if k != "kl_evaluations_s":
+            print(f"{k}: {v}")
     write_result(args.out, row)
     return 0
 

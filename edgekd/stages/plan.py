@@ -64,6 +64,7 @@ def sensitivity(ctx: RunContext) -> StageRecord:
                        metrics={"tokens": result.tokens, "seconds": round(result.seconds, 1), "calibration_blocks": result.calibration_blocks,
                                 "seconds_allowed": round(seconds, 1) if seconds is not None else None,
                                 "round_trips_s_projected": round(result.round_trips_s, 1) if result.round_trips_s is not None else None,
+                                "batch_s_projected": round(result.batch_s, 1) if result.batch_s is not None else None,
                                 "formats": result.formats,
                                 "block_kl": result.blocks, "cheapest_blocks": cheapest, "mlp_width_kl": result.mlp_width,
                                 "teacher_logprobs_kept": keep_logprobs, "predicted_peak_rss_mb": round(predicted / 2**20, 1)},
