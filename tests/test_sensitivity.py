@@ -165,9 +165,9 @@ def test_skipped_blocks_replay_the_teachers_earlier_blocks_and_cost_the_same(tin
 
 
 def test_the_batch_projection_counts_the_blocks_a_batch_of_measurements_computes(tiny):
-    """The projection prices a batch as the decoder blocks its measurements run: a full pass for each
-    format, width and the first skipped block, only the blocks after it for every other skip, and the
-    head for each; the channel importance pass runs once per batch besides, outside the batches fitted."""
+    """The projection prices a batch as the decoder blocks it runs: a full pass for the teacher's own and
+    for each format, width and the first skipped block, only the blocks after it for every other skip,
+    and the head for each; the channel importance pass runs on every batch besides, fitted or not."""
     from edgekd.methods import sensitivity as sens
     from edgekd.methods.prune import decoder_layers
 
@@ -186,9 +186,9 @@ def test_the_batch_projection_counts_the_blocks_a_batch_of_measurements_computes
     finally:
         for h in handles:
             h.remove()
-    # besides the batch's measurements: the teacher's own pass and the channel importance pass
-    assert len(computed) - 2 * layers == projection.full_passes * layers + projection.replayed_blocks
-    assert projection.full_passes == sens.measurements(tiny, formats, (0.5,)) - layers + 1
+    # the batch's teacher pass and measurements, and the channel importance pass besides
+    assert len(computed) - layers == projection.full_passes * layers + projection.replayed_blocks
+    assert projection.full_passes == 1 + sens.measurements(tiny, formats, (0.5,)) - layers + 1
 
 
 def test_a_replayed_block_gets_back_a_forward_set_on_its_instance(tiny):

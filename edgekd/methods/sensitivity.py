@@ -244,16 +244,16 @@ def measure_sensitivity(model: Any, blocks: np.ndarray, candidates: list[str], m
 class BatchProjection:
     """What one calibration batch's measurements take, a PROJECTION from passes timed on the first batch.
 
-    A format or width measurement is a full pass; skipping block i (``replayed``) computes only the
-    blocks after it, so the block measurements cost about half the passes they number: counting each
-    as a full pass, and timing a single cold pass, made a 45-minute run measure on 4 of its 8 blocks
-    in one run and all 8 in the next on the same host (benchmarks/RESULTS.md, "The planner's
-    measurements under a short time budget")."""
+    The teacher's own pass (its hidden states and block outputs) and every format or width measurement
+    are full passes; skipping block i (``replayed``) computes only the blocks after it and the head, so
+    the block measurements cost about half the passes they number. Pricing every measurement at one
+    timed pass instead let the default run's choice swing between 4 and 8 calibration blocks on one
+    host (benchmarks/RESULTS.md, "The planner's measurements under a short time budget")."""
 
     full_s: float  # a full forward pass with its KL: the faster of two (the first warms up)
     tail_s: float  # the final norm, the head and the KL alone: a pass with every block replayed
     layers: int
-    full_passes: int  # formats, MLP widths and the first skipped block (whose hook runs after the block)
+    full_passes: int  # the teacher's own pass, formats, MLP widths, the first skipped block (its hook runs after it)
     replayed_blocks: int  # the decoder blocks the replayed skips compute, summed over them
     measures_widths: bool = False  # then the MLP channel importance pass runs too, on every available batch
 
@@ -289,7 +289,7 @@ def project_batch_seconds(model: Any, meter: _KLMeter, candidates: list[str], ml
     tail_s = time.perf_counter() - t0
     formats = sum(len(_fitting(candidates, mods)) for mods in _group_modules(model).values())
     n = len(layers)
-    return BatchProjection(full_s=min(runs), tail_s=tail_s, layers=n, full_passes=formats + len(mlp_fractions) + 1,
+    return BatchProjection(full_s=min(runs), tail_s=tail_s, layers=n, full_passes=1 + formats + len(mlp_fractions) + 1,
                            replayed_blocks=(n - 1) * (n - 2) // 2, measures_widths=bool(mlp_fractions))
 
 
