@@ -105,40 +105,45 @@ def test_weights_already_on_a_formats_grid_cost_nothing_and_run_no_forward_pass(
     assert len(passes) == 1 + 2 + len(linear_roles) + 3
 
 
-def test_a_time_share_measures_on_as_many_batches_as_fit(tiny):
-    """With ``seconds``, passes timed on the first batch decide how many batches of 4 blocks the
-    measurements use: none too many for the time given, never fewer than one."""
-    from edgekd.methods.sensitivity import batches_within, measure_sensitivity, measurements
-
-    assert batches_within(100.0, 10.0, 4) == 4  # 10 s a batch: all 4 fit
-    assert batches_within(25.0, 10.0, 4) == 2
-    assert batches_within(5.0, 10.0, 4) == 1  # not even one fits: one, the least a measurement needs
-    assert batches_within(5.0, 0.0, 4) == 4
-    blocks = np.random.default_rng(4).integers(0, 128, size=(8, 32))
-    formats = ["q4_0", "q8_0"]
-    short = measure_sensitivity(tiny, blocks, formats, seconds=1e-6)
-    assert (short.calibration_blocks, short.tokens) == (4, 4 * 31)
-    whole = measure_sensitivity(tiny, blocks, formats, seconds=1e6)
-    assert (whole.calibration_blocks, whole.tokens) == (8, 8 * 31)
-    plain = measure_sensitivity(tiny, blocks, formats)
-    assert (plain.formats, plain.blocks) == (whole.formats, whole.blocks)  # the timed first pass changes no number
-    assert measurements(tiny, formats) == 8 * 2 + 3
-    assert short.round_trips_s > 0 and plain.round_trips_s is None  # projected only where a budget needs it
-
-
-def test_the_formats_round_trips_come_out_of_the_time_share_first(tiny, monkeypatch):
-    """The round trips take the same time for any number of batches: a share they fill leaves one
-    batch however fast a measurement is; the projection counts the groups a format fits, and only them."""
+def test_a_time_share_measures_on_as_many_batches_as_fit(tiny, monkeypatch):
+    """With ``seconds``, the measurements are made a batch of 4 blocks at a time, and another batch only
+    while the last one's measured time still fits in what is left: never fewer than one batch, and the
+    costs bit for bit those of every batch measured at once."""
     from edgekd.methods import sensitivity as sens
 
-    groups = sens._group_modules(tiny)
-    assert sens.round_trip_seconds(groups, ["q4_k", "q6_k"]) == 0.0  # rows of 64: no K-quant fits a group of the tiny model
-    assert sens.round_trip_seconds(groups, ["q4_0"]) > 0 and sens.round_trip_seconds(groups, ["f32"]) == 0.0
     blocks = np.random.default_rng(4).integers(0, 128, size=(8, 32))
-    assert sens.measure_sensitivity(tiny, blocks, ["q4_0"], seconds=1e6).calibration_blocks == 8
-    monkeypatch.setattr(sens, "round_trip_seconds", lambda groups, candidates: 1e6)
-    fenced = sens.measure_sensitivity(tiny, blocks, ["q4_0"], seconds=1e6)
-    assert (fenced.calibration_blocks, fenced.round_trips_s) == (4, 1e6)
+    formats = ["q4_0", "q8_0"]
+    short = sens.measure_sensitivity(tiny, blocks, formats, (0.5,), seconds=1e-6)
+    assert (short.calibration_blocks, short.tokens, len(short.batch_seconds)) == (4, 4 * 31, 1)
+    whole = sens.measure_sensitivity(tiny, blocks, formats, (0.5,), seconds=1e6)
+    assert (whole.calibration_blocks, whole.tokens, len(whole.batch_seconds)) == (8, 8 * 31, 2)
+    plain = sens.measure_sensitivity(tiny, blocks, formats, (0.5,))
+    assert (plain.formats, plain.blocks, plain.mlp_width) == (whole.formats, whole.blocks, whole.mlp_width)
+    assert plain.batch_seconds is None and sens.measurements(tiny, formats) == 8 * 2 + 3
+
+    # a clock on which a batch of measurements takes 10 s and nothing else takes any time
+    clock = [0.0]
+    measure = sens._kl_sums
+
+    def ten_seconds(*args, **kwargs):
+        clock[0] += 10.0
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(sens, "_now", lambda: clock[0])
+    monkeypatch.setattr(sens, "_kl_sums", ten_seconds)
+    twelve = np.random.default_rng(5).integers(0, 128, size=(12, 32))  # three batches
+    for seconds, used in ((19.9, 4), (20.0, 8), (29.9, 8), (30.0, 12), (1e6, 12)):
+        s = sens.measure_sensitivity(tiny, twelve, formats, seconds=seconds)
+        assert (s.calibration_blocks, s.batch_seconds) == (used, [10.0] * (used // 4)), seconds
+
+
+def test_a_sensitivity_record_of_an_earlier_version_still_loads():
+    """A run directory's ``plan/sensitivity.json`` written before a field was dropped resumes."""
+    from edgekd.methods.sensitivity import Sensitivity
+
+    old = {"tokens": 124, "formats": {"embedding": {"q4_0": 0.1}}, "blocks": [0.5], "mlp_width": {}, "seconds": 3.0,
+           "calibration_blocks": 4, "round_trips_s": 1.5}
+    assert Sensitivity.from_dict(old) == Sensitivity(124, {"embedding": {"q4_0": 0.1}}, [0.5], {}, 3.0, 4)
 
 
 def test_skipped_blocks_replay_the_teachers_earlier_blocks_and_cost_the_same(tiny):
@@ -162,33 +167,6 @@ def test_skipped_blocks_replay_the_teachers_earlier_blocks_and_cost_the_same(tin
     # per batch: the teacher's pass (3 blocks), block 0 skipped (3: computed, then passed over), 1 (block 2), 2 (none)
     assert len(computed) == 2 * (3 + 3 + 1 + 0)
     assert all(kl > 0 for kl in s.blocks) and "forward" not in vars(decoder_layers(tiny)[0])
-
-
-def test_the_batch_projection_counts_the_blocks_a_batch_of_measurements_computes(tiny):
-    """The projection prices a batch as the decoder blocks it runs: a full pass for the teacher's own and
-    for each format, width and the first skipped block, only the blocks after it for every other skip,
-    and the head for each; the channel importance pass runs on every batch besides, fitted or not."""
-    from edgekd.methods import sensitivity as sens
-    from edgekd.methods.prune import decoder_layers
-
-    p = sens.BatchProjection(full_s=2.0, tail_s=0.5, layers=4, full_passes=3, replayed_blocks=3, measures_widths=True)
-    assert (p.block_s, p.batch_s, p.importance_s(2)) == (0.375, 3 * 2.0 + 3 * 0.5 + 3 * 0.375, 2 * 4 * 0.375)
-    assert sens.BatchProjection(2.0, 0.5, 4, 3, 3).importance_s(2) == 0.0  # no widths measured: no importance pass
-
-    blocks = np.random.default_rng(6).integers(0, 128, size=(4, 32))  # one batch
-    formats = ["q4_0", "q8_0"]
-    projection = sens.project_batch_seconds(tiny, sens._KLMeter(tiny, blocks, batches=1), formats, (0.5,))
-    layers = len(decoder_layers(tiny))
-    computed = []
-    handles = [layer.self_attn.register_forward_hook(lambda *_: computed.append(1)) for layer in decoder_layers(tiny)]
-    try:
-        sens.measure_sensitivity(tiny, blocks, formats, (0.5,))
-    finally:
-        for h in handles:
-            h.remove()
-    # the batch's teacher pass and measurements, and the channel importance pass besides
-    assert len(computed) - layers == projection.full_passes * layers + projection.replayed_blocks
-    assert projection.full_passes == 1 + sens.measurements(tiny, formats, (0.5,)) - layers + 1
 
 
 def test_a_replayed_block_gets_back_a_forward_set_on_its_instance(tiny):

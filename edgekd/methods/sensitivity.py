@@ -23,8 +23,8 @@ from __future__ import annotations
 import contextlib
 import operator
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,14 @@ from .prune import (
     skip_block,
 )
 
+BATCH_BLOCKS = 4  # calibration blocks a measurement's forward pass takes at once
+_now = time.perf_counter  # the clock the time share is checked against (a test replaces it)
+
+
+def batches_of(blocks: np.ndarray) -> int:
+    """How many batches :func:`measure_sensitivity` splits ``blocks`` into."""
+    return -(-len(blocks) // BATCH_BLOCKS)
+
 
 @dataclass
 class Sensitivity:
@@ -52,15 +60,15 @@ class Sensitivity:
     mlp_width: dict[str, float] = field(default_factory=dict)  # keep fraction (as text) -> KL
     seconds: float = 0.0
     calibration_blocks: int = 0  # the blocks measured on (fewer than given where a time budget's share fitted them)
-    round_trips_s: float | None = None  # with a time budget: the formats' round trips, a PROJECTION (round_trip_seconds)
-    batch_s: float | None = None  # with a time budget: one batch's measurements, a PROJECTION (project_batch_seconds)
+    batch_seconds: list[float] | None = None  # with a time budget: what each batch's measurements took, measured
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Sensitivity:
-        return cls(**d)
+        known = {f.name for f in fields(cls)}  # a record written by an earlier version may hold other keys
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 class _KLMeter:
@@ -70,7 +78,7 @@ class _KLMeter:
     unless ``keep_teacher_logprobs``: then each chunk's log-probabilities are made once and kept,
     and a measurement runs one head instead of two (the same numbers, bit for bit)."""
 
-    def __init__(self, teacher: Any, blocks: np.ndarray, batch_size: int = 4, keep_teacher_logprobs: bool = False,
+    def __init__(self, teacher: Any, blocks: np.ndarray, batch_size: int = BATCH_BLOCKS, keep_teacher_logprobs: bool = False,
                  batches: int | None = None):
         self.available = [torch.from_numpy(blocks[i:i + batch_size].astype(np.int64)) for i in range(0, len(blocks), batch_size)]
         self.teacher = teacher
@@ -108,14 +116,20 @@ class _KLMeter:
     @torch.no_grad()
     def kl(self, model: Any, replay: Callable[[int], Any] | None = None) -> float:
         """KL(teacher || ``model``) per token; ``replay(b)``: a context the forward pass of batch b runs in."""
-        head = head_of(model)
-        kept = self.teacher_logp or [None] * len(self.batches)
-        total = 0
-        for b, (ids, t_hidden, logp) in enumerate(zip(self.batches, self.teacher_hidden, kept)):
-            with replay(b) if replay is not None else contextlib.nullcontext():
-                hidden = self._hidden(model, ids)
-            total += chunked_kl_sum(hidden, head, t_hidden.to(model.device), self.teacher_head, teacher_logp=logp)
+        total = self.kl_sum(model, range(len(self.batches)), replay)
         return max(total / self.tokens, 0.0)  # rounding can leave a tiny negative sum where nothing changed
+
+    @torch.no_grad()
+    def kl_sum(self, model: Any, batches: Iterable[int], replay: Callable[[int], Any] | None = None) -> float:
+        """KL(teacher || ``model``) summed over the positions of ``batches`` (indices into :attr:`batches`)."""
+        head = head_of(model)
+        total = 0.0
+        for b in batches:
+            logp = self.teacher_logp[b] if self.teacher_logp is not None else None
+            with replay(b) if replay is not None else contextlib.nullcontext():
+                hidden = self._hidden(model, self.batches[b])
+            total += chunked_kl_sum(hidden, head, self.teacher_hidden[b].to(model.device), self.teacher_head, teacher_logp=logp)
+        return total
 
 
 @contextlib.contextmanager
@@ -183,18 +197,63 @@ def measure_sensitivity(model: Any, blocks: np.ndarray, candidates: list[str], m
     """Every measurement of the module docstring, on ``blocks``, for the teacher ``model`` (left unchanged).
     ``keep_teacher_logprobs``: hold the teacher's log-probabilities (:func:`teacher_logprob_bytes`)
     instead of making them again for every measurement (the default run's stage: 265 s against 349 s).
-    ``seconds``: a time budget's share for the measurements; from passes over the first batch, timed
-    (:func:`project_batch_seconds`), only as many batches of ``blocks`` are used as the measurements
-    are projected to fit in it (at least one; :func:`batches_within`)."""
-    t0 = time.perf_counter()
+    ``seconds``: a time budget's share for the measurements. They are then made one batch of ``blocks``
+    at a time, and another batch is measured only while the time the last one took still fits in what is
+    left of the share (at least one batch). The decision rests on a whole batch of measurements, not on a
+    timed pass: one pass, timed at a moment the host was slow, made the default run measure on 4 of its
+    8 blocks where 8 fitted (benchmarks/RESULTS.md, "The planner's measurements under a short time
+    budget"). The costs are the same, bit for bit, as those measured on every batch at once (each is a
+    sum over the batches' positions, added in the same order); the formats' round trips are made again
+    for each batch, the price of deciding on measured time."""
+    t0 = _now()
     meter = _KLMeter(model, blocks, keep_teacher_logprobs=keep_teacher_logprobs, batches=1 if seconds is not None else None)
     groups = _group_modules(model)
-    round_trips_s = projection = None
-    if seconds is not None:
-        projection = project_batch_seconds(model, meter, candidates, mlp_fractions)
-        round_trips_s = round_trip_seconds(groups, candidates)  # the same for any number of batches: out of the share first
-        fixed_s = round_trips_s + projection.importance_s(len(meter.available))
-        meter.use(batches_within(seconds - fixed_s, projection.batch_s, len(meter.available)))
+    channels = ([select_mlp_channels(mlp_channel_importance(model, blocks), f) for f in mlp_fractions]
+                if mlp_fractions else [])
+    if seconds is None:
+        sums = _kl_sums(model, meter, groups, candidates, channels, range(len(meter.batches)), progress)
+        batch_seconds: list[float] = []
+    else:
+        sums, batch_seconds = None, []
+        while True:
+            t1 = _now()
+            part = _kl_sums(model, meter, groups, candidates, channels, [len(meter.batches) - 1], progress)
+            sums = part if sums is None else sums.plus(part)
+            batch_seconds.append(_now() - t1)
+            fits = _now() - t0 + batch_seconds[-1] <= seconds
+            if len(meter.batches) == len(meter.available) or not fits:
+                break
+            meter.use(len(meter.batches) + 1)
+
+    def mean(total: float) -> float:
+        return max(total / meter.tokens, 0.0)  # rounding can leave a tiny negative sum where nothing changed
+
+    return Sensitivity(meter.tokens, {g: {n: mean(kl) for n, kl in f.items()} for g, f in sums.formats.items()},
+                       [mean(kl) for kl in sums.blocks], {f"{f:g}": mean(kl) for f, kl in zip(mlp_fractions, sums.mlp_width)},
+                       _now() - t0, sum(len(ids) for ids in meter.batches), batch_seconds or None)
+
+
+@dataclass
+class _Sums:
+    """The KL sums over positions (not yet per token) of every measurement, on some of the batches."""
+
+    formats: dict[str, dict[str, float]]
+    blocks: list[float]
+    mlp_width: list[float]
+
+    def plus(self, other: _Sums) -> _Sums:
+        return _Sums({g: {n: kl + other.formats[g][n] for n, kl in f.items()} for g, f in self.formats.items()},
+                     [a + b for a, b in zip(self.blocks, other.blocks)], [a + b for a, b in zip(self.mlp_width, other.mlp_width)])
+
+
+def _kl_sums(model: Any, meter: _KLMeter, groups: dict[str, list[Any]], candidates: list[str],
+             channels: list[list[list[int]]], batches: Any, progress: Callable[[int], None] | None) -> _Sums:
+    """Every measurement on the meter's ``batches``: each tensor group at each format it fits, each block
+    skipped, each MLP width (``channels``: the kept channels of every block, one entry per width)."""
+    def step() -> None:
+        if progress:
+            progress(1)
+
     formats: dict[str, dict[str, float]] = {}
     for group, modules in groups.items():
         # the tensors themselves, not copies: round trips are new tensors, and a copy would move a
@@ -209,9 +268,8 @@ def measure_sensitivity(model: Any, blocks: np.ndarray, candidates: list[str], m
                 unchanged = unchanged and torch.equal(m.weight.data, w)
             # weights already on this format's grid (a GGUF teacher stored in it: the default teacher's
             # linears are Q4_1) leave the model as it is: KL 0 without a forward pass
-            formats[group][name] = 0.0 if unchanged else meter.kl(model)
-            if progress:
-                progress(1)
+            formats[group][name] = 0.0 if unchanged else meter.kl_sum(model, batches)
+            step()
         for m, w in zip(modules, originals):
             m.weight.data = w
     skipped = []
@@ -220,103 +278,19 @@ def measure_sensitivity(model: Any, blocks: np.ndarray, candidates: list[str], m
         if i == 0:
             handle = layer.register_forward_hook(skip_block, with_kwargs=True)
             try:
-                skipped.append(meter.kl(model))
+                skipped.append(meter.kl_sum(model, batches))
             finally:
                 handle.remove()
         else:  # blocks 0 .. i-1 give the teacher's outputs back uncomputed, block i passes block i-1's on
-            skipped.append(meter.kl(model, replay=lambda b, i=i: replayed(
+            skipped.append(meter.kl_sum(model, batches, replay=lambda b, i=i: replayed(
                 layers[:i + 1], [*meter.block_outputs[b][:i], meter.block_outputs[b][i - 1]])))
-        if progress:
-            progress(1)
-    width = {}
-    if mlp_fractions:
-        importance = mlp_channel_importance(model, blocks)
-        for fraction in mlp_fractions:
-            with mlp_width_applied(model, select_mlp_channels(importance, fraction)):
-                width[f"{fraction:g}"] = meter.kl(model)
-            if progress:
-                progress(1)
-    return Sensitivity(meter.tokens, formats, skipped, width, time.perf_counter() - t0, sum(len(ids) for ids in meter.batches),
-                       round_trips_s, projection.batch_s if projection is not None else None)
-
-
-@dataclass(frozen=True)
-class BatchProjection:
-    """What one calibration batch's measurements take, a PROJECTION from passes timed on the first batch.
-
-    The teacher's own pass (its hidden states and block outputs) and every format or width measurement
-    are full passes; skipping block i (``replayed``) computes only the blocks after it and the head, so
-    the block measurements cost about half the passes they number. Pricing every measurement at one
-    timed pass instead let the default run's choice swing between 4 and 8 calibration blocks on one
-    host (benchmarks/RESULTS.md, "The planner's measurements under a short time budget")."""
-
-    full_s: float  # a full forward pass with its KL: the faster of two (the first warms up)
-    tail_s: float  # the final norm, the head and the KL alone: a pass with every block replayed
-    layers: int
-    full_passes: int  # the teacher's own pass, formats, MLP widths, the first skipped block (its hook runs after it)
-    replayed_blocks: int  # the decoder blocks the replayed skips compute, summed over them
-    measures_widths: bool = False  # then the MLP channel importance pass runs too, on every available batch
-
-    @property
-    def block_s(self) -> float:
-        return max(self.full_s - self.tail_s, 0.0) / self.layers
-
-    @property
-    def batch_s(self) -> float:
-        return self.full_passes * self.full_s + (self.layers - 1) * self.tail_s + self.replayed_blocks * self.block_s
-
-    def importance_s(self, batches: int) -> float:
-        """The MLP channel importance pass (:func:`edgekd.methods.prune.mlp_channel_importance`, every block,
-        no logits) over ``batches`` batches: the same for any number of measured batches."""
-        return batches * self.layers * self.block_s if self.measures_widths else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "block_s": self.block_s, "batch_s": self.batch_s}
-
-
-@torch.no_grad()
-def project_batch_seconds(model: Any, meter: _KLMeter, candidates: list[str], mlp_fractions: tuple[float, ...] = ()) -> BatchProjection:
-    """Time the teacher's full pass twice and its head alone once on the meter's first batch (each a
-    measurement of the teacher itself, KL 0) and project one batch's measurements from them."""
-    runs = []
-    for _ in range(2):
-        t0 = time.perf_counter()
-        meter.kl(model)
-        runs.append(time.perf_counter() - t0)
-    layers = decoder_layers(model)
-    t0 = time.perf_counter()
-    meter.kl(model, replay=lambda b: replayed(layers, meter.block_outputs[b]))
-    tail_s = time.perf_counter() - t0
-    formats = sum(len(_fitting(candidates, mods)) for mods in _group_modules(model).values())
-    n = len(layers)
-    return BatchProjection(full_s=min(runs), tail_s=tail_s, layers=n, full_passes=1 + formats + len(mlp_fractions) + 1,
-                           replayed_blocks=(n - 1) * (n - 2) // 2, measures_widths=bool(mlp_fractions))
-
-
-ROUND_TRIP_PROBE_WEIGHTS = 1 << 18  # weights of the slice each format's round trip is timed on
-
-
-@torch.no_grad()
-def round_trip_seconds(groups: dict[str, list[Any]], candidates: list[str]) -> float:
-    """The seconds :func:`measure_sensitivity` spends rounding weights, a PROJECTION: each candidate
-    format's round trip timed on a slice of rows of the largest tensor it fits (about
-    ``ROUND_TRIP_PROBE_WEIGHTS`` weights, the faster of two runs: the first warms up), scaled to the
-    weights of every group it fits. K-quants' scale searches make this the larger part of the stage
-    on a Qwen3-0.6B-sized teacher (benchmarks/RESULTS.md, "Speed of the toolkit", items 10 and 12)."""
-    total = 0.0
-    for name in dict.fromkeys(candidates):
-        fitting = [mods for mods in groups.values() if name in _fitting([name], mods)]
-        if not fitting or FORMATS[name].torch_quantize is None:  # fp32 / fp16: a copy, nothing to project
-            continue
-        w = max((m.weight for mods in fitting for m in mods), key=operator.methodcaller("numel"))
-        piece = w.data[: max(1, min(w.shape[0], -(-ROUND_TRIP_PROBE_WEIGHTS // w.shape[1])))]
-        runs = []
-        for _ in range(2):
-            t0 = time.perf_counter()
-            FORMATS[name].torch_round_trip(piece)
-            runs.append(time.perf_counter() - t0)
-        total += min(runs) / piece.numel() * sum(m.weight.numel() for mods in fitting for m in mods)
-    return total
+        step()
+    width = []
+    for kept in channels:
+        with mlp_width_applied(model, kept):
+            width.append(meter.kl_sum(model, batches))
+        step()
+    return _Sums(formats, skipped, width)
 
 
 def predict_sensitivity_peak(model: Any, blocks: np.ndarray, keep_teacher_logprobs: bool = False) -> float:
@@ -344,13 +318,6 @@ def sensitivity_layout(model: Any, blocks: np.ndarray, memory_gb: float | None, 
     kept = predict_sensitivity_peak(model, blocks, keep_teacher_logprobs=True)
     allowed = min(HEADROOM * memory_limit_bytes(memory_gb), target_gb * 1e9 if target_gb else float("inf"))
     return (True, kept) if kept <= allowed else (False, predict_sensitivity_peak(model, blocks))
-
-
-def batches_within(seconds: float, batch_s: float, available: int) -> int:
-    """How many calibration batches fit in ``seconds`` (at least 1, at most ``available``), a batch's
-    measurements taking ``batch_s`` (a PROJECTION, :func:`project_batch_seconds`; the formats' round
-    trips take their own time besides, the same for any number of batches)."""
-    return max(1, min(available, int(seconds // batch_s) if batch_s > 0 else available))
 
 
 def _fitting(candidates: list[str], modules: list[Any]) -> list[str]:

@@ -95,10 +95,10 @@ def budget_notes(stages: list) -> list[str]:
     for record in stages:
         used, given = record.metrics.get("calibration_blocks"), record.settings.get("blocks")
         if record.name == "sensitivity" and used and given and used < given:
-            rounding = record.metrics.get("round_trips_s_projected")
-            rounding = f"; the formats' round trips about {rounding:.0f} s of it, a PROJECTION" if rounding is not None else ""
+            per_batch = record.metrics.get("batch_seconds")
+            per_batch = f"; a batch of measurements took {per_batch[-1]:.0f} s" if per_batch else ""
             out.append(f"sensitivity: measured on {used} of {given} calibration blocks, fitted to the time budget's "
-                       f"{record.metrics['seconds_allowed']:.0f} s for it (took {record.metrics['seconds']:.0f} s{rounding})")
+                       f"{record.metrics['seconds_allowed']:.0f} s for it (took {record.metrics['seconds']:.0f} s{per_batch})")
         fitted = record.settings.get("time_budget")
         if fitted and fitted["steps"] < fitted["planned_steps"]:
             out.append(f"{record.name}: {fitted['steps']} of {fitted['planned_steps']} steps, fitted to the time budget "

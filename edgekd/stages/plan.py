@@ -43,7 +43,12 @@ def candidate_formats(profile: Any) -> tuple[list[str], list[str]]:
 def sensitivity(ctx: RunContext) -> StageRecord:
     from ..fileio import atomic_write_json
     from ..methods.data import calibration_blocks
-    from ..methods.sensitivity import measure_sensitivity, measurements, sensitivity_layout
+    from ..methods.sensitivity import (
+        batches_of,
+        measure_sensitivity,
+        measurements,
+        sensitivity_layout,
+    )
 
     p = ctx.profile.compression.planner
     linear, embedding = candidate_formats(ctx.profile)
@@ -54,17 +59,19 @@ def sensitivity(ctx: RunContext) -> StageRecord:
     keep_logprobs, predicted = sensitivity_layout(model, blocks, ctx.profile.compression.memory_gb,
                                                   ctx.profile.compression.memory_target_gb)
     seconds = SENSITIVITY_SHARE * max(0.0, ctx.time_budget.training_left_s()) if ctx.time_budget is not None else None
+    runs = measurements(model, names, fractions)
+    batches = batches_of(blocks) if seconds is not None else 1  # under a time budget: the runs again for each batch that fits
     with ctx.reporter.task("measuring what each format, block and width costs (KL to the teacher)",
-                           total=measurements(model, names, fractions), unit="runs") as advance:
+                           total=runs * batches, unit="runs") as advance:
         result = measure_sensitivity(model, blocks, names, fractions, progress=advance, keep_teacher_logprobs=keep_logprobs,
                                      seconds=seconds)
+        advance(0, total=runs * len(result.batch_seconds or [None]))
     atomic_write_json(ctx.run.path(*SENSITIVITY), result.to_dict())
     cheapest = sorted(range(len(result.blocks)), key=lambda i: result.blocks[i])[:5]
     return StageRecord("sensitivity", settings={"formats": names, "mlp_fractions": list(fractions), "blocks": len(blocks)},
                        metrics={"tokens": result.tokens, "seconds": round(result.seconds, 1), "calibration_blocks": result.calibration_blocks,
                                 "seconds_allowed": round(seconds, 1) if seconds is not None else None,
-                                "round_trips_s_projected": round(result.round_trips_s, 1) if result.round_trips_s is not None else None,
-                                "batch_s_projected": round(result.batch_s, 1) if result.batch_s is not None else None,
+                                "batch_seconds": [round(t, 1) for t in result.batch_seconds] if result.batch_seconds else None,
                                 "formats": result.formats,
                                 "block_kl": result.blocks, "cheapest_blocks": cheapest, "mlp_width_kl": result.mlp_width,
                                 "teacher_logprobs_kept": keep_logprobs, "predicted_peak_rss_mb": round(predicted / 2**20, 1)},
