@@ -247,7 +247,7 @@ class _Sums:
 
 
 def _kl_sums(model: Any, meter: _KLMeter, groups: dict[str, list[Any]], candidates: list[str],
-             channels: list[list[list[int]]], batches: Any, progress: Callable[[int], None] | None) -> _Sums:
+             channels: list[list[list[int]]], batches: Iterable[int], progress: Callable[[int], None] | None) -> _Sums:
     """Every measurement on the meter's ``batches``: each tensor group at each format it fits, each block
     skipped, each MLP width (``channels``: the kept channels of every block, one entry per width)."""
     def step() -> None:
