@@ -92,9 +92,9 @@ class _KLMeter:
         self.use(len(self.available) if batches is None else batches)
 
     def use(self, batches: int) -> None:
-        """Measure on the first ``batches`` batches only (at least one): the teacher's side of each made
-        now, with every decoder block's output in the teacher's pass (:meth:`kl`'s ``replay``)."""
-        self.batches = self.available[:max(1, batches)]
+        """Measure on the first ``batches`` batches only: the teacher's side of each made now, with every
+        decoder block's output in the teacher's pass (:meth:`kl`'s ``replay``)."""
+        self.batches = self.available[:batches]
         for ids in self.batches[len(self.teacher_hidden):]:
             outputs: list[Any] = []
             handles = [layer.register_forward_hook(lambda _m, _a, out, seen=outputs: seen.append(out)) for layer in decoder_layers(self.teacher)]
@@ -116,8 +116,7 @@ class _KLMeter:
     @torch.no_grad()
     def kl(self, model: Any, replay: Callable[[int], Any] | None = None) -> float:
         """KL(teacher || ``model``) per token; ``replay(b)``: a context the forward pass of batch b runs in."""
-        total = self.kl_sum(model, range(len(self.batches)), replay)
-        return max(total / self.tokens, 0.0)  # rounding can leave a tiny negative sum where nothing changed
+        return per_token(self.kl_sum(model, range(len(self.batches)), replay), self.tokens)
 
     @torch.no_grad()
     def kl_sum(self, model: Any, batches: Iterable[int], replay: Callable[[int], Any] | None = None) -> float:
@@ -203,10 +202,12 @@ def measure_sensitivity(model: Any, blocks: np.ndarray, candidates: list[str], m
     timed pass: one pass, timed at a moment the host was slow, made the default run measure on 4 of its
     8 blocks where 8 fitted (benchmarks/RESULTS.md, "The planner's measurements under a short time
     budget"). The costs are the same, bit for bit, as those measured on every batch at once (each is a
-    sum over the batches' positions, added in the same order); the formats' round trips are made again
-    for each batch, the price of deciding on measured time."""
+    sum over the batches' positions, added in the same order). A batch's time (``batch_seconds``) holds its
+    teacher pass, round trips and measurements; the round trips are made again for each batch, the price of
+    deciding on measured time."""
     t0 = _now()
-    meter = _KLMeter(model, blocks, keep_teacher_logprobs=keep_teacher_logprobs, batches=1 if seconds is not None else None)
+    # under a time budget each batch's teacher pass is made, and timed, with its measurements
+    meter = _KLMeter(model, blocks, keep_teacher_logprobs=keep_teacher_logprobs, batches=0 if seconds is not None else None)
     groups = _group_modules(model)
     channels = ([select_mlp_channels(mlp_channel_importance(model, blocks), f) for f in mlp_fractions]
                 if mlp_fractions else [])
@@ -217,20 +218,23 @@ def measure_sensitivity(model: Any, blocks: np.ndarray, candidates: list[str], m
         sums, batch_seconds = None, []
         while True:
             t1 = _now()
+            meter.use(len(meter.batches) + 1)
             part = _kl_sums(model, meter, groups, candidates, channels, [len(meter.batches) - 1], progress)
             sums = part if sums is None else sums.plus(part)
             batch_seconds.append(_now() - t1)
             fits = _now() - t0 + batch_seconds[-1] <= seconds
             if len(meter.batches) == len(meter.available) or not fits:
                 break
-            meter.use(len(meter.batches) + 1)
-
-    def mean(total: float) -> float:
-        return max(total / meter.tokens, 0.0)  # rounding can leave a tiny negative sum where nothing changed
-
-    return Sensitivity(meter.tokens, {g: {n: mean(kl) for n, kl in f.items()} for g, f in sums.formats.items()},
-                       [mean(kl) for kl in sums.blocks], {f"{f:g}": mean(kl) for f, kl in zip(mlp_fractions, sums.mlp_width)},
+    n = meter.tokens
+    return Sensitivity(n, {g: {name: per_token(kl, n) for name, kl in f.items()} for g, f in sums.formats.items()},
+                       [per_token(kl, n) for kl in sums.blocks],
+                       {f"{f:g}": per_token(kl, n) for f, kl in zip(mlp_fractions, sums.mlp_width)},
                        _now() - t0, sum(len(ids) for ids in meter.batches), batch_seconds or None)
+
+
+def per_token(total: float, tokens: int) -> float:
+    """A KL sum over positions as nats per token; rounding can leave a tiny negative sum where nothing changed."""
+    return max(total / tokens, 0.0)
 
 
 @dataclass

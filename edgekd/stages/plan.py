@@ -65,7 +65,7 @@ def sensitivity(ctx: RunContext) -> StageRecord:
                            total=runs * batches, unit="runs") as advance:
         result = measure_sensitivity(model, blocks, names, fractions, progress=advance, keep_teacher_logprobs=keep_logprobs,
                                      seconds=seconds)
-        advance(0, total=runs * len(result.batch_seconds or [None]))
+        advance(0, total=runs * (len(result.batch_seconds) if result.batch_seconds else 1))  # the batches measured
     atomic_write_json(ctx.run.path(*SENSITIVITY), result.to_dict())
     cheapest = sorted(range(len(result.blocks)), key=lambda i: result.blocks[i])[:5]
     return StageRecord("sensitivity", settings={"formats": names, "mlp_fractions": list(fractions), "blocks": len(blocks)},
